@@ -1,0 +1,270 @@
+"""``compute_signatures``: per-layer Dead-Direction Signatures from one probe pass.
+
+The engine composes the steps and knows nothing of files, MLflow or terminals::
+
+    model copy (float64, eval)  ->  probe pass (X, Delta per layer)      ddsmon.probe
+                                ->  spectra of X and G, floors           ddsmon.spectra
+                                ->  K of each module's own parameters    ddsmon.param_gram
+                                ->  LayerSignature per layer             ddsmon.signature
+
+Reference: Shirodkar & Narayanan (2026), "Dead-Direction Signatures: A Cheap Spectral
+Reading of Singular Complexity", arXiv 2606.21158: Figure 2 (lambda+_min at a bottleneck),
+Figure 4 (log det+ slope counts dead directions), Figure 7 (the fp64 / no-ridge /
+smallest-positive recipe).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from ddsmon import compute_signatures
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> sig = compute_signatures(model, x, y, loss="ce")
+    >>> list(sig.layers)
+    ['0', '1', '2']
+    >>> sig.layers["0"].g_rank <= 8
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddsmon.errors import ProbeError
+from ddsmon.losses import LossSpec, per_sample_loss_fn
+from ddsmon.param_gram import is_structured, param_gram_structured, param_grams_functional
+from ddsmon.probe import LayerCapture, probe_batch_size, run_probe, select_layers
+from ddsmon.signature import LayerSignature, Signatures
+from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
+
+__all__ = ("FISHER_FAMILIES", "compute_signatures", "resolve_device")
+
+log = logging.getLogger(__name__)
+
+FISHER_FAMILIES = ("both", "activation", "parameter")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when torch sees it, else CPU; asking for absent CUDA is an error."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ProbeError(f"unknown device {device!r}: use auto, cpu or cuda[:k]") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(
+            f"device {device!r} asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, cuda build: {torch.version.cuda})"
+        )
+    return dev
+
+
+def _to_reading(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a probe to the device; floating tensors take the reading dtype, ints stay."""
+    if isinstance(obj, Tensor):
+        obj = obj.to(device)
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_reading(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_reading(v, device, dtype) for v in obj)
+    return obj
+
+
+def _matches(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(
+        t.device.type == device.type
+        and (device.index is None or t.device.index == device.index)
+        and (not t.is_floating_point() or t.dtype == dtype)
+        for t in tensors
+    )
+
+
+def compute_signatures(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss: LossSpec = "ce",
+    layers: None | str | Sequence[str] = None,
+    device: str | torch.device = "auto",
+    *,
+    fisher: str = "both",
+    forward_dtype: torch.dtype = torch.float64,
+    ridge: float = 0.0,
+    max_probe_rows: int | None = None,
+) -> Signatures:
+    """Read every selected layer's Dead-Direction Signature from one probe pass.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (the pass runs on a copy in
+            ``forward_dtype`` on ``device``, or on the model itself when it already is
+            there, with its train/eval flags restored afterwards).
+        inputs: a tensor (n, ...), a tuple of them (``model(*inputs)``) or a dict
+            (``model(**inputs)``). Integer tensors (token ids) stay integer.
+        targets: what ``loss`` compares the output with; first axis n.
+        loss: ``"ce"``, ``"mse"`` or ``callable(outputs, targets) -> (n,)``; see
+            :mod:`ddsmon.losses` for the per-sample conventions.
+        layers: None (every leaf module with a floating output of last dimension
+            >= 2, dropout/identity excepted), a list of module names, or a regex.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``; the spectra are
+            computed there, in float64.
+        fisher: ``"activation"`` (X and G), ``"parameter"`` (K) or ``"both"``.
+        forward_dtype: dtype of the probe pass; float64 by default (the paper's recipe).
+            With float32 the floors use float32's epsilon.
+        ridge: Tikhonov term added to G and K before the eigensolve. Only for the
+            recipe ablation of the paper's Figure 7: leave it 0.
+        max_probe_rows: refuse (ProbeError) a layer with more rows N than this.
+
+    Returns:
+        :class:`~ddsmon.signature.Signatures`; ``.layers[name]`` is a LayerSignature.
+
+    Definitions, for layer l (see :mod:`ddsmon.signature`): ``X`` (N x d) outputs,
+    ``Delta`` (N x d) per-sample output gradients, ``G = Delta^T Delta / n`` (built on
+    the smaller side), ``K = J J^T / n``; floors ``floor_x = max(N, d) eps sigma_max``
+    and ``floor_g = dim eps lambda_max``; readings are the values above the floors.
+    """
+    started = time.perf_counter()
+    if fisher not in FISHER_FAMILIES:
+        raise ProbeError(f"fisher must be one of {FISHER_FAMILIES}, got {fisher!r}")
+    if forward_dtype not in (torch.float64, torch.float32):
+        raise ProbeError(
+            f"forward_dtype must be torch.float64 or torch.float32, got {forward_dtype}"
+        )
+    dev = resolve_device(device)
+    n = probe_batch_size(inputs, targets)
+    names = select_layers(model, layers)
+    loss_fn = per_sample_loss_fn(loss)
+    eps = torch.finfo(forward_dtype).eps
+    want_activation = fisher in ("both", "activation")
+    want_param = fisher in ("both", "parameter")
+
+    flags = {m: m.training for m in model.modules()}
+    in_place = _matches(model, dev, forward_dtype)
+    work = model if in_place else copy.deepcopy(model).to(device=dev, dtype=forward_dtype)
+    try:
+        work.eval()
+        x = _to_reading(inputs, dev, forward_dtype)
+        y = _to_reading(targets, dev, forward_dtype)
+        captures = run_probe(
+            work,
+            x,
+            y,
+            loss_fn,
+            names,
+            n=n,
+            keep_inputs=lambda m: want_param and is_structured(m) and _owns_parameters(m),
+            max_rows=max_probe_rows,
+        )
+        functional = {}
+        if want_param:
+            others = {
+                name: cap.module
+                for name, cap in captures.items()
+                if _owns_parameters(cap.module) and not is_structured(cap.module)
+            }
+            if others:
+                try:
+                    functional = param_grams_functional(work, others, x, y, loss_fn, n)
+                except Exception as exc:  # torch.func cannot trace every module
+                    log.warning(
+                        "parameter-side Gram via torch.func failed for %s: %s",
+                        sorted(others),
+                        exc,
+                    )
+        readings = {}
+        for name in list(captures):
+            cap = captures.pop(name)
+            readings[name] = _read_layer(
+                cap, n, eps, ridge, want_activation, want_param, functional.pop(name, None)
+            )
+            del cap
+    finally:
+        if in_place:
+            for module, training in flags.items():
+                module.training = training
+    return Signatures(
+        layers=readings,
+        n=n,
+        device=str(dev),
+        forward_dtype=str(forward_dtype).removeprefix("torch."),
+        fisher=fisher,
+        loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _read_layer(
+    cap: LayerCapture,
+    n: int,
+    eps: float,
+    ridge: float,
+    want_activation: bool,
+    want_param: bool,
+    functional_gram: Tensor | None,
+) -> LayerSignature:
+    """All readings of one layer from its capture (see LayerSignature for each)."""
+    rows, d = cap.rows, cap.width
+    base = {"name": cap.name, "n": n, "N": rows, "d": d}
+    bad = []
+    if not bool(torch.isfinite(cap.output).all()):
+        bad.append("activations")
+    if cap.grad is not None and not bool(torch.isfinite(cap.grad).all()):
+        bad.append("gradients")
+    if bad:
+        return LayerSignature(**base, finite=False, nonfinite=" and ".join(bad) + " not finite")
+    fields: dict[str, Any] = {}
+    if want_activation:
+        xs = read_singular_values(cap.output, eps)
+        gram = read_gram(gram_of_rows(cap.grad.to(torch.float64), n), eps, ridge)
+        gain = None
+        if xs.u_dead is not None:
+            gain = float((cap.grad.to(torch.float64) @ xs.u_dead).pow(2).sum() / n)
+        fields.update(
+            sigma_min=xs.sigma_min,
+            sigma_max=xs.sigma_max,
+            x_rank=xs.rank,
+            x_dead=d - xs.rank,
+            floor_x=xs.floor,
+            lambda_min=gram.lambda_min,
+            lambda_max=gram.lambda_max,
+            g_rank=gram.rank,
+            g_dead=d - gram.rank,
+            floor_g=gram.floor,
+            logdet=gram.logdet,
+            log_volume=gram.log_volume,
+            u_dead_gain=gain,
+            x_spectrum=xs.values.cpu().numpy(),
+            g_spectrum=gram.values.cpu().numpy(),
+        )
+    if want_param and _owns_parameters(cap.module):
+        k = functional_gram
+        if k is None and is_structured(cap.module) and cap.inputs is not None:
+            k = param_gram_structured(cap, n)
+        if k is not None:
+            pr = read_gram(k, eps, ridge)
+            fields.update(
+                param_count=sum(p.numel() for p in cap.module.parameters(recurse=False)),
+                param_lambda_min=pr.lambda_min,
+                param_lambda_max=pr.lambda_max,
+                param_rank=pr.rank,
+                param_floor=pr.floor,
+                param_logdet=pr.logdet,
+                param_log_volume=pr.log_volume,
+                param_spectrum=pr.values.cpu().numpy(),
+            )
+    return LayerSignature(**base, **fields)

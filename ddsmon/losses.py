@@ -1,0 +1,96 @@
+"""Per-sample losses: the scalar whose per-sample gradients the Fisher-Gram is built from.
+
+Every reading uses the *per-sample* loss ``loss_i`` (one number per probe sample), and
+the probe pass differentiates ``sum_i loss_i``; in eval mode samples do not interact, so
+the gradient of that sum with respect to sample i's activations is exactly
+``d loss_i / d h_i``. Conventions:
+
+* ``"ce"``: cross-entropy. Logits (n, C) with class targets (n,) or probability targets
+  (n, C); logits (n, T, C) with targets (n, T): the mean over the positions of a sample
+  (positions whose target is -100 are ignored, as in ``F.cross_entropy``).
+* ``"mse"``: mean over a sample's non-batch elements of ``(output - target)^2``.
+* a callable ``(outputs, targets) -> (n,)`` tensor of per-sample losses.
+
+Scaling conventions matter only up to a constant factor for the scale-free readings
+(``log_volume``, ratios); the absolute eigenvalues scale with the square of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ddsmon.errors import ProbeError
+
+__all__ = ("LossSpec", "per_sample_loss_fn")
+
+LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
+
+
+def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    if outputs.ndim == 2:
+        if targets.shape == outputs.shape and targets.is_floating_point():
+            return -(targets * F.log_softmax(outputs, dim=-1)).sum(-1)
+        if targets.shape != outputs.shape[:1]:
+            raise ProbeError(
+                f"loss 'ce': logits have shape {tuple(outputs.shape)}, so targets must be "
+                f"({outputs.shape[0]},) class ids, got {tuple(targets.shape)}"
+            )
+        return F.cross_entropy(outputs, targets.long(), reduction="none")
+    if outputs.ndim == 3:
+        n, t, c = outputs.shape
+        if targets.shape != (n, t):
+            raise ProbeError(
+                f"loss 'ce': logits have shape {(n, t, c)}, so targets must be {(n, t)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        targets = targets.long()
+        token = F.cross_entropy(
+            outputs.reshape(n * t, c), targets.reshape(n * t), reduction="none"
+        ).view(n, t)
+        valid = (targets != -100).to(token.dtype)
+        return (token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+    raise ProbeError(
+        f"loss 'ce' needs logits of shape (n, C) or (n, T, C), got {tuple(outputs.shape)}"
+    )
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    if targets.shape != outputs.shape:
+        if targets.numel() == outputs.numel():
+            targets = targets.reshape(outputs.shape)
+        else:
+            raise ProbeError(
+                f"loss 'mse': outputs have shape {tuple(outputs.shape)} but targets "
+                f"{tuple(targets.shape)}"
+            )
+    return (outputs - targets.to(outputs.dtype)).pow(2).reshape(outputs.shape[0], -1).mean(1)
+
+
+def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample loss function for ``loss``, checking the shape it returns."""
+    if callable(loss):
+        fn = loss
+        label = getattr(loss, "__name__", repr(loss))
+    elif loss == "ce":
+        fn, label = _cross_entropy, "ce"
+    elif loss == "mse":
+        fn, label = _mse, "mse"
+    else:
+        raise ProbeError(f"unknown loss {loss!r}: use 'ce', 'mse' or a callable")
+
+    def checked(outputs: Tensor, targets: Tensor) -> Tensor:
+        values = fn(outputs, targets)
+        n = outputs.shape[0]
+        if not isinstance(values, Tensor) or values.shape != (n,):
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ProbeError(
+                f"loss {label!r} must return per-sample losses of shape ({n},), got {shape}"
+            )
+        return values
+
+    return checked

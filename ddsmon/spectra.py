@@ -1,0 +1,136 @@
+"""Float64 spectra and the trust floor: from a matrix to its resolved readings.
+
+The recipe of the DDS paper's Figure 7: decompose in float64, add no Tikhonov/ridge
+term, use symmetric eigensolvers (or singular values), and read the *smallest positive*
+value, where "positive" means above a trust floor set by the working precision:
+
+* eigenvalues of a Gram ``C`` (``dim x dim``): resolved iff ``lambda > dim * eps * lambda_max``;
+* singular values of ``X`` (``N x d``): resolved iff ``sigma > max(N, d) * eps * sigma_max``
+  (the numpy ``matrix_rank`` tolerance).
+
+``eps`` is the machine epsilon of the dtype the *probe pass* ran in: a float32 forward
+cannot resolve what float64 spectra would show, so its floor uses float32's epsilon.
+
+Gram of per-sample rows. For ``M`` (N x d) the Fisher-Gram is ``G = M^T M / n`` (d x d).
+Its positive spectrum equals that of ``M M^T / n`` (N x N) (the nonzero eigenvalues of
+``A^T A`` and ``A A^T`` coincide), so only the smaller side is ever built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = (
+    "GramReading",
+    "SingularReading",
+    "gram_of_rows",
+    "read_gram",
+    "read_singular_values",
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GramReading:
+    """Resolved readings of a symmetric positive semi-definite matrix C.
+
+    values: eigenvalues, descending, float64 (every value, resolved or not).
+    floor: ``dim * eps * lambda_max``.
+    rank: number of eigenvalues above the floor.
+    lambda_min / lambda_max: smallest resolved / largest eigenvalue (None if rank 0).
+    logdet: ``log det+(C) = sum over resolved eigenvalues of log(lambda)``.
+    log_volume: ``logdet - rank * log(lambda_max)``, invariant under ``C -> c C``.
+    """
+
+    values: Tensor
+    floor: float
+    rank: int
+    lambda_min: float | None
+    lambda_max: float | None
+    logdet: float
+    log_volume: float
+
+
+@dataclass(frozen=True)
+class SingularReading:
+    """Resolved singular values of X (N x d).
+
+    values: singular values, descending. floor: ``max(N, d) * eps * sigma_max``.
+    rank: values above the floor. sigma_min: smallest resolved value (None if rank 0).
+    u_dead: unit right singular vector (length d) belonging to ``sigma_min``.
+    """
+
+    values: Tensor
+    floor: float
+    rank: int
+    sigma_min: float | None
+    sigma_max: float | None
+    u_dead: Tensor | None
+
+
+def gram_of_rows(rows: Tensor, n: int) -> Tensor:
+    """The smaller-side Gram of ``rows`` (N x d), divided by ``n``.
+
+    Returns ``rows^T rows / n`` (d x d) when ``N >= d``, else ``rows rows^T / n``
+    (N x N); both have the positive spectrum of ``G = rows^T rows / n``.
+    """
+    if rows.shape[0] < rows.shape[1]:
+        return rows @ rows.T / n
+    return rows.T @ rows / n
+
+
+def read_gram(gram: Tensor, eps: float, ridge: float = 0.0) -> GramReading:
+    """Eigen-readings of a symmetric PSD ``gram`` (dim x dim) in float64.
+
+    ``ridge`` adds ``ridge * I`` before the eigensolve. It exists only to reproduce the
+    paper's Figure 7 ablation (a Tikhonov term clamps the small eigenvalues and loses
+    the signal); keep it 0.
+    """
+    gram = gram.to(torch.float64)
+    dim = gram.shape[0]
+    if ridge:
+        gram = gram + ridge * torch.eye(dim, dtype=gram.dtype, device=gram.device)
+    if dim == 0:
+        return GramReading(gram.new_zeros(0), 0.0, 0, None, None, 0.0, 0.0)
+    values = torch.linalg.eigvalsh(gram).flip(0)
+    return _resolve_eigenvalues(values, dim * eps)
+
+
+def _resolve_eigenvalues(values: Tensor, rel_floor: float) -> GramReading:
+    """Readings of descending eigenvalues above ``rel_floor * lambda_max``."""
+    top = float(values[0])
+    lambda_max = top if top > 0.0 else 0.0
+    floor = rel_floor * lambda_max
+    resolved = values[values > floor] if lambda_max > 0.0 else values[:0]
+    rank = int(resolved.numel())
+    if rank == 0:
+        return GramReading(values, floor, 0, None, None, 0.0, 0.0)
+    logdet = float(torch.log(resolved).sum())
+    log_volume = logdet - rank * math.log(lambda_max)
+    return GramReading(values, floor, rank, float(resolved[-1]), lambda_max, logdet, log_volume)
+
+
+def read_singular_values(x: Tensor, eps: float) -> SingularReading:
+    """Singular-value readings of ``x`` (N x d) in float64, with the dead direction.
+
+    For ``N > d`` the SVD runs on the triangular factor ``R`` of ``x = QR`` (d x d),
+    which has the singular values and right singular vectors of ``x``.
+    """
+    x = x.to(torch.float64)
+    n_rows, d = x.shape
+    if n_rows == 0 or d == 0:
+        return SingularReading(x.new_zeros(0), 0.0, 0, None, None, None)
+    core = torch.linalg.qr(x, mode="r")[1] if n_rows > 2 * d else x
+    _, values, vh = torch.linalg.svd(core, full_matrices=False)
+    top = float(values[0])
+    floor = max(n_rows, d) * eps * top
+    rank = int((values > floor).sum()) if top > 0.0 else 0
+    if rank == 0:
+        return SingularReading(values, floor, 0, None, None, None)
+    return SingularReading(values, floor, rank, float(values[rank - 1]), top, vh[rank - 1])
