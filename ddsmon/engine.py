@@ -96,7 +96,7 @@ def compute_signatures(
     inputs: Any,
     targets: Any,
     loss: LossSpec = "ce",
-    layers: None | str | Sequence[str] = None,
+    layers: str | Sequence[str] | None = None,
     device: str | torch.device = "auto",
     *,
     fisher: str = "both",

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -107,7 +107,7 @@ def probe_batch_size(inputs: Any, targets: Any) -> int:
     return n
 
 
-def select_layers(model: nn.Module, layers: None | str | Sequence[str]) -> list[str] | None:
+def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[str] | None:
     """Module names to read, in model order; None means the default selection.
 
     ``layers`` is None (every leaf module whose output is a floating tensor with last
