@@ -1,0 +1,109 @@
+"""compute_signatures against the bare minimum, on one fixed model and probe.
+
+The bare minimum is written plainly here, sharing no code with ddsmon: a float64 copy
+of the model, one forward and one backward pass capturing every selected layer's output
+and output gradient, then per layer one symmetric eigensolve of the smaller-side Gram of
+the output gradients (what lambda_min and logdet need) and one SVD of the outputs (what
+sigma_min and the dead direction need). ddsmon's full activation-side reading does the
+same work plus floors, ranks, u_dead_gain and the bookkeeping; "both" adds the
+parameter-side Gram K per Linear layer.
+
+    python benchmarks/bench_engine.py [--repeats 7] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ddsmon import compute_signatures
+
+
+def make_model(width: int, depth: int, d_in: int, classes: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def bare_minimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eigen_only: bool) -> list:
+    work = copy.deepcopy(model).double().eval()
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, name=name: outs.__setitem__(name, o))
+        for name, m in work.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    logits = work(x.double())
+    loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+    grads = torch.autograd.grad(loss, list(outs.values()))
+    for h in hooks:
+        h.remove()
+    n = x.shape[0]
+    results = []
+    for out, g in zip(outs.values(), grads):
+        gram = g.T @ g / n if g.shape[0] >= g.shape[1] else g @ g.T / n
+        results.append(torch.linalg.eigvalsh(gram))
+        if not eigen_only:
+            results.append(torch.linalg.svd(out.detach(), full_matrices=False))
+    return results
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--write", default=None, help="append the table to this markdown file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = make_model(args.width, args.depth, 64, 10)
+    x, y = torch.randn(args.n, 64), torch.randint(0, 10, (args.n,))
+    layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    rows = [
+        ("bare minimum: fwd+bwd, eigvalsh(G) per layer", lambda: bare_minimum(model, x, y, True)),
+        ("bare minimum: fwd+bwd, eigvalsh(G) + svd(X) per layer", lambda: bare_minimum(model, x, y, False)),
+        ("ddsmon fisher=activation (X and G readings)",
+         lambda: compute_signatures(model, x, y, "ce", layers, "cpu", fisher="activation")),
+        ("ddsmon fisher=both (X, G and K readings)",
+         lambda: compute_signatures(model, x, y, "ce", layers, "cpu", fisher="both")),
+    ]  # fmt: skip
+    medians = [(label, timed(fn, args.repeats)) for label, fn in rows]
+    ref = medians[1][1]
+    lines = [
+        f"Model: MLP {args.depth} Linear layers of width {args.width}, probe n={args.n}, CPU "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); median of {args.repeats}.",
+        "",
+        "| variant | median s | ratio to bare minimum (eigvalsh + svd) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {t:.3f} | {t / ref:.2f}x |" for label, t in medians]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as fh:
+            fh.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
