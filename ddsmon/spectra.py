@@ -46,6 +46,7 @@ class GramReading:
     lambda_min / lambda_max: smallest resolved / largest eigenvalue (None if rank 0).
     logdet: ``log det+(C) = sum over resolved eigenvalues of log(lambda)``.
     log_volume: ``logdet - rank * log(lambda_max)``, invariant under ``C -> c C``.
+    (lambda_min, lambda_max, logdet, log_volume are None when nothing is resolved.)
     """
 
     values: Tensor
@@ -53,8 +54,8 @@ class GramReading:
     rank: int
     lambda_min: float | None
     lambda_max: float | None
-    logdet: float
-    log_volume: float
+    logdet: float | None
+    log_volume: float | None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def read_gram(gram: Tensor, eps: float, ridge: float = 0.0) -> GramReading:
     if ridge:
         gram = gram + ridge * torch.eye(dim, dtype=gram.dtype, device=gram.device)
     if dim == 0:
-        return GramReading(gram.new_zeros(0), 0.0, 0, None, None, 0.0, 0.0)
+        return GramReading(gram.new_zeros(0), 0.0, 0, None, None, None, None)
     values = torch.linalg.eigvalsh(gram).flip(0)
     return _resolve_eigenvalues(values, dim * eps)
 
@@ -110,7 +111,7 @@ def _resolve_eigenvalues(values: Tensor, rel_floor: float) -> GramReading:
     resolved = values[values > floor] if lambda_max > 0.0 else values[:0]
     rank = int(resolved.numel())
     if rank == 0:
-        return GramReading(values, floor, 0, None, None, 0.0, 0.0)
+        return GramReading(values, floor, 0, None, None, None, None)
     logdet = float(torch.log(resolved).sum())
     log_volume = logdet - rank * math.log(lambda_max)
     return GramReading(values, floor, rank, float(resolved[-1]), lambda_max, logdet, log_volume)

@@ -1,0 +1,21 @@
+"""Shared test settings: headless matplotlib, fast-failing MLflow HTTP, seeded torch."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    """Torch seeded per test and no inherited MLFLOW_TRACKING_URI, so a test neither
+    depends on another's randomness nor logs into a store it did not name."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.manual_seed(0)
+    yield
