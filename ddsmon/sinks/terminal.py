@@ -1,0 +1,631 @@
+"""The terminal view: a rich Live dashboard, or plain log lines when stdout is no terminal.
+
+:func:`render_signatures_table` turns one :class:`~ddsmon.signature.Signatures` into a
+rich table, one row per layer (also what ``ddsmon report`` prints).
+:func:`render_dashboard` composes the whole live view from a :class:`DashboardState`;
+:class:`TerminalSink` keeps that state up to date from the daemon (from any thread) and
+shows it, and :func:`export_svg` writes any renderable as an SVG picture.
+
+How readings are shown:
+
+* A reading below its trust floor is unresolved (``None`` in the signature). The table
+  shows the floor it fell under instead, as ``<5.2e-14``: "smaller than this, if
+  anything" (``floor_x`` for sigma_min, ``floor_g`` for lambda_min/lambda_max,
+  ``param_floor`` for the parameter side).
+* Trend arrows compare each reading with the same layer's reading at the previous
+  checkpoint. A resolved reading ``a`` (previous ``b``) has moved when
+  ``|a - b| > rtol * max(|a|, |b|)`` (``rtol`` = :data:`TREND_RTOL`, 1%): ``↑`` when it
+  rose, ``↓`` when it fell. A reading that fell under its floor counts as ``↓``, one that
+  rose above it as ``↑``; ranks move on any change. Readings that did not move carry no
+  arrow, so a quiet table is a still one.
+* A layer whose activations or gradients held NaN/inf is shown in red with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ddsmon.records import CheckpointFailure, CheckpointReading
+from ddsmon.signature import LayerSignature, Signatures
+
+if TYPE_CHECKING:
+    from ddsmon.events import Event
+    from ddsmon.sinks import RunInfo
+
+__all__ = (
+    "EVENT_STYLES",
+    "TREND_RTOL",
+    "DashboardState",
+    "TerminalSink",
+    "export_svg",
+    "render_dashboard",
+    "render_signatures_table",
+)
+
+logger = logging.getLogger(__name__)
+
+#: Relative change above which a reading gets a trend arrow.
+TREND_RTOL: float = 0.01
+
+#: Style of each event kind in the live view.
+EVENT_STYLES: dict[str, str] = {
+    "transition": "bold red",
+    "collapse": "yellow",
+    "revival": "green",
+    "rank_change": "cyan",
+    "nonfinite": "red",
+}
+
+UP, DOWN = "↑", "↓"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(x: float | int | None, spec: str = ".3g", none: str = "—") -> str:
+    """A number for display: ints as they are, floats to ``spec`` (3 significant digits)."""
+    if x is None:
+        return none
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    return format(x, spec)
+
+
+def _floor_text(floor: float | None) -> str:
+    """What an unresolved reading shows: ``<floor`` (or a dash when no floor is known)."""
+    if floor is None or not math.isfinite(floor):
+        return "—"
+    return f"<{floor:.2g}"
+
+
+def _trend(cur: float | int | None, prev: float | int | None, rtol: float) -> str:
+    """``↑``/``↓`` when ``cur`` moved from ``prev`` by more than ``rtol`` relative, else ``""``.
+
+    None means unresolved (below the floor): None -> value is ``↑``, value -> None ``↓``.
+    Integers (ranks) move on any change.
+    """
+    if cur is None and prev is None:
+        return ""
+    if prev is None:
+        return UP
+    if cur is None:
+        return DOWN
+    if isinstance(cur, int) and isinstance(prev, int):
+        return UP if cur > prev else DOWN if cur < prev else ""
+    c, p = float(cur), float(prev)
+    if not (math.isfinite(c) and math.isfinite(p)):
+        return ""
+    if abs(c - p) > rtol * max(abs(c), abs(p)):
+        return UP if c > p else DOWN
+    return ""
+
+
+def _cell(
+    value: float | int | None,
+    prev_value: float | int | None,
+    *,
+    has_prev: bool,
+    floor: float | None = None,
+    floored: bool = False,
+    rtol: float = TREND_RTOL,
+) -> Text:
+    """One reading's cell: the value (or ``<floor``) and its trend arrow."""
+    if value is None:
+        text = Text(_floor_text(floor) if floored else "—", style="dim")
+    else:
+        text = Text(_num(value))
+    if has_prev:
+        arrow = _trend(value, prev_value, rtol)
+        if arrow:
+            text.append(arrow, style="bold")
+    return text
+
+
+def _rank_cell(
+    rank: int | None, dead: int | None, prev_rank: int | None, *, has_prev: bool
+) -> Text:
+    """``rank/dead`` with an arrow on the rank when it changed."""
+    if rank is None:
+        return Text("—", style="dim")
+    text = Text(f"{rank}/{_num(dead)}")
+    if has_prev and prev_rank is not None and rank != prev_rank:
+        text.append(UP if rank > prev_rank else DOWN, style="bold")
+    return text
+
+
+# ------------------------------------------------------------------------ signatures table
+
+
+def _has_param_side(signatures: Signatures) -> bool:
+    return any(
+        s.param_count is not None or s.param_rank is not None or s.param_lambda_min is not None
+        for s in signatures.layers.values()
+    )
+
+
+def render_signatures_table(
+    signatures: Signatures,
+    previous: Signatures | None = None,
+    *,
+    title: str | None = None,
+    rtol: float = TREND_RTOL,
+) -> Table:
+    """One row per layer of ``signatures``, with trend arrows against ``previous``.
+
+    Columns: layer, d (output width), N (rows of X); for X: σ_min (or ``<floor_x``) and
+    rank/dead (``x_rank / x_dead``, ``x_dead = d - x_rank``); for the Fisher-Gram G:
+    λ_min and λ_max (or ``<floor_g``), rank/dead, ``log det+ G``,
+    ``log vol = log det+ G - g_rank log λ_max``, and the dead gain ``u^T G u`` at X's
+    weakest direction ``u``; and, when the parameter side was read, for K: λ_min (or
+    ``<param_floor``) and rank.
+    See the module docstring for the arrows and the floors.
+    """
+    params = _has_param_side(signatures)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        caption_justify="left",
+        title_justify="left",
+    )
+    # Only the layer column may wrap (long module paths fold); numbers never do.
+    table.add_column("\nlayer", overflow="fold", min_width=5)
+    headers = ["\nd", "\nN", "X\nσ_min", "X\nrank/dead", "G\nλ_min", "G\nλ_max"]
+    headers += ["G\nrank/dead", "G\nlog det", "G\nlog vol", "G at u\ndead gain"]
+    if params:
+        headers += ["K\nλ_min", "K\nrank"]
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+
+    prev_layers = previous.layers if previous is not None else {}
+    notes: list[Text] = []
+    unresolved = False
+    for name, sig in signatures.layers.items():
+        if not sig.finite:
+            n_blank = len(table.columns) - 4
+            table.add_row(
+                Text(name),
+                str(sig.d),
+                str(sig.N),
+                Text("non-finite", style="bold"),
+                *([Text("—")] * n_blank),
+                style="red",
+            )
+            reason = sig.nonfinite or "activations or gradients not finite"
+            notes.append(Text(f"{name}: {reason}", style="red"))
+            continue
+        row, floored = _layer_row(sig, prev_layers.get(name), params=params, rtol=rtol)
+        unresolved = unresolved or floored
+        table.add_row(*row)
+
+    legend: list[str] = []
+    if unresolved:
+        legend.append("<f: unresolved, below the trust floor f")
+    if previous is not None:
+        legend.append(f"↑ ↓: moved more than {rtol:.0%} since the previous checkpoint")
+    caption = Text()
+    for i, note in enumerate(notes):
+        if i:
+            caption.append("\n")
+        caption.append_text(note)
+    if legend:
+        if notes:
+            caption.append("\n")
+        caption.append("\n".join(legend), style="dim")
+    if caption.plain:
+        table.caption = caption
+    return table
+
+
+def _layer_row(
+    sig: LayerSignature, prev: LayerSignature | None, *, params: bool, rtol: float
+) -> tuple[list[RenderableType], bool]:
+    """The cells of one finite layer's row, and whether any showed a floor."""
+    has_prev = prev is not None and prev.finite
+    floored_any = False
+
+    def cell(reading: str, floor_attr: str | None) -> Text:
+        nonlocal floored_any
+        value = getattr(sig, reading)
+        floor = getattr(sig, floor_attr) if floor_attr else None
+        floored = floor is not None
+        floored_any = floored_any or (value is None and floored)
+        prev_value = getattr(prev, reading) if prev is not None else None
+        return _cell(value, prev_value, has_prev=has_prev, floor=floor, floored=floored, rtol=rtol)
+
+    def rank(value: int | None, dead: int | None, reading: str) -> Text:
+        prev_value = getattr(prev, reading) if prev is not None else None
+        return _rank_cell(value, dead, prev_value, has_prev=has_prev)
+
+    row: list[RenderableType] = [
+        Text(sig.name),
+        str(sig.d),
+        str(sig.N),
+        cell("sigma_min", "floor_x"),
+        rank(sig.x_rank, sig.x_dead, "x_rank"),
+        cell("lambda_min", "floor_g"),
+        cell("lambda_max", "floor_g"),
+        rank(sig.g_rank, sig.g_dead, "g_rank"),
+        cell("logdet", None),
+        cell("log_volume", None),
+        cell("u_dead_gain", None),
+    ]
+    if params:
+        if sig.param_count is None and sig.param_rank is None:
+            row += [Text("—", style="dim"), Text("—", style="dim")]
+        else:
+            row.append(cell("param_lambda_min", "param_floor"))
+            row.append(cell("param_rank", None))
+    return row, floored_any
+
+
+# ------------------------------------------------------------------------------ dashboard
+
+
+@dataclass
+class DashboardState:
+    """Everything the live view shows, as the daemon has reported it so far.
+
+    ``recent`` holds the latest events and failures (:class:`CheckpointFailure`), oldest
+    first; ``previous`` is the signatures of the checkpoint read before ``latest`` (what
+    the trend arrows compare with).
+    """
+
+    directory: Path | None = None
+    mode: str = "watch"
+    params: dict[str, str] = field(default_factory=dict)
+    latest: CheckpointReading | None = None
+    previous: Signatures | None = None
+    read: int = 0
+    failed: int = 0
+    queued: int = 0
+    events: int = 0
+    recent: deque[Any] = field(default_factory=lambda: deque(maxlen=8))
+
+
+def _run_label(params: Mapping[str, str]) -> str | None:
+    for key in ("run_id", "mlflow_run_id", "run"):
+        if params.get(key):
+            return params[key]
+    return None
+
+
+def _event_cells(event: Event) -> tuple[Text, Text, Text]:
+    style = EVENT_STYLES.get(event.kind, "bold")
+    detail = Text(f"{event.layer} {event.reading} ")
+    detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
+    detail.append(f" (magnitude {_num(event.magnitude)})", style="dim")
+    if event.message:
+        detail.append(f"  {event.message}")
+    return Text(f"step {event.step}", style="dim"), Text(event.kind.upper(), style=style), detail
+
+
+def _failure_cells(failure: CheckpointFailure) -> tuple[Text, Text, Text]:
+    step = "" if failure.step is None else f"step {failure.step}"
+    detail = Text(f"{failure.path}: ", style="red")
+    detail.append(failure.reason)
+    return Text(step, style="dim"), Text("FAILED", style="bold red"), detail
+
+
+def render_dashboard(state: DashboardState, *, max_events: int | None = None) -> RenderableType:
+    """The live view: header, progress line, recent events and failures, latest readings.
+
+    The readings table comes last so that, when a model has more layers than the
+    terminal has lines, cropping drops layers rather than events.
+    """
+    parts: list[RenderableType] = []
+
+    header = Text()
+    header.append(f"ddsmon {state.mode}", style="bold")
+    if state.directory is not None:
+        header.append(f"  {state.directory}")
+    run = _run_label(state.params)
+    if run:
+        header.append(f"  run {run}", style="cyan")
+    parts.append(header)
+    shown = {str(state.directory), run}
+    others = {k: v for k, v in state.params.items() if v not in shown}
+    if others:
+        line = "  ".join(f"{k}={v}" for k, v in others.items())
+        parts.append(Text(line, style="dim", no_wrap=True, overflow="ellipsis"))
+
+    done = state.read + state.failed
+    total = done + state.queued
+    progress = Table.grid(padding=(0, 1))
+    progress.add_column(width=30)
+    progress.add_column()
+    counts = Text()
+    counts.append(f"read {state.read}, queued {state.queued}, ")
+    counts.append(f"failed {state.failed}", style="red" if state.failed else "")
+    counts.append(f", events {state.events}", style="bold" if state.events else "")
+    if state.queued == 0 and state.mode == "watch":
+        counts.append("  waiting for checkpoints", style="dim")
+    progress.add_row(ProgressBar(total=max(total, 1), completed=done if total else 1), counts)
+    parts.append(progress)
+
+    recent = list(state.recent)
+    if max_events is not None:
+        recent = recent[-max_events:] if max_events > 0 else []
+    if recent:
+        parts.append(Text("recent events", style="bold underline"))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(justify="right", no_wrap=True)
+        grid.add_column(no_wrap=True)
+        grid.add_column(ratio=1)  # details wrap under themselves
+        for item in reversed(recent):  # newest first
+            if isinstance(item, CheckpointFailure):
+                grid.add_row(*_failure_cells(item))
+            else:
+                grid.add_row(*_event_cells(item))
+        parts.append(grid)
+
+    latest = state.latest
+    if latest is None:
+        parts.append(Text("no checkpoint read yet", style="dim"))
+    else:
+        title = f"step {latest.step}  {latest.path}"
+        if latest.meta:
+            title += "  " + "  ".join(f"{k}={_num(v, '.4g')}" for k, v in latest.meta.items())
+        title += f"  (read in {latest.read_seconds:.2f}s)"
+        parts.append(render_signatures_table(latest.signatures, state.previous, title=title))
+    return Group(*parts)
+
+
+def export_svg(
+    path: Path | str,
+    renderable: RenderableType,
+    *,
+    width: int = 120,
+    title: str = "ddsmon",
+) -> Path:
+    """Render ``renderable`` on a recording console ``width`` columns wide into an SVG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    console = Console(record=True, file=io.StringIO(), width=width, force_terminal=True)
+    console.print(renderable)
+    console.save_svg(str(path), title=title)
+    return path
+
+
+# ---------------------------------------------------------------------------------- sink
+
+
+class TerminalSink:
+    """Shows the daemon's progress: a rich Live view on a terminal, plain lines elsewhere.
+
+    ``live=None`` picks the Live view exactly when ``console.is_terminal``. The Live view
+    refreshes at most ``refresh_per_second`` times a second from its own thread; every
+    ``on_*`` method only updates shared state under a lock, so the daemon may call them
+    from any thread. The plain mode writes one line per checkpoint, event and failure,
+    flushed at once (for log files and ``| tee``)::
+
+        step 1200  ckpt=ckpts/step_1200.pt  layers=4  lambda_min[fc1]=3.2e-07  read in 0.12s
+        EVENT transition step=1200 layer=fc1 reading=lambda_min before=0.0012 after=3.2e-07 magnitude=3.6: ...
+        FAILED ckpts/step_1300.pt: truncated zip archive
+
+    The ``lambda_min`` on the checkpoint line is that of the layer with the smallest
+    resolved ``lambda_min / lambda_max`` (the most nearly degenerate Fisher-Gram).
+    """
+
+    def __init__(
+        self,
+        console: Console | None = None,
+        *,
+        live: bool | None = None,
+        max_events: int = 8,
+        refresh_per_second: float = 4.0,
+    ) -> None:
+        self.console = console if console is not None else Console()
+        self.live = self.console.is_terminal if live is None else bool(live)
+        self.max_events = max_events
+        self._refresh_per_second = refresh_per_second
+        self._lock = threading.RLock()
+        self._state = DashboardState(recent=deque(maxlen=max(max_events, 1)))
+        self._version = 0
+        self._cached: tuple[int, RenderableType] | None = None
+        self._live: Live | None = None
+        self._closed = False
+
+    # -- state ----------------------------------------------------------------------
+
+    def snapshot(self) -> DashboardState:
+        """A copy of the current state (for tests and :meth:`export_svg`)."""
+        with self._lock:
+            s = self._state
+            return DashboardState(
+                directory=s.directory,
+                mode=s.mode,
+                params=dict(s.params),
+                latest=s.latest,
+                previous=s.previous,
+                read=s.read,
+                failed=s.failed,
+                queued=s.queued,
+                events=s.events,
+                recent=deque(s.recent, maxlen=s.recent.maxlen),
+            )
+
+    def renderable(self) -> RenderableType:
+        """The dashboard as it stands (built once per change, reused between refreshes)."""
+        with self._lock:
+            if self._cached is None or self._cached[0] != self._version:
+                self._cached = (
+                    self._version,
+                    render_dashboard(self._state, max_events=self.max_events),
+                )
+            return self._cached[1]
+
+    def export_svg(self, path: Path | str, *, width: int = 120, title: str = "ddsmon") -> Path:
+        """Write the current dashboard as an SVG picture (for the README)."""
+        return export_svg(path, self.renderable(), width=width, title=title)
+
+    def log_handler(self, level: int = logging.INFO) -> logging.Handler:
+        """A logging handler that prints on this sink's console.
+
+        In Live mode, log records printed through it appear above the view instead of
+        tearing it (a plain ``StreamHandler`` bound to the real stderr would).
+        """
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=self.console, level=level, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        return handler
+
+    def set_run(self, run: str) -> None:
+        """Name the tracking run in the header (e.g. the MLflow run id, once it exists)."""
+        with self._lock:
+            self._state.params["run_id"] = run
+            self._changed()
+
+    def _changed(self) -> None:
+        self._version += 1
+
+    # -- Sink protocol --------------------------------------------------------------
+
+    def start(self, info: RunInfo) -> None:
+        with self._lock:
+            self._state.directory = info.directory
+            self._state.mode = info.mode
+            self._state.params = dict(info.params)
+            self._changed()
+            if self.live:
+                self._start_live()
+            else:
+                params = "  ".join(f"{k}={v}" for k, v in info.params.items())
+                self._line(
+                    f"ddsmon {info.mode} {info.directory}" + (f"  {params}" if params else "")
+                )
+
+    def on_queue(self, pending: int) -> None:
+        with self._lock:
+            if pending != self._state.queued:
+                self._state.queued = pending
+                self._changed()
+
+    def on_reading(self, reading: CheckpointReading, events: list[Event]) -> None:
+        with self._lock:
+            s = self._state
+            s.previous = s.latest.signatures if s.latest is not None else None
+            s.latest = reading
+            s.read += 1
+            s.events += len(events)
+            for event in events:
+                s.recent.append(event)
+            self._changed()
+            if self.live:
+                self._start_live()
+            else:
+                self._line(self._reading_line(reading))
+                for event in events:
+                    self._line(self._event_line(event))
+
+    def on_failure(self, failure: CheckpointFailure) -> None:
+        with self._lock:
+            self._state.failed += 1
+            self._state.recent.append(failure)
+            self._changed()
+            if self.live:
+                self._start_live()
+            else:
+                self._line(f"FAILED {failure.path}: {failure.reason}")
+
+    def close(self) -> None:
+        """Stop the Live view (leaving its last frame on screen); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            live, self._live = self._live, None
+            if not self.live:
+                s = self._state
+                self._line(
+                    f"ddsmon {s.mode} done: read {s.read}, failed {s.failed}, events {s.events}"
+                )
+        if live is not None:
+            # Outside the lock: Live.stop joins its refresh thread, which takes the lock.
+            live.stop()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _start_live(self) -> None:
+        if self._live is not None or self._closed:
+            return
+        self._live = Live(
+            console=self.console,
+            get_renderable=self.renderable,
+            auto_refresh=True,
+            refresh_per_second=self._refresh_per_second,
+            transient=False,
+            redirect_stdout=True,  # stray print()s go above the view, not through it
+            redirect_stderr=True,
+        )
+        self._live.start()
+
+    def _line(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+        try:
+            self.console.file.flush()
+        except (OSError, ValueError):  # a closed or unflushable stream: nothing to save
+            pass
+
+    @staticmethod
+    def _reading_line(reading: CheckpointReading) -> str:
+        layers = reading.signatures.layers
+        parts = [f"step {reading.step}", f"ckpt={reading.path}", f"layers={len(layers)}"]
+        worst = _most_degenerate(layers.values())
+        if worst is not None:
+            parts.append(f"lambda_min[{worst.name}]={_num(worst.lambda_min, '.4g')}")
+        bad = [name for name, s in layers.items() if not s.finite]
+        if bad:
+            parts.append(f"nonfinite=[{','.join(bad)}]")
+        parts += [f"{k}={_num(v, '.4g')}" for k, v in reading.meta.items()]
+        timing = f"read in {reading.read_seconds:.2f}s"
+        if reading.load_seconds:
+            timing += f" (load {reading.load_seconds:.2f}s)"
+        parts.append(timing)
+        return "  ".join(parts)
+
+    @staticmethod
+    def _event_line(event: Event) -> str:
+        return (
+            f"EVENT {event.kind} step={event.step} layer={event.layer} "
+            f"reading={event.reading} before={_num(event.before, '.4g', 'none')} "
+            f"after={_num(event.after, '.4g', 'none')} "
+            f"magnitude={_num(event.magnitude, '.4g', 'none')}: "
+            f"{event.message}"
+        )
+
+
+def _most_degenerate(layers: Iterable[LayerSignature]) -> LayerSignature | None:
+    """The finite layer with the smallest resolved ``lambda_min / lambda_max``."""
+    best: LayerSignature | None = None
+    for s in layers:
+        ratio = s.lambda_ratio if s.finite else None
+        if ratio is None:
+            continue
+        if best is None or ratio < best.lambda_ratio:  # type: ignore[operator]
+            best = s
+    return best
