@@ -176,8 +176,16 @@ def _make_sinks(config: Config) -> tuple[list[Any], Any]:
         run_name=config.run_name,
         plots=config.plots,
     )
-    sinks: list[Any] = [tracking, TerminalSink()]
+    import rich
+
+    sinks: list[Any] = [tracking, TerminalSink(console=rich.get_console())]
     if config.events_json is not None:
+        try:
+            config.events_json.parent.mkdir(parents=True, exist_ok=True)
+            with open(config.events_json, "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--events-json {config.events_json}: cannot write ({exc})") from exc
         sinks.append(EventsJsonSink(config.events_json))
     if config.on_event:
         sinks.append(CommandHookSink(config.on_event))
