@@ -32,7 +32,14 @@ from ddsmon.config import Config, redact_uri
 from ddsmon.engine import compute_signatures, resolve_device
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
 from ddsmon.events import Event, EventConfig, EventDetector
-from ddsmon.loading import LoadedCheckpoint, load_checkpoint, load_probe, resolve_factory
+from ddsmon.loading import (
+    VANISHED,
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_probe,
+    resolve_callable,
+    resolve_factory,
+)
 from ddsmon.probe import probe_batch_size
 from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.sinks import RunInfo, Sink
@@ -276,7 +283,7 @@ class Daemon:
             self.summary.skipped += 1
             return
         if isinstance(loaded, CheckpointError):
-            if "vanished" in loaded.reason:
+            if loaded.reason == VANISHED:
                 log.info("%s vanished before it was read; skipped", ref.path)
                 self.summary.skipped += 1
                 return
@@ -347,7 +354,7 @@ def resolve_loss(spec: str) -> str | Callable[..., Any]:
         return spec
     if ":" not in spec:
         raise ConfigError(f"unknown loss {spec!r}: use ce, mse or MODULE:FUNCTION")
-    return resolve_factory(spec)
+    return resolve_callable(spec, "loss")
 
 
 def _layers_arg(model: torch.nn.Module, spec: str | None) -> str | list[str] | None:
