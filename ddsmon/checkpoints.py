@@ -1,0 +1,451 @@
+"""Checkpoints on disk: which paths are checkpoints, their step, whether they are complete.
+
+Pure functions over the filesystem (no watchdog, no torch). The watcher
+(:mod:`ddsmon.watcher`) and the daemon use them to decide what to read.
+
+Recognised kinds (:data:`KINDS`):
+
+    torch        a torch.save file: ``*.pt``, ``*.pth``, ``*.bin``
+    lightning    a Lightning checkpoint: ``*.ckpt`` (a torch.save file too)
+    safetensors  ``*.safetensors``
+    hf           a Hugging Face Trainer folder ``checkpoint-<step>/``
+    dcp          a torch.distributed.checkpoint folder (holds a ``.metadata`` file)
+
+Never checkpoints: temporary names (``*.tmp``, ``*.partial``, ``*.part``, ``*.temp``,
+``*~``, dot-files, Hugging Face's ``tmp-checkpoint-<step>/``), anything inside a
+dot-directory or a temporary folder (such as the daemon's own ``.ddsmon/`` state
+directory), files inside an hf/dcp folder (they belong to the folder), the Trainer's
+side files that hold no weights (:data:`SIDE_FILES`: ``training_args.bin``,
+``optimizer.pt``, ...), and, when a root is given, symbolic links that point back
+into the root (aliases such as Lightning's ``last.ckpt`` link).
+
+Completeness (:func:`check_complete`) is a format check, because torch.save writes in
+place and events alone cannot tell a finished file from a paused writer:
+
+    torch zip     the zip end-of-central-directory record is there and the central
+                  directory it points to is consistent (every member ends before it),
+                  and the archive holds torch's ``data.pkl``. Legacy (pre-1.6,
+                  non-zip) torch pickles cannot be checked and are reported as such.
+    safetensors   size == 8 + N + max(data_offsets end), N the little-endian u64
+                  header length, and the N header bytes are a JSON object.
+    hf            ``trainer_state.json`` parses as JSON and a weights file
+                  (:data:`HF_WEIGHTS`) is there and itself complete (every shard of
+                  a sharded index).
+    dcp           a non-empty ``.metadata`` (torch writes it last).
+
+>>> step_from_name(Path("epoch=3-step=1200.ckpt"))
+1200
+>>> step_from_name(Path("checkpoint-500"))
+500
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ddsmon.errors import ConfigError
+
+__all__ = (
+    "HF_WEIGHTS",
+    "KINDS",
+    "SIDE_FILES",
+    "CheckpointRef",
+    "Kind",
+    "check_complete",
+    "checkpoint_for",
+    "classify",
+    "discover",
+    "fingerprint",
+    "is_temporary",
+    "step_from_name",
+)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["torch", "lightning", "safetensors", "hf", "dcp"]
+KINDS: tuple[Kind, ...] = ("torch", "lightning", "safetensors", "hf", "dcp")
+
+_SUFFIX_KIND: dict[str, Kind] = {
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "lightning",
+    ".safetensors": "safetensors",
+}
+_TEMP_SUFFIXES = frozenset({".tmp", ".partial", ".part", ".temp", ".swp"})
+_HF_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_FOLDER = re.compile(r"^(?:tmp|temp)[-_]", re.IGNORECASE)
+_STEP_TAG = re.compile(r"(?<![a-z])(?:global_?)?step[=_\-]?(\d+)", re.IGNORECASE)
+_LIGHTNING_VERSION = re.compile(r"-v\d+$")
+_DIGITS = re.compile(r"\d+")
+
+HF_WEIGHTS: tuple[str, ...] = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""Weights files of a Hugging Face checkpoint folder, in the order they are looked for."""
+
+SIDE_FILES = re.compile(
+    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth)$"
+)
+"""Names of torch files the HF Trainer writes beside the weights; they hold no model."""
+
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint on disk: a file, or a folder for ``hf`` / ``dcp``.
+
+    name_step: the number in its name (:func:`step_from_name`), or None.
+    """
+
+    path: Path
+    kind: Kind
+
+    @property
+    def name_step(self) -> int | None:
+        return step_from_name(self.path)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def step_from_name(path: Path | str) -> int | None:
+    """The training step written in a checkpoint's name, or None.
+
+    A ``step`` tag wins (``step_00420.pt`` -> 420, ``epoch=3-step=1200.ckpt`` -> 1200,
+    ``global_step800`` -> 800; the last tag if several); otherwise the last integer
+    of the name without its suffix (``checkpoint-500`` -> 500, ``ckpt_7.pt`` -> 7).
+    Lightning's collision suffix ``-v<n>`` is not a step (``last-v1.ckpt`` -> None).
+    """
+    name = Path(path).name
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() not in _SUFFIX_KIND:
+        stem = name
+    tags = _STEP_TAG.findall(stem)
+    if tags:
+        return int(tags[-1])
+    numbers = _DIGITS.findall(_LIGHTNING_VERSION.sub("", stem))
+    return int(numbers[-1]) if numbers else None
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name marks something still being written or hidden:
+    dot-names, ``*.tmp`` ``*.partial`` ``*.part`` ``*.temp`` ``*.swp`` (anywhere in the
+    suffixes, e.g. ``a.tmp.pt``), ``*~``, and ``tmp-``/``temp-`` prefixed names."""
+    if not name or name.startswith(".") or name.endswith("~") or _TMP_FOLDER.match(name):
+        return True
+    return any(s.lower() in _TEMP_SUFFIXES for s in Path(name).suffixes)
+
+
+def _folder_kind(path: Path) -> Kind | None:
+    """The kind of a folder checkpoint: dcp when ``.metadata`` is in it, hf when it is
+    named ``checkpoint-<step>``. No filesystem check that ``path`` is a folder."""
+    if (path / ".metadata").is_file():
+        return "dcp"
+    if _HF_NAME.match(path.name):
+        return "hf"
+    return None
+
+
+def _within(path: Path, root: Path) -> Path | None:
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return None
+
+
+def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef | None:
+    """The checkpoint ``path`` is, or None when it is not one.
+
+    Files are recognised by suffix (they need not exist, so a vanished path can still be
+    classified); folders must exist (hf by name, dcp by their ``.metadata``).
+
+    root: the watched directory ``path`` lies in. With a root, every folder between
+    the root and ``path`` is considered: anything inside a dot-directory, a temporary
+    folder or an hf/dcp checkpoint folder is not a checkpoint of its own, and a symlink
+    pointing back into the root is an alias, not a checkpoint. Without one only the
+    immediate parent folder is considered (so ``ddsmon report ~/.cache/x.pt`` works).
+    """
+    path = Path(path)
+    name = path.name
+    if root is not None:
+        root = Path(root)
+        rel = _within(path, root)
+        if rel is None or not rel.parts:
+            return None
+        folders = [root.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+        if any(is_temporary(f.name) for f in folders):
+            return None
+        if any(_folder_kind(f) is not None for f in folders):
+            return None
+        if path.is_symlink() and _points_into(path, root):
+            return None
+    elif _folder_kind(path.parent) is not None and path.parent != path:
+        return None
+    if is_temporary(name):
+        return None
+    if path.is_dir():
+        kind = _folder_kind(path)
+        return CheckpointRef(path, kind) if kind is not None else None
+    file_kind = _SUFFIX_KIND.get(path.suffix.lower())
+    if file_kind is None or SIDE_FILES.match(name):
+        return None
+    return CheckpointRef(path, file_kind)
+
+
+def _points_into(link: Path, root: Path) -> bool:
+    try:
+        target = link.resolve()
+        real_root = root.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return target == real_root or real_root in target.parents
+
+
+def checkpoint_for(path: Path | str, root: Path | str, *, depth: int = 2) -> CheckpointRef | None:
+    """The checkpoint a changed ``path`` under ``root`` belongs to, or None.
+
+    That is the hf/dcp folder holding it (``checkpoint-500/model.safetensors`` ->
+    ``checkpoint-500/``; ``step9/.metadata`` -> ``step9/``), else ``path`` itself when it
+    is a checkpoint no deeper than ``depth`` levels below the root (the depth
+    :func:`discover` looks at). Used by the watcher to map filesystem events.
+    """
+    path, root = Path(path), Path(root)
+    rel = _within(path, root)
+    if rel is None or not rel.parts:
+        return None
+    for i in range(1, min(len(rel.parts), depth + 1)):
+        folder = root.joinpath(*rel.parts[:i])
+        if is_temporary(folder.name):
+            return None
+        if _folder_kind(folder) is not None:
+            return classify(folder, root)
+    if len(rel.parts) > depth:
+        return None
+    return classify(path, root)
+
+
+def discover(directory: Path | str) -> list[CheckpointRef]:
+    """The checkpoints in ``directory`` now: its entries and those of its subfolders
+    (one level), sorted by :func:`step_from_name` (unnumbered last), then by path.
+
+    Raises ConfigError when ``directory`` is not a directory. Entries that vanish
+    while the directory is listed are skipped.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory (checkpoint directory to watch)")
+    found: list[CheckpointRef] = []
+    for entry in _listdir(directory):
+        path = directory / entry
+        ref = classify(path, directory)
+        if ref is not None:
+            found.append(ref)
+        elif not is_temporary(entry) and path.is_dir() and not path.is_symlink():
+            found.extend(
+                sub for name in _listdir(path) if (sub := classify(path / name, directory))
+            )
+    return sorted(found, key=_order)
+
+
+def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
+    step = ref.name_step
+    return (step is None, step or 0, str(ref.path))
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(ref: CheckpointRef) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of the checkpoint: of the file, or for a folder the total
+    size of its files and the latest mtime of anything in it (files and subfolders,
+    so an added or removed file changes it too).
+
+    Raises FileNotFoundError (an OSError) when the checkpoint is gone; files that
+    vanish while a folder is walked are skipped.
+    """
+    st = os.stat(ref.path)
+    if ref.kind not in ("hf", "dcp"):
+        return st.st_size, st.st_mtime_ns
+    size, mtime = 0, st.st_mtime_ns
+    for folder, dirs, files in os.walk(ref.path):
+        for name in dirs + files:
+            try:
+                sub = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            mtime = max(mtime, sub.st_mtime_ns)
+            if name in files:
+                size += sub.st_size
+    return size, mtime
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def check_complete(ref: CheckpointRef) -> str | None:
+    """None when the checkpoint is complete, else the reason in words (see the module
+    docstring for the check of each kind). Never raises for a bad or missing file."""
+    try:
+        if ref.kind in ("torch", "lightning"):
+            return _check_torch_zip(ref.path)
+        if ref.kind == "safetensors":
+            return _check_safetensors(ref.path)
+        if ref.kind == "hf":
+            return _check_hf(ref.path)
+        if ref.kind == "dcp":
+            return _check_dcp(ref.path)
+        return f"unknown checkpoint kind {ref.kind!r} (expected one of {KINDS})"
+    except FileNotFoundError:
+        return "vanished (no such file or folder)"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+
+
+def _check_torch_zip(path: Path) -> str | None:
+    size = os.stat(path).st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head != _ZIP_MAGIC:
+            return "not a torch zip archive (legacy format?)"
+        try:
+            with zipfile.ZipFile(f) as zf:
+                infos = zf.infolist()
+                start_dir = getattr(zf, "start_dir", size)
+        except zipfile.BadZipFile as exc:
+            return (
+                f"no valid zip end-of-central-directory record ({exc}); "
+                f"still being written or truncated at {size} bytes"
+            )
+    for info in infos:
+        if info.header_offset + info.compress_size > start_dir:
+            return f"zip member {info.filename!r} runs past the central directory (truncated?)"
+    if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
+        return "zip archive without data.pkl (not a torch.save file)"
+    return None
+
+
+def _check_safetensors(path: Path) -> str | None:
+    size = os.stat(path).st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _SAFETENSORS_MAX_HEADER:
+            return f"header length {n} is implausible (not a safetensors file?)"
+        if 8 + n > size:
+            return f"header of {n} bytes runs past the end of the file ({size} bytes): truncated"
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "header is not valid JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            return f"tensor {key!r} has no valid data_offsets in the header"
+        end = max(end, offsets[1])
+    expected = 8 + n + end
+    if size < expected:
+        return (
+            f"{size} bytes, expected {expected} (8 + header {n} + data {end}): "
+            "truncated or still being written"
+        )
+    if size > expected:
+        return f"{size} bytes, expected {expected} (8 + header {n} + data {end}): trailing bytes"
+    return None
+
+
+def _check_json(path: Path) -> tuple[object, str | None]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return None, f"no {path.name} yet"
+    except (UnicodeDecodeError, ValueError):
+        return None, f"{path.name} is not valid JSON (still being written?)"
+
+
+def _check_hf(path: Path) -> str | None:
+    if not path.is_dir():
+        return "vanished (no such folder)" if not path.exists() else "not a folder"
+    _, reason = _check_json(path / "trainer_state.json")
+    if reason is not None:
+        return reason
+    for name in HF_WEIGHTS:
+        weights = path / name
+        if not weights.is_file():
+            continue
+        if name.endswith(".index.json"):
+            return _check_shards(path, weights)
+        reason = _check_weights_file(weights)
+        return f"{name}: {reason}" if reason else None
+    return f"no weights file (looked for {', '.join(HF_WEIGHTS)})"
+
+
+def _check_weights_file(weights: Path) -> str | None:
+    if weights.suffix == ".safetensors":
+        return _check_safetensors(weights)
+    return _check_torch_zip(weights)
+
+
+def _check_shards(folder: Path, index_file: Path) -> str | None:
+    index, reason = _check_json(index_file)
+    if reason is not None:
+        return reason
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        return f"{index_file.name} has no weight_map"
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            return f"{index_file.name} names a shard outside the folder: {shard!r}"
+        if not (folder / shard).is_file():
+            return f"shard {shard} named in {index_file.name} is missing"
+        reason = _check_weights_file(folder / shard)
+        if reason is not None:
+            return f"{shard}: {reason}"
+    return None
+
+
+def _check_dcp(path: Path) -> str | None:
+    if not path.is_dir():
+        return "vanished (no such folder)" if not path.exists() else "not a folder"
+    metadata = path / ".metadata"
+    if not metadata.is_file():
+        return "no .metadata yet (still being written)"
+    if metadata.stat().st_size == 0:
+        return ".metadata is empty (still being written)"
+    return None

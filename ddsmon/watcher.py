@@ -1,0 +1,417 @@
+"""Watch a checkpoint directory and hand over each checkpoint once it is complete.
+
+A watchdog observer (inotify on Linux, or a polling observer for NFS and bind
+mounts where inotify is silent) reports changes under the directory; each change is
+mapped to the checkpoint it belongs to (:func:`ddsmon.checkpoints.checkpoint_for`:
+the file itself, or the hf/dcp folder holding it) and that checkpoint becomes
+*pending*. A pending checkpoint is *ready* when
+
+    (a) it was closed after writing (inotify's close-write) or renamed into place, and
+        its fingerprint ``(size, mtime_ns)`` has not changed since (fast path, files
+        only), or
+    (b) ``quiet`` seconds have passed with no event for it and its fingerprint
+        unchanged (the only path for folders, and for observers without close events),
+
+and :func:`ddsmon.checkpoints.check_complete` finds it complete. A ready checkpoint is
+handed to ``on_ready`` once per (path, fingerprint): a later change of the file (a
+rewrite, a fix) hands it over again. A checkpoint still incomplete after its quiet
+period is dropped until the next change (logged at debug level with the reason); one
+that vanishes before it is ready is dropped and reported to ``on_vanished``.
+
+One timer thread does the checks and calls the callbacks; it sleeps on an event until
+the earliest pending deadline (no busy loop). The observer is running when
+:meth:`CheckpointWatcher.start` returns, so a caller that lists the directory after
+``start()`` misses nothing: a file written in between is both listed and reported
+(the caller drops the duplicate by path and fingerprint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from ddsmon.checkpoints import (
+    CheckpointRef,
+    check_complete,
+    checkpoint_for,
+    classify,
+    fingerprint,
+)
+from ddsmon.errors import ConfigError
+
+__all__ = ("CheckpointWatcher",)
+
+log = logging.getLogger(__name__)
+
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+_FOLDER_KINDS = ("hf", "dcp")
+_MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spin
+
+
+@dataclass
+class _Pending:
+    """A checkpoint seen changing and not yet handed over (absolute path as key).
+
+    fp: fingerprint at the last event (None if it could not be taken).
+    changed_at: monotonic time of the last event or fingerprint change.
+    closed_fp: fingerprint when the file was closed after writing / renamed into
+        place; ready without waiting for quiet while the fingerprint still equals it.
+    due: when the timer looks at it next. gen: bumped by every event.
+    """
+
+    ref: CheckpointRef
+    fp: tuple[int, int] | None
+    changed_at: float
+    due: float
+    closed_fp: tuple[int, int] | None = None
+    gen: int = 0
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: CheckpointWatcher) -> None:
+        self._watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._watcher._on_event(event)
+        except Exception:  # never let one odd event kill the observer thread
+            log.exception("ddsmon watcher: failed to handle %r", event)
+
+
+class CheckpointWatcher:
+    """Hands each checkpoint written into ``directory`` to ``on_ready`` once complete.
+
+    directory: the folder to watch (its entries and one level of subfolders, as
+        :func:`ddsmon.checkpoints.discover` lists them).
+    on_ready: called with a :class:`CheckpointRef` (path under ``directory`` as given)
+        from the watcher's thread; keep it short and thread-safe (e.g. put it on a queue).
+    poll: seconds between directory scans with watchdog's PollingObserver; None for
+        the platform's native events (inotify on Linux).
+    quiet: seconds without change before a checkpoint counts as settled.
+    on_vanished: called with the path of a pending checkpoint that disappeared before
+        it was ready (e.g. a Trainer rotating old folders); optional.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        on_ready: Callable[[CheckpointRef], None],
+        *,
+        poll: float | None = None,
+        quiet: float = 1.0,
+        on_vanished: Callable[[Path], None] | None = None,
+    ) -> None:
+        if poll is not None and not poll > 0:
+            raise ConfigError(f"poll interval must be positive seconds, got {poll!r}")
+        if not quiet >= 0:
+            raise ConfigError(f"quiet period must be >= 0 seconds, got {quiet!r}")
+        self.directory = Path(directory)
+        self.poll = poll
+        self.quiet = float(quiet)
+        self._root = Path(os.path.abspath(self.directory))
+        self._on_ready = on_ready
+        self._on_vanished = on_vanished
+        self._lock = threading.Lock()
+        self._pending: dict[Path, _Pending] = {}
+        self._handed: dict[Path, tuple[int, int]] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._timer: threading.Thread | None = None
+        self._state = "new"  # new -> running -> stopped
+        self._state_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the observer and the timer thread. The observer's watches are in
+        place when this returns. Raises ConfigError when the directory is missing or
+        the platform refuses a watch (inotify limits: use ``poll``)."""
+        with self._state_lock:
+            if self._state == "running":
+                return
+            if self._state == "stopped":
+                raise RuntimeError("a CheckpointWatcher cannot be restarted; make a new one")
+            if not self._root.is_dir():
+                raise ConfigError(
+                    f"{self.directory}: not a directory (checkpoint directory to watch)"
+                )
+            observer: BaseObserver = (
+                PollingObserver(timeout=self.poll) if self.poll is not None else Observer()
+            )
+            observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
+            try:
+                observer.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.directory}: cannot watch ({exc.strerror or exc}); "
+                    "use a polling observer (--poll SECONDS)"
+                ) from exc
+            self._observer = observer
+            self._timer = threading.Thread(target=self._run, name="ddsmon-watcher", daemon=True)
+            self._timer.start()
+            self._state = "running"
+        log.debug(
+            "watching %s (%s, quiet %.3g s)",
+            self.directory,
+            f"polling every {self.poll:g} s" if self.poll is not None else "native events",
+            self.quiet,
+        )
+
+    def stop(self) -> None:
+        """Stop watching and join the threads; pending checkpoints are dropped.
+        Idempotent; safe to call from ``on_ready`` (the timer thread is then not joined)."""
+        with self._state_lock:
+            if self._state != "running":
+                self._state = "stopped"
+                return
+            self._state = "stopped"
+        self._stopping.set()
+        self._wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()
+        with self._lock:
+            self._pending.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def pending(self) -> int:
+        """How many checkpoints are seen changing and not yet handed over or dropped."""
+        with self._lock:
+            return len(self._pending)
+
+    def __enter__(self) -> CheckpointWatcher:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ events
+    def _on_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
+        if kind == "moved":
+            if src is not None:
+                self._gone(src)
+            if event.dest_path:
+                self._touch(Path(os.fsdecode(event.dest_path)), settled=True)
+        elif kind == "deleted":
+            if src is not None:
+                self._gone(src)
+        elif kind in ("created", "modified", "closed") and src is not None:
+            self._touch(src, settled=kind == "closed")
+
+    def _touch(self, path: Path, *, settled: bool) -> None:
+        """``path`` was written (or closed / renamed into place when ``settled``)."""
+        ref = checkpoint_for(path, self._root)
+        if ref is None:
+            return
+        try:
+            fp: tuple[int, int] | None = fingerprint(ref)
+        except OSError:
+            fp = None
+        fast = settled and ref.path == path and ref.kind not in _FOLDER_KINDS and fp is not None
+        now = time.monotonic()
+        with self._lock:
+            entry = self._pending.get(ref.path)
+            if entry is None:
+                entry = self._pending[ref.path] = _Pending(ref, fp, now, now + self.quiet)
+            entry.ref = ref
+            entry.fp = fp
+            entry.changed_at = now
+            entry.gen += 1
+            entry.closed_fp = fp if fast else None
+            entry.due = now if fast else now + self.quiet
+        self._wake.set()
+
+    def _gone(self, path: Path) -> None:
+        """``path`` was deleted or moved away: look at every pending checkpoint it
+        was, held, or lay in now; forget hand-overs of it and of anything under it."""
+        now = time.monotonic()
+        with self._lock:
+            for key, entry in self._pending.items():
+                if key == path or path in key.parents or key in path.parents:
+                    entry.due = now
+            for key in [k for k in self._handed if k == path or path in k.parents]:
+                if not os.path.lexists(key):
+                    del self._handed[key]
+        self._wake.set()
+
+    # ------------------------------------------------------------------ timer
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            with self._lock:
+                due = [key for key, entry in self._pending.items() if entry.due <= now]
+            for key in due:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._check(key)
+                except Exception:
+                    log.exception("ddsmon watcher: checking %s failed", key)
+                    with self._lock:
+                        self._pending.pop(key, None)
+            with self._lock:
+                next_due = min((e.due for e in self._pending.values()), default=None)
+            timeout = None
+            if next_due is not None:
+                timeout = max(_MIN_WAIT, next_due - time.monotonic())
+            self._wake.wait(timeout)
+
+    def _check(self, key: Path) -> None:
+        """Decide about one due pending checkpoint: wait on, drop, or hand over."""
+        with self._lock:
+            entry = self._pending.get(key)
+            if entry is None:
+                return
+            gen, last_fp, changed_at, closed_fp = (
+                entry.gen,
+                entry.fp,
+                entry.changed_at,
+                entry.closed_fp,
+            )
+        ref = classify(key, self._root)
+        if ref is None:
+            if not os.path.lexists(key):
+                self._vanished(key, entry, gen)
+            else:
+                self._drop(key, entry, gen, "no longer looks like a checkpoint")
+            return
+        try:
+            fp = fingerprint(ref)
+        except FileNotFoundError:
+            self._vanished(key, entry, gen)
+            return
+        except OSError as exc:  # e.g. permissions: look again at its next change
+            self._drop(key, entry, gen, f"cannot be read ({exc.strerror or exc})")
+            return
+        now = time.monotonic()
+        by_close = closed_fp is not None and fp == closed_fp
+        quiet = fp == last_fp and now - changed_at >= self.quiet
+        if not (by_close or quiet):
+            self._wait(entry, gen, fp, "still changing")
+            return
+        with self._lock:
+            already = self._handed.get(key) == fp
+        if already:
+            self._drop(key, entry, gen, None)
+            return
+        reason = check_complete(ref)
+        if reason is None:
+            try:
+                after = fingerprint(ref)
+            except FileNotFoundError:
+                self._vanished(key, entry, gen)
+                return
+            if after != fp:  # changed while it was being checked
+                self._wait(entry, gen, after, "changed during the check")
+                return
+            self._hand_over(key, entry, gen, ref, fp)
+        elif by_close and not quiet:
+            with self._lock:
+                if entry.gen == gen:
+                    entry.closed_fp = None
+                    entry.due = changed_at + self.quiet
+            log.debug("%s closed but not complete yet (%s); waiting for quiet", key, reason)
+        else:
+            self._drop(key, entry, gen, f"settled but incomplete: {reason}")
+
+    def _wait(self, entry: _Pending, gen: int, fp: tuple[int, int] | None, why: str) -> None:
+        """Not ready: note a changed fingerprint and look again after a quiet period."""
+        now = time.monotonic()
+        with self._lock:
+            if entry.gen != gen:  # an event came meanwhile and rescheduled it
+                return
+            if fp is None or fp != entry.fp:
+                entry.fp = fp
+                entry.changed_at = now
+                entry.closed_fp = None
+            entry.due = max(now + _MIN_WAIT, entry.changed_at + self.quiet)
+        log.debug("%s not ready: %s", entry.ref.path, why)
+
+    def _drop(self, key: Path, entry: _Pending, gen: int, why: str | None) -> None:
+        with self._lock:
+            if self._pending.get(key) is entry and entry.gen == gen:
+                del self._pending[key]
+        if why is not None:
+            log.debug("%s not handed over: %s", self._out(key), why)
+
+    def _vanished(self, key: Path, entry: _Pending, gen: int) -> None:
+        with self._lock:
+            if self._pending.get(key) is not entry or entry.gen != gen:
+                entry.due = time.monotonic() + _MIN_WAIT  # re-created meanwhile: look again
+                return
+            del self._pending[key]
+            self._handed.pop(key, None)
+        path = self._out(key)
+        log.debug("%s vanished before it was ready", path)
+        if self._on_vanished is not None:
+            try:
+                self._on_vanished(path)
+            except Exception:
+                log.exception("ddsmon watcher: on_vanished(%s) failed", path)
+
+    def _hand_over(
+        self, key: Path, entry: _Pending, gen: int, ref: CheckpointRef, fp: tuple[int, int]
+    ) -> None:
+        with self._lock:
+            self._handed[key] = fp
+            if self._pending.get(key) is entry and entry.gen == gen:
+                del self._pending[key]
+        out = CheckpointRef(self._out(key), ref.kind)
+        log.debug("%s ready (%s, %d bytes)", out.path, out.kind, fp[0])
+        try:
+            self._on_ready(out)
+        except Exception:
+            log.exception("ddsmon watcher: on_ready(%s) failed", out.path)
+
+    def _out(self, key: Path) -> Path:
+        """The path as the caller names it: under ``directory`` as it was given."""
+        return self.directory / key.relative_to(self._root)

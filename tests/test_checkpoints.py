@@ -1,0 +1,379 @@
+"""Checkpoint recognition, step from name, completeness and fingerprints on real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from ddsmon.checkpoints import (
+    CheckpointRef,
+    check_complete,
+    checkpoint_for,
+    classify,
+    discover,
+    fingerprint,
+    is_temporary,
+    step_from_name,
+)
+from ddsmon.errors import ConfigError
+
+
+def torch_bytes(n: int = 4) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.randn(n, n)}, "step": 3}, buf)
+    return buf.getvalue()
+
+
+def safetensors_bytes(tmp_path: Path) -> bytes:
+    path = tmp_path / "_src.safetensors"
+    save_file({"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7)}, str(path))
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def write(path: Path, data: bytes | str = b"") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def hf_folder(root: Path, step: int, *, state: bool = True, weights: bool = True) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    write(folder / "config.json", json.dumps({"model_type": "toy"}))
+    if weights:
+        save_file({"w": torch.randn(2, 2)}, str(folder / "model.safetensors"))
+    write(folder / "optimizer.pt", torch_bytes())
+    if state:
+        write(folder / "trainer_state.json", json.dumps({"global_step": step}))
+    return folder
+
+
+def dcp_folder(path: Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.randn(4, 4)}, checkpoint_id=str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("name", "step"),
+    [
+        ("step_00420.pt", 420),
+        ("checkpoint-500", 500),
+        ("epoch=3-step=1200.ckpt", 1200),
+        ("epoch=3-step=1200-v1.ckpt", 1200),
+        ("global_step800", 800),
+        ("model_epoch5_step100.pt", 100),
+        ("ckpt_7.pth", 7),
+        ("run2_iter_30.safetensors", 30),
+        ("last.ckpt", None),
+        ("last-v1.ckpt", None),
+        ("model.safetensors", None),
+        ("weights.bin", None),
+    ],
+)
+def test_step_from_name(name: str, step: int | None) -> None:
+    assert step_from_name(Path("/x/run3") / name) == step
+    assert CheckpointRef(Path(name), "torch").name_step == step
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("step_1.pt", "torch"),
+        ("step_1.PTH", "torch"),
+        ("pytorch_model.bin", "torch"),
+        ("epoch=0-step=10.ckpt", "lightning"),
+        ("model.safetensors", "safetensors"),
+        ("step_1.pt.tmp", None),
+        ("step_1.tmp.pt", None),
+        ("step_1.pt.partial", None),
+        ("step_1.pt.part", None),
+        ("step_1.pt~", None),
+        (".step_1.pt", None),
+        ("notes.txt", None),
+        ("model.onnx", None),
+        ("training_args.bin", None),
+        ("optimizer.pt", None),
+        ("rng_state_3.pth", None),
+    ],
+)
+def test_classify_files_by_name(tmp_path: Path, name: str, kind: str | None) -> None:
+    path = write(tmp_path / name, torch_bytes())
+    for root in (None, tmp_path):
+        ref = classify(path, root)
+        assert (ref.kind if ref else None) == kind
+        if ref is not None:
+            assert ref.path == path
+    # a file need not exist to be classified (a vanished path still has a kind)
+    path.unlink()
+    ref = classify(path, tmp_path)
+    assert (ref.kind if ref else None) == kind
+
+
+def test_temporary_names() -> None:
+    assert is_temporary(".ddsmon") and is_temporary("tmp-checkpoint-5") and is_temporary("x.tmp")
+    assert not is_temporary("checkpoint-5") and not is_temporary("step_1.pt")
+    assert not is_temporary("lr_0.001.pt")
+
+
+def test_classify_folders(tmp_path: Path) -> None:
+    hf = hf_folder(tmp_path, 20)
+    assert classify(hf, tmp_path) == CheckpointRef(hf, "hf")
+    dcp = dcp_folder(tmp_path / "step_30")
+    assert classify(dcp, tmp_path) == CheckpointRef(dcp, "dcp")
+    # a DCP save in a folder that happens to be named like an HF one is a DCP folder
+    named = dcp_folder(tmp_path / "checkpoint-40")
+    assert classify(named, tmp_path).kind == "dcp"
+    plain = tmp_path / "run1"
+    plain.mkdir()
+    assert classify(plain, tmp_path) is None
+    assert classify(write(tmp_path / "checkpoint-50", b"x"), tmp_path) is None  # a file
+    assert classify(tmp_path / "checkpoint-60", tmp_path) is None  # folder kinds must exist
+    tmp = tmp_path / "tmp-checkpoint-70"
+    tmp.mkdir()
+    assert classify(tmp, tmp_path) is None
+
+
+def test_files_inside_folders_are_not_checkpoints(tmp_path: Path) -> None:
+    hf = hf_folder(tmp_path, 10)
+    dcp = dcp_folder(tmp_path / "dist")
+    inner = [
+        hf / "model.safetensors",
+        hf / "optimizer.pt",
+        write(hf / "pytorch_model.bin", torch_bytes()),
+        write(hf / "global_step10" / "mp_rank_00_model_states.pt", torch_bytes()),
+        write(dcp / "extra.pt", torch_bytes()),
+        write(tmp_path / ".ddsmon" / "step_5.pt", torch_bytes()),
+        write(tmp_path / "tmp-checkpoint-20" / "model.safetensors", b"x"),
+        write(tmp_path / "run.tmp" / "step_1.pt", torch_bytes()),
+    ]
+    for path in inner:
+        assert classify(path, tmp_path) is None, path
+    # without a root only the immediate folder counts
+    assert classify(hf / "model.safetensors") is None
+    assert classify(write(tmp_path / ".cache" / "step_1.pt", torch_bytes())).kind == "torch"
+    # the checkpoint a changed file belongs to
+    assert checkpoint_for(hf / "trainer_state.json", tmp_path) == CheckpointRef(hf, "hf")
+    assert checkpoint_for(hf / "global_step10" / "x.pt", tmp_path) == CheckpointRef(hf, "hf")
+    assert checkpoint_for(dcp / ".metadata", tmp_path) == CheckpointRef(dcp, "dcp")
+    assert checkpoint_for(tmp_path / ".ddsmon" / "step_5.pt", tmp_path) is None
+    assert checkpoint_for(tmp_path / "a.pt", tmp_path / "elsewhere") is None
+    sub = write(tmp_path / "run1" / "step_1.pt", torch_bytes())
+    assert checkpoint_for(sub, tmp_path) == CheckpointRef(sub, "torch")
+    deep = write(tmp_path / "a" / "b" / "step_1.pt", torch_bytes())
+    assert checkpoint_for(deep, tmp_path) is None
+
+
+def test_symlink_alias_inside_root_is_skipped(tmp_path: Path) -> None:
+    target = write(tmp_path / "epoch=1-step=100.ckpt", torch_bytes())
+    (tmp_path / "last.ckpt").symlink_to(target.name)
+    outside = write(tmp_path.parent / f"{tmp_path.name}_other" / "step_9.pt", torch_bytes())
+    (tmp_path / "linked_step_9.pt").symlink_to(outside)
+    assert [r.path.name for r in discover(tmp_path)] == ["linked_step_9.pt", target.name]
+
+
+def test_discover_sorts_by_step_then_name(tmp_path: Path) -> None:
+    for name in ["step_10.pt", "step_2.pt", "b.safetensors", "a.pt", "step_2.ckpt"]:
+        write(tmp_path / name, torch_bytes())
+    hf_folder(tmp_path, 5)
+    write(tmp_path / "run1" / "step_3.pt", torch_bytes())
+    hf_folder(tmp_path / "run1", 7)
+    write(tmp_path / "run1" / "deeper" / "step_1.pt", torch_bytes())  # two levels down
+    write(tmp_path / "step_4.pt.tmp", torch_bytes())
+    write(tmp_path / ".ddsmon" / "step_0.pt", torch_bytes())
+    write(tmp_path / "notes.txt", "hello")
+    found = [(str(r.path.relative_to(tmp_path)), r.kind) for r in discover(tmp_path)]
+    assert found == [
+        ("step_2.ckpt", "lightning"),
+        ("step_2.pt", "torch"),
+        ("run1/step_3.pt", "torch"),
+        ("checkpoint-5", "hf"),
+        ("run1/checkpoint-7", "hf"),
+        ("step_10.pt", "torch"),
+        ("a.pt", "torch"),
+        ("b.safetensors", "safetensors"),
+    ]
+
+
+def test_discover_missing_directory_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope"):
+        discover(tmp_path / "nope")
+    assert discover(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def test_torch_zip_complete_and_every_prefix_incomplete(tmp_path: Path) -> None:
+    data = torch_bytes()
+    path = write(tmp_path / "step_1.pt", data)
+    ref = CheckpointRef(path, "torch")
+    assert check_complete(ref) is None
+    assert check_complete(CheckpointRef(path, "lightning")) is None
+    for cut in range(len(data)):
+        path.write_bytes(data[:cut])
+        reason = check_complete(ref)
+        assert reason is not None, f"prefix of {cut}/{len(data)} bytes passed as complete"
+    path.write_bytes(b"")
+    assert check_complete(ref) == "empty file (0 bytes)"
+    path.write_bytes(data[: len(data) // 2])
+    assert "end-of-central-directory" in check_complete(ref)
+
+
+def test_torch_non_zip_and_foreign_zip(tmp_path: Path) -> None:
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert check_complete(CheckpointRef(legacy, "torch")) == (
+        "not a torch zip archive (legacy format?)"
+    )
+    import zipfile
+
+    foreign = tmp_path / "foreign.pt"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("hello.txt", "hi")
+    assert "data.pkl" in check_complete(CheckpointRef(foreign, "torch"))
+
+
+def test_safetensors_complete_and_every_prefix_incomplete(tmp_path: Path) -> None:
+    data = safetensors_bytes(tmp_path)
+    path = write(tmp_path / "model.safetensors", data)
+    ref = CheckpointRef(path, "safetensors")
+    assert check_complete(ref) is None
+    for cut in range(len(data)):
+        path.write_bytes(data[:cut])
+        assert check_complete(ref) is not None, f"prefix of {cut} bytes passed"
+    path.write_bytes(data[:-1])
+    assert "truncated" in check_complete(ref)
+    path.write_bytes(data + b"\0")
+    assert "trailing" in check_complete(ref)
+    path.write_bytes(b"")
+    assert check_complete(ref) == "empty file (0 bytes)"
+
+
+def test_safetensors_bad_headers(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    ref = CheckpointRef(path, "safetensors")
+    path.write_bytes(struct.pack("<Q", 4) + b"{no}")
+    assert check_complete(ref) == "header is not valid JSON"
+    path.write_bytes(struct.pack("<Q", 2) + b"[]")
+    assert check_complete(ref) == "header is not a JSON object"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    assert "implausible" in check_complete(ref)
+    header = json.dumps({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert "'t'" in check_complete(ref)
+    path.write_bytes(b"abc")
+    assert "shorter than the 8-byte" in check_complete(ref)
+
+
+def test_hf_folder_completeness(tmp_path: Path) -> None:
+    folder = hf_folder(tmp_path, 3, state=False)
+    ref = CheckpointRef(folder, "hf")
+    assert check_complete(ref) == "no trainer_state.json yet"
+    write(folder / "trainer_state.json", '{"global_step": ')
+    assert "trainer_state.json is not valid JSON" in check_complete(ref)
+    write(folder / "trainer_state.json", '{"global_step": 3}')
+    assert check_complete(ref) is None
+    weights = folder / "model.safetensors"
+    full = weights.read_bytes()
+    weights.write_bytes(full[:-3])
+    assert check_complete(ref).startswith("model.safetensors: ")
+    weights.unlink()
+    assert "no weights file" in check_complete(ref)
+    # a bin weights file is checked as a torch zip
+    write(folder / "pytorch_model.bin", torch_bytes()[:100])
+    assert check_complete(ref).startswith("pytorch_model.bin: ")
+    write(folder / "pytorch_model.bin", torch_bytes())
+    assert check_complete(ref) is None
+
+
+def test_hf_sharded_weights(tmp_path: Path) -> None:
+    folder = hf_folder(tmp_path, 4, weights=False)
+    ref = CheckpointRef(folder, "hf")
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
+    write(folder / "model.safetensors.index.json", json.dumps(index))
+    save_file({"a": torch.ones(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    assert "model-00002-of-00002.safetensors" in check_complete(ref)
+    save_file({"b": torch.ones(2)}, str(folder / "model-00002-of-00002.safetensors"))
+    assert check_complete(ref) is None
+    index["weight_map"]["c"] = "../escape.safetensors"
+    write(folder / "model.safetensors.index.json", json.dumps(index))
+    assert "outside the folder" in check_complete(ref)
+
+
+def test_dcp_folder_completeness(tmp_path: Path) -> None:
+    folder = dcp_folder(tmp_path / "dist")
+    ref = CheckpointRef(folder, "dcp")
+    assert check_complete(ref) is None
+    metadata = folder / ".metadata"
+    metadata.write_bytes(b"")
+    assert ".metadata is empty" in check_complete(ref)
+    metadata.unlink()
+    assert check_complete(ref) == "no .metadata yet (still being written)"
+
+
+def test_missing_checkpoints_are_reasons_not_errors(tmp_path: Path) -> None:
+    for kind in ("torch", "lightning", "safetensors", "hf", "dcp"):
+        reason = check_complete(CheckpointRef(tmp_path / "gone", kind))  # type: ignore[arg-type]
+        assert reason is not None and "vanished" in reason, (kind, reason)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=300), kind=st.sampled_from(["torch", "safetensors"]))
+def test_check_complete_never_raises_on_garbage(tmp_path: Path, data: bytes, kind: str) -> None:
+    path = tmp_path / f"fuzz.{'pt' if kind == 'torch' else 'safetensors'}"
+    path.write_bytes(b"PK\x03\x04" + data if data[:1] == b"\0" else data)
+    reason = check_complete(CheckpointRef(path, kind))  # type: ignore[arg-type]
+    assert reason is None or isinstance(reason, str)
+    assert reason is not None or kind == "safetensors"  # random bytes are never a torch zip
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_file_and_folder(tmp_path: Path) -> None:
+    path = write(tmp_path / "step_1.pt", torch_bytes())
+    st_ = os.stat(path)
+    assert fingerprint(CheckpointRef(path, "torch")) == (st_.st_size, st_.st_mtime_ns)
+    folder = hf_folder(tmp_path, 8)
+    ref = CheckpointRef(folder, "hf")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size, mtime = fingerprint(ref)
+    assert size == sum(p.stat().st_size for p in files)
+    assert mtime == max(p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")])
+    os.utime(folder / "config.json", ns=(mtime + 10**9, mtime + 10**9))
+    assert fingerprint(ref) == (size, mtime + 10**9)
+    write(folder / "extra.txt", "12345")
+    assert fingerprint(ref)[0] == size + 5
+    with pytest.raises(FileNotFoundError):
+        fingerprint(CheckpointRef(tmp_path / "gone.pt", "torch"))
+    with pytest.raises(FileNotFoundError):
+        fingerprint(CheckpointRef(tmp_path / "checkpoint-99", "hf"))
