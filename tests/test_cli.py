@@ -1,0 +1,234 @@
+"""The CLI end to end: real subprocesses, a real checkpoint directory, a real local
+MLflow store read back with MlflowClient, and click's CliRunner for the quick paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from ddsmon.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
+
+
+def write_run(directory: Path, steps: list[int], *, scale: float = 0.9, nan_at: int | None = None) -> None:
+    """Checkpoints of the fixture MLP, weights shrinking a little per step."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures_models import mlp
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model = mlp()
+    for step in steps:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if step == nan_at:
+            state["0.weight"][0, 0] = float("nan")
+        tmp = directory / f".step_{step:06d}.pt.tmp"
+        torch.save({"model": state, "step": step, "val_acc": step / 1000}, tmp)
+        os.replace(tmp, directory / f"step_{step:06d}.pt")
+
+
+@pytest.fixture
+def probe(tmp_path: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures_models import mlp_probe
+
+    x, y = mlp_probe()
+    path = tmp_path / "probe.pt"
+    torch.save({"inputs": x, "targets": y}, path)
+    return path
+
+
+def ddsmon(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        cwd=REPO,
+    )
+
+
+def run_of(uri: str, experiment: str = "ddsmon"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected one run, got {len(runs)}"
+    return client, runs[0]
+
+
+def test_scan_logs_every_step_once_and_reads_back(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20, 30])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    events = tmp_path / "events.jsonl"
+    result = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe),
+                    "--tracking-uri", uri, "--events-json", str(events))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "4 read" in result.stderr
+    client, run = run_of(uri)
+    history = client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+    assert sorted(m.step for m in history) == [0, 10, 20, 30]
+    assert run.data.params["probe_size"] == "32"
+    assert run.data.params["ddsmon_version"]
+    assert "train/val_acc" in run.data.metrics
+    # a second scan reads nothing again and logs nothing twice
+    again = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    assert again.returncode == 0, again.stderr
+    assert "0 read" in again.stderr
+    history = client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+    assert sorted(m.step for m in history) == [0, 10, 20, 30]
+
+
+def test_nonfinite_layer_is_an_event_and_fail_on_event_exits_1(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20], nan_at=20)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    events = tmp_path / "events.jsonl"
+    result = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri,
+                    "--events-json", str(events), "--fail-on-event", "nonfinite")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    nonfinite = [e for e in lines if e["kind"] == "nonfinite"]
+    assert nonfinite and nonfinite[0]["step"] == 20 and nonfinite[0]["layer"] == "0"
+    client, run = run_of(uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "dds/events/nonfinite")] == [20]
+
+
+def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    good = (ckpts / "step_000010.pt").read_bytes()
+    (ckpts / "step_000005.pt").write_bytes(good[: len(good) // 2])  # truncated
+    (ckpts / "step_000006.pt").write_bytes(b"")  # zero bytes
+    torch.save({"model": {"nope.weight": torch.zeros(2)}}, ckpts / "step_000007.pt")  # wrong keys
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "2 read" in result.stderr and "3 failed" in result.stderr
+    assert "step_000005.pt" in out and "step_000006.pt" in out
+    assert "step_000007.pt" in out and "nope.weight" in out
+    client, run = run_of(uri)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "dds/0/lambda_min")) == [0, 10]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--probe", "PROBE"], "no model factory"),
+        (["--model", FACTORY], "no probe"),
+        (["--model", "no_such_module_xyz:make", "--probe", "PROBE"], "no_such_module_xyz"),
+        (["--model", FACTORY, "--probe", "missing.pt"], "missing.pt"),
+        (["--model", FACTORY, "--probe", "PROBE", "--loss", "hinge"], "hinge"),
+    ],
+)
+def test_bad_settings_exit_2_before_anything(tmp_path: Path, probe: Path, args: list[str], message: str) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    args = [str(probe) if a == "PROBE" else a for a in args]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["scan", str(ckpts), *args, "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (ckpts / ".ddsmon" / "done.jsonl").exists()
+
+
+def test_missing_directory_exits_2(tmp_path: Path, probe: Path) -> None:
+    result = CliRunner().invoke(main, ["scan", str(tmp_path / "nowhere"), "--model", FACTORY, "--probe", str(probe)])
+    assert result.exit_code == 2
+    assert "nowhere" in result.output
+
+
+def test_report_json_and_table(tmp_path: Path, probe: Path) -> None:
+    write_run(tmp_path / "ckpts", [7])
+    ckpt = tmp_path / "ckpts" / "step_000007.pt"
+    result = CliRunner().invoke(main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["step"] == 7 and data["n"] == 32
+    assert set(data["layers"]) == {"0", "1", "2"}
+    assert data["layers"]["0"]["g_rank"] + data["layers"]["0"]["g_dead"] == 16
+    table = CliRunner().invoke(main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe)])
+    assert table.exit_code == 0, table.output
+    assert "lambda" in table.output.lower() or "λ" in table.output
+
+
+def test_report_of_a_corrupt_file_names_it(tmp_path: Path, probe: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    result = CliRunner().invoke(main, ["report", str(bad), "--model", FACTORY, "--probe", str(probe)])
+    assert result.exit_code == 1
+    assert "bad.pt" in result.output
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps(uri: str, key: str = "dds/checkpoint") -> list[int]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ddsmon")
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id])
+    if not runs:
+        return []
+    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+
+
+@pytest.mark.parametrize("poll", [None, "0.2"], ids=["inotify", "polling"])
+def test_watch_reads_existing_then_new_checkpoints_and_stops_on_sigterm(
+    tmp_path: Path, probe: Path, poll: str | None
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--model", FACTORY,
+            "--probe", str(probe), "--tracking-uri", uri, "--quiet", "0.3", "--no-plots"]  # fmt: skip
+    if poll:
+        args += ["--poll", poll]
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: _steps(uri) == [0, 10], 120, "the existing checkpoints")
+        # a new checkpoint written in chunks, in place (torch.save writes in place)
+        write_run(tmp_path / "more", [20, 30])
+        data = (tmp_path / "more" / "step_000020.pt").read_bytes()
+        with open(ckpts / "step_000020.pt", "wb") as fh:
+            for i in range(0, len(data), 512):
+                fh.write(data[i : i + 512])
+                fh.flush()
+                time.sleep(0.01)
+        os.replace(tmp_path / "more" / "step_000030.pt", ckpts / "step_000030.pt")  # atomic rename
+        _wait(lambda: _steps(uri) == [0, 10, 20, 30], 120, "the new checkpoints")
+        # a second daemon on the same directory is refused
+        second = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+        assert second.returncode == 2
+        assert "pid" in second.stderr and str(proc.pid) in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    client, run = run_of(uri)
+    assert run.info.status == "FINISHED"
