@@ -228,7 +228,7 @@ def test_watch_reads_existing_then_new_checkpoints_and_stops_on_sigterm(
         assert "pid" in second.stderr and str(proc.pid) in second.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    client, run = run_of(uri)
+    _client, run = run_of(uri)
     assert run.info.status == "FINISHED"
