@@ -81,7 +81,9 @@ class Daemon:
         if config.probe is None:
             raise ConfigError("no probe: give --probe FILE or --probe MODULE:FUNCTION")
         if config.forward_dtype not in _DTYPES:
-            raise ConfigError(f"forward dtype must be float64 or float32, got {config.forward_dtype!r}")
+            raise ConfigError(
+                f"forward dtype must be float64 or float32, got {config.forward_dtype!r}"
+            )
         self.config = config
         self.sinks = list(sinks)
         self.tracking = tracking
@@ -150,7 +152,16 @@ class Daemon:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
         info = RunInfo(directory=self.config.directory, mode=mode, params=self.params())
         for sink in self.sinks:
-            self._call(sink, "start", info)
+            if sink is self.tracking:
+                try:
+                    sink.start(info)
+                except Exception as exc:  # refused credentials, a bad URI: stop before reading
+                    self.state.release()
+                    raise ConfigError(
+                        f"MLflow at {redact_uri(self.config.tracking_uri)} refused the run: {exc}"
+                    ) from exc
+            else:
+                self._call(sink, "start", info)
         log.info(
             "ddsmon %s: %s %s -> %s",
             __version__,
@@ -176,7 +187,9 @@ class Daemon:
                 return
             self._queued.add(key)
             step = ref.name_step
-            heapq.heappush(self._queue, (float("inf") if step is None else step, next(self._seq), ref))
+            heapq.heappush(
+                self._queue, (float("inf") if step is None else step, next(self._seq), ref)
+            )
             pending = len(self._queue)
             self._cond.notify_all()
         for sink in self.sinks:
@@ -271,7 +284,9 @@ class Daemon:
         loaded.meta["_load_seconds"] = time.perf_counter() - started
         return loaded
 
-    def _process(self, ref: CheckpointRef, loaded: LoadedCheckpoint | CheckpointError | None) -> None:
+    def _process(
+        self, ref: CheckpointRef, loaded: LoadedCheckpoint | CheckpointError | None
+    ) -> None:
         try:
             fp = fingerprint(ref)
         except OSError:
@@ -323,8 +338,17 @@ class Daemon:
             load_seconds=load_seconds,
             read_seconds=sig.seconds,
         )
+        if self.tracking is not None:
+            try:
+                self.tracking.on_reading(reading, events)
+            except Exception as exc:
+                # not recorded (the sink spools what it cannot send; this is anything else):
+                # not marked done, so a restart reads it again
+                self._fail(ref, f"readings not recorded in MLflow: {exc}", step)
+                return
         for sink in self.sinks:
-            self._call(sink, "on_reading", reading, events)
+            if sink is not self.tracking:
+                self._call(sink, "on_reading", reading, events)
         self._recorded.add(step)
         self.state.mark_done(str(ref.path), fp, step)
         self.state.set("detector", self.detector.to_state())
@@ -365,5 +389,3 @@ def _layers_arg(model: torch.nn.Module, spec: str | None) -> str | list[str] | N
     if "," in spec or all(p in names for p in parts):
         return parts
     return spec
-
-
