@@ -10,8 +10,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN=${DDSMON_DEMO_DIR:-runs/demo}
-STEPS=${DDSMON_DEMO_STEPS:-3000}
-EVERY=${DDSMON_DEMO_EVERY:-100}
+STEPS=${DDSMON_DEMO_STEPS:-1000}
+EVERY=${DDSMON_DEMO_EVERY:-25}
 PY=${PYTHON:-python}
 DDSMON=(ddsmon)
 command -v ddsmon >/dev/null || DDSMON=("$PY" -m ddsmon.cli)
