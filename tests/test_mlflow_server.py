@@ -1,0 +1,232 @@
+"""The MLflow sink against a real ``mlflow server`` process on loopback, stopped and restarted.
+
+The server runs in its own process group (its uvicorn worker is a child), is waited for
+on ``/health`` with a deadline, and is always stopped by the fixture's finalizer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_models import mlp, mlp_probe
+from mlflow.tracking import MlflowClient
+
+from ddsmon import compute_signatures
+from ddsmon.events import Event
+from ddsmon.records import CheckpointReading
+from ddsmon.signature import Signatures
+from ddsmon.sinks import RunInfo
+from ddsmon.sinks.tracking import MlflowSink
+from ddsmon.state import StateDir
+
+START_DEADLINE_S = 120.0
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1:<port> with a SQLite store and proxied artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = root / "server.db"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.root / f"server-{self.starts}.log", "wb")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.db}",
+                "--artifacts-destination", str(self.root / "artifacts"),
+            ],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+            start_new_session=True,  # its own process group: stop() reaches the workers
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"mlflow server exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"mlflow server not healthy in {START_DEADLINE_S}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        pgid = os.getpgid(proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        # the worker may outlive its parent for a moment; make sure the group is gone
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pgid, signal.SIGKILL)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self) -> str:
+        path = self.root / f"server-{self.starts}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def sigs() -> dict[int, Signatures]:
+    inputs, targets = mlp_probe()
+    return {s: compute_signatures(mlp(seed=s), inputs, targets) for s in (0, 10, 20, 30, 40)}
+
+
+def _reading(step: int, sig: Signatures, where: Path) -> CheckpointReading:
+    return CheckpointReading(
+        step=step, path=where / f"ckpt_{step}.pt", signatures=sig, meta={"val_acc": step / 40}
+    )
+
+
+def _steps(client: MlflowClient, run_id: str, key: str = "dds/checkpoint") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
+    watched = tmp_path / "ckpts"
+    watched.mkdir()
+    sink = MlflowSink(
+        tracking_uri=server.uri,
+        experiment="over-http",
+        run_id=None,
+        state=StateDir.for_directory(watched),
+        plot_interval=3600.0,
+    )
+    sink.start(RunInfo(watched, "scan", {"probe_size": "32"}))
+    event = Event(10, "2", "collapse", "lambda_ratio", 1e-2, 1e-5, 3.0, "fell")
+    sink.on_reading(_reading(0, sigs[0], watched), [])
+    sink.on_reading(_reading(10, sigs[10], watched), [event])
+    sink.close()
+    client = MlflowClient(server.uri)
+    run = client.get_run(sink.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["probe_size"] == "32"
+    assert run.data.tags["dds.event.10.2.collapse"] == "fell"
+    assert _steps(client, sink.run_id) == [0, 10]
+    assert [
+        (m.step, m.value) for m in client.get_metric_history(sink.run_id, "dds/2/lambda_min")
+    ] == [(s, sigs[s].layers["2"].lambda_min) for s in (0, 10)]
+    assert _steps(client, sink.run_id, "dds/events/collapse") == [10]
+    names = {f.path for f in client.list_artifacts(sink.run_id)}
+    assert {"spectra", "plots", "events.jsonl"} <= names
+    # the artifacts went through the server's proxy into its artifact destination
+    stored = {p.name for p in (server.root / "artifacts").rglob("*") if p.is_file()}
+    assert {
+        "step_0.npz",
+        "step_10.npz",
+        "events.jsonl",
+        "trajectories.png",
+        "spectra.png",
+    } <= stored
+
+
+def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, monkeypatch):
+    # ddsmon's own fail-fast HTTP settings, not the test suite's
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    watched = tmp_path / "ckpts"
+    watched.mkdir()
+    state = StateDir.for_directory(watched)
+    sink = MlflowSink(
+        tracking_uri=server.uri,
+        experiment="spool",
+        run_id=None,
+        state=state,
+        plot_interval=3600.0,  # plots on close only
+        retry_interval=0.0,
+    )
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    sink.start(RunInfo(watched, "watch", {"probe_size": "32"}))
+    sink.on_reading(_reading(0, sigs[0], watched), [])
+    sink.on_reading(_reading(10, sigs[10], watched), [])
+    run_id = sink.run_id
+
+    server.stop()
+    assert not server.answers()
+    for step in (20, 30):
+        started = time.monotonic()
+        sink.on_reading(_reading(step, sigs[step], watched), [])  # no exception
+        assert time.monotonic() - started < 10.0, "a down server must fail in seconds"
+    assert [r["step"] for r in state.spool_pending()] == [20, 30]
+    assert sink.recorded_steps() == {20, 30}  # the server cannot say; the spool can
+
+    server.start()
+    sink.on_reading(_reading(40, sigs[40], watched), [])
+    assert state.spool_pending() == []
+    sink.close()
+
+    client = MlflowClient(server.uri)
+    assert _steps(client, run_id) == [0, 10, 20, 30, 40]  # each step exactly once
+    assert _steps(client, run_id, "dds/0/g_rank") == [0, 10, 20, 30, 40]
+    assert _steps(client, run_id, "train/val_acc") == [0, 10, 20, 30, 40]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(run_id, "spectra")} == {
+        f"spectra/step_{s}.npz" for s in (0, 10, 20, 30, 40)
+    }
+    # delivery order, as the server's database recorded the inserts
+    with sqlite3.connect(server.db) as db:
+        order = [
+            row[0]
+            for row in db.execute(
+                "SELECT step FROM metrics WHERE run_uuid = ? AND key = 'dds/checkpoint' ORDER BY rowid",
+                (run_id,),
+            )
+        ]
+    assert order == [0, 10, 20, 30, 40]
