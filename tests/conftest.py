@@ -19,3 +19,14 @@ def _isolate(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def probe(tmp_path):
+    """The fixture MLP's probe saved as a torch file: ``--probe`` for CLI tests."""
+    from fixtures_models import mlp_probe
+
+    x, y = mlp_probe()
+    path = tmp_path / "probe.pt"
+    torch.save({"inputs": x, "targets": y}, path)
+    return path

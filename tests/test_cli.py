@@ -41,15 +41,6 @@ def write_run(directory: Path, steps: list[int], *, scale: float = 0.9, nan_at: 
         os.replace(tmp, directory / f"step_{step:06d}.pt")
 
 
-@pytest.fixture
-def probe(tmp_path: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from fixtures_models import mlp_probe
-
-    x, y = mlp_probe()
-    path = tmp_path / "probe.pt"
-    torch.save({"inputs": x, "targets": y}, path)
-    return path
 
 
 def ddsmon(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,20 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-
 from test_cli import FACTORY, REPO, _steps, _wait, ddsmon, run_of, write_run
-
-
-@pytest.fixture
-def probe(tmp_path: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from fixtures_models import mlp_probe
-
-    x, y = mlp_probe()
-    path = tmp_path / "probe.pt"
-    torch.save({"inputs": x, "targets": y}, path)
-    return path
 
 
 def _spawn(*args: str) -> subprocess.Popen:
