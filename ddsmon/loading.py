@@ -606,7 +606,7 @@ def _hf_trainer_state(path: Path) -> tuple[int | None, dict[str, float]]:
             if isinstance(entry, dict):
                 meta.update(_meta_of(entry))
     meta.pop("step", None)
-    meta.update(_meta_of({k: state.get(k) for k in ("epoch", "global_step", "best_metric")}))
+    meta.update(_meta_of({k: state.get(k) for k in ("epoch", "best_metric")}))
     return _as_step(state.get("global_step")), meta
 
 
@@ -1122,8 +1122,8 @@ def _meta_of(obj: Any) -> dict[str, float]:
         return {}
     meta = {}
     for key, value in obj.items():
-        if not isinstance(key, str):
-            continue
+        if not isinstance(key, str) or key in _STEP_KEYS:
+            continue  # the step is the reading's step, not a trainer scalar
         if isinstance(value, str):  # safetensors metadata holds strings
             try:
                 value = float(value)

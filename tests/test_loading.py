@@ -311,7 +311,7 @@ def test_state_dict_under_usual_keys_with_step_and_meta(tmp_path: Path, key: str
     loaded = load_checkpoint(Ref(tmp_path / "c.pth", "torch"), mlp)
     assert same_weights(loaded.model, src)
     assert loaded.step == 120
-    assert loaded.meta == {"step": 120.0, "val_acc": 0.75, "train_loss": 0.25}
+    assert loaded.meta == {"val_acc": 0.75, "train_loss": 0.25}
 
 
 @pytest.mark.parametrize(
@@ -347,7 +347,7 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
     torch.save(ckpt, tmp_path / "epoch=4-step=1200.ckpt")
     loaded = load_checkpoint(Ref(tmp_path / "epoch=4-step=1200.ckpt", "lightning"), mlp)
     assert same_weights(loaded.model, lit.model)
-    assert loaded.step == 1200 and loaded.meta == {"epoch": 4.0, "global_step": 1200.0}
+    assert loaded.step == 1200 and loaded.meta == {"epoch": 4.0}
     # The wrapper itself as the model: keys already match, no prefix is stripped.
     whole = load_checkpoint(Ref(tmp_path / "epoch=4-step=1200.ckpt", "lightning"), LitWrapper)
     assert same_weights(whole.model, lit)
@@ -549,7 +549,7 @@ def test_safetensors_with_prefix_and_metadata(tmp_path: Path) -> None:
     )
     loaded = load_checkpoint(Ref(tmp_path / "w.safetensors", "safetensors"), mlp)
     assert same_weights(loaded.model, src)
-    assert loaded.step == 300 and loaded.meta == {"step": 300.0, "val_acc": 0.5}
+    assert loaded.step == 300 and loaded.meta == {"val_acc": 0.5}
 
 
 def test_broken_safetensors(tmp_path: Path) -> None:
@@ -640,7 +640,6 @@ def test_hf_folder_with_factory(tmp_path: Path, weights: str) -> None:
         "loss": 1.0,
         "learning_rate": 0.001,
         "eval_accuracy": 0.7,
-        "global_step": 500.0,
         "epoch": 2.0,
     }
 
@@ -705,7 +704,7 @@ def test_dcp_folder_loads_into_factory_model(tmp_path: Path) -> None:
     dcp_save(state, tmp_path / "dcp")
     loaded = load_checkpoint(Ref(tmp_path / "dcp", "dcp"), mlp)
     assert same_weights(loaded.model, src) and not same_weights(loaded.model, mlp())
-    assert loaded.step == 70 and loaded.meta == {"step": 70.0, "val_acc": 0.5, "loss": 0.125}
+    assert loaded.step == 70 and loaded.meta == {"val_acc": 0.5, "loss": 0.125}
     dcp_save(dict(src.state_dict()), tmp_path / "bare")
     assert same_weights(load_checkpoint(Ref(tmp_path / "bare", "dcp"), mlp).model, src)
 

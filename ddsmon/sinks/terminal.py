@@ -316,7 +316,8 @@ def _run_label(params: Mapping[str, str]) -> str | None:
 def _event_cells(event: Event) -> tuple[Text, Text, Text]:
     style = EVENT_STYLES.get(event.kind, "bold")
     detail = Text(f"{event.layer} {event.reading} ")
-    detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
+    if event.before is not None or event.after is not None:
+        detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
     detail.append(f" (magnitude {_num(event.magnitude)})", style="dim")
     if event.message:
         detail.append(f"  {event.message}")
