@@ -212,18 +212,38 @@ def plot_trajectories(
         ax.grid(True, alpha=0.25)
     if has_train:
         ax = axes[len(panels)]
+        # accuracies (0..1) on the left axis; losses and other scalars on a log right axis
+        other_ax = None
         for color, (name, points) in zip(_colors(len(train)), train.items()):  # type: ignore[union-attr]
             pts = sorted(points, key=lambda p: p[0])
-            ax.plot(
+            values = [_num(p[1]) for p in pts]
+            target = ax
+            if "acc" not in name.lower():
+                if other_ax is None:
+                    other_ax = ax.twinx()
+                    other_ax.tick_params(labelsize=7)
+                target = other_ax
+                if values and all(v is not None and v > 0 for v in values):
+                    other_ax.set_yscale("log")
+            target.plot(
                 [p[0] for p in pts],
-                [_num(p[1]) for p in pts],
+                values,
                 color=color,
                 marker=".",
                 markersize=3,
                 label=name,
+                linestyle="-" if target is ax else "--",
             )
-        ax.set_title("trainer scalars (from the checkpoints)", fontsize=9, loc="left")
-        ax.legend(fontsize=7, loc="best")
+        ax.set_title(
+            "trainer scalars (accuracies left; other scalars dashed, right axis)",
+            fontsize=9,
+            loc="left",
+        )
+        handles, labels = ax.get_legend_handles_labels()
+        if other_ax is not None:
+            more = other_ax.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize=7, loc="best")
         ax.grid(True, alpha=0.25)
         ax.tick_params(labelsize=7)
     axes[-1].set_xlabel("training step", fontsize=8)
