@@ -1,0 +1,611 @@
+"""Wall time and peak memory of ``compute_signatures`` against width, probe rows and depth.
+
+Every configuration runs in a fresh subprocess (so its peak RSS is its own), reports
+the median seconds of the reading (one checkpoint: float64 copy, probe pass, spectra),
+the process's peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; on
+CUDA ``torch.cuda.max_memory_allocated``), and a breakdown of where the time goes,
+measured with ddsmon's own steps (``ddsmon.probe.run_probe``, ``ddsmon.spectra``,
+``ddsmon.param_gram``) one after another on the same captures.
+
+Sweeps (defaults; every size is a flag):
+
+* width: an MLP of ``L`` Linear(d, d) layers (ReLU between, a Linear(d, 10) head),
+  probe N rows; d = 256 .. 8192 at N = 1024, L = 2;
+* rows:  the same, N = 256 .. 8192 at d = 1024 (the smaller-side Gram: the G and X
+  terms follow min(N, d), the K term follows n^3 since K is n x n);
+* layers: L = 1 .. 16 at d = N = 1024;
+* gpt2: a GPT-2-small-shaped transformer (12 blocks, d_model 768, 12 heads, vocab 50257,
+  context 128, tied embeddings, ~124M parameters, random init, plain torch), probe
+  32 sequences x 128 tokens (N = 4096 rows per layer): every block output
+  (``blocks\\.\\d+$``) with fisher="activation" and "both"; every Linear/Embedding
+  with fisher="parameter" and "both".
+
+Cost model per layer with N rows (n samples x T positions), width d, input width
+d_in, m = min(N, d): probe pass O(N d d_in) (forward and backward, float64); X side
+O(N d m) (QR then SVD when N > 2d, else an SVD); G side O(N d m) to form the Gram plus
+O(m^3) to eigensolve; K side O(N^2 (d_in + d)) to form plus O(n^3) to eigensolve.
+
+    python benchmarks/bench_scaling.py [--sweeps width,rows,layers,gpt2] [--device cpu]
+        [--budget 150] [--repeats 3] [--write BENCHMARKS.md]
+    python benchmarks/bench_scaling.py --device cuda --write BENCHMARKS.md   # on a GPU
+
+A configuration still running after ``--budget`` seconds is killed and reported as
+skipped, with whatever it finished before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = (
+    "GPT",
+    "GPTConfig",
+    "Row",
+    "machine_lines",
+    "main",
+    "make_mlp",
+    "run_config",
+    "write_section",
+)
+
+SECTION = "bench_scaling"
+
+#: 1-minute load average when the benchmark started (reported beside the one at the end).
+START_LOAD = os.getloadavg()[0]
+
+
+# ---------------------------------------------------------------- shared report helpers
+
+
+def machine_lines(device: str = "cpu") -> list[str]:
+    """The machine a table was measured on: cores, CPU model, memory, torch, threads, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as fh:
+            kb = int(next(line for line in fh if line.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    lines = [
+        f"- machine: `nproc` = {len(os.sched_getaffinity(0))}, CPU {cpu}{mem}; 1-minute load "
+        f"average {START_LOAD:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"(a load above {len(os.sched_getaffinity(0))} means other work shared the cores)",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads",
+    ]
+    if device.startswith("cuda") and torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
+    return lines
+
+
+def write_section(path: str | Path, key: str, text: str) -> None:
+    """Put ``text`` between ``<!-- BEGIN key -->`` / ``<!-- END key -->`` in ``path``.
+
+    A rerun replaces its own block and leaves the rest of the file (hand-written
+    readings, other benchmarks' blocks) alone; a missing block is appended.
+    """
+    path = Path(path)
+    begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = head + block + tail
+    else:
+        new = old.rstrip() + ("\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)
+
+
+# ---------------------------------------------------------------- models
+
+
+class _MLP(nn.Module):
+    def __init__(self, d: int, depth: int, classes: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+def make_mlp(d: int, depth: int, classes: int = 10) -> nn.Module:
+    """``depth`` Linear(d, d) layers named ``layers.i`` with ReLU between, a Linear(d, 10) head."""
+    return _MLP(d, depth, classes)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 small: 12 layers, 12 heads, d_model 768, vocab 50257 (context 128 here)."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    vocab: int = 50257
+    context: int = 128
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = _Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = _FeedForward(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-shaped decoder (pre-LN blocks, learned positions, lm_head tied to wte)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context, cfg.d_model)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                nn.init.normal_(
+                    p, std=0.02 / (2 * cfg.n_layer) ** 0.5 if name.endswith("proj.weight") else 0.02
+                )
+
+    def forward(self, idx: Tensor) -> Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+GPT2_SMALL = GPTConfig()
+GPT2_TINY = GPTConfig(n_layer=2, n_head=2, d_model=32, vocab=101, context=8)
+
+# ---------------------------------------------------------------- one configuration (child)
+
+
+def _build(spec: dict[str, Any]) -> tuple[nn.Module, Tensor, Tensor, str | None, str]:
+    """Model, probe inputs and targets, layer selection and loss for a config spec."""
+    torch.manual_seed(0)
+    if spec["kind"] == "mlp":
+        d, n, depth = spec["d"], spec["N"], spec["L"]
+        model = make_mlp(d, depth)
+        return model, torch.randn(n, d), torch.randint(0, 10, (n,)), r"^layers\.\d+$", "ce"
+    cfg = GPT2_SMALL if spec["kind"] == "gpt2" else GPT2_TINY
+    model = GPT(cfg)
+    seqs = spec.get("seqs", 32 if spec["kind"] == "gpt2" else 4)
+    tokens = torch.randint(0, cfg.vocab, (seqs, cfg.context + 1))
+    layers = spec["layers"]
+    return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), layers, "ce"
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _child(spec: dict[str, Any]) -> None:
+    """Measure one configuration and print JSON lines (a partial record survives a kill)."""
+    from ddsmon import compute_signatures
+
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model, x, y, layers, loss = _build(spec)
+    params = sum(p.numel() for p in model.parameters())
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _emit(event="ready", params=params, base=_rss_bytes() if not device.startswith("cuda") else 0)
+    fisher = spec["fisher"]
+
+    def reading() -> tuple[float, Any]:
+        _sync(device)
+        t0 = time.perf_counter()
+        result = compute_signatures(model, x, y, loss, layers, device, fisher=fisher)
+        _sync(device)
+        return time.perf_counter() - t0, result
+
+    warm, sig = reading()  # warm-up (also the only reading of a slow configuration)
+    _emit(event="run", i=0, seconds=warm, peak=_peak_bytes(device))
+    times: list[float] = []
+    if warm <= spec["single_above"]:
+        while len(times) < spec["repeats"] and (not times or sum(times) < spec["time_cap"]):
+            seconds, sig = reading()
+            times.append(seconds)
+            _emit(event="run", i=len(times), seconds=seconds, peak=_peak_bytes(device))
+    kept = times or [warm]
+    widths = sorted({(s.N, s.d) for s in sig.layers.values()})
+    with_k = sum(1 for s in sig.layers.values() if s.param_rank is not None)
+    _emit(
+        event="reading",
+        seconds=statistics.median(kept),
+        runs=len(kept),
+        peak=_peak_bytes(device),
+        layers=len(sig.layers),
+        shapes=widths[:4],
+        with_k=with_k,
+    )
+    if spec.get("breakdown"):
+        passes: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while len(passes) < max(1, spec["repeats"]) and (
+            not passes or time.perf_counter() - started < spec["time_cap"] / 2
+        ):
+            passes.append(_breakdown(model, x, y, loss, layers, device, fisher))
+        median = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
+        _emit(event="breakdown", passes=len(passes), **median)
+
+
+def _breakdown(
+    model: nn.Module, x: Tensor, y: Tensor, loss: str, layers: str | None, device: str, fisher: str
+) -> dict[str, float]:
+    """Seconds of each step of a reading, with ddsmon's own functions, run once each."""
+    from ddsmon.losses import per_sample_loss_fn
+    from ddsmon.param_gram import is_structured, param_gram_structured
+    from ddsmon.probe import run_probe, select_layers
+    from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
+
+    dev = torch.device(device)
+    eps = torch.finfo(torch.float64).eps
+    out: dict[str, float] = dict.fromkeys(
+        ("copy", "probe", "x_svd", "g_gram", "g_eig", "k_gram", "k_eig"), 0.0
+    )
+    want_act = fisher in ("both", "activation")
+    want_k = fisher in ("both", "parameter")
+
+    def clock(key: str, fn: Callable[[], Any]) -> Any:
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        out[key] += time.perf_counter() - t0
+        return result
+
+    work = clock("copy", lambda: copy.deepcopy(model).to(device=dev, dtype=torch.float64).eval())
+    xd = x.to(dev) if not x.is_floating_point() else x.to(dev, torch.float64)
+    yd = y.to(dev)
+    names = select_layers(work, layers)
+    owns = lambda m: next(m.parameters(recurse=False), None) is not None  # noqa: E731
+    caps = clock(
+        "probe",
+        lambda: run_probe(
+            work, xd, yd, per_sample_loss_fn(loss), names, n=x.shape[0],
+            keep_inputs=lambda m: want_k and is_structured(m) and owns(m),
+        ),
+    )  # fmt: skip
+    n = x.shape[0]
+    for cap in caps.values():
+        if want_act:
+            clock("x_svd", lambda cap=cap: read_singular_values(cap.output, eps))
+            gram = clock("g_gram", lambda cap=cap: gram_of_rows(cap.grad, n))
+            clock("g_eig", lambda gram=gram: read_gram(gram, eps))
+        if want_k and is_structured(cap.module) and owns(cap.module) and cap.inputs is not None:
+            k = clock("k_gram", lambda cap=cap: param_gram_structured(cap, n))
+            clock("k_eig", lambda k=k: read_gram(k, eps))
+    return out
+
+
+# ---------------------------------------------------------------- parent
+
+
+@dataclass
+class Row:
+    """One configuration's measurement (None where it did not finish)."""
+
+    sweep: str
+    label: str
+    spec: dict[str, Any]
+    seconds: float | None = None
+    runs: int = 0
+    peak: int | None = None
+    base: int | None = None
+    params: int | None = None
+    layers: int | None = None
+    with_k: int | None = None
+    breakdown: dict[str, float] | None = None
+    note: str = ""
+
+
+def run_config(row: Row, budget: float) -> Row:
+    """Run ``row.spec`` in a fresh interpreter, at most ``budget`` seconds; fill ``row``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(row.spec)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, env=env)
+        stdout, rc = proc.stdout, proc.returncode
+        err = proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rc, err = None, ""
+    runs: list[float] = []
+    for line in stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kind = rec.pop("event", None)
+        if kind == "ready":
+            row.params, row.base = rec["params"], rec["base"]
+        elif kind == "run":
+            runs.append(rec["seconds"])
+            row.peak = rec["peak"]
+        elif kind == "reading":
+            row.seconds, row.runs, row.peak = rec["seconds"], rec["runs"], rec["peak"]
+            row.layers, row.with_k = rec["layers"], rec["with_k"]
+        elif kind == "breakdown":
+            row.breakdown = rec
+    if rc is None:
+        if row.seconds is None and runs:
+            row.seconds, row.runs = runs[0], 1
+        what = "reading" if row.seconds is None else "breakdown"
+        row.note = f"killed at the {budget:.0f} s budget during the {what}"
+    elif rc != 0:
+        tail = (err or "").strip().splitlines()[-1:] or ["?"]
+        row.note = f"failed (exit {rc}): {tail[0][:160]}"
+    elapsed = time.perf_counter() - started
+    print(f"  {row.sweep:7s} {row.label:38s} {_fmt_s(row.seconds):>9s} s  peak {_fmt_mb(row.peak):>9s}"
+          f"  ({elapsed:.0f} s wall) {row.note}", file=sys.stderr, flush=True)  # fmt: skip
+    return row
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _fmt_mb(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:,.0f} MiB"
+
+
+def _dominant(b: dict[str, float] | None) -> str:
+    if not b:
+        return "-"
+    groups = {
+        "probe pass": b["copy"] + b["probe"],
+        "X svd": b["x_svd"],
+        "G gram": b["g_gram"],
+        "G eig": b["g_eig"],
+        "K gram": b["k_gram"],
+        "K eig": b["k_eig"],
+    }
+    total = sum(groups.values()) or 1.0
+    top = sorted(groups.items(), key=lambda kv: -kv[1])[:2]
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top if v > 0)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _mlp_rows(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+
+    def add(sweep: str, d: int, n: int, depth: int) -> None:
+        for fisher in args.fishers.split(","):
+            spec = {"kind": "mlp", "d": d, "N": n, "L": depth, "fisher": fisher}
+            rows.append(Row(sweep, f"d={d} N={n} L={depth} {fisher}", spec))
+
+    sweeps = args.sweeps.split(",")
+    if "width" in sweeps:
+        for d in _ints(args.widths):
+            add("width", d, args.base_rows, args.base_layers)
+    if "rows" in sweeps:
+        for n in _ints(args.rows):
+            add("rows", args.base_width, n, args.base_layers)
+    if "layers" in sweeps:
+        for depth in _ints(args.layer_counts):
+            add("layers", args.base_width, args.base_rows, depth)
+    return rows
+
+
+def _gpt_rows(args: argparse.Namespace) -> list[Row]:
+    if "gpt2" not in args.sweeps.split(",") or args.gpt2 == "none":
+        return []
+    kind = "gpt2" if args.gpt2 == "small" else "gpt2_tiny"
+    blocks = r"^blocks\.\d+$"
+    linears = r"^(wte|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj)))$"
+    # Blocks own no parameters themselves (their Linear children do), so at block
+    # outputs fisher="both" does exactly the work of "activation": not run twice.
+    configs = [
+        ("every block output", blocks, "activation"),
+        ("every Linear + wte", linears, "parameter"),
+        ("every Linear + wte", linears, "both"),
+    ]
+    return [
+        Row("gpt2", f"{what}, {fisher}", {"kind": kind, "layers": layers, "fisher": fisher})
+        for what, layers, fisher in configs
+    ]
+
+
+def _render(rows: list[Row], args: argparse.Namespace, command: str) -> str:
+    dev = args.device
+    mem = "peak CUDA memory" if dev.startswith("cuda") else "peak RSS"
+    lines = [
+        f"Command: `{command}`",
+        "",
+        *machine_lines(dev),
+        f"- device {dev}; each configuration in a fresh process; seconds = median of up to "
+        f"{args.repeats} timed readings after one warm-up (fewer once they took "
+        f"{args.time_cap:g} s; the warm-up alone when it took over {args.single_above:g} s; "
+        "the number of readings in brackets); budget {args.budget:g} s per MLP and "
+        f"{args.gpt2_budget:g} s per GPT-2 configuration, breakdown included",
+        f"- {mem} is the whole process's (model, probe, reading); `base` is the RSS "
+        "before the reading (the user's float32 model and the probe)",
+        "",
+        "Breakdown (ddsmon's own steps run one after another on the same captures; median "
+        "per term of up to as many passes as readings, within half the time cap): probe = float64 "
+        "copy + forward + backward; X = QR/SVD of the outputs; G = form + eigensolve the "
+        "smaller-side Gram of the output gradients; K = form + eigensolve the n x n "
+        "parameter-side Gram.",
+        "",
+        f"| sweep | configuration | s / checkpoint | {mem} | base | probe s | X svd s | G gram+eig s | K gram+eig s | largest terms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        b = r.breakdown
+        cells = [
+            r.sweep,
+            r.label + (f" ({r.params:,} params)" if r.sweep == "gpt2" and r.params else ""),
+            _fmt_s(r.seconds) + (f" ({r.runs} runs)" if r.runs > 1 else ""),
+            _fmt_mb(r.peak),
+            _fmt_mb(r.base) if r.base else "-",
+            _fmt_s(b["copy"] + b["probe"]) if b else "-",
+            _fmt_s(b["x_svd"]) if b else "-",
+            f"{_fmt_s(b['g_gram'])} + {_fmt_s(b['g_eig'])}" if b else "-",
+            f"{_fmt_s(b['k_gram'])} + {_fmt_s(b['k_eig'])}" if b else "-",
+            _dominant(b) + (f"; {r.note}" if r.note else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweeps", default="width,rows,layers,gpt2")
+    ap.add_argument("--widths", default="256,512,1024,2048,4096,8192")
+    ap.add_argument("--rows", default="256,512,1024,2048,4096,8192")
+    ap.add_argument("--layer-counts", default="1,2,4,8,16")
+    ap.add_argument("--base-width", type=int, default=1024)
+    ap.add_argument("--base-rows", type=int, default=1024)
+    ap.add_argument("--base-layers", type=int, default=2)
+    ap.add_argument("--fishers", default="activation,both", help="for the MLP sweeps")
+    ap.add_argument("--gpt2", choices=["small", "tiny", "none"], default="small")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed readings after the warm-up")
+    ap.add_argument(
+        "--time-cap",
+        type=float,
+        default=30.0,
+        help="stop repeating once the timed readings took this many seconds",
+    )
+    ap.add_argument(
+        "--single-above",
+        type=float,
+        default=30.0,
+        help="a warm-up slower than this many seconds is the only reading",
+    )
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds per MLP configuration")
+    ap.add_argument(
+        "--gpt2-budget", type=float, default=300.0, help="seconds per GPT-2 configuration"
+    )
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--write", default=None, help="put the table into this markdown file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)  # fmt: skip
+    if args.child:
+        _child(json.loads(args.child))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = _mlp_rows(args) + _gpt_rows(args)
+    for row in rows:
+        row.spec.update(
+            device=args.device,
+            repeats=args.repeats,
+            single_above=args.single_above,
+            time_cap=args.time_cap,
+            threads=args.threads,
+            breakdown=not args.no_breakdown,
+        )
+        run_config(row, args.gpt2_budget if row.sweep == "gpt2" else args.budget)
+    command = "python benchmarks/bench_scaling.py " + " ".join(
+        a if re.fullmatch(r"[\w.,:=/+-]+", a) else repr(a)
+        for a in (argv if argv is not None else sys.argv[1:])
+    )
+    text = _render(rows, args, command.strip())
+    print(text)
+    if args.write:
+        key = SECTION if args.device == "cpu" else f"{SECTION}:{args.device}"
+        write_section(args.write, key, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

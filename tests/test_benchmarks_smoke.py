@@ -1,0 +1,130 @@
+"""The benchmark scripts run end to end at tiny sizes and write their tables (so they don't rot).
+
+Each script is run as a user runs it (``python benchmarks/<script>.py ... --write FILE``)
+in a subprocess; the tests check that every configuration finished and the table
+landed in its own block of the markdown file. Timings are not checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from bench_daemon import count_requests  # noqa: E402
+from bench_scaling import write_section  # noqa: E402
+
+
+def _run(script: str, tmp_path: Path, *args: str, timeout: float = 120) -> tuple[str, str]:
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nhand-written text stays\n")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--write", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    text = out.read_text()
+    assert "hand-written text stays" in text
+    return proc.stdout, text
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_scaling_tiny(tmp_path: Path) -> None:
+    _, md = _run(
+        "bench_scaling.py", tmp_path,
+        "--sweeps", "width,gpt2", "--widths", "16", "--base-rows", "24", "--fishers", "both",
+        "--gpt2", "tiny", "--repeats", "1", "--budget", "60", "--gpt2-budget", "60",
+    )  # fmt: skip
+    assert md.count("<!-- BEGIN bench_scaling -->") == 1
+    rows = _table_rows(md, "width") + _table_rows(md, "gpt2")
+    assert len(rows) == 4, md
+    for cells in rows:
+        assert "killed" not in cells[-1] and "failed" not in cells[-1], cells
+        assert float(cells[2].split()[0]) > 0  # seconds per checkpoint
+        assert cells[3].endswith("MiB")  # peak RSS
+        assert cells[5] != "-", cells  # the breakdown ran (ddsmon's internal steps exist)
+
+
+def test_llc_tiny(tmp_path: Path) -> None:
+    _, md = _run(
+        "bench_llc.py", tmp_path,
+        "--steps", "5", "--widths", "16", "--width-steps", "3", "--chains", "1", "--draws", "3",
+        "--repeats", "1",
+    )  # fmt: skip
+    assert "<!-- BEGIN bench_llc -->" in md
+    lines = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| example") or line.startswith("| d_hidden")
+    ]
+    assert len(lines) == 3, md
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0  # ddsmon both / activation seconds
+    if importlib.util.find_spec("devinterp") is not None:
+        assert all("x**" in line for line in lines), md  # a ratio in every row
+    else:
+        assert "LLC not measured: devinterp cannot be imported" in md
+
+
+def test_daemon_tiny(tmp_path: Path) -> None:
+    _, md = _run(
+        "bench_daemon.py", tmp_path,
+        "--latency-checkpoints", "1", "--scan-checkpoints", "2", "--no-server", "--no-baseline",
+        "--no-plots", "--timeout", "90",
+    )  # fmt: skip
+    assert "<!-- BEGIN bench_daemon -->" in md
+    assert "median of 1" in md, md
+    assert "backfill `ddsmon scan` of 2 checkpoints" in md, md
+    assert "| steps of `dds/checkpoint` found in the run afterwards | 2 |" in md, md
+
+
+@pytest.mark.slow
+def test_daemon_server_calls(tmp_path: Path) -> None:
+    _, md = _run(
+        "bench_daemon.py", tmp_path,
+        "--latency-checkpoints", "0", "--scan-checkpoints", "0", "--call-sizes", "1,3",
+        "--no-plots", "--timeout", "120",
+    )  # fmt: skip
+    assert "per checkpoint" in md and "not measured" not in md, md
+
+
+def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
+    path = tmp_path / "B.md"
+    path.write_text("intro\n")
+    write_section(path, "a", "first")
+    write_section(path, "b", "other")
+    write_section(path, "a", "second")
+    text = path.read_text()
+    assert text.startswith("intro\n")
+    assert "first" not in text and text.count("second") == 1 and "other" in text
+    assert text.index("BEGIN a") < text.index("BEGIN b")
+
+
+def test_count_requests_reads_access_log_lines() -> None:
+    log = (
+        '2026/01/01 00:00:00 INFO: 127.0.0.1:5000 - "POST /api/2.0/mlflow/runs/log-batch HTTP/1.1" 200\n'
+        '2026/01/01 00:00:01 INFO: 127.0.0.1:5000 - "GET /api/2.0/mlflow/runs/get?run_id=1 HTTP/1.1" 200\n'
+        '2026/01/01 00:00:02 INFO: 127.0.0.1:5000 - "POST /api/2.0/mlflow/runs/log-batch HTTP/1.1" 200\n'
+        "2026/01/01 00:00:03 INFO: Application startup complete.\n"
+    )
+    counts = count_requests(log)
+    assert counts == {"POST /api/2.0/mlflow/runs/log-batch": 2, "GET /api/2.0/mlflow/runs/get": 1}
