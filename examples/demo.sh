@@ -23,7 +23,7 @@ COMMON=(--model "$HERE/modular_addition/model.py:make_model" --probe "$RUN/probe
 
 echo "demo: training the modular-addition model in the background -> $RUN/ckpts"
 "$PY" "$HERE/modular_addition/train.py" --out "$RUN/ckpts" --probe-out "$RUN/probe.pt" \
-    --steps "$STEPS" --every "$EVERY" --delay "${DDSMON_DEMO_DELAY:-0.3}" >"$RUN/train.log" 2>&1 &
+    --steps "$STEPS" --every "$EVERY" --delay "${DDSMON_DEMO_DELAY:-0.3}" --threads 1 >"$RUN/train.log" 2>&1 &
 TRAIN=$!
 trap 'kill $TRAIN 2>/dev/null || true' EXIT
 for _ in $(seq 600); do [ -s "$RUN/probe.pt" ] && break; sleep 0.1; done
