@@ -511,7 +511,7 @@ def _render(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         f"- device {dev}; each configuration in a fresh process; seconds = median of up to "
         f"{args.repeats} timed readings after one warm-up (fewer once they took "
         f"{args.time_cap:g} s; the warm-up alone when it took over {args.single_above:g} s; "
-        "the number of readings in brackets); budget {args.budget:g} s per MLP and "
+        f"the number of readings in brackets); budget {args.budget:g} s per MLP and "
         f"{args.gpt2_budget:g} s per GPT-2 configuration, breakdown included",
         f"- {mem} is the whole process's (model, probe, reading); `base` is the RSS "
         "before the reading (the user's float32 model and the probe)",
@@ -599,11 +599,13 @@ def main(argv: list[str] | None = None) -> int:
         a if re.fullmatch(r"[\w.,:=/+-]+", a) else repr(a)
         for a in (argv if argv is not None else sys.argv[1:])
     )
-    text = _render(rows, args, command.strip())
-    print(text)
-    if args.write:
-        key = SECTION if args.device == "cpu" else f"{SECTION}:{args.device}"
-        write_section(args.write, key, text)
+    # One block per sweep (``bench_scaling:width`` ...), so a sweep can be rerun alone.
+    for sweep in dict.fromkeys(r.sweep for r in rows):
+        text = _render([r for r in rows if r.sweep == sweep], args, command.strip())
+        print(text + "\n")
+        if args.write:
+            key = f"{SECTION}:{sweep}" + ("" if args.device == "cpu" else f":{args.device}")
+            write_section(args.write, key, text)
     return 0
 
 

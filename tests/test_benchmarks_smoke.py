@@ -53,7 +53,8 @@ def test_scaling_tiny(tmp_path: Path) -> None:
         "--sweeps", "width,gpt2", "--widths", "16", "--base-rows", "24", "--fishers", "both",
         "--gpt2", "tiny", "--repeats", "1", "--budget", "60", "--gpt2-budget", "60",
     )  # fmt: skip
-    assert md.count("<!-- BEGIN bench_scaling -->") == 1
+    assert md.count("<!-- BEGIN bench_scaling:width -->") == 1
+    assert md.count("<!-- BEGIN bench_scaling:gpt2 -->") == 1
     rows = _table_rows(md, "width") + _table_rows(md, "gpt2")
     assert len(rows) == 4, md
     for cells in rows:
