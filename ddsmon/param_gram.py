@@ -14,6 +14,16 @@ Structured layers never materialise J:
 * ``nn.Embedding``: the same with A the one-hot rows of the token ids, so
   ``A A^T = [id_it == id_js]``.
 
+For sequences (T > 1 positions per sample) the N x N row Grams can cost far more than
+the per-sample gradients themselves: GPT-2's MLP (768 -> 3072) on 32 x 128 tokens needs
+``2 N^2 (d_in + d_out) ~ 129`` GFLOP for them, against ``2 d_in d_out (N + n^2) ~ 24``
+GFLOP to form ``J_i = Delta_i^T A_i`` (d_out x d_in, one batched matmul over positions)
+and take ``J J^T``. ``param_gram_structured`` counts both and takes the cheaper; the
+per-sample path is built a block of output columns at a time, ``K = sum_b J_b J_b^T``,
+so no more than ``chunk_bytes`` of J exist at once and nothing is recomputed.
+Embedding's per-sample path keeps J on the U distinct token ids of the probe
+(``J_i[u] = sum_{t: id_it = u} delta_it``), costing ``2 n^2 U d_out``.
+
 Every other module with parameters goes through ``torch.func``: ``vmap(grad(loss_i))``
 over samples, chunked, with one pass serving all such modules at once.
 Scaling (BackPACK's convention made explicit): the per-sample loss is not divided by n,
@@ -32,7 +42,13 @@ from torch.func import functional_call, grad, vmap
 
 from ddsmon.probe import LayerCapture, model_output
 
-__all__ = ("is_structured", "param_gram_structured", "param_grams_functional")
+__all__ = (
+    "GRAM_METHODS",
+    "cheaper_gram_method",
+    "is_structured",
+    "param_gram_structured",
+    "param_grams_functional",
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +67,106 @@ def _blocksum(m: Tensor, n: int) -> Tensor:
     return m.reshape(n, t, n, t).sum(dim=(1, 3))
 
 
-def param_gram_structured(cap: LayerCapture, n: int) -> Tensor:
-    """K (n x n) of a Linear or Embedding layer from its captured A and Delta."""
+GRAM_METHODS = ("auto", "row_gram", "per_sample")
+
+
+def param_gram_structured(
+    cap: LayerCapture, n: int, *, method: str = "auto", chunk_bytes: int = 1 << 28
+) -> Tensor:
+    """K (n x n) of a Linear or Embedding layer from its captured A and Delta.
+
+    ``method``: ``"row_gram"`` (blocksums of the N x N row Grams), ``"per_sample"``
+    (materialise ``J`` a block of columns at a time) or ``"auto"``, the one with fewer
+    floating-point operations (see the module docstring). Both give the same K to
+    rounding; tests hold each to the per-sample loop.
+    """
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method must be one of {GRAM_METHODS}, got {method!r}")
     delta = cap.grad
-    dd = delta @ delta.T
     module = cap.module
+    rows, d_out = delta.shape
     if isinstance(module, nn.Embedding):
-        ids = cap.inputs
+        ids = cap.inputs.reshape(-1)
+        distinct, index = torch.unique(ids, return_inverse=True)
+        if method == "auto":
+            method = cheaper_gram_method(rows, n, 0, d_out, distinct.numel())
+        if method == "per_sample":
+            return _embedding_gram_per_sample(delta, index, distinct.numel(), n, chunk_bytes)
+        dd = delta @ delta.T
         aa = (ids[:, None] == ids[None, :]).to(dd.dtype)
         return _blocksum(aa * dd, n) / n
-    a = cap.inputs.to(dd.dtype)
+    a = cap.inputs.to(delta.dtype)
+    d_in = a.shape[1]
+    if method == "auto":
+        method = cheaper_gram_method(rows, n, d_in, d_out)
+    if method == "per_sample":
+        gram = _linear_gram_per_sample(a, delta, n, chunk_bytes)
+        if module.bias is not None:
+            summed = delta.reshape(n, rows // n, d_out).sum(dim=1)
+            gram = gram + summed @ summed.T
+        return gram / n
+    dd = delta @ delta.T
     gram = _blocksum((a @ a.T) * dd, n)
     if module.bias is not None:
         gram = gram + _blocksum(dd, n)
+    return gram / n
+
+
+def cheaper_gram_method(
+    rows: int, n: int, d_in: int, d_out: int, distinct: int | None = None
+) -> str:
+    """The K method with fewer multiply-adds for N = ``rows`` rows of n samples.
+
+    Linear (``distinct`` None): ``row_gram`` costs ``N^2 (d_in + d_out + 1)``,
+    ``per_sample`` ``d_in d_out (N + n^2)``. Embedding (``distinct`` = U token ids in the
+    probe, ``d_in`` unused): ``N^2 (d_out + 1)`` against ``n^2 U d_out``.
+    One sample per row (N = n) always takes ``row_gram``.
+    """
+    if distinct is None:
+        row_gram = rows * rows * (d_in + d_out + 1)
+        per_sample = d_in * d_out * (rows + n * n)
+    else:
+        row_gram = rows * rows * (d_out + 1)
+        per_sample = n * n * distinct * d_out
+    return "per_sample" if rows > n and per_sample < row_gram else "row_gram"
+
+
+def _linear_gram_per_sample(a: Tensor, delta: Tensor, n: int, chunk_bytes: int) -> Tensor:
+    """``sum_b J_b J_b^T`` with ``J_i = Delta_i^T A_i`` built ``cols`` output rows at a time.
+
+    a: A (N x d_in), delta: Delta (N x d_out), N = n*T. Returns the unscaled n x n Gram
+    of the weight gradients.
+    """
+    rows, d_in = a.shape
+    d_out = delta.shape[1]
+    t = rows // n
+    a3 = a.reshape(n, t, d_in)
+    d3 = delta.reshape(n, t, d_out).transpose(1, 2)  # n x d_out x T
+    cols = max(1, min(d_out, chunk_bytes // max(1, n * d_in * a.element_size())))
+    gram = a.new_zeros(n, n)
+    for start in range(0, d_out, cols):
+        j = torch.bmm(d3[:, start : start + cols], a3).reshape(n, -1)
+        gram.addmm_(j, j.T)
+    return gram
+
+
+def _embedding_gram_per_sample(
+    delta: Tensor, index: Tensor, distinct: int, n: int, chunk_bytes: int
+) -> Tensor:
+    """K of an Embedding from J kept on the probe's ``distinct`` token ids (see module doc).
+
+    delta: Delta (N x d_out); index: position of each row's token among the distinct ids.
+    """
+    rows, d_out = delta.shape
+    sample = torch.arange(rows, device=delta.device) // (rows // n)
+    slot = sample * distinct + index
+    cols = max(1, min(d_out, chunk_bytes // max(1, n * distinct * delta.element_size())))
+    gram = delta.new_zeros(n, n)
+    for start in range(0, d_out, cols):
+        part = delta[:, start : start + cols]
+        j = delta.new_zeros(n * distinct, part.shape[1]).index_add_(0, slot, part)
+        j = j.reshape(n, -1)
+        gram.addmm_(j, j.T)
     return gram / n
 
 

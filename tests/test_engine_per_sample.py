@@ -23,8 +23,13 @@ from torch import nn
 
 from ddsmon import compute_signatures
 from ddsmon.losses import per_sample_loss_fn
-from ddsmon.param_gram import param_gram_structured, param_grams_functional
-from ddsmon.probe import run_probe
+from ddsmon.param_gram import (
+    GRAM_METHODS,
+    cheaper_gram_method,
+    param_gram_structured,
+    param_grams_functional,
+)
+from ddsmon.probe import LayerCapture, run_probe
 
 TOL = 1e-10
 
@@ -184,6 +189,68 @@ def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
             k = param_gram_structured(cap, y.shape[0]).numpy()
             k_ref = ref.J @ ref.J.T / ref.n
             assert_close_report(k, k_ref, atol=TOL * np.abs(k_ref).max(), what=f"{layer} K")
+
+
+@pytest.mark.parametrize("method", ["row_gram", "per_sample"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 200], ids=["one-block", "column-blocks"])
+def test_both_structured_gram_methods_equal_the_loop(case, method: str, chunk_bytes: int) -> None:
+    """K of Linear and Embedding by either method, in one block of J or in many."""
+    _, model, x, y, loss, sig, refs = case
+    work = _double_copy(model)
+    xx = x.double() if x.is_floating_point() else x
+    caps = run_probe(
+        work, xx, y, per_sample_loss_fn(loss), list(sig.layers),
+        n=y.shape[0], keep_inputs=lambda m: isinstance(m, (nn.Linear, nn.Embedding)),
+    )  # fmt: skip
+    checked = 0
+    for layer, cap in caps.items():
+        if not isinstance(cap.module, (nn.Linear, nn.Embedding)):
+            continue
+        k = param_gram_structured(cap, y.shape[0], method=method, chunk_bytes=chunk_bytes)
+        ref = refs[layer]
+        k_ref = ref.J @ ref.J.T / ref.n
+        what = f"{layer} K ({method}, chunk_bytes={chunk_bytes})"
+        assert_close_report(k.numpy(), k_ref, atol=TOL * np.abs(k_ref).max(), what=what)
+        checked += 1
+    assert checked >= 3
+
+
+def test_auto_gram_method_takes_the_per_sample_path_for_long_sequences() -> None:
+    """Few samples, many positions: J (n x d_in d_out) is cheaper than the N x N Grams."""
+    torch.manual_seed(3)
+    n, t, d_in, d_out = 2, 64, 3, 4
+    module = nn.Linear(d_in, d_out).double()
+    a = torch.randn(n * t, d_in, dtype=torch.float64)
+    delta = torch.randn(n * t, d_out, dtype=torch.float64)
+    cap = LayerCapture("fc", module, a @ module.weight.T, grad=delta, inputs=a)
+    j = torch.stack([
+        torch.cat([(delta[i * t:(i + 1) * t].T @ a[i * t:(i + 1) * t]).reshape(-1),
+                   delta[i * t:(i + 1) * t].sum(0)])
+        for i in range(n)
+    ])  # fmt: skip
+    k_ref = (j @ j.T / n).numpy()
+    for method in GRAM_METHODS:
+        k = param_gram_structured(cap, n, method=method).numpy()
+        assert_close_report(k, k_ref, atol=TOL * np.abs(k_ref).max(), what=method)
+    with pytest.raises(ValueError, match="method must be one of"):
+        param_gram_structured(cap, n, method="fast")
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "d_in", "d_out", "distinct", "expected"),
+    [
+        (4096, 32, 768, 3072, None, "per_sample"),  # GPT-2 MLP, 32 x 128 tokens: ~5x fewer
+        (4096, 32, 0, 768, 3900, "per_sample"),  # GPT-2 wte, ~3900 distinct ids of 50257
+        (256, 256, 128, 128, None, "row_gram"),  # one row per sample: J is never cheaper
+        (1024, 1024, 4, 4, None, "row_gram"),
+        (128, 2, 3, 4, None, "per_sample"),
+        (8192, 4096, 4096, 4096, None, "row_gram"),  # two positions a sample, wide layer
+    ],
+)
+def test_cheaper_gram_method_counts_the_multiply_adds(
+    rows: int, n: int, d_in: int, d_out: int, distinct: int | None, expected: str
+) -> None:
+    assert cheaper_gram_method(rows, n, d_in, d_out, distinct) == expected
 
 
 def test_functional_gram_equals_the_loop_for_layernorm(case) -> None:
