@@ -92,7 +92,10 @@ def _build_config(ctx: click.Context, directory: Path | None, **flags: Any) -> C
         values.update(load_config_file(config_file))
     for name, value in flags.items():
         source = ctx.get_parameter_source(name)
-        explicit = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+        explicit = source in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        )
         if explicit or name not in values:
             values[name] = value
     if "fail_on_event" in values:
@@ -131,7 +134,9 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
     try:
         config = _build_config(ctx, directory, **flags)
         if config.model is None and not _has_hf_folders(directory):
-            raise ConfigError("no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)")
+            raise ConfigError(
+                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)"
+            )
         sinks, tracking = _make_sinks(config)
         daemon = Daemon(config, sinks, tracking=tracking)
     except ConfigError as exc:
@@ -196,10 +201,21 @@ def _make_sinks(config: Config) -> tuple[list[Any], Any]:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_engine_options
 @_daemon_options
-@click.option("--poll", type=click.FloatRange(min=0.05), default=None, metavar="SECONDS",
-              help="Use a polling observer (NFS, bind mounts, where inotify is silent).")
-@click.option("--quiet", type=click.FloatRange(min=0.0), default=2.0, show_default=True, metavar="SECONDS",
-              help="A file must stay unchanged this long before it is read, when no close-write event is seen.")
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.05),
+    default=None,
+    metavar="SECONDS",
+    help="Use a polling observer (NFS, bind mounts, where inotify is silent).",
+)
+@click.option(
+    "--quiet",
+    type=click.FloatRange(min=0.0),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A file must stay unchanged this long before it is read, when no close-write event is seen.",
+)
 @click.pass_context
 def watch(ctx: click.Context, directory: Path, **flags: Any) -> None:
     """Read every checkpoint in DIRECTORY, then each new one as it completes, until interrupted."""  # fmt: skip
@@ -210,8 +226,12 @@ def watch(ctx: click.Context, directory: Path, **flags: Any) -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_engine_options
 @_daemon_options
-@click.option("--fail-on-event", multiple=True, type=click.Choice(EVENT_KINDS),
-              help="Exit with status 1 when an event of this kind was flagged (repeatable).")
+@click.option(
+    "--fail-on-event",
+    multiple=True,
+    type=click.Choice(EVENT_KINDS),
+    help="Exit with status 1 when an event of this kind was flagged (repeatable).",
+)
 @click.pass_context
 def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
     """Read the checkpoints in DIRECTORY now (backfill, CI), then exit."""
@@ -224,17 +244,23 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
         err=True,
     )
     if hits:
-        click.echo(f"scan: {len(hits)} event(s) of kind {', '.join(sorted(set(kinds)))} flagged", err=True)
+        click.echo(
+            f"scan: {len(hits)} event(s) of kind {', '.join(sorted(set(kinds)))} flagged", err=True
+        )
         ctx.exit(1)
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @_engine_options
-@click.option("--json", "as_json", is_flag=True, help="Print the readings as JSON instead of a table.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the readings as JSON instead of a table."
+)
 @click.option("--spectra", is_flag=True, help="With --json, include the full spectra.")
 @click.pass_context
-def report(ctx: click.Context, checkpoint: Path, as_json: bool, spectra: bool, **flags: Any) -> None:
+def report(
+    ctx: click.Context, checkpoint: Path, as_json: bool, spectra: bool, **flags: Any
+) -> None:
     """Read one CHECKPOINT and print every layer's readings."""
     from ddsmon.checkpoints import classify
     from ddsmon.engine import compute_signatures
@@ -246,7 +272,9 @@ def report(ctx: click.Context, checkpoint: Path, as_json: bool, spectra: bool, *
         config = _build_config(ctx, checkpoint.parent, **flags)
         ref = classify(checkpoint)
         if ref is None:
-            raise ConfigError(f"{checkpoint} is not a checkpoint ddsmon recognises (.pt .pth .bin .ckpt .safetensors, checkpoint-N/)")
+            raise ConfigError(
+                f"{checkpoint} is not a checkpoint ddsmon recognises (.pt .pth .bin .ckpt .safetensors, checkpoint-N/)"
+            )
         if config.model is None and ref.kind != "hf":
             raise ConfigError("no model factory: give --model MODULE:FACTORY")
         if config.probe is None:
@@ -271,7 +299,12 @@ def report(ctx: click.Context, checkpoint: Path, as_json: bool, spectra: bool, *
         click.echo(f"error: {checkpoint}: {exc}", err=True)
         ctx.exit(1)
     if as_json:
-        out = {"checkpoint": str(checkpoint), "step": loaded.step, "meta": loaded.meta, **sig.to_dict(spectra=spectra)}
+        out = {
+            "checkpoint": str(checkpoint),
+            "step": loaded.step,
+            "meta": loaded.meta,
+            **sig.to_dict(spectra=spectra),
+        }
         click.echo(json.dumps(out, indent=2, default=_json_default))
         return
     from rich.console import Console
@@ -308,4 +341,3 @@ def _json_default(obj: Any) -> Any:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

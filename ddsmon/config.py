@@ -117,7 +117,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
                 raise ConfigError(f"config file {path}: [events] must be a table")
             _check_event_keys(path, value)
         elif name in _PATH_KEYS and isinstance(value, str):
-            value = (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+            value = (
+                (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+            )
         elif name == "fail_on_event":
             value = tuple([value] if isinstance(value, str) else value)
         out[name] = value

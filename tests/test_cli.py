@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
 
 
-def write_run(directory: Path, steps: list[int], *, scale: float = 0.9, nan_at: int | None = None) -> None:
+def write_run(
+    directory: Path, steps: list[int], *, scale: float = 0.9, nan_at: int | None = None
+) -> None:
     """Checkpoints of the fixture MLP, weights shrinking a little per step."""
     sys.path.insert(0, str(REPO / "tests"))
     from fixtures_models import mlp
@@ -41,9 +43,9 @@ def write_run(directory: Path, steps: list[int], *, scale: float = 0.9, nan_at: 
         os.replace(tmp, directory / f"step_{step:06d}.pt")
 
 
-
-
-def ddsmon(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def ddsmon(
+    *args: str, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ddsmon.cli", *args],
         capture_output=True,
@@ -79,7 +81,9 @@ def test_scan_logs_every_step_once_and_reads_back(tmp_path: Path, probe: Path) -
     assert run.data.params["ddsmon_version"]
     assert "train/val_acc" in run.data.metrics
     # a second scan reads nothing again and logs nothing twice
-    again = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    again = ddsmon(
+        "scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri
+    )
     assert again.returncode == 0, again.stderr
     assert "0 read" in again.stderr
     history = client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
@@ -98,7 +102,9 @@ def test_nonfinite_layer_is_an_event_and_fail_on_event_exits_1(tmp_path: Path, p
     nonfinite = [e for e in lines if e["kind"] == "nonfinite"]
     assert nonfinite and nonfinite[0]["step"] == 20 and nonfinite[0]["layer"] == "0"
     client, run = run_of(uri)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "dds/events/nonfinite")] == [20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "dds/events/nonfinite")] == [
+        20
+    ]
 
 
 def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe: Path) -> None:
@@ -109,14 +115,18 @@ def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe
     (ckpts / "step_000006.pt").write_bytes(b"")  # zero bytes
     torch.save({"model": {"nope.weight": torch.zeros(2)}}, ckpts / "step_000007.pt")  # wrong keys
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    result = ddsmon(
+        "scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     assert "2 read" in result.stderr and "3 failed" in result.stderr
     assert "step_000005.pt" in out and "step_000006.pt" in out
     assert "step_000007.pt" in out and "nope.weight" in out
     client, run = run_of(uri)
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "dds/0/lambda_min")) == [0, 10]
+    assert sorted(
+        m.step for m in client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+    ) == [0, 10]
 
 
 @pytest.mark.parametrize(
@@ -129,7 +139,9 @@ def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe
         (["--model", FACTORY, "--probe", "PROBE", "--loss", "hinge"], "hinge"),
     ],
 )
-def test_bad_settings_exit_2_before_anything(tmp_path: Path, probe: Path, args: list[str], message: str) -> None:
+def test_bad_settings_exit_2_before_anything(
+    tmp_path: Path, probe: Path, args: list[str], message: str
+) -> None:
     ckpts = tmp_path / "ckpts"
     write_run(ckpts, [0])
     args = [str(probe) if a == "PROBE" else a for a in args]
@@ -141,7 +153,9 @@ def test_bad_settings_exit_2_before_anything(tmp_path: Path, probe: Path, args: 
 
 
 def test_missing_directory_exits_2(tmp_path: Path, probe: Path) -> None:
-    result = CliRunner().invoke(main, ["scan", str(tmp_path / "nowhere"), "--model", FACTORY, "--probe", str(probe)])
+    result = CliRunner().invoke(
+        main, ["scan", str(tmp_path / "nowhere"), "--model", FACTORY, "--probe", str(probe)]
+    )
     assert result.exit_code == 2
     assert "nowhere" in result.output
 
@@ -149,13 +163,17 @@ def test_missing_directory_exits_2(tmp_path: Path, probe: Path) -> None:
 def test_report_json_and_table(tmp_path: Path, probe: Path) -> None:
     write_run(tmp_path / "ckpts", [7])
     ckpt = tmp_path / "ckpts" / "step_000007.pt"
-    result = CliRunner().invoke(main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe), "--json"])
+    result = CliRunner().invoke(
+        main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe), "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["step"] == 7 and data["n"] == 32
     assert set(data["layers"]) == {"0", "1", "2"}
     assert data["layers"]["0"]["g_rank"] + data["layers"]["0"]["g_dead"] == 16
-    table = CliRunner().invoke(main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe)])
+    table = CliRunner().invoke(
+        main, ["report", str(ckpt), "--model", FACTORY, "--probe", str(probe)]
+    )
     assert table.exit_code == 0, table.output
     assert "lambda" in table.output.lower() or "λ" in table.output
 
@@ -163,7 +181,9 @@ def test_report_json_and_table(tmp_path: Path, probe: Path) -> None:
 def test_report_of_a_corrupt_file_names_it(tmp_path: Path, probe: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    result = CliRunner().invoke(main, ["report", str(bad), "--model", FACTORY, "--probe", str(probe)])
+    result = CliRunner().invoke(
+        main, ["report", str(bad), "--model", FACTORY, "--probe", str(probe)]
+    )
     assert result.exit_code == 1
     assert "bad.pt" in result.output
 
@@ -214,7 +234,9 @@ def test_watch_reads_existing_then_new_checkpoints_and_stops_on_sigterm(
         os.replace(tmp_path / "more" / "step_000030.pt", ckpts / "step_000030.pt")  # atomic rename
         _wait(lambda: _steps(uri) == [0, 10, 20, 30], 120, "the new checkpoints")
         # a second daemon on the same directory is refused
-        second = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+        second = ddsmon(
+            "scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri
+        )
         assert second.returncode == 2
         assert "pid" in second.stderr and str(proc.pid) in second.stderr
     finally:

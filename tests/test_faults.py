@@ -30,7 +30,9 @@ def _spawn(*args: str) -> subprocess.Popen:
     )
 
 
-def test_kill_9_mid_scan_then_restart_reads_each_step_exactly_once(tmp_path: Path, probe: Path) -> None:
+def test_kill_9_mid_scan_then_restart_reads_each_step_exactly_once(
+    tmp_path: Path, probe: Path
+) -> None:
     ckpts = tmp_path / "ckpts"
     steps = list(range(0, 400, 10))
     write_run(ckpts, steps)
@@ -79,7 +81,9 @@ def test_checkpoint_deleted_before_it_is_read_is_skipped(tmp_path: Path, probe: 
 
 
 @pytest.mark.slow
-def test_burst_of_500_checkpoints_all_read_in_step_order_memory_flat(tmp_path: Path, probe: Path) -> None:
+def test_burst_of_500_checkpoints_all_read_in_step_order_memory_flat(
+    tmp_path: Path, probe: Path
+) -> None:
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
     staging = tmp_path / "staging"
