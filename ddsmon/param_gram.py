@@ -21,8 +21,11 @@ GFLOP to form ``J_i = Delta_i^T A_i`` (d_out x d_in, one batched matmul over pos
 and take ``J J^T``. ``param_gram_structured`` counts both and takes the cheaper; the
 per-sample path is built a block of output columns at a time, ``K = sum_b J_b J_b^T``,
 so no more than ``chunk_bytes`` of J exist at once and nothing is recomputed.
-Embedding's per-sample path keeps J on the U distinct token ids of the probe
-(``J_i[u] = sum_{t: id_it = u} delta_it``), costing ``2 n^2 U d_out``.
+Embedding's per-sample path sums Delta over the positions of each (sample, token) pair,
+``S_p = sum_{t: id_it = u} delta_it`` for p = (i, u), and visits only the pairs of such
+rows that share a token: ``K_ij = sum_{p in i, q in j, u_p = u_q} S_p . S_q``. With
+``c_u`` rows holding token u that is ``P = sum_u c_u^2`` dot products of length d_out,
+against the ``N^2`` of the row Grams (for 4096 random GPT-2 tokens, P ~ N).
 
 Every other module with parameters goes through ``torch.func``: ``vmap(grad(loss_i))``
 over samples, chunked, with one pass serving all such modules at once.
@@ -87,11 +90,12 @@ def param_gram_structured(
     rows, d_out = delta.shape
     if isinstance(module, nn.Embedding):
         ids = cap.inputs.reshape(-1)
-        distinct, index = torch.unique(ids, return_inverse=True)
-        if method == "auto":
-            method = cheaper_gram_method(rows, n, 0, d_out, distinct.numel())
-        if method == "per_sample":
-            return _embedding_gram_per_sample(delta, index, distinct.numel(), n, chunk_bytes)
+        if method != "row_gram" and rows > n:
+            index, owner, pairs = _embedding_token_pairs(ids, n, module.num_embeddings)
+            if method == "auto":
+                method = cheaper_gram_method(rows, n, 0, d_out, pairs=pairs.shape[1])
+            if method == "per_sample":
+                return _embedding_gram_per_sample(delta, index, owner, pairs, n, chunk_bytes)
         dd = delta @ delta.T
         aa = (ids[:, None] == ids[None, :]).to(dd.dtype)
         return _blocksum(aa * dd, n) / n
@@ -112,22 +116,31 @@ def param_gram_structured(
     return gram / n
 
 
-def cheaper_gram_method(
-    rows: int, n: int, d_in: int, d_out: int, distinct: int | None = None
-) -> str:
-    """The K method with fewer multiply-adds for N = ``rows`` rows of n samples.
+#: How many times slower, per multiply-add, the per-sample paths ran than the row Grams'
+#: GEMMs on the benchmark machine (2-core EPYC, float64): the batched products with a
+#: T-long inner dimension and the writes of J are memory-bound (measured 27 against 69
+#: GFLOP/s), and the embedding's gathered dot products more so.
+LINEAR_PER_SAMPLE_PENALTY = 2.5
+EMBEDDING_PAIR_PENALTY = 8.0
 
-    Linear (``distinct`` None): ``row_gram`` costs ``N^2 (d_in + d_out + 1)``,
-    ``per_sample`` ``d_in d_out (N + n^2)``. Embedding (``distinct`` = U token ids in the
-    probe, ``d_in`` unused): ``N^2 (d_out + 1)`` against ``n^2 U d_out``.
+
+def cheaper_gram_method(
+    rows: int, n: int, d_in: int, d_out: int, *, pairs: int | None = None
+) -> str:
+    """The K method expected to be faster for N = ``rows`` rows of n samples.
+
+    Linear (``pairs`` None): ``row_gram`` costs ``N^2 (d_in + d_out + 1)`` multiply-adds,
+    ``per_sample`` ``d_in d_out (N + n^2)``, weighted by ``LINEAR_PER_SAMPLE_PENALTY``.
+    Embedding (``pairs`` = P rows of S sharing a token, ``d_in`` unused):
+    ``N^2 (d_out + 1)`` against ``P d_out`` weighted by ``EMBEDDING_PAIR_PENALTY``.
     One sample per row (N = n) always takes ``row_gram``.
     """
-    if distinct is None:
+    if pairs is None:
         row_gram = rows * rows * (d_in + d_out + 1)
-        per_sample = d_in * d_out * (rows + n * n)
+        per_sample = LINEAR_PER_SAMPLE_PENALTY * d_in * d_out * (rows + n * n)
     else:
         row_gram = rows * rows * (d_out + 1)
-        per_sample = n * n * distinct * d_out
+        per_sample = EMBEDDING_PAIR_PENALTY * pairs * d_out
     return "per_sample" if rows > n and per_sample < row_gram else "row_gram"
 
 
@@ -150,23 +163,42 @@ def _linear_gram_per_sample(a: Tensor, delta: Tensor, n: int, chunk_bytes: int) 
     return gram
 
 
-def _embedding_gram_per_sample(
-    delta: Tensor, index: Tensor, distinct: int, n: int, chunk_bytes: int
-) -> Tensor:
-    """K of an Embedding from J kept on the probe's ``distinct`` token ids (see module doc).
+def _embedding_token_pairs(ids: Tensor, n: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of S and the pairs of them that share a token (see the module docstring).
 
-    delta: Delta (N x d_out); index: position of each row's token among the distinct ids.
+    ids: token ids (N,), N = n*T. Returns ``index`` (N,), the row of S each position adds
+    into; ``owner`` (M,), the sample of each row of S; ``pairs`` (2 x P), every ordered
+    pair of rows of S holding the same token.
     """
-    rows, d_out = delta.shape
-    sample = torch.arange(rows, device=delta.device) // (rows // n)
-    slot = sample * distinct + index
-    cols = max(1, min(d_out, chunk_bytes // max(1, n * distinct * delta.element_size())))
+    rows = ids.numel()
+    sample = torch.arange(rows, device=ids.device) // (rows // n)
+    keys, index = torch.unique(sample * vocab + ids, return_inverse=True)
+    owner, token = keys // vocab, keys % vocab
+    order = torch.argsort(token, stable=True)
+    _, counts = torch.unique_consecutive(token[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sizes = counts * counts
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), sizes)
+    offset = torch.arange(int(sizes.sum()), device=ids.device) - torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
+    width = counts[group]
+    first = order[starts[group] + torch.div(offset, width, rounding_mode="floor")]
+    second = order[starts[group] + offset % width]
+    return index, owner, torch.stack([first, second])
+
+
+def _embedding_gram_per_sample(
+    delta: Tensor, index: Tensor, owner: Tensor, pairs: Tensor, n: int, chunk_bytes: int
+) -> Tensor:
+    """K (n x n) of an Embedding from the token-sharing pairs of :func:`_embedding_token_pairs`."""
+    summed = delta.new_zeros(owner.numel(), delta.shape[1]).index_add_(0, index, delta)
     gram = delta.new_zeros(n, n)
-    for start in range(0, d_out, cols):
-        part = delta[:, start : start + cols]
-        j = delta.new_zeros(n * distinct, part.shape[1]).index_add_(0, slot, part)
-        j = j.reshape(n, -1)
-        gram.addmm_(j, j.T)
+    step = max(1, chunk_bytes // max(1, 2 * delta.shape[1] * delta.element_size()))
+    for start in range(0, pairs.shape[1], step):
+        first, second = pairs[:, start : start + step]
+        dots = (summed[first] * summed[second]).sum(dim=1)
+        gram.index_put_((owner[first], owner[second]), dots, accumulate=True)
     return gram / n
 
 

@@ -25,6 +25,7 @@ from ddsmon import compute_signatures
 from ddsmon.losses import per_sample_loss_fn
 from ddsmon.param_gram import (
     GRAM_METHODS,
+    _embedding_token_pairs,
     cheaper_gram_method,
     param_gram_structured,
     param_grams_functional,
@@ -237,20 +238,32 @@ def test_auto_gram_method_takes_the_per_sample_path_for_long_sequences() -> None
 
 
 @pytest.mark.parametrize(
-    ("rows", "n", "d_in", "d_out", "distinct", "expected"),
+    ("rows", "n", "d_in", "d_out", "pairs", "expected"),
     [
         (4096, 32, 768, 3072, None, "per_sample"),  # GPT-2 MLP, 32 x 128 tokens: ~5x fewer
-        (4096, 32, 0, 768, 3900, "per_sample"),  # GPT-2 wte, ~3900 distinct ids of 50257
+        (4096, 32, 0, 768, 4200, "per_sample"),  # GPT-2 wte, random ids: few shared tokens
+        (4096, 32, 0, 768, 4096**2 // 2, "row_gram"),  # a small vocabulary: most pairs share
         (256, 256, 128, 128, None, "row_gram"),  # one row per sample: J is never cheaper
-        (1024, 1024, 4, 4, None, "row_gram"),
+        (256, 256, 0, 128, 256, "row_gram"),
         (128, 2, 3, 4, None, "per_sample"),
         (8192, 4096, 4096, 4096, None, "row_gram"),  # two positions a sample, wide layer
+        (256, 32, 64, 64, None, "row_gram"),  # fewer multiply-adds per sample, but not 2.5x fewer
     ],
 )
 def test_cheaper_gram_method_counts_the_multiply_adds(
-    rows: int, n: int, d_in: int, d_out: int, distinct: int | None, expected: str
+    rows: int, n: int, d_in: int, d_out: int, pairs: int | None, expected: str
 ) -> None:
-    assert cheaper_gram_method(rows, n, d_in, d_out, distinct) == expected
+    assert cheaper_gram_method(rows, n, d_in, d_out, pairs=pairs) == expected
+
+
+def test_embedding_token_pairs_are_the_rows_sharing_a_token() -> None:
+    """Two samples of three positions; ids 5 and 2 are shared, 7 and 9 are not."""
+    ids = torch.tensor([5, 5, 2, 2, 7, 9])
+    index, owner, pairs = _embedding_token_pairs(ids, n=2, vocab=10)
+    # rows of S: (sample 0, id 2), (0, 5), (1, 2), (1, 7), (1, 9)
+    assert index.tolist() == [1, 1, 0, 2, 3, 4] and owner.tolist() == [0, 0, 1, 1, 1]
+    got = sorted(map(tuple, pairs.T.tolist()))
+    assert got == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2), (3, 3), (4, 4)]
 
 
 def test_functional_gram_equals_the_loop_for_layernorm(case) -> None:
