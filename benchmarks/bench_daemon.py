@@ -231,9 +231,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: What differs between runs and checkpoints in a request path, and its placeholder.
+_PATH_PARTS = (
+    (re.compile(r"/[0-9a-f]{32}(?=/|$)"), "/{run}"),
+    (re.compile(r"(?<=/artifacts/)\d+(?=/)"), "{experiment}"),
+    (re.compile(r"\d+(?=\.\w+$)"), "{step}"),
+)
+
+
+def endpoint(path: str) -> str:
+    """``path`` with run ids, experiment ids and step numbers replaced by placeholders."""
+    for pattern, placeholder in _PATH_PARTS:
+        path = pattern.sub(placeholder, path)
+    return path
+
+
 def count_requests(log_text: str) -> collections.Counter[str]:
-    """Requests per ``METHOD path`` in an HTTP access log."""
-    return collections.Counter(f"{m.group(1)} {m.group(2)}" for m in _REQUEST.finditer(log_text))
+    """Requests per ``METHOD endpoint`` in an HTTP access log (see :func:`endpoint`)."""
+    return collections.Counter(
+        f"{m.group(1)} {endpoint(m.group(2))}" for m in _REQUEST.finditer(log_text)
+    )
 
 
 def measure_calls(
@@ -334,7 +351,7 @@ def _render(res: DaemonResult, args: argparse.Namespace, command: str) -> str:
             f"{n_small} / {n_big}: **{per:.2f} per checkpoint** + {fixed:.0f} per run |"
         )
         diff = c_big - c_small
-        top = ", ".join(f"{k} {v / (big - small):.2f}" for k, v in diff.most_common(4))
+        top = ", ".join(f"{k} {v / (big - small):.2f}" for k, v in diff.most_common())
         lines.append(f"| per-checkpoint requests by endpoint | {top or 'none'} |")
     if res.calls_note:
         lines.append(f"| MLflow calls | not measured: {res.calls_note} |")

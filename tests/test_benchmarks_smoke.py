@@ -129,3 +129,14 @@ def test_count_requests_reads_access_log_lines() -> None:
     )
     counts = count_requests(log)
     assert counts == {"POST /api/2.0/mlflow/runs/log-batch": 2, "GET /api/2.0/mlflow/runs/get": 1}
+
+
+def test_count_requests_folds_run_ids_and_steps_into_one_endpoint() -> None:
+    art = "/api/2.0/mlflow-artifacts/artifacts"
+    log = "".join(
+        f'INFO: 127.0.0.1:5000 - "PUT {art}/{exp}/{run}/artifacts/spectra/step_{step}.npz HTTP/1.1" 200\n'
+        for exp, run, step in [(1, "a" * 32, 0), (1, "a" * 32, 25), (2, "0f" * 16, 7)]
+    )
+    assert count_requests(log) == {
+        f"PUT {art}/{{experiment}}/{{run}}/artifacts/spectra/step_{{step}}.npz": 3
+    }
