@@ -228,10 +228,11 @@ def _probe_pass(
                 return None
             rows = tensor.numel() // tensor.shape[-1]
             if max_rows is not None and rows > max_rows:
+                positions = rows // n
                 raise ProbeError(
-                    f"layer {name!r} has N={rows} rows ({n} samples x "
-                    f"{rows // n} positions), above max_probe_rows={max_rows}; "
-                    "use a smaller probe or raise the cap"
+                    f"layer {name!r} has N={rows} rows ({n} samples x {positions} "
+                    f"position{'' if positions == 1 else 's'}), above "
+                    f"max_probe_rows={max_rows}; use a smaller probe or raise the cap"
                 )
             replaced = None
             if not tensor.requires_grad:

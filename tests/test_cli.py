@@ -160,6 +160,27 @@ def test_missing_directory_exits_2(tmp_path: Path, probe: Path) -> None:
     assert "nowhere" in result.output
 
 
+def test_probe_above_max_probe_rows_fails_each_checkpoint_by_name(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The cap refuses a reading before its backward pass; the file and layer are named
+    and nothing is recorded for it, so raising the cap and rescanning reads it."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri]
+    capped = CliRunner().invoke(main, [*args, "--no-plots", "--max-probe-rows", "16"])
+    assert capped.exit_code == 0, capped.output
+    for step in (0, 10):
+        assert (
+            f"FAILED {ckpts / f'step_{step:06d}.pt'}: layer '0' has N=32 rows "
+            "(32 samples x 1 position), above max_probe_rows=16" in capped.output
+        )
+    assert "0 read, 0 skipped, 2 failed" in capped.output
+    again = CliRunner().invoke(main, [*args, "--no-plots", "--max-probe-rows", "32"])
+    assert again.exit_code == 0 and "2 read, 0 skipped, 0 failed" in again.output, again.output
+
+
 def test_report_json_and_table(tmp_path: Path, probe: Path) -> None:
     write_run(tmp_path / "ckpts", [7])
     ckpt = tmp_path / "ckpts" / "step_000007.pt"

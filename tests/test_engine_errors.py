@@ -150,3 +150,19 @@ def test_nonfinite_loss_marks_gradients_of_every_layer_without_raising() -> None
         assert layer.nonfinite and "gradient" in layer.nonfinite, (name, layer.nonfinite)
         assert layer.g_rank is None and layer.lambda_min is None
     assert np.isnan(x[3, 0])  # the probe itself is not altered
+
+
+def _token_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 6), nn.Linear(6, 4))
+    return model, torch.randint(0, 9, (6, 5)), torch.randint(0, 4, (6, 5))
+
+
+def test_probe_rows_above_the_cap_are_refused_with_layer_and_count() -> None:
+    """6 sequences x 5 positions = N 30 rows per layer: a cap of 29 names the first layer."""
+    model, ids, y = _token_model()
+    expected = "layer '0' has N=30 rows (6 samples x 5 positions), above max_probe_rows=29"
+    with pytest.raises(ProbeError, match=re.escape(expected)):
+        compute_signatures(model, ids, y, device="cpu", max_probe_rows=29)
+    sig = compute_signatures(model, ids, y, device="cpu", max_probe_rows=30)
+    assert [layer.N for layer in sig.layers.values()] == [30, 30]
