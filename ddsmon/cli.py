@@ -52,6 +52,8 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="dtype of the probe pass (float32 only for models too large for float64)."),
         click.option("--max-probe-rows", type=click.IntRange(min=1), default=None,
                      help="Refuse layers with more probe rows (samples x positions) than this."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="CPU threads for torch (default: one per core); fewer when training shares the machine."),
         click.option("--trust-checkpoints", is_flag=True, default=False,
                      help="Allow full unpickling of checkpoints. UNSAFE for files from others: a pickle can run code."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -100,7 +102,20 @@ def _build_config(ctx: click.Context, directory: Path | None, **flags: Any) -> C
             values[name] = value
     if "fail_on_event" in values:
         values["fail_on_event"] = tuple(values["fail_on_event"])
-    return Config(directory=directory, **values)
+    config = Config(directory=directory, **values)
+    _limit_threads(config.threads)
+    return config
+
+
+def _limit_threads(threads: Any) -> None:
+    """``--threads`` / ``threads = N``: cap torch's intra-op CPU threads for this process."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _setup_logging(verbose: int) -> None:

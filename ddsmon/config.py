@@ -51,6 +51,9 @@ class Config:
         folders, built from their config.json).
     probe: a torch file holding {"inputs", "targets"} or ``MODULE:FUNCTION``.
     loss / layers / device / fisher / forward_dtype / max_probe_rows: engine settings.
+    threads: CPU threads torch may use (None: torch's default, one per core). Below the
+        core count when ddsmon shares the machine with a training job, whose threads
+        would otherwise contend with ddsmon's (OpenMP oversubscription).
     tracking_uri / experiment / run_id / run_name: where readings go in MLflow.
     events_json / on_event: alert outputs. fail_on_event: kinds that make ``scan`` exit 1.
     poll: polling-observer interval (None: native events). quiet: seconds a file must
@@ -70,6 +73,7 @@ class Config:
     fisher: str = "both"
     forward_dtype: str = "float64"
     max_probe_rows: int | None = None
+    threads: int | None = None
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "ddsmon"
     run_id: str | None = None
@@ -96,6 +100,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _PATH_KEYS = {"directory", "events_json", "state_dir"}
+_POSITIVE_INT_KEYS = {"threads", "max_probe_rows"}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -119,6 +124,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
         elif name in _PATH_KEYS and isinstance(value, str):
             value = (
                 (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+            )
+        elif name in _POSITIVE_INT_KEYS and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(
+                f"config file {path}: {key} must be a whole number >= 1, got {value!r}"
             )
         elif name == "fail_on_event":
             value = tuple([value] if isinstance(value, str) else value)

@@ -124,6 +124,7 @@ class Daemon:
             "recipe": f"{c.forward_dtype} probe pass, float64 spectra, no ridge, "
             "smallest positive above floor dim*eps*max",
             "device": str(self.device),
+            "torch_threads": str(torch.get_num_threads()),
             "directory": str(c.directory),
         }
 

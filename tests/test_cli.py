@@ -181,6 +181,19 @@ def test_probe_above_max_probe_rows_fails_each_checkpoint_by_name(
     assert again.exit_code == 0 and "2 read, 0 skipped, 0 failed" in again.output, again.output
 
 
+def test_threads_flag_is_applied_and_recorded_in_the_run(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = ddsmon(
+        "scan", str(ckpts), "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri,
+        "--no-plots", "--threads", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _, run = run_of(uri)
+    assert run.data.params["torch_threads"] == "1"
+
+
 def test_report_json_and_table(tmp_path: Path, probe: Path) -> None:
     write_run(tmp_path / "ckpts", [7])
     ckpt = tmp_path / "ckpts" / "step_000007.pt"

@@ -61,6 +61,31 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         load_config_file(bad)
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", '"4"', "true"])
+@pytest.mark.parametrize("key", ["threads", "max_probe_rows"])
+def test_counts_that_are_not_whole_numbers_name_file_and_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    bad = tmp_path / "ddsmon.toml"
+    bad.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError, match=rf"ddsmon.toml: {key} must be a whole number >= 1"):
+        load_config_file(bad)
+
+
+def test_threads_caps_torch_threads_and_is_restored_here(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        (tmp_path / "ddsmon.toml").write_text("threads = 1\n")
+        assert _config([str(tmp_path)]).threads == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    (tmp_path / "elsewhere").mkdir()
+    assert _config([str(tmp_path / "elsewhere")]).threads is None
+
+
 def test_unknown_event_key_names_it(tmp_path: Path) -> None:
     bad = tmp_path / "c.toml"
     bad.write_text("[events]\nratio_decade = 1\n")
