@@ -1,0 +1,76 @@
+"""Load models, checkpoints and probes safely.
+
+Modules: ``factories`` (``MODULE:NAME`` specs), ``probes`` (the probe batch),
+``checkpoint`` (``load_checkpoint``, dispatching on the kind), ``file_formats`` (torch
+and safetensors files), ``huggingface`` and ``dcp`` (the two folder kinds),
+``key_matching`` (finding the state dict and matching its keys), ``step_and_meta``,
+``loaded`` (the result, and building the model from its factory), ``wording`` (errors).
+
+Three entry points, each turning every failure into an error that names the file,
+module, key or shape at fault (:mod:`ddsmon.errors`):
+
+* :func:`resolve_factory` turns ``MODULE:CALLABLE`` (a dotted module, or
+  ``path/to/file.py``) into a zero-argument callable returning the ``nn.Module``.
+* :func:`load_probe` reads the probe: a torch (or safetensors) file holding
+  ``{"inputs", "targets"}``, or ``MODULE:FUNCTION`` returning that pair.
+* :func:`load_checkpoint` builds the model and loads one checkpoint into it, on CPU.
+
+Safety
+------
+Nothing is unpickled beyond tensors and plain containers unless the caller trusts
+the files (``--trust-checkpoints``): torch files are read with
+``torch.load(..., weights_only=True)``; a torch.distributed.checkpoint folder's
+``.metadata`` (a plain pickle) is read by an unpickler that admits only DCP's own
+metadata classes, ``torch.Size``, dtypes and paths, and its non-tensor items are read
+with ``weights_only=True`` too. Full unpickling runs whatever code the file names:
+trust only files you wrote yourself. safetensors and JSON files hold no code.
+
+Finding the state dict
+----------------------
+A checkpoint's *candidates* are the tensor-valued entries of its top level and of
+every mapping (or pickled module, when trusted) below it, reached first through the
+usual container keys ``state_dict``, ``model_state_dict``, ``model``, ``module``
+(Lightning: ``{"state_dict": {"model.0.weight": ...}}``), then through any other key,
+three levels deep at most. Keys are matched to the model's after dropping
+``_orig_mod.`` segments (``torch.compile``) on both sides and stripping one *prefix*
+``P`` from the checkpoint's keys: ``P`` is chosen among the checkpoint keys' dotted
+heads (``module.``, ``model.``, ``model.module.`` ...) to maximise the number of model
+keys ``k`` with ``P + k`` present, so a prefix is stripped only when doing so makes
+keys match (ties: wrapper names such as ``model``/``module`` first, then the shortest).
+Keys of the candidate that start with ``P`` but are not the model's are *unexpected*;
+keys outside ``P`` belong to something else (a Lightning module's loss, an EMA copy)
+and are ignored. The first candidate with no missing, unexpected or mis-shaped key is
+loaded; otherwise the error reports the candidate that matched most keys. Where the
+choice is a guess (two prefixes made of other names match equally well, or the model
+matches under two keys that are not container keys: ``student``/``teacher``), the
+error says so rather than loading either. A missing
+key is excused only when it is tied to (shares its tensor with) a key that is present,
+as Hugging Face checkpoints omit tied weights.
+
+Step and meta
+-------------
+``step``: the checkpoint's own top-level ``step``, ``global_step`` or ``iteration`` (a
+non-negative integer or an integral 0-dim tensor), in that order; for a Hugging Face
+folder ``trainer_state.json``'s ``global_step``; else ``None`` (the caller falls back
+to the number in the name). ``meta``: every top-level real scalar (``val_acc``,
+``epoch``, ``loss`` ...; booleans excluded) as a float, and the numeric strings of a
+safetensors file's ``__metadata__``; for Hugging Face, ``trainer_state.json``'s
+``epoch``, ``global_step``, ``best_metric`` and the latest value of each number in its
+``log_history`` (``loss``, ``eval_accuracy`` ...).
+"""
+
+from ddsmon.loading.checkpoint import load_checkpoint
+from ddsmon.loading.factories import resolve_callable, resolve_factory
+from ddsmon.loading.loaded import CHECKPOINT_KINDS, VANISHED, CheckpointLike, LoadedCheckpoint
+from ddsmon.loading.probes import load_probe
+
+__all__ = (
+    "CHECKPOINT_KINDS",
+    "VANISHED",
+    "CheckpointLike",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "load_probe",
+    "resolve_callable",
+    "resolve_factory",
+)

@@ -1,0 +1,239 @@
+"""Finding the state dict in a checkpoint and matching its keys to the model's (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ddsmon.errors import CheckpointError
+from ddsmon.loading.wording import _LISTED, _listing, _short
+
+log = logging.getLogger(__name__)
+
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+_WRAPPER_SEGMENTS = frozenset({*_CONTAINER_KEYS, "_orig_mod"})
+_MAX_DEPTH = 3
+_MAX_CANDIDATES = 64
+
+
+@dataclass
+class _Candidate:
+    """A flat name -> tensor mapping found in the checkpoint; ``where`` says where."""
+
+    where: str
+    tensors: Mapping[str, Any]
+    known: bool = True
+
+
+@dataclass
+class _Match:
+    candidate: _Candidate
+    prefix: str
+    mapping: dict[str, str]  # model key -> checkpoint key
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    rivals: list[str] = field(default_factory=list)  # other prefixes matching as well
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shapes or self.rivals)
+
+
+def _candidates(obj: Any) -> list[_Candidate]:
+    """Every tensor mapping in ``obj``, container keys first (breadth first, 3 deep)."""
+    found: list[_Candidate] = []
+    queue: list[tuple[str, Any, bool, int]] = [("", obj, True, 0)]
+    seen: set[int] = set()
+    while queue and len(found) < _MAX_CANDIDATES:
+        where, value, known, depth = queue.pop(0)
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        phrase = f"under {where}" if where else "at the top level"
+        if isinstance(value, nn.Module):
+            found.append(_Candidate(phrase, dict(value.state_dict()), known))
+            continue
+        if not isinstance(value, Mapping):
+            continue
+        tensors = {
+            k: v
+            for k, v in value.items()
+            if isinstance(k, str) and (isinstance(v, Tensor) or k.endswith("_extra_state"))
+        }
+        if tensors:
+            found.append(_Candidate(phrase, tensors, known))
+        if depth >= _MAX_DEPTH:
+            continue
+        children = [
+            (k, v)
+            for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, Mapping | nn.Module)
+        ]
+        children.sort(key=lambda kv: kv[0] not in _CONTAINER_KEYS)
+        for key, child in children:
+            queue.append((f"{where}[{key!r}]", child, known and key in _CONTAINER_KEYS, depth + 1))
+    found.sort(key=lambda c: not c.known)  # stable: breadth-first order within each group
+    return found
+
+
+def _norm(key: str) -> str:
+    """Drop ``_orig_mod`` segments (what torch.compile inserts)."""
+    if "_orig_mod" not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != "_orig_mod")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose state dict is loaded: inside torch.compile and (D)DP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _model_keys(model: nn.Module) -> tuple[dict[str, str], dict[str, Any], dict[str, set[str]]]:
+    """(normalised key -> model key, model key -> value, model key -> keys tied to it)."""
+    state = model.state_dict(keep_vars=True)
+    by_id: dict[int, set[str]] = {}
+    for k, v in state.items():
+        by_id.setdefault(id(v), set()).add(k)
+    tied = {k: by_id[id(v)] - {k} if isinstance(v, Tensor) else set() for k, v in state.items()}
+    return {_norm(k): k for k in state}, dict(state), tied
+
+
+def _prefix_rank(prefix: str, hits: int) -> tuple[int, bool, int, str]:
+    """Most hits; then prefixes made of wrapper names only; then fewest segments."""
+    segments = [s for s in prefix.split(".") if s]
+    return (-hits, not all(s in _WRAPPER_SEGMENTS for s in segments), len(segments), prefix)
+
+
+def _match(
+    model_keys: dict[str, str],
+    model_state: dict[str, Any],
+    tied: dict[str, set[str]],
+    cand: _Candidate,
+) -> _Match:
+    """Match one candidate to the model's keys through the best prefix (see :mod:`ddsmon.loading`)."""
+    ckpt: dict[str, str] = {}
+    for key in cand.tensors:
+        ckpt.setdefault(_norm(key), key)
+    hits: Counter[str] = Counter()
+    for nk in ckpt:
+        parts = nk.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in model_keys:
+                hits[".".join(parts[:i]) + ("." if i else "")] += 1
+    ranked = sorted(hits, key=lambda p: _prefix_rank(p, hits[p])) or [""]
+    prefix = ranked[0]
+    rank = _prefix_rank(prefix, hits[prefix])[:2]
+    rivals = [p for p in ranked[1:] if rank[1] and _prefix_rank(p, hits[p])[:2] == rank]
+    mapping = {mk: ckpt[prefix + nk] for nk, mk in model_keys.items() if prefix + nk in ckpt}
+    unexpected = []
+    for nk, key in ckpt.items():
+        if not nk.startswith(prefix) or nk[len(prefix) :] in model_keys:
+            continue
+        value = cand.tensors[key]
+        if prefix == "" and "." not in nk and isinstance(value, Tensor) and value.ndim == 0:
+            continue  # a top-level scalar such as step: metadata, not a weight
+        unexpected.append(key)
+    missing = [
+        mk for mk in model_keys.values() if mk not in mapping and not tied[mk] & mapping.keys()
+    ]
+    shapes = []
+    for mk, ck in mapping.items():
+        have, want = cand.tensors[ck], model_state[mk]
+        if isinstance(have, Tensor) and isinstance(want, Tensor) and have.shape != want.shape:
+            shapes.append((mk, tuple(have.shape), tuple(want.shape)))
+    return _Match(cand, prefix, mapping, missing, unexpected, shapes, rivals)
+
+
+def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
+    """The first candidate that matches the model exactly, else a CheckpointError."""
+    model_keys, model_state, tied = _model_keys(_unwrap(model))
+    if not model_keys:
+        return _Match(_Candidate("nowhere", {}), "", {})
+    if not candidates:
+        raise CheckpointError(
+            path,
+            "no state dict found: the checkpoint holds no tensors (looked under "
+            f"{', '.join(_CONTAINER_KEYS)} and every other key, {_MAX_DEPTH} levels deep)",
+        )
+    matches = [_match(model_keys, model_state, tied, c) for c in candidates]
+    good = [m for m in matches if m.ok]
+    if good:
+        first = good[0]
+        others = [m.candidate.where for m in good[1:] if not m.candidate.known]
+        if not first.candidate.known and others:
+            raise CheckpointError(
+                path,
+                f"the model matches state dicts in several places ({first.candidate.where}, "
+                f"{', '.join(others)}); cannot tell which to load",
+            )
+        if first.prefix:
+            log.debug("%s: prefix %r stripped %s", path, first.prefix, first.candidate.where)
+        return first
+    best = max(matches, key=lambda m: len(m.mapping))  # first of the best, by priority
+    raise CheckpointError(path, _mismatch_reason(best, list(model_keys.values())))
+
+
+def _mismatch_reason(match: _Match, model_keys: list[str]) -> str:
+    cand = match.candidate
+    if not match.mapping:
+        return (
+            f"no key of the model in the checkpoint: the model expects "
+            f"{_listing(model_keys, 'keys')}; the state dict {cand.where} has "
+            f"{_listing(list(cand.tensors), 'keys')}"
+        )
+    if match.rivals:
+        return (
+            f"the state dict {cand.where} matches the model under several prefixes "
+            f"({_listing([match.prefix, *match.rivals], '')}); cannot tell which to load"
+        )
+    parts = []
+    if match.missing:
+        parts.append(f"missing {_listing(match.missing, 'keys')}")
+    if match.unexpected:
+        parts.append(f"unexpected {_listing(match.unexpected, 'keys')}")
+    if match.shapes:
+        shown = ", ".join(
+            f"{k!r}: checkpoint {list(have)} vs model {list(want)}"
+            for k, have, want in match.shapes[:_LISTED]
+        )
+        more = f" and {len(match.shapes) - _LISTED} more" if len(match.shapes) > _LISTED else ""
+        count = f"{len(match.shapes)} keys: " if len(match.shapes) > 1 else ""
+        parts.append(f"shape mismatch at {count}{shown}{more}")
+    stripped = f" (prefix {match.prefix!r} stripped)" if match.prefix else ""
+    return f"state dict {cand.where}{stripped} does not match the model: " + "; ".join(parts)
+
+
+def _apply(model: nn.Module, match: _Match, tensors: Mapping[str, Any], path: Path) -> None:
+    """Copy the matched tensors into the model (tied keys may be absent)."""
+    target = _unwrap(model)
+    state = {mk: tensors[ck] for mk, ck in match.mapping.items()}
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except Exception as exc:
+        raise CheckpointError(path, f"load_state_dict failed ({_short(exc)})") from None
+    _, _, tied = _model_keys(target)
+    left = [k for k in result.missing_keys if not (tied.get(k, set()) & match.mapping.keys())]
+    if left or result.unexpected_keys:
+        parts = [f"missing {_listing(left, 'keys')}"] if left else []
+        if result.unexpected_keys:
+            parts.append(f"unexpected {_listing(list(result.unexpected_keys), 'keys')}")
+        raise CheckpointError(path, "load_state_dict reported " + "; ".join(parts))
+
+
+def _load_into(model: nn.Module, candidates: list[_Candidate], path: Path) -> None:
+    match = _choose(model, candidates, path)
+    _apply(model, match, match.candidate.tensors, path)

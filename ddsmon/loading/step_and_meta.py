@@ -1,0 +1,80 @@
+"""The step and the scalar meta (``val_acc``, ``epoch`` ...) a checkpoint carries."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_STEP_KEYS = ("step", "global_step", "iteration")
+_INT64_MAX = 2**63 - 1
+
+
+def _as_step(value: Any) -> int | None:
+    """A non-negative integral step from an int, float or one-element tensor, else None."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if isinstance(value, numbers.Integral):
+        step = int(value)
+    elif math.isfinite(number) and number.is_integer():
+        step = int(number)
+    else:
+        return None
+    return step if 0 <= step <= _INT64_MAX else None
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _step_of(obj: Any) -> int | None:
+    if not isinstance(obj, Mapping):
+        return None
+    for key in _STEP_KEYS:
+        if key in obj:
+            value = obj[key]
+            if isinstance(value, str):
+                value = int(value) if value.strip().isdigit() else None
+            step = _as_step(value)
+            if step is not None:
+                return step
+    return None
+
+
+def _meta_of(obj: Any) -> dict[str, float]:
+    if not isinstance(obj, Mapping):
+        return {}
+    meta = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or key in _STEP_KEYS:
+            continue  # the step is the reading's step, not a trainer scalar
+        if isinstance(value, str):  # safetensors metadata holds strings
+            try:
+                value = float(value)
+            except ValueError:
+                continue
+        number = _as_number(value)
+        if number is not None:
+            meta[key] = number
+    return meta
