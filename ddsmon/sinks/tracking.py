@@ -69,13 +69,12 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +83,22 @@ import numpy as np
 from ddsmon.config import redact_uri
 from ddsmon.errors import ConfigError
 from ddsmon.signature import SCALAR_READINGS, Signatures
+from ddsmon.sinks.mlflow_http import (
+    HTTP_ENV_DEFAULTS,
+    _Unreachable,
+    configure_http_env,
+    is_unreachable,
+    scrub,
+)
+from ddsmon.sinks.mlflow_keys import (
+    _BAD_CHARS,
+    LIMITS,
+    _component,
+    _cut,
+    _fit,
+    event_tag_key,
+    metric_key,
+)
 from ddsmon.state import StateDir, append_jsonl_lines, read_jsonl
 
 if TYPE_CHECKING:
@@ -104,12 +119,6 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-#: Environment defaults the sink sets (only where unset) so a down server fails fast.
-HTTP_ENV_DEFAULTS: dict[str, str] = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-}
-
 #: Tag marking runs ddsmon created (and so may set RUNNING / FINISHED).
 OWNED_TAG = "ddsmon.owned"
 DIRECTORY_TAG = "ddsmon.directory"
@@ -117,151 +126,6 @@ DIRECTORY_ID_TAG = "ddsmon.directory_id"
 NOTE_TAG = "mlflow.note.content"
 CHECKPOINT_METRIC = "dds/checkpoint"
 _NOTE_HEADER = "### ddsmon: dead-direction readings"
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "TEMPORARILY_UNAVAILABLE",
-        "WORKSPACE_TEMPORARILY_UNAVAILABLE",
-        "SERVICE_UNDER_MAINTENANCE",
-        "DEADLINE_EXCEEDED",
-        "ABORTED",
-        "REQUEST_LIMIT_EXCEEDED",
-    }
-)
-_TRANSIENT_NAMES = frozenset(
-    {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"}
-)
-
-
-def _limits() -> dict[str, int]:
-    """MLflow's batch and length limits, from mlflow where it exposes them."""
-    out = {
-        "metrics": 1000,
-        "params_tags": 100,
-        "entities": 1000,
-        "param_value": 500,
-        "tag_value": 5000,
-        "key": 250,
-    }
-    with contextlib.suppress(ImportError):
-        from mlflow.utils import validation as v
-
-        out["metrics"] = getattr(v, "MAX_METRICS_PER_BATCH", out["metrics"])
-        out["params_tags"] = getattr(v, "MAX_PARAMS_TAGS_PER_BATCH", out["params_tags"])
-        out["entities"] = getattr(v, "MAX_ENTITIES_PER_BATCH", out["entities"])
-        out["param_value"] = getattr(v, "MAX_PARAM_VAL_LENGTH", out["param_value"])
-        out["tag_value"] = getattr(v, "MAX_TAG_VAL_LENGTH", out["tag_value"])
-        out["key"] = getattr(v, "MAX_ENTITY_KEY_LENGTH", out["key"])
-    return out
-
-
-LIMITS = _limits()
-
-
-def configure_http_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set :data:`HTTP_ENV_DEFAULTS` where the environment does not already say; return
-    what was set."""
-    env = os.environ if environ is None else environ
-    applied = {}
-    for key, value in HTTP_ENV_DEFAULTS.items():
-        if key not in env:
-            env[key] = value
-            applied[key] = value
-    return applied
-
-
-# ---------------------------------------------------------------------- names
-_BAD_CHARS = re.compile(r"[^\w.\- ]")
-
-
-def _component(name: str) -> str:
-    """One path component of a metric or tag key in MLflow's allowed characters
-    (alphanumerics, ``_ - . space``; ``/`` and ``:`` are replaced too)."""
-    out = _BAD_CHARS.sub("_", name).strip() or "model"
-    if out in (".", ".."):
-        out = "_" + out
-    return out
-
-
-def _fit(key: str, limit: int | None = None) -> str:
-    """Cut a key to MLflow's length limit, keeping it unique with a short hash."""
-    limit = limit or LIMITS["key"]
-    if len(key) <= limit:
-        return key
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return key[: limit - 11] + "-" + digest
-
-
-def metric_key(*parts: str) -> str:
-    """``dds/<layer>/<reading>``-style key from raw parts, sanitised and length-limited."""
-    return _fit("/".join(_component(p) for p in parts))
-
-
-def event_tag_key(step: int, layer: str, kind: str) -> str:
-    """``dds.event.<step>.<layer>.<kind>`` (layer dots kept; other characters sanitised)."""
-    return _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}")
-
-
-def _cut(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------- errors
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]+@")
-
-
-def scrub(text: str) -> str:
-    """``text`` with URI credentials (``scheme://user:pass@``) and the values of
-    MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN replaced by ``***``."""
-    out = _USERINFO.sub(r"\1***@", text)
-    for var in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 3:
-            out = out.replace(secret, "***")
-    return out
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the tracking store could not be reached (worth spooling and
-    retrying) rather than that the request itself was wrong.
-
-    Connection-type: builtin ConnectionError/TimeoutError, any ``requests`` exception,
-    botocore endpoint/timeout errors (S3 artifact stores), and MlflowExceptions coded
-    TEMPORARILY_UNAVAILABLE, DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED and the like, or
-    INTERNAL_ERROR raised by MLflow's REST client for a failed transport ("API request to
-    ... failed": refused, reset, 5xx after retries). Any other MlflowException (a bad
-    request, a missing run) is not.
-    """
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover
-        MlflowException = ()  # type: ignore[assignment,misc]
-    try:
-        from requests.exceptions import RequestException
-    except ImportError:  # pragma: no cover
-        RequestException = ()  # type: ignore[assignment,misc]
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (ConnectionError, TimeoutError, RequestException)):
-            return True
-        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(cur).__mro__):
-            return True
-        if isinstance(cur, MlflowException):
-            code = getattr(cur, "error_code", "")
-            if code in _TRANSIENT_CODES:
-                return True
-            if code != "INTERNAL_ERROR":
-                return False
-            if str(getattr(cur, "message", cur)).startswith("API request to"):
-                return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-class _Unreachable(Exception):
-    """Internal: the tracking store did not answer (wraps the original error)."""
 
 
 # ---------------------------------------------------------------------- the sink
