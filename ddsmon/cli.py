@@ -53,7 +53,7 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-probe-rows", type=click.IntRange(min=1), default=None,
                      help="Refuse layers with more probe rows (samples x positions) than this."),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="CPU threads for torch (default: one per core); fewer when training shares the machine."),
+                     help="torch intra-op CPU threads (default: torch's, one per core); fewer when training shares the machine."),
         click.option("--trust-checkpoints", is_flag=True, default=False,
                      help="Allow full unpickling of checkpoints. UNSAFE for files from others: a pickle can run code."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -102,20 +102,7 @@ def _build_config(ctx: click.Context, directory: Path | None, **flags: Any) -> C
             values[name] = value
     if "fail_on_event" in values:
         values["fail_on_event"] = tuple(values["fail_on_event"])
-    config = Config(directory=directory, **values)
-    _limit_threads(config.threads)
-    return config
-
-
-def _limit_threads(threads: Any) -> None:
-    """``--threads`` / ``threads = N``: cap torch's intra-op CPU threads for this process."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
-    import torch
-
-    torch.set_num_threads(threads)
+    return Config(directory=directory, **values)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -278,6 +265,7 @@ def report(
 ) -> None:
     """Read one CHECKPOINT and print every layer's readings."""
     from ddsmon.checkpoints import classify
+    from ddsmon.daemon import limit_threads
     from ddsmon.engine import compute_signatures
     from ddsmon.loading import load_checkpoint, load_probe, resolve_factory
     from ddsmon.probe import probe_batch_size
@@ -285,6 +273,7 @@ def report(
     checkpoint = checkpoint.resolve()
     try:
         config = _build_config(ctx, checkpoint.parent, **flags)
+        limit_threads(config.threads)
         ref = classify(checkpoint)
         if ref is None:
             raise ConfigError(

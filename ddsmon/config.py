@@ -51,9 +51,10 @@ class Config:
         folders, built from their config.json).
     probe: a torch file holding {"inputs", "targets"} or ``MODULE:FUNCTION``.
     loss / layers / device / fisher / forward_dtype / max_probe_rows: engine settings.
-    threads: CPU threads torch may use (None: torch's default, one per core). Below the
-        core count when ddsmon shares the machine with a training job, whose threads
-        would otherwise contend with ddsmon's (OpenMP oversubscription).
+    threads: torch's intra-op CPU threads (``torch.set_num_threads``; None: torch's
+        default, ``OMP_NUM_THREADS`` or the physical cores), applied by the Daemon and
+        ``report``. Below the core count when ddsmon shares the machine with a training
+        job, whose threads would otherwise contend with ddsmon's (oversubscription).
     tracking_uri / experiment / run_id / run_name: where readings go in MLflow.
     events_json / on_event: alert outputs. fail_on_event: kinds that make ``scan`` exit 1.
     poll: polling-observer interval (None: native events). quiet: seconds a file must

@@ -84,6 +84,7 @@ class Daemon:
             raise ConfigError(
                 f"forward dtype must be float64 or float32, got {config.forward_dtype!r}"
             )
+        limit_threads(config.threads)
         self.config = config
         self.sinks = list(sinks)
         self.tracking = tracking
@@ -370,6 +371,17 @@ class Daemon:
             getattr(sink, method)(*args)
         except Exception:
             log.exception("sink %s.%s failed", type(sink).__name__, method)
+
+
+def limit_threads(threads: int | None) -> None:
+    """``--threads N`` / ``threads = N``: torch's intra-op CPU threads for this process
+    (``torch.set_num_threads``; the eigensolvers and matrix products run on these).
+    None leaves torch's default: ``OMP_NUM_THREADS`` if set, else the physical cores."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def resolve_loss(spec: str) -> str | Callable[..., Any]:

@@ -12,7 +12,11 @@ Structured layers never materialise J:
   row Grams and ``blocksum`` adding the T x T position block of each pair of samples;
   the bias adds ``blocksum(Delta Delta^T) / n``.
 * ``nn.Embedding``: the same with A the one-hot rows of the token ids, so
-  ``A A^T = [id_it == id_js]``.
+  ``A A^T = [id_it == id_js]``; positions holding ``padding_idx`` send the weight no
+  gradient and are left out. Embeddings with ``max_norm`` (weights renormalised in the
+  forward pass) or ``scale_grad_by_freq`` go through ``torch.func`` instead.
+* transformers' ``Conv1D`` (GPT-2's attention and MLP projections, ``h = a W + b`` with
+  W stored d_in x d_out) is a Linear layer with its weight transposed: the same K.
 
 For sequences (T > 1 positions per sample) the N x N row Grams can cost far more than
 the per-sample gradients themselves: GPT-2's MLP (768 -> 3072) on 32 x 128 tokens needs
@@ -22,21 +26,33 @@ and take ``J J^T``. ``param_gram_structured`` counts both and takes the cheaper;
 per-sample path is built a block of output columns at a time, ``K = sum_b J_b J_b^T``,
 so no more than ``chunk_bytes`` of J exist at once and nothing is recomputed.
 Embedding's per-sample path sums Delta over the positions of each (sample, token) pair,
-``S_p = sum_{t: id_it = u} delta_it`` for p = (i, u), and visits only the pairs of such
-rows that share a token: ``K_ij = sum_{p in i, q in j, u_p = u_q} S_p . S_q``. With
-``c_u`` rows holding token u that is ``P = sum_u c_u^2`` dot products of length d_out,
-against the ``N^2`` of the row Grams (for 4096 random GPT-2 tokens, P ~ N).
+``S_p = sum_{t: id_it = u} delta_it`` for p = (i, u) (M <= N rows), and visits only the
+pairs of such rows that share a token: ``K_ij = sum_{p in i, q in j, u_p = u_q} S_p . S_q``.
+With ``c_u <= n`` rows holding token u that is ``P = sum_u c_u^2`` dot products of length
+d_out against the ``N^2`` of the row Grams: P ~ N for 4096 uniformly random GPT-2 ids,
+more for natural text, whose frequent tokens occur in most samples. A token held by
+many rows is one dense ``S_u S_u^T`` product; the rest are gathered dot products, a
+batch of pairs at a time within ``chunk_bytes``.
 
 Every other module with parameters goes through ``torch.func``: ``vmap(grad(loss_i))``
 over samples, chunked, with one pass serving all such modules at once.
 Scaling (BackPACK's convention made explicit): the per-sample loss is not divided by n,
 the Gram is, once.
+
+What K does not see. Each module's K is of its *own use* of its parameters: when two
+modules share a tensor (GPT-2's ``wte`` and ``lm_head``), the shared parameter's
+gradient is the sum over both uses, and each module's K holds one term. Frozen
+parameters (``requires_grad=False``) are included: K reads the loss geometry of a
+module's parameters whether or not training moves them. On CUDA the per-sample
+Embedding path accumulates with atomics (``index_add_``/``index_put_``), so K may
+differ between runs at the rounding level.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +65,7 @@ __all__ = (
     "GRAM_METHODS",
     "cheaper_gram_method",
     "is_structured",
+    "is_transposed_linear",
     "param_gram_structured",
     "param_grams_functional",
 )
@@ -58,7 +75,21 @@ log = logging.getLogger(__name__)
 
 def is_structured(module: nn.Module) -> bool:
     """Whether K of ``module`` is built from its captured inputs and output gradients."""
-    return isinstance(module, (nn.Linear, nn.Embedding))
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (``h = a W + b``, W of shape d_in x d_out, ``nf`` = d_out),
+    recognised by name and shape so that transformers need not be imported."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
 
 
 def _blocksum(m: Tensor, n: int) -> Tensor:
@@ -76,12 +107,13 @@ GRAM_METHODS = ("auto", "row_gram", "per_sample")
 def param_gram_structured(
     cap: LayerCapture, n: int, *, method: str = "auto", chunk_bytes: int = 1 << 28
 ) -> Tensor:
-    """K (n x n) of a Linear or Embedding layer from its captured A and Delta.
+    """K (n x n) of a structured layer (see :func:`is_structured`) from its A and Delta.
 
-    ``method``: ``"row_gram"`` (blocksums of the N x N row Grams), ``"per_sample"``
-    (materialise ``J`` a block of columns at a time) or ``"auto"``, the one with fewer
-    floating-point operations (see the module docstring). Both give the same K to
-    rounding; tests hold each to the per-sample loop.
+    ``method``: ``"row_gram"`` (blocksums of the N x N row Grams), ``"per_sample"`` (J
+    built a block of columns at a time for Linear; the token-sharing rows of S for
+    Embedding; see the module docstring) or ``"auto"``, the one
+    :func:`cheaper_gram_method` expects to be faster. All give the same K to rounding;
+    tests hold each to the per-sample loop.
     """
     if method not in GRAM_METHODS:
         raise ValueError(f"method must be one of {GRAM_METHODS}, got {method!r}")
@@ -90,12 +122,14 @@ def param_gram_structured(
     rows, d_out = delta.shape
     if isinstance(module, nn.Embedding):
         ids = cap.inputs.reshape(-1)
-        if method != "row_gram" and rows > n:
-            index, owner, pairs = _embedding_token_pairs(ids, n, module.num_embeddings)
+        if module.padding_idx is not None:
+            delta = delta.masked_fill((ids == module.padding_idx)[:, None], 0.0)
+        if method == "per_sample" or (method == "auto" and rows > n):
+            tokens = _token_rows(ids, n, module.num_embeddings)
             if method == "auto":
-                method = cheaper_gram_method(rows, n, 0, d_out, pairs=pairs.shape[1])
+                method = cheaper_gram_method(rows, n, 0, d_out, pairs=tokens.pairs)
             if method == "per_sample":
-                return _embedding_gram_per_sample(delta, index, owner, pairs, n, chunk_bytes)
+                return _embedding_gram_per_sample(delta, tokens, n, chunk_bytes) / n
         dd = delta @ delta.T
         aa = (ids[:, None] == ids[None, :]).to(dd.dtype)
         return _blocksum(aa * dd, n) / n
@@ -117,9 +151,10 @@ def param_gram_structured(
 
 
 #: How many times slower, per multiply-add, the per-sample paths ran than the row Grams'
-#: GEMMs on the benchmark machine (2-core EPYC, float64): the batched products with a
+#: GEMMs on the benchmark machine (2-core EPYC CPU, float64): the batched products with a
 #: T-long inner dimension and the writes of J are memory-bound (measured 27 against 69
-#: GFLOP/s), and the embedding's gathered dot products more so.
+#: GFLOP/s), and the embedding's gathered dot products more so. Measured on CPU only;
+#: CUDA uses the same weights, unmeasured (no GPU was available to us).
 LINEAR_PER_SAMPLE_PENALTY = 2.5
 EMBEDDING_PAIR_PENALTY = 8.0
 
@@ -163,43 +198,76 @@ def _linear_gram_per_sample(a: Tensor, delta: Tensor, n: int, chunk_bytes: int) 
     return gram
 
 
-def _embedding_token_pairs(ids: Tensor, n: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows of S and the pairs of them that share a token (see the module docstring).
+@dataclass(frozen=True)
+class _TokenRows:
+    """The rows of S (one per distinct (sample, token) pair of the probe), grouped by token.
 
-    ids: token ids (N,), N = n*T. Returns ``index`` (N,), the row of S each position adds
-    into; ``owner`` (M,), the sample of each row of S; ``pairs`` (2 x P), every ordered
-    pair of rows of S holding the same token.
+    index (N,): the row of S each position adds into. owner (M,): the sample of each
+    row. order (M,): the rows sorted by token; counts: rows per token, in that order.
+    pairs: ``P = sum_u counts_u^2``, the ordered pairs of rows sharing a token.
     """
+
+    index: Tensor
+    owner: Tensor
+    order: Tensor
+    counts: Tensor
+    pairs: int
+
+
+def _token_rows(ids: Tensor, n: int, vocab: int) -> _TokenRows:
+    """Group the probe's token ids (N,), N = n*T sample-major, into the rows of S."""
     rows = ids.numel()
     sample = torch.arange(rows, device=ids.device) // (rows // n)
     keys, index = torch.unique(sample * vocab + ids, return_inverse=True)
     owner, token = keys // vocab, keys % vocab
     order = torch.argsort(token, stable=True)
     _, counts = torch.unique_consecutive(token[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sizes = counts * counts
-    group = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), sizes)
-    offset = torch.arange(int(sizes.sum()), device=ids.device) - torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
-    )
-    width = counts[group]
-    first = order[starts[group] + torch.div(offset, width, rounding_mode="floor")]
-    second = order[starts[group] + offset % width]
-    return index, owner, torch.stack([first, second])
+    return _TokenRows(index, owner, order, counts, int((counts * counts).sum()))
+
+
+#: Tokens held by at least this many rows of S are one dense ``S_u S_u^T`` product.
+DENSE_TOKEN_ROWS = 32
 
 
 def _embedding_gram_per_sample(
-    delta: Tensor, index: Tensor, owner: Tensor, pairs: Tensor, n: int, chunk_bytes: int
+    delta: Tensor, tokens: _TokenRows, n: int, chunk_bytes: int
 ) -> Tensor:
-    """K (n x n) of an Embedding from the token-sharing pairs of :func:`_embedding_token_pairs`."""
-    summed = delta.new_zeros(owner.numel(), delta.shape[1]).index_add_(0, index, delta)
+    """Unscaled n x n Gram of an Embedding's weight gradients from the rows of S."""
+    d_out = delta.shape[1]
+    summed = delta.new_zeros(tokens.owner.numel(), d_out).index_add_(0, tokens.index, delta)
     gram = delta.new_zeros(n, n)
-    step = max(1, chunk_bytes // max(1, 2 * delta.shape[1] * delta.element_size()))
-    for start in range(0, pairs.shape[1], step):
-        first, second = pairs[:, start : start + step]
+    counts = tokens.counts
+    starts = torch.cumsum(counts, 0) - counts
+    dense = counts >= DENSE_TOKEN_ROWS
+    for start, count in zip(starts[dense].tolist(), counts[dense].tolist(), strict=True):
+        rows = tokens.order[start : start + count]
+        who = tokens.owner[rows]  # distinct samples: one row of S per (sample, token)
+        block = summed[rows] @ summed[rows].T
+        where = (who[:, None].expand_as(block), who[None, :].expand_as(block))
+        gram.index_put_(where, block, accumulate=True)
+    # the other tokens: gathered dot products, batches of whole tokens within chunk_bytes
+    small = (~dense).nonzero().flatten()
+    sizes = counts[small] ** 2
+    budget = max(DENSE_TOKEN_ROWS**2, chunk_bytes // (3 * d_out * delta.element_size()))
+    batch = (torch.cumsum(sizes, 0) - sizes) // budget
+    for b in torch.unique(batch).tolist():
+        groups = small[batch == b]
+        first, second = _pairs_within(starts[groups], counts[groups])
+        first, second = tokens.order[first], tokens.order[second]
         dots = (summed[first] * summed[second]).sum(dim=1)
-        gram.index_put_((owner[first], owner[second]), dots, accumulate=True)
-    return gram / n
+        gram.index_put_((tokens.owner[first], tokens.owner[second]), dots, accumulate=True)
+    return gram
+
+
+def _pairs_within(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Every ordered pair (start + a, start + b), a, b < count, of each group."""
+    sizes = counts * counts
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), sizes)
+    offset = torch.arange(int(sizes.sum()), device=counts.device)
+    offset = offset - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    width = counts[group]
+    base = starts[group]
+    return base + torch.div(offset, width, rounding_mode="floor"), base + offset % width
 
 
 def param_grams_functional(

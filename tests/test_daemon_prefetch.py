@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -82,11 +81,10 @@ def _scan(tmp_path: Path, probe: Path, helper, *, prefetch: bool, wait: float) -
 def test_next_checkpoint_loads_while_the_current_one_is_read(
     tmp_path: Path, probe: Path, helper
 ) -> None:
-    _scan(tmp_path, probe, helper, prefetch=True, wait=30.0)
+    _scan(tmp_path, probe, helper, prefetch=True, wait=10.0)
     # while reading checkpoint k (k < 3) the factory had already run for k + 1
     assert helper.seen == [2, 3, 4, 4]
     assert all(name.startswith("ddsmon-load") for name in helper.loads)
-    assert threading.current_thread().name not in helper.loads
 
 
 def test_without_prefetch_each_load_waits_for_the_reading_before_it(

@@ -24,9 +24,11 @@ from torch import nn
 from ddsmon import compute_signatures
 from ddsmon.losses import per_sample_loss_fn
 from ddsmon.param_gram import (
+    DENSE_TOKEN_ROWS,
     GRAM_METHODS,
-    _embedding_token_pairs,
+    _token_rows,
     cheaper_gram_method,
+    is_structured,
     param_gram_structured,
     param_grams_functional,
 )
@@ -72,6 +74,34 @@ class TokenModel(nn.Module):
         return self.head(self.act(self.fc(self.ln(self.emb(ids)))))
 
 
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D as GPT-2 uses it: ``x @ W + b``, W is nx x nf."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class PaddedConv1DModel(nn.Module):
+    """Embedding with padding_idx 0 -> Conv1D (GPT-2 style) -> Tanh -> Linear without bias."""
+
+    def __init__(self, vocab: int = 9, emb: int = 6, hidden: int = 10, classes: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb, padding_idx=0)
+        self.proj = Conv1D(hidden, emb)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(hidden, classes, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.proj(self.emb(ids))))
+
+
 def _mlp_case():
     torch.manual_seed(10)
     model = MLP()
@@ -88,7 +118,16 @@ def _token_case():
     return model, ids, y, "ce"
 
 
-CASES = {"mlp": _mlp_case, "tokens": _token_case}
+def _padded_case():
+    torch.manual_seed(12)
+    model = PaddedConv1DModel()
+    ids = torch.randint(0, 9, (10, 6))
+    ids[:, -2:] = 0  # padded tails: these positions send the embedding weight nothing
+    y = torch.randint(0, 5, (10, 6))
+    return model, ids, y, "ce"
+
+
+CASES = {"mlp": _mlp_case, "tokens": _token_case, "padded": _padded_case}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -103,7 +142,8 @@ def case(request: pytest.FixtureRequest):
 def test_default_selection_reads_every_leaf(case) -> None:
     name, *_, sig, _ = case
     expected = {"mlp": ["fc1", "ln", "act", "fc2", "act2", "out"],
-                "tokens": ["emb", "ln", "fc", "act", "head"]}[name]  # fmt: skip
+                "tokens": ["emb", "ln", "fc", "act", "head"],
+                "padded": ["emb", "proj", "act", "head"]}[name]  # fmt: skip
     assert list(sig.layers) == expected
 
 
@@ -177,7 +217,7 @@ def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
     xx = x.double() if x.is_floating_point() else x
     caps = run_probe(
         work, xx, y, per_sample_loss_fn(loss), list(sig.layers),
-        n=y.shape[0], keep_inputs=lambda m: isinstance(m, (nn.Linear, nn.Embedding)),
+        n=y.shape[0], keep_inputs=is_structured,
     )  # fmt: skip
     for layer, cap in caps.items():
         ref = refs[layer]
@@ -186,7 +226,7 @@ def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
         assert_close_report(cap.output.numpy(), ref.X, atol=TOL * scale_x, what=f"{layer} X")
         assert cap.grad is not None
         assert_close_report(cap.grad.numpy(), ref.Delta, atol=TOL * scale_d, what=f"{layer} Delta")
-        if isinstance(cap.module, (nn.Linear, nn.Embedding)):
+        if is_structured(cap.module):
             k = param_gram_structured(cap, y.shape[0]).numpy()
             k_ref = ref.J @ ref.J.T / ref.n
             assert_close_report(k, k_ref, atol=TOL * np.abs(k_ref).max(), what=f"{layer} K")
@@ -201,11 +241,11 @@ def test_both_structured_gram_methods_equal_the_loop(case, method: str, chunk_by
     xx = x.double() if x.is_floating_point() else x
     caps = run_probe(
         work, xx, y, per_sample_loss_fn(loss), list(sig.layers),
-        n=y.shape[0], keep_inputs=lambda m: isinstance(m, (nn.Linear, nn.Embedding)),
+        n=y.shape[0], keep_inputs=is_structured,
     )  # fmt: skip
     checked = 0
     for layer, cap in caps.items():
-        if not isinstance(cap.module, (nn.Linear, nn.Embedding)):
+        if not is_structured(cap.module):
             continue
         k = param_gram_structured(cap, y.shape[0], method=method, chunk_bytes=chunk_bytes)
         ref = refs[layer]
@@ -230,6 +270,7 @@ def test_auto_gram_method_takes_the_per_sample_path_for_long_sequences() -> None
         for i in range(n)
     ])  # fmt: skip
     k_ref = (j @ j.T / n).numpy()
+    assert cheaper_gram_method(n * t, n, d_in, d_out) == "per_sample"
     for method in GRAM_METHODS:
         k = param_gram_structured(cap, n, method=method).numpy()
         assert_close_report(k, k_ref, atol=TOL * np.abs(k_ref).max(), what=method)
@@ -242,7 +283,7 @@ def test_auto_gram_method_takes_the_per_sample_path_for_long_sequences() -> None
     [
         (4096, 32, 768, 3072, None, "per_sample"),  # GPT-2 MLP, 32 x 128 tokens: ~5x fewer
         (4096, 32, 0, 768, 4200, "per_sample"),  # GPT-2 wte, random ids: few shared tokens
-        (4096, 32, 0, 768, 4096**2 // 2, "row_gram"),  # a small vocabulary: most pairs share
+        (4096, 1024, 0, 32, 4096**2 // 4, "row_gram"),  # 4 ids: a quarter of row pairs share
         (256, 256, 128, 128, None, "row_gram"),  # one row per sample: J is never cheaper
         (256, 256, 0, 128, 256, "row_gram"),
         (128, 2, 3, 4, None, "per_sample"),
@@ -256,27 +297,91 @@ def test_cheaper_gram_method_counts_the_multiply_adds(
     assert cheaper_gram_method(rows, n, d_in, d_out, pairs=pairs) == expected
 
 
-def test_embedding_token_pairs_are_the_rows_sharing_a_token() -> None:
+def test_token_rows_group_the_probe_by_sample_and_token() -> None:
     """Two samples of three positions; ids 5 and 2 are shared, 7 and 9 are not."""
-    ids = torch.tensor([5, 5, 2, 2, 7, 9])
-    index, owner, pairs = _embedding_token_pairs(ids, n=2, vocab=10)
+    tokens = _token_rows(torch.tensor([5, 5, 2, 2, 7, 9]), n=2, vocab=10)
     # rows of S: (sample 0, id 2), (0, 5), (1, 2), (1, 7), (1, 9)
-    assert index.tolist() == [1, 1, 0, 2, 3, 4] and owner.tolist() == [0, 0, 1, 1, 1]
-    got = sorted(map(tuple, pairs.T.tolist()))
-    assert got == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2), (3, 3), (4, 4)]
+    assert tokens.index.tolist() == [1, 1, 0, 2, 3, 4]
+    assert tokens.owner.tolist() == [0, 0, 1, 1, 1]
+    assert tokens.counts.tolist() == [2, 1, 1, 1]  # ids 2, 5, 7, 9
+    assert tokens.pairs == 4 + 1 + 1 + 1
 
 
-def test_functional_gram_equals_the_loop_for_layernorm(case) -> None:
-    """K of LayerNorm via torch.func (vmap of grad) equals J J^T / n of the loop, entrywise."""
-    _, model, x, y, loss, _, refs = case
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 1], ids=["one-batch", "batch-per-token"])
+@pytest.mark.parametrize("vocab", [3, 50, 10_000], ids=["dense-tokens", "mixed", "sparse"])
+def test_embedding_per_sample_gram_equals_the_explicit_gradients(
+    vocab: int, chunk_bytes: int
+) -> None:
+    """K from the rows of S against J built explicitly (n x vocab*d): frequent tokens take
+    the dense product (a token in >= DENSE_TOKEN_ROWS samples), rare ones the gathered pairs;
+    padding positions contribute nothing."""
+    gen = torch.Generator().manual_seed(vocab)
+    n, t, d = 40, 7, 3
+    module = nn.Embedding(vocab, d, padding_idx=1).double()
+    ids = torch.randint(0, vocab, (n * t,), generator=gen)
+    ids[::5] = 1
+    delta = torch.randn(n * t, d, dtype=torch.float64, generator=gen)
+    cap = LayerCapture("emb", module, delta, grad=delta, inputs=ids)
+    kept = torch.where((ids == 1)[:, None], 0.0, delta)
+    j = torch.zeros(n, vocab, d, dtype=torch.float64)
+    j.index_put_((torch.arange(n * t) // t, ids), kept, accumulate=True)
+    j = j.reshape(n, -1)
+    k_ref = (j @ j.T / n).numpy()
+    # samples holding each id: the padding id is in all of them (a dense token whose rows
+    # are zero); other ids reach DENSE_TOKEN_ROWS samples only in the 3-token vocabulary
+    present = torch.zeros(n, vocab, dtype=torch.bool)
+    present[torch.arange(n * t) // t, ids] = True
+    samples = present.sum(dim=0)
+    assert samples[1] == n and samples[1] >= DENSE_TOKEN_ROWS
+    samples[1] = 0
+    assert bool((samples >= DENSE_TOKEN_ROWS).any()) == (vocab == 3)
+    assert _token_rows(ids, n, vocab).counts.max() == n
+    for method in ("row_gram", "per_sample"):
+        k = param_gram_structured(cap, n, method=method, chunk_bytes=chunk_bytes).numpy()
+        what = f"vocab {vocab}, {method}"
+        assert_close_report(k, k_ref, atol=1e-12 * np.abs(k_ref).max(), what=what)
+
+
+def test_structured_paths_handle_one_sample_no_bias_and_zero_gradients() -> None:
+    gen = torch.Generator().manual_seed(5)
+    linear = nn.Linear(3, 4, bias=False).double()
+    a = torch.randn(6, 3, dtype=torch.float64, generator=gen)
+    delta = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    cap = LayerCapture("fc", linear, a @ linear.weight.T, grad=delta, inputs=a)
+    j = (delta.T @ a).reshape(1, -1)  # n = 1, T = 6
+    for method in GRAM_METHODS:
+        k = param_gram_structured(cap, 1, method=method)
+        assert k.shape == (1, 1)
+        assert float(k) == pytest.approx(float(j @ j.T), rel=1e-12), method
+    emb = nn.Embedding(5, 2).double()
+    zero = torch.zeros(8, 2, dtype=torch.float64)
+    cap = LayerCapture("emb", emb, zero, grad=zero, inputs=torch.tensor([0, 1, 1, 4] * 2))
+    for method in GRAM_METHODS:
+        assert not param_gram_structured(cap, 2, method=method).any(), method
+
+
+def test_embeddings_that_rescale_gradients_or_weights_are_not_structured() -> None:
+    assert is_structured(nn.Embedding(5, 2, padding_idx=0))
+    assert not is_structured(nn.Embedding(5, 2, max_norm=1.0))
+    assert not is_structured(nn.Embedding(5, 2, scale_grad_by_freq=True))
+    assert is_structured(Conv1D(4, 3)) and is_structured(nn.Linear(3, 4))
+    assert not is_structured(nn.Conv1d(3, 4, 1))
+
+
+def test_functional_gram_equals_the_loop(case) -> None:
+    """K via torch.func (vmap of grad) equals J J^T / n of the loop, entrywise: for
+    LayerNorm, and for modules the engine reads from structure (the two must agree)."""
+    name, model, x, y, loss, _, refs = case
     work = _double_copy(model)
     xx = x.double() if x.is_floating_point() else x
-    grams = param_grams_functional(
-        work, {"ln": work.ln}, xx, y, per_sample_loss_fn(loss), y.shape[0]
-    )
-    ref = refs["ln"]
-    k_ref = ref.J @ ref.J.T / ref.n
-    assert_close_report(grams["ln"].numpy(), k_ref, atol=TOL * np.abs(k_ref).max(), what="ln K")
+    layers = {"mlp": ["ln", "fc2"], "tokens": ["ln", "emb"], "padded": ["emb", "proj"]}[name]
+    modules = {layer: work.get_submodule(layer) for layer in layers}
+    grams = param_grams_functional(work, modules, xx, y, per_sample_loss_fn(loss), y.shape[0])
+    for layer in layers:
+        ref = refs[layer]
+        k_ref = ref.J @ ref.J.T / ref.n
+        atol = TOL * np.abs(k_ref).max()
+        assert_close_report(grams[layer].numpy(), k_ref, atol=atol, what=f"{layer} K")
 
 
 def _double_copy(model: nn.Module) -> nn.Module:
