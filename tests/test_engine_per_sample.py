@@ -210,15 +210,20 @@ def test_ce_head_gradient_has_its_structural_zero(case) -> None:
     assert head.g_rank == head.d - 1 and head.g_dead == 1
 
 
-def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
-    """X and Delta themselves (not just their spectra) from ddsmon.probe.run_probe."""
-    _, model, x, y, loss, sig, refs = case
-    work = _double_copy(model)
+def _captures(case) -> dict:
+    """The engine's probe pass (X, Delta, and A of structured layers) on a float64 copy."""
+    _, model, x, y, loss, sig, _ = case
     xx = x.double() if x.is_floating_point() else x
-    caps = run_probe(
-        work, xx, y, per_sample_loss_fn(loss), list(sig.layers),
+    return run_probe(
+        _double_copy(model), xx, y, per_sample_loss_fn(loss), list(sig.layers),
         n=y.shape[0], keep_inputs=is_structured,
     )  # fmt: skip
+
+
+def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
+    """X and Delta themselves (not just their spectra) from ddsmon.probe.run_probe."""
+    *_, y, _, _, refs = case
+    caps = _captures(case)
     for layer, cap in caps.items():
         ref = refs[layer]
         scale_x = np.abs(ref.X).max()
@@ -236,13 +241,8 @@ def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
 @pytest.mark.parametrize("chunk_bytes", [1 << 28, 200], ids=["one-block", "column-blocks"])
 def test_both_structured_gram_methods_equal_the_loop(case, method: str, chunk_bytes: int) -> None:
     """K of Linear and Embedding by either method, in one block of J or in many."""
-    _, model, x, y, loss, sig, refs = case
-    work = _double_copy(model)
-    xx = x.double() if x.is_floating_point() else x
-    caps = run_probe(
-        work, xx, y, per_sample_loss_fn(loss), list(sig.layers),
-        n=y.shape[0], keep_inputs=is_structured,
-    )  # fmt: skip
+    *_, y, _, _, refs = case
+    caps = _captures(case)
     checked = 0
     for layer, cap in caps.items():
         if not is_structured(cap.module):

@@ -14,17 +14,22 @@ _STEP_KEYS = ("step", "global_step", "iteration")
 _INT64_MAX = 2**63 - 1
 
 
-def _as_step(value: Any) -> int | None:
-    """A non-negative integral step from an int, float or one-element tensor, else None."""
+def _real(value: Any) -> numbers.Real | None:
+    """A real scalar (int, float, one-element real tensor; never a bool), else None."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             return None
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
+    return value
+
+
+def _as_step(value: Any) -> int | None:
+    """A non-negative integral step from an int, float or one-element tensor, else None."""
+    value = _real(value)
+    number = _as_number(value)
+    if value is None or number is None:
         return None
     if isinstance(value, numbers.Integral):
         step = int(value)
@@ -36,11 +41,8 @@ def _as_step(value: Any) -> int | None:
 
 
 def _as_number(value: Any) -> float | None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            return None
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    value = _real(value)
+    if value is None:
         return None
     try:
         return float(value)
