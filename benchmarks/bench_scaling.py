@@ -22,8 +22,10 @@ Sweeps (defaults; every size is a flag):
 
 Cost model per layer with N rows (n samples x T positions), width d, input width
 d_in, m = min(N, d): probe pass O(N d d_in) (forward and backward, float64); X side
-O(N d m) (QR then SVD when N > 2d, else an SVD); G side O(N d m) to form the Gram plus
-O(m^3) to eigensolve; K side O(N^2 (d_in + d)) to form plus O(n^3) to eigensolve.
+O(N d m) + O(m^3) (a QR of the tall side, X or X^T, then the SVD of the m x m factor);
+G side O(N d m) to form the Gram plus O(m^3) to eigensolve; K side O(N^2 (d_in + d)) for
+the row Grams or O(d_in d (N + n^2)) for per-sample gradients, whichever
+``ddsmon.param_gram.cheaper_gram_method`` picks, plus O(n^3) to eigensolve.
 
     python benchmarks/bench_scaling.py [--sweeps width,rows,layers,gpt2] [--device cpu]
         [--budget 150] [--repeats 3] [--write BENCHMARKS.md]
