@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from torch import nn
 from ddsmon import compute_signatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaling import machine_lines, write_section
+from bench_scaling import machine_lines, median_seconds, write_section
 
 
 def make_model(width: int, depth: int, d_in: int, classes: int) -> nn.Module:
@@ -62,16 +60,6 @@ def bare_minimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eigen_only:
     return results
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -93,7 +81,7 @@ def main() -> None:
         ("ddsmon fisher=both (X, G and K readings)",
          lambda: compute_signatures(model, x, y, "ce", layers, "cpu", fisher="both")),
     ]  # fmt: skip
-    medians = [(label, timed(fn, args.repeats)) for label, fn in rows]
+    medians = [(label, median_seconds(fn, args.repeats)) for label, fn in rows]
     eig_only, ref = medians[0][1], medians[1][1]
     command = "python benchmarks/bench_engine.py " + " ".join(sys.argv[1:])
     lines = [

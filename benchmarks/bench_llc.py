@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -55,7 +54,7 @@ from torch import Tensor, nn
 from ddsmon import compute_signatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaling import machine_lines, write_section
+from bench_scaling import machine_lines, median_seconds, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "modular_addition"
@@ -84,19 +83,9 @@ class LlcRow:
     note: str = ""
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def time_ddsmon(model: nn.Module, x: Tensor, y: Tensor, fisher: str, repeats: int) -> float:
     """Median seconds of ddsmon's reading of ``model`` on the probe (CPU, float64)."""
-    return _median_time(
+    return median_seconds(
         lambda: compute_signatures(model, x, y, "ce", None, "cpu", fisher=fisher), repeats
     )
 

@@ -77,6 +77,17 @@ START_LOAD = os.getloadavg()[0]
 # ---------------------------------------------------------------- shared report helpers
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def machine_lines(device: str = "cpu") -> list[str]:
     """The machine a table was measured on: cores, CPU model, memory, torch, threads, load."""
     cpu = platform.processor() or platform.machine()
