@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from ddsmon.errors import ConfigError, DDSError
+from ddsmon.errors import ConfigError
+from ddsmon.loading.loaded import _build_module
 from ddsmon.loading.wording import _describe
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,7 @@ class _Factory:
     def __call__(self) -> nn.Module:
         if isinstance(self._target, nn.Module):
             return copy.deepcopy(self._target)
-        try:
-            model = self._target()
-        except DDSError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"factory {self.spec!r} raised {_describe(exc)}") from exc
-        if not isinstance(model, nn.Module):
-            raise ConfigError(
-                f"factory {self.spec!r} returned {type(model).__name__}, expected torch.nn.Module"
-            )
-        return model
+        return _build_module(self._target, f"factory {self.spec!r}")
 
     def __repr__(self) -> str:
         return f"<model factory {self.spec!r}>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -43,15 +43,24 @@ class LoadedCheckpoint:
     meta: dict[str, float] = field(default_factory=dict)
 
 
-def _build(factory: Callable[[], nn.Module]) -> nn.Module:
+def _call_user(fn: Callable[[], Any], label: str) -> Any:
+    """``fn()``, a callable the user named: ddsmon's own errors pass through, anything
+    else becomes a ConfigError saying ``label`` raised it."""
     try:
-        model = factory()
+        return fn()
     except DDSError:
         raise
     except Exception as exc:
-        raise ConfigError(f"model factory {factory!r} raised {_describe(exc)}") from exc
+        raise ConfigError(f"{label} raised {_describe(exc)}") from exc
+
+
+def _build_module(fn: Callable[[], Any], label: str) -> nn.Module:
+    """:func:`_call_user`, then a ConfigError unless the result is an ``nn.Module``."""
+    model = _call_user(fn, label)
     if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"model factory {factory!r} returned {type(model).__name__}, expected torch.nn.Module"
-        )
+        raise ConfigError(f"{label} returned {type(model).__name__}, expected torch.nn.Module")
     return model
+
+
+def _build(factory: Callable[[], nn.Module]) -> nn.Module:
+    return _build_module(factory, f"model factory {factory!r}")

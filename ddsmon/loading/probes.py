@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddsmon.errors import CheckpointError, ConfigError, DDSError
+from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.factories import _resolve_callable
 from ddsmon.loading.file_formats import _read_safetensors, _torch_load
-from ddsmon.loading.wording import _describe, _kind_of, _listing
+from ddsmon.loading.loaded import _call_user
+from ddsmon.loading.wording import _kind_of, _listing
 
 
 def load_probe(spec: str, *, trust: bool = False) -> tuple[Any, Any]:
@@ -38,12 +39,7 @@ def load_probe(spec: str, *, trust: bool = False) -> tuple[Any, Any]:
     elif ":" in spec:
         source = f"probe function {spec!r}"
         fn = _resolve_callable(spec, "probe function")
-        try:
-            obj = fn()
-        except DDSError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{source} raised {_describe(exc)}") from exc
+        obj = _call_user(fn, source)
     else:
         raise ConfigError(f"probe file {spec!r} does not exist")
     inputs, targets = _probe_pair(obj, source)
