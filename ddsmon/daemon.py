@@ -16,39 +16,30 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from ddsmon import __version__
 from ddsmon.checkpoints import CheckpointRef, check_complete, discover, fingerprint
-from ddsmon.config import Config, redact_uri
-from ddsmon.engine import compute_signatures, resolve_device
+from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
-from ddsmon.events import Event, EventConfig, EventDetector
-from ddsmon.loading import (
-    VANISHED,
-    LoadedCheckpoint,
-    load_checkpoint,
-    load_probe,
-    resolve_callable,
-    resolve_factory,
-)
-from ddsmon.probe import probe_batch_size
+from ddsmon.events import Event, EventDetector
+from ddsmon.loading import VANISHED, LoadedCheckpoint
+from ddsmon.reader import Reader
 from ddsmon.records import CheckpointFailure, CheckpointReading
+from ddsmon.redaction import redact_uri
 from ddsmon.sinks import RunInfo, Sink
 from ddsmon.state import StateDir
 
-__all__ = ("Daemon", "Summary", "resolve_loss")
+__all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled")
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
@@ -75,32 +66,31 @@ class Daemon:
     the run already holds.
     """
 
-    def __init__(self, config: Config, sinks: list[Sink], *, tracking: Any | None = None) -> None:
-        if config.directory is None or not config.directory.is_dir():
+    def __init__(
+        self,
+        config: Config,
+        sinks: list[Sink],
+        *,
+        tracking: Any | None = None,
+        reader: Reader | None = None,
+    ) -> None:
+        if config.watch is None:
+            raise ConfigError("the daemon needs a checkpoint directory")
+        if not config.directory.is_dir():
             raise ConfigError(f"checkpoint directory {config.directory} does not exist")
-        if config.probe is None:
-            raise ConfigError("no probe: give --probe FILE or --probe MODULE:FUNCTION")
-        if config.forward_dtype not in _DTYPES:
-            raise ConfigError(
-                f"forward dtype must be float64 or float32, got {config.forward_dtype!r}"
-            )
-        limit_threads(config.threads)
         self.config = config
+        self.watching: WatchSettings = config.watch
+        self.reader = reader if reader is not None else Reader.from_settings(config.read)
+        if self.reader.factory is None and not has_hf_folders(config.directory):
+            why = "".join(f"; {i} was ignored (not allowed)" for i in config.ignored)
+            raise ConfigError(
+                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)"
+                + why
+            )
         self.sinks = list(sinks)
         self.tracking = tracking
-        self.factory: Callable[[], torch.nn.Module] | None = (
-            resolve_factory(config.model) if config.model else None
-        )
-        self.inputs, self.targets = load_probe(config.probe, trust=config.trust_checkpoints)
-        self.n = probe_batch_size(self.inputs, self.targets)
-        self.device = resolve_device(config.device)
-        self.loss = resolve_loss(config.loss)
-        try:
-            self.event_config = EventConfig(**dict(config.events))
-        except TypeError as exc:
-            raise ConfigError(f"bad [events] settings: {exc}") from exc
-        self.state = StateDir(config.resolved_state_dir)
-        self.detector = EventDetector(self.event_config)
+        self.state = StateDir(self.watching.state_dir)
+        self.detector = EventDetector(config.events)
         self._queue: list[tuple[float, int, CheckpointRef]] = []
         self._queued: set[tuple[str, tuple[int, int]]] = set()
         self._cond = threading.Condition()
@@ -110,24 +100,48 @@ class Daemon:
         self._recorded: set[int] = set()
         self.summary = Summary()
 
+    @classmethod
+    def from_config(cls, config: Config, *, console: Any | None = None) -> Daemon:
+        """The daemon with its sinks, as the CLI runs it: MLflow, the terminal (rich's
+        console unless given), and the ``--events-json`` and ``--on-event`` alerts."""
+        from ddsmon.sinks.alerts import CommandHookSink, EventsJsonSink
+        from ddsmon.sinks.terminal import TerminalSink
+        from ddsmon.sinks.tracking import MlflowSink
+
+        if config.watch is None:
+            raise ConfigError("the daemon needs a checkpoint directory")
+        reader = Reader.from_settings(config.read)
+        t = config.tracking
+        tracking = MlflowSink(
+            tracking_uri=t.tracking_uri,
+            experiment=t.experiment,
+            run_id=t.run_id,
+            state=StateDir(config.watch.state_dir),
+            run_name=t.run_name,
+            plots=t.plots,
+        )
+        if console is None:
+            import rich
+
+            console = rich.get_console()
+        sinks: list[Sink] = [tracking, TerminalSink(console=console)]
+        events_json = config.alerts.events_json
+        if events_json is not None:
+            try:
+                events_json.parent.mkdir(parents=True, exist_ok=True)
+                with open(events_json, "a"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"--events-json {events_json}: cannot write ({exc})") from exc
+            sinks.append(EventsJsonSink(events_json))
+        if config.alerts.on_event:
+            sinks.append(CommandHookSink(config.alerts.on_event))
+        return cls(config, sinks, tracking=tracking, reader=reader)
+
     # ------------------------------------------------------------------ lifecycle
     def params(self) -> dict[str, str]:
         """The run's settings, as MLflow params."""
-        c = self.config
-        return {
-            "ddsmon_version": __version__,
-            "probe_size": str(self.n),
-            "probe": str(c.probe),
-            "model": str(c.model),
-            "loss": c.loss,
-            "layers": c.layers or "default (leaf modules with outputs of width >= 2)",
-            "fisher": c.fisher,
-            "recipe": f"{c.forward_dtype} probe pass, float64 spectra, no ridge, "
-            "smallest positive above floor dim*eps*max",
-            "device": str(self.device),
-            "torch_threads": str(torch.get_num_threads()),
-            "directory": str(c.directory),
-        }
+        return {**self.reader.params(), "directory": str(self.config.directory)}
 
     def stop(self) -> None:
         """Ask the loop to stop after the current checkpoint."""
@@ -144,7 +158,7 @@ class Daemon:
         saved = self.state.get("detector")
         if saved:
             try:
-                self.detector = EventDetector.from_state(saved, self.event_config)
+                self.detector = EventDetector.from_state(saved, self.config.events)
             except Exception as exc:  # a detector state from another version
                 log.warning("could not restore event history (%s); starting fresh", exc)
         if self.tracking is not None:
@@ -160,7 +174,7 @@ class Daemon:
                 except Exception as exc:  # refused credentials, a bad URI: stop before reading
                     self.state.release()
                     raise ConfigError(
-                        f"MLflow at {redact_uri(self.config.tracking_uri)} refused the run: {exc}"
+                        f"MLflow at {redact_uri(self.config.tracking.tracking_uri)} refused the run: {exc}"
                     ) from exc
             else:
                 self._call(sink, "start", info)
@@ -169,7 +183,7 @@ class Daemon:
             __version__,
             mode,
             self.config.directory,
-            redact_uri(self.config.tracking_uri),
+            redact_uri(self.config.tracking.tracking_uri),
         )
 
     def _finish(self) -> None:
@@ -229,8 +243,8 @@ class Daemon:
         watcher = CheckpointWatcher(
             self.config.directory,
             self.enqueue,
-            poll=self.config.poll,
-            quiet=self.config.quiet,
+            poll=self.watching.poll,
+            quiet=self.watching.quiet,
             on_vanished=lambda p: log.info("%s vanished before it was read; skipped", p),
         )
         try:
@@ -251,7 +265,7 @@ class Daemon:
             current = self._next(block)
             future = self._submit(pool, current)
             while current is not None and not self._stop.is_set():
-                upcoming = self._next(False) if self.config.prefetch else None
+                upcoming = self._next(False) if self.watching.prefetch else None
                 loaded = future.result() if future is not None else None
                 future = self._submit(pool, upcoming)
                 self._process(current, loaded)
@@ -278,7 +292,7 @@ class Daemon:
     def _load(self, ref: CheckpointRef) -> LoadedCheckpoint | CheckpointError:
         started = time.perf_counter()
         try:
-            loaded = load_checkpoint(ref, self.factory, trust=self.config.trust_checkpoints)
+            loaded = self.reader.load(ref)
         except CheckpointError as exc:
             return exc
         except Exception as exc:  # a factory or format we did not foresee: still a report
@@ -315,17 +329,7 @@ class Daemon:
             return
         load_seconds = float(loaded.meta.pop("_load_seconds", 0.0))
         try:
-            sig = compute_signatures(
-                loaded.model,
-                self.inputs,
-                self.targets,
-                loss=self.loss,
-                layers=_layers_arg(loaded.model, self.config.layers),
-                device=self.device,
-                fisher=self.config.fisher,
-                forward_dtype=_DTYPES[self.config.forward_dtype],
-                max_probe_rows=self.config.max_probe_rows,
-            )
+            sig = self.reader.read(loaded.model)
         except DDSError as exc:
             self._fail(ref, str(exc), step)
             return
@@ -373,32 +377,30 @@ class Daemon:
             log.exception("sink %s.%s failed", type(sink).__name__, method)
 
 
-def limit_threads(threads: int | None) -> None:
-    """``--threads N`` / ``threads = N``: torch's intra-op CPU threads for this process
-    (``torch.set_num_threads``; the eigensolvers and matrix products run on these).
-    None leaves torch's default: ``OMP_NUM_THREADS`` if set, else the physical cores."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
-    torch.set_num_threads(threads)
+def has_hf_folders(directory: Path) -> bool:
+    """True when ``directory`` holds a Hugging Face ``checkpoint-N/`` folder (built from
+    its ``config.json``, so no model factory is needed)."""
+    try:
+        return any(p.is_dir() and p.name.startswith("checkpoint-") for p in directory.iterdir())
+    except OSError:
+        return False
 
 
-def resolve_loss(spec: str) -> str | Callable[..., Any]:
-    """``--loss``: ``ce``, ``mse``, or ``MODULE:FUNCTION`` naming a per-sample loss callable."""
-    if spec in ("ce", "mse"):
-        return spec
-    if ":" not in spec:
-        raise ConfigError(f"unknown loss {spec!r}: use ce, mse or MODULE:FUNCTION")
-    return resolve_callable(spec, "loss")
+def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
+    """Run ``daemon.scan()`` or ``daemon.watch()``; the first SIGINT/SIGTERM asks it to stop
+    after the current checkpoint, a second one abandons that checkpoint."""
+    interrupts = {"count": 0}
 
+    def on_signal(signum: int, frame: Any) -> None:
+        interrupts["count"] += 1
+        if interrupts["count"] > 1:
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the current checkpoint, then stopping", signum)
+        daemon.stop()
 
-def _layers_arg(model: torch.nn.Module, spec: str | None) -> str | list[str] | None:
-    """``--layers``: comma-separated module names, one exact name, or else a regex."""
-    if not spec:
-        return None
-    names = {name for name, _ in model.named_modules() if name}
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if "," in spec or all(p in names for p in parts):
-        return parts
-    return spec
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return daemon.scan() if mode == "scan" else daemon.watch()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,7 +1,8 @@
 """The daemon loads checkpoint k+1 while it reads checkpoint k (issue 5: overlap).
 
-In-process ``Daemon.scan`` over a real directory. The model factory runs in the loader
-thread and counts its calls; the per-sample loss runs in the reading thread and, while
+In-process ``Daemon.scan`` over a real directory, the daemon built from resolved parts
+(a factory and a loss callable, no module written to disk). The model factory runs in
+the loader thread and counts its calls; the per-sample loss runs in the reading thread and, while
 reading checkpoint k, waits (up to a timeout) for the factory call of checkpoint k+1.
 With the overlap that call comes while k is still being read; without it
 (``prefetch = false``) the wait always times out and only k's own load has happened.
@@ -9,71 +10,64 @@ With the overlap that call comes while k is still being read; without it
 
 from __future__ import annotations
 
-import sys
-import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+import torch
+from fixtures_models import mlp, mlp_probe
 from test_cli import write_run
 
 from ddsmon.config import Config
 from ddsmon.daemon import Daemon
+from ddsmon.reader import Reader
 
-HELPER = textwrap.dedent(
+
+class Overlap:
+    """The factory (loader thread) and the per-sample loss (reading thread), in step.
+
+    loads: thread name of each factory call, in order; seen: factory calls made when
+    each reading's loss ran; total: checkpoints in the directory; wait: how long a
+    reading waits for the next checkpoint's factory call.
     """
-    import threading
-    import torch
-    from fixtures_models import mlp
 
-    loads = []          # thread name of each factory call, in order
-    seen = []           # factory calls made when each reading's loss ran
-    total = 0           # checkpoints in the directory
-    WAIT = 0.0
-    _cond = threading.Condition()
+    def __init__(self, total: int, wait: float) -> None:
+        self.loads: list[str] = []
+        self.seen: list[int] = []
+        self.total, self.wait = total, wait
+        self._cond = threading.Condition()
 
-    def make_model():
-        with _cond:
-            loads.append(threading.current_thread().name)
-            _cond.notify_all()
+    def make_model(self) -> torch.nn.Module:
+        with self._cond:
+            self.loads.append(threading.current_thread().name)
+            self._cond.notify_all()
         return mlp()
 
-    def loss(outputs, targets):
-        k = len(seen)
-        with _cond:
-            if k + 1 < total:
-                _cond.wait_for(lambda: len(loads) >= k + 2, timeout=WAIT)
-            seen.append(len(loads))
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = len(self.seen)
+        with self._cond:
+            if k + 1 < self.total:
+                self._cond.wait_for(lambda: len(self.loads) >= k + 2, timeout=self.wait)
+            self.seen.append(len(self.loads))
         return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
-    """
-)
 
 
 @pytest.fixture
-def helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    (tmp_path / "prefetch_helper.py").write_text(HELPER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    sys.modules.pop("prefetch_helper", None)
-    import prefetch_helper
-
-    yield prefetch_helper
-    sys.modules.pop("prefetch_helper", None)
+def helper() -> Overlap:
+    return Overlap(total=4, wait=0.0)
 
 
-def _scan(tmp_path: Path, probe: Path, helper, *, prefetch: bool, wait: float) -> None:
+def _scan(tmp_path: Path, probe: Path, helper: Overlap, *, prefetch: bool, wait: float) -> None:
     ckpts = tmp_path / "ckpts"
     write_run(ckpts, [0, 10, 20, 30])
-    helper.total, helper.WAIT = 4, wait
-    config = Config(
-        directory=ckpts,
-        model="prefetch_helper:make_model",
-        probe=str(probe),
-        loss="prefetch_helper:loss",
-        device="cpu",
-        fisher="activation",
-        prefetch=prefetch,
+    helper.wait = wait
+    config = Config.for_directory(
+        ckpts, probe=str(probe), device="cpu", fisher="activation", prefetch=prefetch
     )
-    summary = Daemon(config, sinks=[]).scan()
+    reader = Reader.from_parts(
+        config.read, factory=helper.make_model, probe=mlp_probe(), loss=helper.loss
+    )
+    summary = Daemon(config, sinks=[], reader=reader).scan()
     assert summary.read == 4, summary
     assert len(helper.seen) == 4, "one loss call per checkpoint (one probe pass each)"
 

@@ -1,0 +1,175 @@
+"""The :class:`Reader`: read settings resolved once into the parts that read a checkpoint.
+
+``report``, ``scan`` and ``watch`` read checkpoints only through a Reader::
+
+    ReadSettings (specs: "pkg:make", "probe.pt", "ce")
+        -> Reader: factory, probe (inputs, targets, n), loss callable, device, dtype,
+                   threads, layer spec, recipe
+        -> reader.load(ref)  -> LoadedCheckpoint          ddsmon.loading
+        -> reader.read(model) -> Signatures               ddsmon.engine.compute_signatures
+
+Everything that can be checked before the first checkpoint is checked at construction
+(factory importable, probe readable and batch-consistent, loss known, device present,
+dtype known, threads a count) and raises :class:`~ddsmon.errors.ConfigError`. Python
+callers and tests hand resolved parts (a factory callable, a probe pair, a loss
+callable) to :meth:`Reader.from_parts` instead of ``MODULE:NAME`` strings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddsmon import __version__
+from ddsmon.checkpoints import CheckpointRef
+from ddsmon.config import ReadSettings
+from ddsmon.engine import compute_signatures, forward_dtype, resolve_device
+from ddsmon.errors import ConfigError, DDSError
+from ddsmon.loading import LoadedCheckpoint, load_checkpoint, load_probe, resolve_callable
+from ddsmon.loading import resolve_factory as _resolve_factory
+from ddsmon.options import BUILTIN_LOSSES
+from ddsmon.probe import probe_batch_size
+from ddsmon.signature import Signatures
+
+__all__ = ("Reader", "limit_threads", "resolve_layers", "resolve_loss")
+
+log = logging.getLogger(__name__)
+
+#: How the readings are computed (paper Figure 7), as recorded in the run's params.
+RECIPE = "{dtype} probe pass, float64 spectra, no ridge, smallest positive above floor dim*eps*max"
+
+
+@dataclass
+class Reader:
+    """Resolved read settings: the one thing that reads a checkpoint.
+
+    factory: zero-argument callable returning the model (None: Hugging Face folders build
+        theirs from ``config.json``; a checkpoint of another kind then fails to load).
+    inputs / targets: the probe batch, ``n`` samples.
+    loss: ``"ce"``, ``"mse"`` or a per-sample loss callable ``(outputs, targets) -> (n,)``.
+    """
+
+    settings: ReadSettings
+    factory: Callable[[], nn.Module] | None
+    inputs: Any
+    targets: Any
+    loss: str | Callable[..., Any]
+    device: torch.device
+    dtype: torch.dtype
+    n: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = probe_batch_size(self.inputs, self.targets)
+        limit_threads(self.settings.threads)
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_settings(cls, settings: ReadSettings) -> Reader:
+        """Resolve every spec of ``settings``; ConfigError on the first that fails."""
+        if settings.probe is None:
+            raise ConfigError("no probe: give --probe FILE or --probe MODULE:FUNCTION")
+        factory = _resolve_factory(settings.model) if settings.model else None
+        inputs, targets = load_probe(settings.probe, trust=settings.trust_checkpoints)
+        return cls.from_parts(settings, factory=factory, probe=(inputs, targets))
+
+    @classmethod
+    def from_parts(
+        cls,
+        settings: ReadSettings | None = None,
+        *,
+        factory: Callable[[], nn.Module] | None = None,
+        probe: tuple[Any, Any],
+        loss: str | Callable[..., Any] | None = None,
+    ) -> Reader:
+        """A Reader from resolved parts; what is not given comes from ``settings``."""
+        settings = settings or ReadSettings()
+        return cls(
+            settings=settings,
+            factory=factory,
+            inputs=probe[0],
+            targets=probe[1],
+            loss=loss if loss is not None else resolve_loss(settings.loss),
+            device=_device(settings.device),
+            dtype=forward_dtype(settings.forward_dtype),
+        )
+
+    # -------------------------------------------------------------- reading
+    def load(self, ref: CheckpointRef) -> LoadedCheckpoint:
+        """Load ``ref`` into the model (CPU, eval mode); CheckpointError on failure."""
+        return load_checkpoint(ref, self.factory, trust=self.settings.trust_checkpoints)
+
+    def read(self, model: nn.Module) -> Signatures:
+        """Every selected layer's readings of ``model`` on the probe (one probe pass)."""
+        s = self.settings
+        return compute_signatures(
+            model,
+            self.inputs,
+            self.targets,
+            loss=self.loss,
+            layers=resolve_layers(model, s.layers),
+            device=self.device,
+            fisher=s.fisher,
+            forward_dtype=self.dtype,
+            max_probe_rows=s.max_probe_rows,
+        )
+
+    def params(self) -> dict[str, str]:
+        """The settings of the reading, as MLflow params."""
+        s = self.settings
+        return {
+            "ddsmon_version": __version__,
+            "probe_size": str(self.n),
+            "probe": str(s.probe),
+            "model": str(s.model),
+            "loss": s.loss,
+            "layers": s.layers or "default (leaf modules with outputs of width >= 2)",
+            "fisher": s.fisher,
+            "recipe": RECIPE.format(dtype=s.forward_dtype),
+            "device": str(self.device),
+            "torch_threads": str(torch.get_num_threads()),
+        }
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        return resolve_device(spec)
+    except DDSError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def limit_threads(threads: int | None) -> None:
+    """``--threads N`` / ``threads = N``: torch's intra-op CPU threads for this process
+    (``torch.set_num_threads``; the eigensolvers and matrix products run on these).
+    None leaves torch's default: ``OMP_NUM_THREADS`` if set, else the physical cores."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
+def resolve_loss(spec: str) -> str | Callable[..., Any]:
+    """``--loss``: ``ce``, ``mse``, or ``MODULE:FUNCTION`` naming a per-sample loss callable."""
+    if spec in BUILTIN_LOSSES:
+        return spec
+    if ":" not in spec:
+        raise ConfigError(
+            f"unknown loss {spec!r}: use {', '.join(BUILTIN_LOSSES)} or MODULE:FUNCTION"
+        )
+    return resolve_callable(spec, "loss")
+
+
+def resolve_layers(model: nn.Module, spec: str | None) -> str | list[str] | None:
+    """``--layers``: comma-separated module names, one exact name, or else a regex."""
+    if not spec:
+        return None
+    names = {name for name, _ in model.named_modules() if name}
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if "," in spec or all(p in names for p in parts):
+        return parts
+    return spec
