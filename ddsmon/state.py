@@ -24,9 +24,27 @@ One directory per watched checkpoint directory, by default ``<watched dir>/.ddsm
     in order; :meth:`StateDir.spool_ack` drops the first ``count`` once delivered (atomic
     rewrite).
 
+``history.jsonl``, ``events.jsonl``, ``outbox/``
+    The MLflow sink's local copies (for plots) and the artifact files it has not sent yet.
+
 Append-only files tolerate a torn last line (a crash mid-write): a last line that is not
 newline-terminated is ignored when read and cut off before the next append. A damaged
 line elsewhere is skipped with a warning naming the file and line.
+
+Faults of the state directory itself are :class:`StateError` (a :class:`ConfigError`),
+never a raw ``OSError``; the message names the file, what is wrong and what to do:
+
+* a state file that is not a regular file (a directory, a FIFO, a dangling link in its
+  place): found at :meth:`StateDir.claim` for every file listed in :data:`STATE_FILES`
+  (and :data:`STATE_FOLDERS`), and by every read and write of one;
+* a failed write (``ENOSPC``: "no space left on device writing <path>", a quota, a
+  read-only filesystem): every write is all-or-nothing. A rewrite goes through a
+  temporary file that is removed when the write fails; a failed append is cut back to
+  where it started. The state on disk is the one before the call.
+
+:meth:`StateDir.claim` also removes temporary files left by a process that died while
+rewriting a file (``.<name>.<pid>.<thread>.<host>.tmp`` of a pid no longer alive on this
+host, or of another host when older than an hour).
 """
 
 from __future__ import annotations
@@ -34,10 +52,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -45,8 +66,18 @@ from pathlib import Path
 from typing import Any
 
 from ddsmon.errors import ConfigError
+from ddsmon.shown import shown
 
-__all__ = ("DEFAULT_STATE_NAME", "AlreadyWatched", "StateDir", "append_jsonl_lines", "read_jsonl")
+__all__ = (
+    "DEFAULT_STATE_NAME",
+    "STATE_FILES",
+    "STATE_FOLDERS",
+    "AlreadyWatched",
+    "StateDir",
+    "StateError",
+    "append_jsonl_lines",
+    "read_jsonl",
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +88,43 @@ _LOCK = "lock"
 _DONE = "done.jsonl"
 _KV = "state.json"
 _SPOOL = "spool.jsonl"
+
+#: Every file the state directory may hold (the daemon's and its sinks'): each must be a
+#: regular file when present, checked by :meth:`StateDir.claim`. A new state file goes here.
+STATE_FILES: tuple[str, ...] = (
+    _LOCK,
+    _DONE,
+    _KV,
+    _KV + ".lock",
+    _SPOOL,
+    _SPOOL + ".lock",
+    "history.jsonl",
+    "events.jsonl",
+)
+#: Folders of the state directory (must be directories when present).
+STATE_FOLDERS: tuple[str, ...] = ("outbox",)
+
+_REMEDY = "remove it, or give another --state-dir"
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode(errors="replace")).hexdigest()[:8]
+_TMP_NAME = re.compile(
+    r"^\.(?P<name>.+?)\.(?P<pid>\d+)\.(?P<tid>\d+)(?:\.(?P<host>[0-9a-f]{8}))?\.tmp$"
+)
+_FOREIGN_TMP_AGE = 3600.0  # seconds; a temporary file of another host older than this is an orphan
+
+
+class StateError(ConfigError):
+    """A file of the state directory cannot be used (not a regular file, a failed write).
+
+    ``path`` is the state file (or directory) at fault, ``errno`` the OS error number when
+    an OS call failed (``errno.ENOSPC`` for a full disk), else None. The message names the
+    path, what is wrong and what to do. A daemon should report it and stop: the read-set
+    can no longer be kept.
+    """
+
+    def __init__(self, path: Path | str, message: str, errno: int | None = None) -> None:
+        self.path = Path(path)
+        self.errno = errno
+        super().__init__(message)
 
 
 class AlreadyWatched(ConfigError):
@@ -70,14 +138,15 @@ class AlreadyWatched(ConfigError):
         self.root = root
         self.holder = holder
         who = (
-            f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
-            f" (since {holder.get('started', '?')})"
+            f"pid {shown(holder.get('pid', '?'))} on host {shown(holder.get('host', '?'))}"
+            f" (since {shown(holder.get('started', '?'))})"
             if holder
             else "another process (its lock file is empty)"
         )
+        watched = root.parent if root.name == DEFAULT_STATE_NAME else root
         super().__init__(
-            f"{root.parent if root.name == DEFAULT_STATE_NAME else root} is already watched by "
-            f"{who}; lock {root / _LOCK}. Stop that daemon first, or give another --state-dir."
+            f"{shown(watched)} is already watched by {who}; lock {shown(root / _LOCK)}. "
+            "Stop that daemon first, or give another --state-dir."
         )
 
 
@@ -92,7 +161,8 @@ class StateDir:
     The directory is created on first write, not on construction. Every method is safe
     to call from several threads; ``set`` and the spool are also safe across processes
     and across several ``StateDir`` objects on one directory (a read-modify-write under
-    flock).
+    flock). Every method raises :class:`StateError` (never a raw ``OSError``) when a state
+    file cannot be read or written.
     """
 
     def __init__(self, root: Path | str) -> None:
@@ -119,9 +189,32 @@ class StateDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create state directory {self.root}: {exc}") from exc
+            raise StateError(
+                self.root,
+                f"cannot create state directory {shown(self.root)}: {_strerror(exc)}; "
+                "give another --state-dir",
+                exc.errno,
+            ) from exc
         if not self.root.is_dir():
-            raise ConfigError(f"state directory {self.root} exists and is not a directory")
+            raise StateError(
+                self.root,
+                f"state directory {shown(self.root)} exists and is not a directory; {_REMEDY}",
+            )
+
+    def check(self) -> None:
+        """Raise :class:`StateError` for the first entry of :data:`STATE_FILES` that is
+        there but not a regular file (or of :data:`STATE_FOLDERS` not a directory),
+        naming it and what to do. :meth:`claim` calls it."""
+        for name in STATE_FILES:
+            path = self.root / name
+            problem = _not_a_file(path)
+            if problem is not None:
+                raise StateError(path, f"state file {shown(path)} {problem}; {_REMEDY}")
+        for name in STATE_FOLDERS:
+            path = self.root / name
+            problem = _not_a_folder(path)
+            if problem is not None:
+                raise StateError(path, f"state folder {shown(path)} {problem}; {_REMEDY}")
 
     # ------------------------------------------------------------------ claim
     @property
@@ -131,30 +224,83 @@ class StateDir:
     def claim(self) -> None:
         """Take the advisory lock, or raise :class:`AlreadyWatched` naming the holder.
 
-        Idempotent for the object that holds it.
+        Checks first that every state file is a regular file (:meth:`check`), and once
+        the lock is held removes temporary files left by a crashed writer. Raises
+        :class:`StateError` for a bad state file and when the claim cannot be written
+        (a full disk). Idempotent for the object that holds it.
         """
         with self._mutex:
             if self._lock_fd is not None:
                 return
-            path = self.path(_LOCK)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._ensure()
+            self.check()
+            path = self.root / _LOCK
+            fd = _open_regular(path, os.O_RDWR | os.O_CREAT, "opening")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise AlreadyWatched(self.root, _read_holder(path)) from None
-                raise ConfigError(f"cannot lock {path}: {exc}") from exc
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-            os.fsync(fd)
+                raise StateError(
+                    path, f"cannot lock {shown(path)}: {_strerror(exc)}", exc.errno
+                ) from exc
+            try:
+                self._remove_orphans()
+                info = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                with _guard(path, "writing"):
+                    os.ftruncate(fd, 0)
+                    _pwrite_all(fd, (json.dumps(info) + "\n").encode(), 0)
+                    os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                os.close(fd)  # drops the flock
+                raise
             self._lock_fd = fd
-            log.debug("claimed %s as pid %d", self.root, info["pid"])
+            log.debug("claimed %s as pid %d", shown(self.root), info["pid"])
+
+    def _remove_orphans(self) -> None:
+        """Remove temporary files of rewrites whose writer died (see the module docstring)."""
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return
+        now = time.time()
+        for entry in entries:
+            match = _TMP_NAME.match(entry.name)
+            if match is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            host = match.group("host")
+            if host is None or host == _HOST_TAG:
+                if _pid_alive(int(match.group("pid"))):
+                    continue
+            elif now - st.st_mtime < _FOREIGN_TMP_AGE:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning(
+                    "cannot remove orphan temporary file %s: %s", shown(entry.path), _strerror(exc)
+                )
+                continue
+            log.info(
+                "removed %s, a temporary file left by a writer that died (%d bytes)",
+                shown(entry.path),
+                st.st_size,
+            )
 
     def release(self) -> None:
         """Drop the claim (no-op when not held). The lock file stays; it is harmless."""
@@ -186,6 +332,8 @@ class StateDir:
         except FileNotFoundError:
             self._done, self._done_sig = {}, None
             return
+        except OSError as exc:
+            raise _state_error(exc, path, "reading") from exc
         sig = (st.st_size, st.st_mtime_ns)
         if sig == self._done_sig:
             return
@@ -196,7 +344,7 @@ class StateDir:
                 step = None if rec.get("step") is None else int(rec["step"])
                 done[str(rec["path"])] = (fp, step)
             except (KeyError, TypeError, ValueError, IndexError):
-                log.warning("%s: skipping a malformed record %r", path, rec)
+                log.warning("%s: skipping a malformed record %s", shown(path), shown(repr(rec)))
         self._done, self._done_sig = done, sig
 
     def is_done(self, path: str, fingerprint: tuple[int, int]) -> bool:
@@ -208,17 +356,19 @@ class StateDir:
 
     def mark_done(self, path: str, fingerprint: tuple[int, int], step: int | None) -> None:
         """Record that ``path`` (at ``fingerprint``) was read and logged at ``step``; durable
-        (fsynced) when this returns."""
-        rec = {
-            "path": str(path),
-            "fp": [int(fingerprint[0]), int(fingerprint[1])],
-            "step": None if step is None else int(step),
-        }
+        (fsynced) when this returns. On a failed write (:class:`StateError`, e.g. a full
+        disk) nothing is recorded."""
+        key = str(path)
+        fp = (int(fingerprint[0]), int(fingerprint[1]))
+        at = None if step is None else int(step)
+        rec = {"path": key, "fp": list(fp), "step": at}
         with self._mutex:
             self._refresh_done()
-            _append_jsonl(self.path(_DONE), [rec])
-            self._done[rec["path"]] = ((rec["fp"][0], rec["fp"][1]), rec["step"])
-            st = (self.root / _DONE).stat()
+            done = self.path(_DONE)
+            _append_jsonl(done, [rec])
+            self._done[key] = (fp, at)
+            with _guard(done, "reading"):
+                st = done.stat()
             self._done_sig = (st.st_size, st.st_mtime_ns)
 
     def done_steps(self) -> set[int]:
@@ -229,7 +379,7 @@ class StateDir:
 
     # ------------------------------------------------------------------ key-value
     def get(self, key: str, default: Any = None) -> Any:
-        """A value from ``state.json`` (``default`` when absent or unreadable)."""
+        """A value from ``state.json`` (``default`` when absent or not JSON)."""
         return self._read_kv().get(key, default)
 
     def set(self, key: str, value: Any) -> None:
@@ -253,21 +403,24 @@ class StateDir:
 
     def _read_kv(self) -> dict[str, Any]:
         path = self.root / _KV
-        try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
+        raw = _read_regular(path)
+        if raw is None:
             return {}
-        except (OSError, ValueError) as exc:
-            log.warning("state file %s is unreadable (%s); starting from an empty one", path, exc)
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            log.warning(
+                "state file %s is not JSON (%s); starting from an empty one", shown(path), exc
+            )
             return {}
         if not isinstance(data, dict):
-            log.warning("state file %s does not hold a JSON object; ignored", path)
+            log.warning("state file %s does not hold a JSON object; ignored", shown(path))
             return {}
         return data
 
     @contextlib.contextmanager
     def _flocked(self, name: str) -> Iterator[None]:
-        fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_regular(self.path(name), os.O_RDWR | os.O_CREAT, "opening")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -296,7 +449,10 @@ class StateDir:
             if rest:
                 _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rest).encode())
             else:
-                with contextlib.suppress(FileNotFoundError):
+                with (
+                    contextlib.suppress(FileNotFoundError),
+                    _guard(path, "removing", absent_ok=True),
+                ):
                     path.unlink()
                 _fsync_dir(self.root)
 
@@ -305,39 +461,166 @@ class StateDir:
         return len(self.spool_pending())
 
 
+# ---------------------------------------------------------------------- errors
+def _strerror(exc: OSError) -> str:
+    text = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    return text[:1].lower() + text[1:]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "not a regular file"
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What is wrong with ``path`` as a state file ("is a directory, expected a file"),
+    or None when it is a regular file (through symbolic links) or absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a dangling symbolic link, expected a file" if os.path.islink(path) else None
+    except OSError as exc:
+        return f"cannot be examined ({_strerror(exc)})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return f"is {_kind(st.st_mode)}, expected a file"
+
+
+def _not_a_folder(path: Path) -> str | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a dangling symbolic link, expected a directory" if os.path.islink(path) else None
+    except OSError as exc:
+        return f"cannot be examined ({_strerror(exc)})"
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    return f"is {_kind(st.st_mode)}, expected a directory"
+
+
+def _state_error(exc: OSError, path: Path, doing: str) -> StateError:
+    """The :class:`StateError` for ``exc`` raised while ``doing`` ("writing") ``path``."""
+    problem = _not_a_file(path) if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENOTDIR) else None
+    if problem is not None:
+        return StateError(path, f"state file {shown(path)} {problem}; {_REMEDY}", exc.errno)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = {
+            errno.ENOSPC: "no space left on device",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large (the file size limit)",
+        }[exc.errno]
+        remedy = "free space there (or raise the limit), or give another --state-dir"
+        return StateError(path, f"{what} {doing} {shown(path)}; {remedy}", exc.errno)
+    return StateError(
+        path,
+        f"{_strerror(exc)} {doing} state file {shown(path)}; fix it, or give another --state-dir",
+        exc.errno,
+    )
+
+
+@contextlib.contextmanager
+def _guard(path: Path, doing: str, *, absent_ok: bool = False) -> Iterator[None]:
+    """Turn an OSError of the block into the :class:`StateError` naming ``path``
+    (``FileNotFoundError`` passes through as it is when ``absent_ok``)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if absent_ok:
+            raise
+        raise _state_error(exc, path, doing) from exc
+    except OSError as exc:
+        raise _state_error(exc, path, doing) from exc
+
+
 # ---------------------------------------------------------------------- file helpers
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # maybe another StateDir object of this process, writing right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _open_regular(path: Path, flags: int, doing: str, *, absent_ok: bool = False) -> int:
+    """``os.open`` that refuses (with :class:`StateError`) anything but a regular file,
+    without blocking on a FIFO put in its place."""
+    with _guard(path, doing, absent_ok=absent_ok):
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise StateError(
+                path, f"state file {shown(path)} is {_kind(mode)}, expected a file; {_REMEDY}"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of state file ``path``, None when it is absent; :class:`StateError` when
+    it is not a regular file or cannot be read."""
+    try:
+        fd = _open_regular(path, os.O_RDONLY, "reading", absent_ok=True)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        with _guard(path, "reading"):
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_holder(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
+        raw = _read_regular(path)
+        data = json.loads(raw or b"{}")
+    except (OSError, ValueError, StateError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records (JSON objects) of a JSONL file; a torn (unterminated) last line is
-    ignored, a damaged line elsewhere skipped with a warning."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    ignored, a damaged line elsewhere skipped with a warning. Nothing when the file is
+    absent; :class:`StateError` when it is not a regular file or cannot be read."""
+    raw = _read_regular(path)
+    if raw is None:
         return
     lines = raw.split(b"\n")
     # The element after the last newline is empty, or a torn record: ignore it.
     torn = lines.pop()
     if torn.strip():
-        log.info("%s: ignoring a torn last line (%d bytes)", path, len(torn))
+        log.info("%s: ignoring a torn last line (%d bytes)", shown(path), len(torn))
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError:
-            log.warning("%s line %d is not JSON; skipped", path, number)
+            log.warning("%s line %d is not JSON; skipped", shown(path), number)
             continue
         if isinstance(rec, dict):
             yield rec
         else:
-            log.warning("%s line %d is not a JSON object; skipped", path, number)
+            log.warning("%s line %d is not a JSON object; skipped", shown(path), number)
 
 
 def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -346,26 +629,40 @@ def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 def append_jsonl_lines(path: Path, lines: list[str]) -> None:
     """Append ``lines`` (each one JSON document, no newline) and fsync; a torn tail
-    left by a crash is cut off first so the new lines start clean."""
-    created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    left by a crash is cut off first so the new lines start clean.
+
+    All or nothing: when the write fails (:class:`StateError`: a full disk, a quota) the
+    file is cut back to where it was, so no partial line stays behind."""
+    data = "".join(line + "\n" for line in lines).encode()
+    created = not os.path.lexists(path)
+    fd = _open_regular(path, os.O_RDWR | os.O_CREAT, "opening")
     try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            # A crash mid-append left a partial record: cut back to the last newline.
-            keep = _last_newline_end(fd, size)
-            log.info("%s: cutting a torn last line (%d bytes)", path, size - keep)
-            os.ftruncate(fd, keep)
-            size = keep
-        data = "".join(line + "\n" for line in lines).encode()
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], size + written)
-        os.fsync(fd)
+        with _guard(path, "reading"):
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A crash mid-append left a partial record: cut back to the last newline.
+                keep = _last_newline_end(fd, size)
+                log.info("%s: cutting a torn last line (%d bytes)", shown(path), size - keep)
+                os.ftruncate(fd, keep)
+                size = keep
+        try:
+            _pwrite_all(fd, data, size)
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # drop what did get written
+                os.fsync(fd)
+            raise _state_error(exc, path, "writing") from exc
     finally:
         os.close(fd)
     if created:
         _fsync_dir(path.parent)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 def _last_newline_end(fd: int, size: int) -> int:
@@ -383,17 +680,31 @@ def _last_newline_end(fd: int, size: int) -> int:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, whole.
+
+    The temporary file is removed when anything fails (a full disk: :class:`StateError`),
+    leaving the old file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{_HOST_TAG}.tmp")
+    problem = _not_a_file(path)
+    if problem is not None:  # os.replace would put the file inside a directory's place
+        raise StateError(path, f"state file {shown(path)} {problem}; {_REMEDY}")
+    with _guard(path, "writing"):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _state_error(exc, path, "writing") from exc
+        raise
     _fsync_dir(path.parent)
 
 

@@ -15,8 +15,17 @@ the file itself, or the hf/dcp folder holding it) and that checkpoint becomes
 and :func:`ddsmon.checkpoints.check_complete` finds it complete. A ready checkpoint is
 handed to ``on_ready`` once per (path, fingerprint): a later change of the file (a
 rewrite, a fix) hands it over again. A checkpoint still incomplete after its quiet
-period is dropped until the next change (logged at debug level with the reason); one
-that vanishes before it is ready is dropped and reported to ``on_vanished``.
+period (zero bytes, truncated, random bytes, a lying header) is *rejected*: dropped
+until its next change and reported to ``on_rejected(path, reason)`` once per (path,
+fingerprint), by default a warning (:func:`log_rejected`). A file that is merely still
+being written is never rejected: a close-write alone does not reject an incomplete file,
+only a quiet period without change does. hf/dcp folders are rejected only when the file
+their writer puts down last is there (``trainer_state.json``; a dcp folder's
+``.metadata`` completes it), as a folder waiting for it is still being written. One that
+vanishes before it is ready is dropped and reported to ``on_vanished``.
+
+Paths and reasons in log lines go through :func:`ddsmon.shown.shown`, so a file name
+holding a newline cannot forge a log line.
 
 One timer thread does the checks and calls the callbacks; it sleeps on an event until
 the earliest pending deadline (no busy loop). The observer is running when
@@ -28,6 +37,7 @@ the earliest pending deadline (no busy loop). The observer is running when
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -60,8 +70,9 @@ from ddsmon.checkpoints import (
     fingerprint,
 )
 from ddsmon.errors import ConfigError
+from ddsmon.shown import shown
 
-__all__ = ("CheckpointWatcher",)
+__all__ = ("MAX_SECONDS", "CheckpointWatcher", "log_rejected")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,36 @@ _EVENTS: list[type[FileSystemEvent]] = [
 ]
 _FOLDER_KINDS = ("hf", "dcp")
 _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spin
+#: Largest poll interval / quiet period accepted (one day): larger ones are mistakes, and
+#: beyond ``threading.TIMEOUT_MAX`` a wait raises in the observer's or the timer's thread.
+MAX_SECONDS = 86400.0
+
+
+def log_rejected(path: Path, reason: str) -> None:
+    """The default ``on_rejected``: one warning naming the file and the reason."""
+    log.warning(
+        "%s is not a complete checkpoint: %s (not read; looked at again when it changes)",
+        shown(path),
+        shown(reason),
+    )
+
+
+def _seconds(value: object, option: str, what: str, *, zero_ok: bool) -> float:
+    """``value`` as finite seconds within (0 or more, :data:`MAX_SECONDS`), else a
+    ConfigError naming the option."""
+    bound = ">= 0" if zero_ok else "> 0"
+    problem = f"{option}: the {what} must be a finite number of seconds {bound}"
+    if isinstance(value, bool):
+        raise ConfigError(f"{problem}, got {value!r}")
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{problem}, got {shown(repr(value))}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
+        raise ConfigError(f"{problem}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigError(f"{problem} and at most {MAX_SECONDS:g} (one day), got {value!r}")
+    return seconds
 
 
 @dataclass
@@ -119,8 +160,15 @@ class CheckpointWatcher:
     poll: seconds between directory scans with watchdog's PollingObserver; None for
         the platform's native events (inotify on Linux).
     quiet: seconds without change before a checkpoint counts as settled.
+        ``poll`` and ``quiet`` must be finite and at most :data:`MAX_SECONDS` (``poll``
+        > 0, ``quiet`` >= 0); anything else (``inf``, ``nan``, ``0`` for poll) is a
+        ConfigError naming ``--poll`` / ``--quiet``.
     on_vanished: called with the path of a pending checkpoint that disappeared before
         it was ready (e.g. a Trainer rotating old folders); optional.
+    on_rejected: called with ``(path, reason)`` for a checkpoint that settled and is
+        not complete (the reason is :func:`~ddsmon.checkpoints.check_complete`'s), once
+        until it changes; from the watcher's thread. None (the default) is
+        :func:`log_rejected`, a warning; pass ``lambda path, reason: None`` to silence it.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -133,20 +181,21 @@ class CheckpointWatcher:
         poll: float | None = None,
         quiet: float = 1.0,
         on_vanished: Callable[[Path], None] | None = None,
+        on_rejected: Callable[[Path, str], None] | None = None,
     ) -> None:
-        if poll is not None and not poll > 0:
-            raise ConfigError(f"poll interval must be positive seconds, got {poll!r}")
-        if not quiet >= 0:
-            raise ConfigError(f"quiet period must be >= 0 seconds, got {quiet!r}")
+        self.poll: float | None = (
+            None if poll is None else _seconds(poll, "--poll", "polling interval", zero_ok=False)
+        )
+        self.quiet = _seconds(quiet, "--quiet", "quiet period", zero_ok=True)
         self.directory = Path(directory)
-        self.poll = poll
-        self.quiet = float(quiet)
         self._root = Path(os.path.abspath(self.directory))
         self._on_ready = on_ready
         self._on_vanished = on_vanished
+        self._on_rejected = on_rejected if on_rejected is not None else log_rejected
         self._lock = threading.Lock()
         self._pending: dict[Path, _Pending] = {}
         self._handed: dict[Path, tuple[int, int]] = {}
+        self._rejected: dict[Path, tuple[int, int]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._observer: BaseObserver | None = None
@@ -166,7 +215,7 @@ class CheckpointWatcher:
                 raise RuntimeError("a CheckpointWatcher cannot be restarted; make a new one")
             if not self._root.is_dir():
                 raise ConfigError(
-                    f"{self.directory}: not a directory (checkpoint directory to watch)"
+                    f"{shown(self.directory)}: not a directory (checkpoint directory to watch)"
                 )
             observer: BaseObserver = (
                 PollingObserver(timeout=self.poll) if self.poll is not None else Observer()
@@ -176,7 +225,7 @@ class CheckpointWatcher:
                 observer.start()
             except OSError as exc:
                 raise ConfigError(
-                    f"{self.directory}: cannot watch ({exc.strerror or exc}); "
+                    f"{shown(self.directory)}: cannot watch ({exc.strerror or exc}); "
                     "use a polling observer (--poll SECONDS)"
                 ) from exc
             self._observer = observer
@@ -185,7 +234,7 @@ class CheckpointWatcher:
             self._state = "running"
         log.debug(
             "watching %s (%s, quiet %.3g s)",
-            self.directory,
+            shown(self.directory),
             f"polling every {self.poll:g} s" if self.poll is not None else "native events",
             self.quiet,
         )
@@ -275,9 +324,10 @@ class CheckpointWatcher:
             for key, entry in self._pending.items():
                 if key == path or path in key.parents or key in path.parents:
                     entry.due = now
-            for key in [k for k in self._handed if k == path or path in k.parents]:
-                if not os.path.lexists(key):
-                    del self._handed[key]
+            for seen in (self._handed, self._rejected):
+                for key in [k for k in seen if k == path or path in k.parents]:
+                    if not os.path.lexists(key):
+                        del seen[key]
         self._wake.set()
 
     # ------------------------------------------------------------------ timer
@@ -295,7 +345,7 @@ class CheckpointWatcher:
                 try:
                     self._check(key)
                 except Exception:
-                    log.exception("ddsmon watcher: checking %s failed", key)
+                    log.exception("ddsmon watcher: checking %s failed", shown(key))
                     with self._lock:
                         self._pending.pop(key, None)
             with self._lock:
@@ -344,24 +394,30 @@ class CheckpointWatcher:
             self._drop(key, entry, gen, None)
             return
         reason = check_complete(ref)
-        if reason is None:
-            try:
-                after = fingerprint(ref)
-            except FileNotFoundError:
-                self._vanished(key, entry, gen)
-                return
-            if after != fp:  # changed while it was being checked
-                self._wait(entry, gen, after, "changed during the check")
-                return
-            self._hand_over(key, entry, gen, ref, fp)
-        elif by_close and not quiet:
+        if reason is not None and by_close and not quiet:
             with self._lock:
                 if entry.gen == gen:
                     entry.closed_fp = None
                     entry.due = changed_at + self.quiet
-            log.debug("%s closed but not complete yet (%s); waiting for quiet", key, reason)
+            log.debug(
+                "%s closed but not complete yet (%s); waiting for quiet", shown(key), shown(reason)
+            )
+            return
+        try:
+            after = fingerprint(ref)
+        except FileNotFoundError:
+            self._vanished(key, entry, gen)
+            return
+        except OSError as exc:
+            self._drop(key, entry, gen, f"cannot be read ({exc.strerror or exc})")
+            return
+        if after != fp:  # changed while it was being checked
+            self._wait(entry, gen, after, "changed during the check")
+            return
+        if reason is None:
+            self._hand_over(key, entry, gen, ref, fp)
         else:
-            self._drop(key, entry, gen, f"settled but incomplete: {reason}")
+            self._reject(key, entry, gen, ref, fp, reason)
 
     def _wait(self, entry: _Pending, gen: int, fp: tuple[int, int] | None, why: str) -> None:
         """Not ready: note a changed fingerprint and look again after a quiet period."""
@@ -374,14 +430,44 @@ class CheckpointWatcher:
                 entry.changed_at = now
                 entry.closed_fp = None
             entry.due = max(now + _MIN_WAIT, entry.changed_at + self.quiet)
-        log.debug("%s not ready: %s", entry.ref.path, why)
+        log.debug("%s not ready: %s", shown(entry.ref.path), why)
 
     def _drop(self, key: Path, entry: _Pending, gen: int, why: str | None) -> None:
         with self._lock:
             if self._pending.get(key) is entry and entry.gen == gen:
                 del self._pending[key]
         if why is not None:
-            log.debug("%s not handed over: %s", self._out(key), why)
+            log.debug("%s not handed over: %s", shown(self._out(key)), shown(why))
+
+    def _reject(
+        self,
+        key: Path,
+        entry: _Pending,
+        gen: int,
+        ref: CheckpointRef,
+        fp: tuple[int, int],
+        reason: str,
+    ) -> None:
+        """Settled and incomplete: drop it until it changes; report it once per version."""
+        final = ref.kind not in _FOLDER_KINDS or (
+            ref.kind == "hf" and os.path.lexists(key / "trainer_state.json")
+        )
+        with self._lock:
+            if self._pending.get(key) is not entry or entry.gen != gen:
+                return  # an event came meanwhile: it is changing again
+            del self._pending[key]
+            report = final and self._rejected.get(key) != fp
+            if report:
+                self._rejected[key] = fp
+            self._handed.pop(key, None)
+        path = self._out(key)
+        log.debug("%s not handed over: settled but incomplete: %s", shown(path), shown(reason))
+        if not report:
+            return
+        try:
+            self._on_rejected(path, reason)
+        except Exception:
+            log.exception("ddsmon watcher: on_rejected(%s) failed", shown(path))
 
     def _vanished(self, key: Path, entry: _Pending, gen: int) -> None:
         with self._lock:
@@ -390,27 +476,29 @@ class CheckpointWatcher:
                 return
             del self._pending[key]
             self._handed.pop(key, None)
+            self._rejected.pop(key, None)
         path = self._out(key)
-        log.debug("%s vanished before it was ready", path)
+        log.debug("%s vanished before it was ready", shown(path))
         if self._on_vanished is not None:
             try:
                 self._on_vanished(path)
             except Exception:
-                log.exception("ddsmon watcher: on_vanished(%s) failed", path)
+                log.exception("ddsmon watcher: on_vanished(%s) failed", shown(path))
 
     def _hand_over(
         self, key: Path, entry: _Pending, gen: int, ref: CheckpointRef, fp: tuple[int, int]
     ) -> None:
         with self._lock:
             self._handed[key] = fp
+            self._rejected.pop(key, None)
             if self._pending.get(key) is entry and entry.gen == gen:
                 del self._pending[key]
         out = CheckpointRef(self._out(key), ref.kind)
-        log.debug("%s ready (%s, %d bytes)", out.path, out.kind, fp[0])
+        log.debug("%s ready (%s, %d bytes)", shown(out.path), out.kind, fp[0])
         try:
             self._on_ready(out)
         except Exception:
-            log.exception("ddsmon watcher: on_ready(%s) failed", out.path)
+            log.exception("ddsmon watcher: on_ready(%s) failed", shown(out.path))
 
     def _out(self, key: Path) -> Path:
         """The path as the caller names it: under ``directory`` as it was given."""

@@ -54,6 +54,7 @@ class Collector:
         self.ready: list[CheckpointRef] = []
         self.seen: list[tuple[str | None, tuple[int, int]]] = []
         self.vanished: list[Path] = []
+        self.rejected: list[tuple[Path, str]] = []
 
     def on_ready(self, ref: CheckpointRef) -> None:
         state = (check_complete(ref), fingerprint(ref))
@@ -64,6 +65,14 @@ class Collector:
     def on_vanished(self, path: Path) -> None:
         with self.lock:
             self.vanished.append(path)
+
+    def on_rejected(self, path: Path, reason: str) -> None:
+        with self.lock:
+            self.rejected.append((path, reason))
+
+    def rejections(self) -> Counter[Path]:
+        with self.lock:
+            return Counter(path for path, _ in self.rejected)
 
     def counts(self) -> Counter[Path]:
         with self.lock:
@@ -103,6 +112,7 @@ def watch(
         poll=request.param,
         quiet=QUIET,
         on_vanished=collector.on_vanished,
+        on_rejected=collector.on_rejected,
     )
     with watcher:
         yield watcher, collector
@@ -129,6 +139,7 @@ def test_chunked_slow_write_is_handed_over_once_complete(watch, tmp_path: Path) 
     assert got.ready[0].kind == "torch"
     assert got.seen == [(None, fingerprint(got.ready[0]))]  # complete when handed over
     assert got.vanished == []
+    assert got.rejected == []  # paused mid-write is not "rejected"
 
 
 @pytest.mark.parametrize("poll", MODES)
@@ -179,6 +190,7 @@ def test_truncated_file_waits_until_rewritten_complete(watch, tmp_path: Path, ca
     assert any(
         "step_300.pt" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records
     ), "the reason a file is not handed over is logged at debug level"
+    assert got.rejections() == {path: 1}
     path.write_bytes(data)
     wait_until(lambda: got.counts()[path] >= 1, "the rewritten checkpoint")
     settle(watcher)
@@ -377,3 +389,151 @@ def test_relative_directory_gives_paths_as_given(tmp_path: Path, monkeypatch) ->
         (tmp_path / "ckpts" / "step_1.pt").write_bytes(torch_bytes())
         wait_until(lambda: len(got.ready) == 1, "the checkpoint")
     assert got.ready[0].path == Path("ckpts") / "step_1.pt"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"poll": float("inf")}, "--poll"),
+        ({"poll": float("-inf")}, "--poll"),
+        ({"poll": float("nan")}, "--poll"),
+        ({"poll": 0}, "--poll"),
+        ({"poll": -1.0}, "--poll"),
+        ({"poll": 1e12}, "--poll"),
+        ({"poll": "fast"}, "--poll"),
+        ({"poll": True}, "--poll"),
+        ({"quiet": float("inf")}, "--quiet"),
+        ({"quiet": float("nan")}, "--quiet"),
+        ({"quiet": -0.5}, "--quiet"),
+        ({"quiet": 1e300}, "--quiet"),
+        ({"quiet": None}, "--quiet"),
+    ],
+)
+def test_non_finite_or_non_positive_poll_and_quiet_are_config_errors(
+    tmp_path: Path, kwargs: dict, option: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        CheckpointWatcher(tmp_path, lambda ref: None, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{option}: ") and "finite number of seconds" in message
+    assert repr(next(iter(kwargs.values()))) in message or "fast" in message
+
+
+def test_finite_poll_and_zero_quiet_are_accepted(tmp_path: Path) -> None:
+    got = Collector()
+    with CheckpointWatcher(tmp_path, got.on_ready, poll=1, quiet=0) as watcher:
+        assert watcher.poll == 1.0 and watcher.quiet == 0.0
+        (tmp_path / "step_1.pt").write_bytes(torch_bytes())
+        wait_until(lambda: len(got.ready) == 1, "the checkpoint")
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+def lying_safetensors() -> bytes:
+    """A safetensors header that promises 4000 bytes of data; 16 follow."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}})
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + os.urandom(16)
+
+
+def test_settled_bad_files_are_rejected_once_with_path_and_reason(watch, tmp_path: Path) -> None:
+    """Zero-byte, truncated, random-byte and lying-header files written live are each
+    reported once, with the reason; a new bad version again; a fixed one handed over."""
+    watcher, got = watch
+    good = torch_bytes(seed=4)
+    files = {
+        tmp_path / "step_1.pt": (b"", "empty file"),
+        tmp_path / "step_2.pt": (good[: len(good) // 3], "zip"),
+        tmp_path / "step_3.pt": (os.urandom(3000), "not a torch zip archive"),
+        tmp_path / "step_4.safetensors": (lying_safetensors(), "expected 4"),
+    }
+    for path, (data, _) in files.items():
+        path.write_bytes(data)
+    wait_until(lambda: set(got.rejections()) == set(files), "every bad file reported")
+    settle(watcher)
+    assert got.rejections() == dict.fromkeys(files, 1)  # once each, not per poll or event
+    for path, reason in got.rejected:
+        assert files[path][1] in reason, (path, reason)
+    assert got.ready == []
+    truncated = tmp_path / "step_2.pt"
+    truncated.write_bytes(good[: len(good) // 2])  # changed, still bad: reported again
+    wait_until(lambda: got.rejections()[truncated] == 2, "the new bad version")
+    fixed = tmp_path / "step_3.pt"
+    fixed.write_bytes(good)
+    wait_until(lambda: got.counts()[fixed] == 1, "the fixed file")
+    settle(watcher)
+    assert got.rejections() == {**dict.fromkeys(files, 1), truncated: 2}
+    assert got.counts() == {fixed: 1}
+    assert got.vanished == []
+
+
+def test_files_still_being_written_are_not_rejected(watch, tmp_path: Path) -> None:
+    """A writer that pauses (shorter than quiet) and one that closes after every chunk
+    (inotify close-write on an incomplete file) are waited for, never rejected."""
+    watcher, got = watch
+    data = torch_bytes(seed=6)
+    step = len(data) // 6 + 1
+    paused = tmp_path / "step_10.pt"
+    reopened = tmp_path / "step_11.pt"
+    with open(paused, "wb") as f:
+        for i in range(0, len(data), step):
+            f.write(data[i : i + step])
+            f.flush()
+            with open(reopened, "ab") as g:  # opened, written, closed per chunk
+                g.write(data[i : i + step])
+            time.sleep(QUIET * 0.4)
+    wait_until(lambda: set(got.counts()) == {paused, reopened}, "both checkpoints")
+    settle(watcher)
+    assert got.counts() == {paused: 1, reopened: 1}
+    assert got.rejected == []
+
+
+def test_folders_are_rejected_only_once_their_last_file_is_there(watch, tmp_path: Path) -> None:
+    watcher, got = watch
+    waiting = tmp_path / "checkpoint-1"  # no trainer_state.json yet: still being written
+    waiting.mkdir()
+    (waiting / "model.safetensors").write_bytes(lying_safetensors())
+    dcp = tmp_path / "step_2"  # dcp shards without .metadata: still being written
+    dcp.mkdir()
+    (dcp / "__0_0.distcp").write_bytes(os.urandom(512))
+    broken = tmp_path / "checkpoint-3"  # trainer_state.json there, weights truncated
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(lying_safetensors())
+    (broken / "trainer_state.json").write_text("{}")
+    wait_until(lambda: broken in got.rejections(), "the finished but broken folder")
+    settle(watcher)
+    assert got.rejections() == {broken: 1}
+    assert "model.safetensors" in got.rejected[0][1]
+    assert got.ready == []
+
+
+@pytest.mark.parametrize("poll", MODES)
+def test_default_report_is_one_warning_line_with_the_name_escaped(
+    tmp_path: Path, poll, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ddsmon.watcher")
+    evil = tmp_path / "step_9\nERROR ddsmon: forged.pt"
+    with CheckpointWatcher(tmp_path, lambda ref: None, poll=poll, quiet=QUIET) as watcher:
+        evil.write_bytes(b"")
+        wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records), "the warning")
+        settle(watcher)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    line = warnings[0]
+    assert "\n" not in line
+    assert "step_9\\nERROR ddsmon: forged.pt" in line and "empty file" in line
+    assert str(tmp_path) in line
+
+
+def test_failing_on_rejected_does_not_stop_the_watcher(tmp_path: Path, caplog) -> None:
+    got = Collector()
+
+    def on_rejected(path: Path, reason: str) -> None:
+        raise RuntimeError("sink bug")
+
+    with CheckpointWatcher(tmp_path, got.on_ready, poll=POLL, quiet=QUIET, on_rejected=on_rejected):
+        (tmp_path / "step_1.pt").write_bytes(b"")
+        wait_until(lambda: any(r.exc_info for r in caplog.records), "the logged failure")
+        (tmp_path / "step_2.pt").write_bytes(torch_bytes())
+        wait_until(lambda: len(got.ready) == 1, "the next checkpoint")
