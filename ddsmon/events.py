@@ -77,11 +77,12 @@ import math
 import numbers
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ddsmon.errors import ConfigError, DDSError
-from ddsmon.signature import SCALAR_READINGS
+from ddsmon.readings import READINGS, SCALAR_READINGS, Reading
+from ddsmon.readings import reading as _row
 
 __all__ = (
     "EVENT_KINDS",
@@ -99,7 +100,6 @@ log = logging.getLogger(__name__)
 #: Every kind an :class:`Event` can have.
 EVENT_KINDS: tuple[str, ...] = ("rank_change", "collapse", "revival", "transition", "nonfinite")
 
-_LN10 = math.log(10.0)
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal sample times this estimates its sigma
 _STATE_VERSION = 1
 
@@ -151,10 +151,12 @@ class EventConfig:
     through; the lag and windows count checkpoints, so for checkpoints much denser than
     about 40 per phase change raise ``reference_lag`` and ``reference_window``.
 
-    readings: scale-free readings watched for collapse/revival. Names starting with
-        ``log`` or containing ``log_volume``/``logdet`` are natural logs (compared as
-        ``value / ln 10``); any other is a positive quantity compared as ``log10``.
-    ratio_decades: collapse/revival threshold for ratio readings, in decades.
+    readings: scale-free readings watched for collapse/revival, any reading of
+        :data:`ddsmon.readings.READINGS` but a count. Each is compared in decades as its
+        unit says (:meth:`ddsmon.readings.Reading.decades`): a natural log (``"nats"``)
+        as ``value / ln 10``, a positive value or ratio as ``log10``.
+    ratio_decades: collapse/revival threshold of readings that are not natural logs, in
+        decades.
     volume_mad_k: robust threshold of natural-log readings, in units of the trailing
         window's MAD-based sigma (``1.4826 * MAD``).
     volume_min_decades: the least threshold of natural-log readings, in decades (so a
@@ -164,12 +166,16 @@ class EventConfig:
         spread over a few checkpoints is measured from where it began.
     min_reference: values needed in the reference window before anything is decided
         (a warm-up of ``min_reference + reference_lag`` checkpoints).
-    rank_readings: integer readings watched for rank changes.
+    rank_readings: count readings (unit ``"count"``) watched for rank changes.
     rank_hysteresis: consecutive checkpoints a rank must hold to be stable.
     rank_min_change: least difference between stable ranks that is reported.
     transition_window: checkpoints within which the collapses of one transition fall.
     min_collapses: distinct (layer, reading) collapses that make a transition.
     confirm: checkpoints a collapse must hold, unrevived, to count toward a transition.
+
+    Building one checks every value (:meth:`from_dict` is the parser of the ``[events]``
+    table): a wrong type or an out-of-range value is a :class:`~ddsmon.errors.ConfigError`
+    naming the key.
     """
 
     readings: tuple[str, ...] = ("lambda_ratio", "sigma_ratio", "log_volume")
@@ -187,38 +193,9 @@ class EventConfig:
     confirm: int = 1
 
     def __post_init__(self) -> None:
-        positive = {
-            "ratio_decades": self.ratio_decades,
-            "volume_min_decades": self.volume_min_decades,
-            "reference_window": self.reference_window,
-            "min_reference": self.min_reference,
-            "rank_hysteresis": self.rank_hysteresis,
-            "rank_min_change": self.rank_min_change,
-            "transition_window": self.transition_window,
-            "min_collapses": self.min_collapses,
-        }
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"event config: {key} must be positive, got {value!r}")
-        if self.volume_mad_k < 0 or self.confirm < 0 or self.reference_lag < 0:
-            raise ConfigError("event config: volume_mad_k, confirm, reference_lag must be >= 0")
-        if self.min_reference > self.reference_window:
-            raise ConfigError(
-                f"event config: min_reference ({self.min_reference}) cannot exceed "
-                f"reference_window ({self.reference_window})"
-            )
-        if self.confirm >= self.transition_window:
-            raise ConfigError(
-                f"event config: confirm ({self.confirm}) must be below "
-                f"transition_window ({self.transition_window})"
-            )
-        object.__setattr__(self, "readings", tuple(self.readings))
-        object.__setattr__(self, "rank_readings", tuple(self.rank_readings))
-        unknown = [r for r in (*self.readings, *self.rank_readings) if r not in SCALAR_READINGS]
-        if unknown:
-            raise ConfigError(
-                f"event config: unknown reading(s) {unknown}; known: {', '.join(SCALAR_READINGS)}"
-            )
+        checked = _checked_values({f.name: getattr(self, f.name) for f in fields(self)}, None)
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -227,23 +204,150 @@ class EventConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EventConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> EventConfig:
+        """The config of an ``[events]`` table (or :meth:`to_dict`'s output); missing keys
+        keep their defaults.
+
+        Unknown keys, values of the wrong type (a string or a bool for a number, a float
+        for a whole number, anything but a list of names for ``readings`` and
+        ``rank_readings``) and out-of-range values raise
+        :class:`~ddsmon.errors.ConfigError` naming the key; ``source`` (e.g.
+        ``"config file ddsmon.toml"``) starts the message when given.
+        """
+        where = _Where(source)
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{where.prefix}{where.table} must be a table, got {type(data).__name__}"
+            )
+        known = sorted(f.name for f in fields(cls))
+        unknown = [k for k in data if k not in known]
+        if unknown and source is None:
+            raise ConfigError(
+                f"event config: unknown key(s) {sorted(unknown, key=str)}; known: {known}"
+            )
         if unknown:
-            raise ConfigError(f"event config: unknown key(s) {unknown}; known: {sorted(known)}")
-        kw = dict(data)
-        for key in ("readings", "rank_readings"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+            keys = ", ".join(repr(k) for k in unknown)
+            raise ConfigError(
+                f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {keys} in [events] "
+                f"(known: {', '.join(known)})"
+            )
+        return cls(**_checked_values(data, source))
+
+
+class _Where:
+    """How a config message says where a value came from: ``source: [events] key`` when
+    the source (e.g. ``"config file ddsmon.toml"``) is known, else ``event config: key``."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.prefix = f"{source}: " if source else "event config: "
+        self.table = "[events]" if source else "the event config"
+
+    def key(self, key: str) -> str:
+        return f"[events] {key}" if self.source else key
+
+
+def _field_kinds() -> dict[str, type]:
+    """Each EventConfig field's kind, from its default: float, int or tuple (of names)."""
+    return {f.name: type(f.default) for f in fields(EventConfig)}
+
+
+def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """``data``'s values, type-checked, normalised (floats, ints, tuples of names) and
+    range-checked against each other (missing keys taking their defaults)."""
+    where = _Where(source)
+    kinds = _field_kinds()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        kind = kinds[key]
+        name = where.key(key)
+        if kind is tuple:
+            out[key] = _names(where, key, value)
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(
+                f"{where.prefix}{name} must be {what}, got {type(value).__name__} {value!r}"
+            )
+        elif kind is int:
+            if not isinstance(value, numbers.Integral):
+                raise ConfigError(
+                    f"{where.prefix}{name} must be a whole number, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            out[key] = int(value)
+        else:
+            if not math.isfinite(value):
+                raise ConfigError(f"{where.prefix}{name} must be a finite number, got {value!r}")
+            out[key] = float(value)
+    values: dict[str, Any] = {f.name: f.default for f in fields(EventConfig)}
+    values.update(out)
+    positive = (
+        "ratio_decades",
+        "volume_min_decades",
+        "reference_window",
+        "min_reference",
+        "rank_hysteresis",
+        "rank_min_change",
+        "transition_window",
+        "min_collapses",
+    )
+    for key in positive:
+        if not values[key] > 0:
+            raise ConfigError(
+                f"{where.prefix}{where.key(key)} must be positive, got {values[key]!r}"
+            )
+    for key in ("volume_mad_k", "confirm", "reference_lag"):
+        if values[key] < 0:
+            raise ConfigError(f"{where.prefix}{where.key(key)} must be >= 0, got {values[key]!r}")
+    if values["min_reference"] > values["reference_window"]:
+        raise ConfigError(
+            f"{where.prefix}{where.key('min_reference')} ({values['min_reference']}) cannot "
+            f"exceed reference_window ({values['reference_window']})"
+        )
+    if values["confirm"] >= values["transition_window"]:
+        raise ConfigError(
+            f"{where.prefix}{where.key('confirm')} ({values['confirm']}) must be below "
+            f"transition_window ({values['transition_window']})"
+        )
+    return values
+
+
+def _names(where: _Where, key: str, value: Any) -> tuple[str, ...]:
+    """``readings`` / ``rank_readings`` as a tuple of known names of the right unit."""
+    name = where.key(key)
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"{where.prefix}{name} must be a list of reading names, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(
+            f"{where.prefix}{name} must be a list of reading names, got {bad[0]!r} in {list(names)}"
+        )
+    unknown = [r for r in names if r not in SCALAR_READINGS]
+    if unknown:
+        raise ConfigError(
+            f"{where.prefix}{name}: unknown reading(s) {unknown}; "
+            f"known: {', '.join(SCALAR_READINGS)}"
+        )
+    counts = [r.name for r in READINGS if r.is_count]
+    for r in names:
+        unit = _row(r).unit
+        if key == "rank_readings" and unit != "count":
+            raise ConfigError(
+                f"{where.prefix}{name}: {r!r} is not a count ({unit}); counts: {', '.join(counts)}"
+            )
+        if key != "rank_readings" and unit == "count":
+            raise ConfigError(
+                f"{where.prefix}{name}: {r!r} is a count, not measured in decades "
+                "(watch it in rank_readings)"
+            )
+    return names
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _is_natural_log(reading: str) -> bool:
-    return reading.startswith("log") or "log_volume" in reading or "logdet" in reading
 
 
 def _number(layer: str, reading: str, value: Any) -> float | None:
@@ -258,16 +362,14 @@ def _number(layer: str, reading: str, value: Any) -> float | None:
     return float(value)
 
 
-def _decades(layer: str, reading: str, value: Any) -> float | None:
-    """The value compared in decades (None when unresolved, non-finite or <= 0 ratio)."""
-    x = _number(layer, reading, value)
+def _decades(layer: str, row: Reading, value: Any) -> float | None:
+    """The value compared in decades, as its unit says (None when unresolved, non-finite,
+    or a positive quantity at or below 0)."""
+    x = _number(layer, row.name, value)
     if x is None or not math.isfinite(x):
         return None
-    if _is_natural_log(reading):
-        return x / _LN10
-    if x <= 0.0:
-        return None
-    return math.log10(x)
+    out = row.decades(x)
+    return out if math.isfinite(out) else None
 
 
 def _median(values: Iterable[float]) -> float:
@@ -276,8 +378,8 @@ def _median(values: Iterable[float]) -> float:
     return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
 
 
-def _fmt(reading: str, value: float) -> str:
-    return f"{value:.4g}" if _is_natural_log(reading) else f"{value:.3g}"
+def _fmt(row: Reading, value: float) -> str:
+    return f"{value:.4g}" if row.unit == "nats" else f"{value:.3g}"
 
 
 def _is_finite_point(reading: Mapping[str, Any]) -> bool:
@@ -296,6 +398,7 @@ class _LevelScanner:
     def __init__(self, layer: str, reading: str, cfg: EventConfig) -> None:
         self.layer = layer
         self.reading = reading
+        self.row = _row(reading)
         self.cfg = cfg
         # the last reference_window + reference_lag values, in decades
         self.buffer: deque[float] = deque(maxlen=cfg.reference_window + cfg.reference_lag)
@@ -310,13 +413,13 @@ class _LevelScanner:
         return values[: len(values) - lag] if lag else values
 
     def _threshold(self, values: list[float], centre: float) -> float:
-        if not _is_natural_log(self.reading):
+        if self.row.unit != "nats":
             return self.cfg.ratio_decades
         mad = _median(abs(v - centre) for v in values)
         return max(self.cfg.volume_min_decades, self.cfg.volume_mad_k * _MAD_TO_SIGMA * mad)
 
     def push(self, step: int, raw: Any) -> Event | None:
-        value = _decades(self.layer, self.reading, raw)
+        value = _decades(self.layer, self.row, raw)
         if value is None:
             return None
         event = None
@@ -348,22 +451,21 @@ class _LevelScanner:
             return self._event(step, "revival", ref, raw, value - ref)
         return None
 
-    def _raw_of(self, decades: float) -> float:
-        return decades * _LN10 if _is_natural_log(self.reading) else 10.0**decades
-
     def _event(
         self, step: int, kind: str, ref: float, raw: float, delta: float, recovered: bool = False
     ) -> Event:
-        before = self._raw_of(ref)
+        before = self.row.from_decades(ref)
         mag = abs(delta)
-        r = self.reading
+        r, row = self.reading, self.row
         if recovered:
-            what = f"recovered to {_fmt(r, raw)} (reference before the collapse {_fmt(r, before)})"
+            what = (
+                f"recovered to {_fmt(row, raw)} (reference before the collapse {_fmt(row, before)})"
+            )
         else:
             verb = "fell below" if kind == "collapse" else "rose above"
             what = (
                 f"{verb} its trailing reference by {mag:.2f} decades "
-                f"({_fmt(r, before)} -> {_fmt(r, raw)})"
+                f"({_fmt(row, before)} -> {_fmt(row, raw)})"
             )
         return Event(
             step, self.layer, kind, r, before, raw, mag, f"{kind}: {self.layer} {r} {what}"

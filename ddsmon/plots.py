@@ -19,6 +19,11 @@ global state, safe off the main thread and without a display) and write a PNG.
     dashed), with the trainer's own scalars (e.g. ``val_acc``) in a last panel when
     given. Events are vertical lines across all panels (colour by kind); a
     ``transition`` (the grokking-like phase change) is the thick red one.
+
+What is drawn comes from :mod:`ddsmon.readings`: the spectra, floors, ranks and legend
+labels from :data:`~ddsmon.readings.SPECTRA`; the trajectory panels from the readings'
+``panel`` (titled by their description, the y axis by their unit: log10 for values and
+ratios, as they are for natural logs and counts).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ddsmon.readings import READINGS, SPECTRA, Reading
 from ddsmon.signature import Signatures
 
 __all__ = ("EVENT_STYLE", "plot_spectra", "plot_trajectories")
@@ -49,12 +56,8 @@ EVENT_STYLE: dict[str, dict[str, Any]] = {
 }
 _OTHER_EVENT = {"color": "#7f7f7f", "linestyle": ":", "linewidth": 1.0, "alpha": 0.8}
 
-_SPECTRA = (
-    # (spectrum field, floor field, rank field, label, colour)
-    ("x_spectrum", "floor_x", "x_rank", "sigma(X)", "#1f77b4"),
-    ("g_spectrum", "floor_g", "g_rank", "lambda(G)", "#ff7f0e"),
-    ("param_spectrum", "param_floor", "param_rank", "lambda(K), params", "#2ca02c"),
-)
+#: Colour of each side's spectrum (and of its floor line) in :func:`plot_spectra`.
+_SIDE_COLOR = {"X": "#1f77b4", "G": "#ff7f0e", "K": "#2ca02c"}
 
 #: Panels drawn per layer; beyond this the figure names the layers left out.
 MAX_PANELS = 48
@@ -96,8 +99,9 @@ def plot_spectra(signatures: Signatures, path: Path | str, *, title: str | None 
             )
             continue
         drawn = False
-        for field, floor_field, _, label, color in _SPECTRA:
-            values = getattr(sig, field)
+        for spectrum in SPECTRA:
+            color, label = _SIDE_COLOR[spectrum.side], spectrum.label
+            values = getattr(sig, spectrum.field)
             if values is None or len(values) == 0:
                 continue
             values = np.asarray(values, dtype=np.float64)
@@ -114,7 +118,7 @@ def plot_spectra(signatures: Signatures, path: Path | str, *, title: str | None 
                     label=label,
                 )
                 drawn = True
-            floor = getattr(sig, floor_field)
+            floor = getattr(sig, spectrum.floor)
             if floor is not None and floor > 0 and math.isfinite(floor):
                 ax.axhline(math.log10(floor), color=color, linestyle="--", linewidth=0.9)
         if drawn:
@@ -135,30 +139,61 @@ def plot_spectra(signatures: Signatures, path: Path | str, *, title: str | None 
 
 def _spectra_title(sig: Any) -> str:
     parts = [sig.name or "(model)"]
-    if sig.x_rank is not None:
-        parts.append(f"x_rank {sig.x_rank}/{sig.d}")
-    if sig.g_rank is not None:
-        parts.append(f"g_rank {sig.g_rank}/{sig.d}")
-    if sig.param_rank is not None:
-        parts.append(f"param_rank {sig.param_rank}")
+    for spectrum in SPECTRA:
+        rank = getattr(sig, spectrum.rank)
+        if rank is not None:
+            bound = f"/{getattr(sig, spectrum.bound)}" if spectrum.bound else ""
+            parts.append(f"{spectrum.rank} {rank}{bound}")
     return "  ".join(parts)
 
 
-_TRAJECTORY_PANELS = (
-    # (title, y label, [(reading, transform, linestyle)])
-    ("lambda_min / lambda_max  (Fisher side)", "log10 ratio", [("lambda_ratio", "log10", "-")]),
-    ("sigma_min / sigma_max  (activation side)", "log10 ratio", [("sigma_ratio", "log10", "-")]),
-    (
-        "log_volume = log det+(G) - rank * log lambda_max",
-        "nats",
-        [("log_volume", None, "-")],
-    ),
-    (
-        "ranks (solid: g_rank, dashed: x_rank)",
-        "rank",
-        [("g_rank", None, "-"), ("x_rank", None, "--")],
-    ),
-)
+#: Line style of each side where readings share a panel of :func:`plot_trajectories`.
+_SIDE_STYLE = {"G": "-", "X": "--", "K": ":"}
+_STYLE_NAME = {"-": "solid", "--": "dashed", ":": "dotted"}
+#: The y axis of each unit: its label, and whether values are drawn as log10.
+_UNIT_AXIS = {
+    "ratio": ("log10 ratio", True),
+    "value": ("log10 value", True),
+    "floor": ("log10 value", True),
+    "nats": ("nats", False),
+    "count": ("count", False),
+}
+
+
+@dataclass(frozen=True)
+class _Panel:
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, bool, str], ...]  # (reading, drawn as log10, line style)
+
+
+def _trajectory_panels(rows: Sequence[Reading] = READINGS) -> list[_Panel]:
+    """The panels of :func:`plot_trajectories`, from the readings' ``panel``: one
+    reading's panel is titled by its description; readings sharing a panel (the ranks)
+    are told apart by their side's line style, G solid."""
+    by_panel: dict[int, list[Reading]] = {}
+    for r in rows:
+        if r.panel is not None:
+            by_panel.setdefault(r.panel, []).append(r)
+    panels = []
+    for _, members in sorted(by_panel.items()):
+        ylabel, log10 = _UNIT_AXIS[members[0].unit]
+        if len(members) == 1:
+            r = members[0]
+            panels.append(_Panel(r.description, ylabel, ((r.name, log10, "-"),)))
+            continue
+        members.sort(key=lambda r: list(_SIDE_STYLE).index(r.side))
+        series = tuple((r.name, _UNIT_AXIS[r.unit][1], _SIDE_STYLE[r.side]) for r in members)
+        ranks = all(r.name.endswith("rank") for r in members)
+        if ranks:
+            heading = "ranks"
+        elif all(r.is_count for r in members):
+            heading = "counts"
+        else:
+            heading = ", ".join(r.title for r in members)
+        what = ", ".join(f"{_STYLE_NAME[style]}: {name}" for name, _, style in series)
+        panels.append(_Panel(f"{heading} ({what})", "rank" if ranks else ylabel, series))
+    return panels
 
 
 def plot_trajectories(
@@ -178,8 +213,9 @@ def plot_trajectories(
     ``train``: optional trainer scalars, name -> ``[(step, value), ...]``.
     """
     path = Path(path)
-    panels = list(_TRAJECTORY_PANELS)
-    has_train = bool(train) and any(len(v) for v in train.values())  # type: ignore[union-attr]
+    panels = _trajectory_panels()
+    scalars: Mapping[str, Sequence[tuple[int, float]]] = train or {}
+    has_train = any(len(v) for v in scalars.values())
     nrows = len(panels) + (1 if has_train else 0)
     fig = Figure(figsize=(10.5, 2.3 * nrows + 0.9), dpi=_DPI, layout="constrained")
     axes = fig.subplots(nrows, 1, sharex=True, squeeze=False).ravel()
@@ -188,10 +224,10 @@ def plot_trajectories(
     for color, (layer, points) in zip(cmap, history.items()):
         pts = sorted(points, key=lambda p: p[0])
         steps = np.array([p[0] for p in pts], dtype=np.float64)
-        for ax, (_, _, series) in zip(axes, panels):
-            for reading, transform, style in series:
+        for ax, panel in zip(axes, panels):
+            for reading, log10, style in panel.series:
                 y = np.array([_num(p[1].get(reading)) for p in pts], dtype=np.float64)
-                if transform == "log10":
+                if log10:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         y = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
                 if np.isfinite(y).any():
@@ -205,18 +241,18 @@ def plot_trajectories(
                         color=color,
                     )
         layer_handles.append(Line2D([], [], color=color, label=layer or "(model)"))
-    for ax, (panel_title, ylabel, _) in zip(axes, panels):
-        ax.set_title(panel_title, fontsize=9, loc="left")
-        ax.set_ylabel(ylabel, fontsize=8)
+    for ax, panel in zip(axes, panels):
+        ax.set_title(panel.title, fontsize=9, loc="left")
+        ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.25)
     if has_train:
         ax = axes[len(panels)]
         # accuracies (0..1) on the left axis; losses and other scalars on a log right axis
         other_ax = None
-        for color, (name, points) in zip(_colors(len(train)), train.items()):  # type: ignore[union-attr]
-            pts = sorted(points, key=lambda p: p[0])
-            values = [_num(p[1]) for p in pts]
+        for color, (name, scalar) in zip(_colors(len(scalars)), scalars.items()):
+            by_step = sorted(scalar, key=lambda p: p[0])
+            values = [_num(p[1]) for p in by_step]
             target = ax
             if "acc" not in name.lower():
                 if other_ax is None:
@@ -226,7 +262,7 @@ def plot_trajectories(
                 if values and all(v is not None and v > 0 for v in values):
                     other_ax.set_yscale("log")
             target.plot(
-                [p[0] for p in pts],
+                [p[0] for p in by_step],
                 values,
                 color=color,
                 marker=".",
@@ -248,7 +284,7 @@ def plot_trajectories(
         ax.tick_params(labelsize=7)
     axes[-1].set_xlabel("training step", fontsize=8)
 
-    kinds_seen = _draw_events(axes, events)
+    kinds_seen = _draw_events(list(axes), events)
     legend = layer_handles[:MAX_LEGEND]
     if len(layer_handles) > MAX_LEGEND:
         legend.append(

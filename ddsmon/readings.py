@@ -3,9 +3,11 @@
 Every scalar reading a :class:`~ddsmon.signature.LayerSignature` carries has one row in
 :data:`READINGS`: its name, the matrix it is read from (``side``), its unit, the trust
 floor it is read against, a short label for tables and plots, and whether it is a
-*headline* reading (what a reviewer should see first) or a detail. The signature, the
+*headline* reading (what a reviewer should see first) or a detail; and where it is shown
+(a column of the terminal table, a panel of the trajectories figure). The signature, the
 event detectors, the terminal, the plots and the MLflow sink iterate over this table;
 adding a reading is one row here (and the field or property that computes it).
+:data:`SPECTRA` is the same for the three spectra, one row per side.
 
 Sides (Shirodkar & Narayanan 2026, arXiv 2606.21158, notation of
 :mod:`ddsmon.signature`):
@@ -21,7 +23,7 @@ Units, and how a change is measured in decades (:meth:`Reading.decades`):
 * ``"nats"``: a natural logarithm (``log det+ G``, ``log_volume``): ``v / ln 10``;
 * ``"count"``: an integer (ranks, dead counts): not measured in decades;
 * ``"floor"``: a trust floor (``dim * eps * max``), the level below which a value is
-  unresolved (paper Figure 7).
+  unresolved (paper Figure 7); a positive value, so ``log10 v``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ __all__ = (
     "READINGS",
     "SCALAR_READINGS",
     "SIDES",
+    "SPECTRA",
     "UNITS",
     "Reading",
+    "Spectrum",
     "reading",
 )
 
@@ -43,6 +47,7 @@ __all__ = (
 SIDES: tuple[str, ...] = ("X", "G", "K")
 #: The units a reading can have (see the module docstring).
 UNITS: tuple[str, ...] = ("value", "ratio", "nats", "count", "floor")
+_LOG10_UNITS = ("value", "ratio", "floor")
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,21 @@ class Reading:
         (``dds/<layer>/<name>``).
     side: ``"X"``, ``"G"`` or ``"K"``, the matrix it is read from.
     unit: one of :data:`UNITS`.
-    floor: the name of the floor reading it is read against (``None`` for readings that
-        are never unresolved against a floor, such as ranks and the floors themselves).
-    label: short text for table headers and plot legends.
+    floor: the floor reading an unresolved value is shown against (``<floor``), in the
+        reading's own units; ``None`` for readings with no such floor: counts, the floors
+        themselves, logarithms, and the ratios (a ratio is unresolved when its numerator
+        is, but the floor of ``lambda_min`` is no floor of ``lambda_min / lambda_max``).
+    label: short text under the side, as in a table header (``X`` over ``σ_min``);
+        :attr:`title` prefixes the side for a legend.
     headline: True for what a reviewer should see first (scale-free readings and dead
         counts); False for details kept at hand.
     description: one line, for docs, MLflow's run description and plot titles.
+    terminal: a column of the terminal's readings table (in table order).
+    pair: a count shown after this one in the same terminal cell (``x_rank/x_dead``);
+        the paired reading then has no column of its own.
+    heading: the first line of the terminal column's header when it is not the side.
+    panel: the panel (0 = top) of the trajectories figure the reading is drawn in;
+        readings sharing a panel share its axes. ``None``: not drawn.
     """
 
     name: str
@@ -68,6 +82,10 @@ class Reading:
     label: str
     headline: bool
     description: str
+    terminal: bool = False
+    pair: str | None = None
+    heading: str | None = None
+    panel: int | None = None
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -84,13 +102,31 @@ class Reading:
     def is_count(self) -> bool:
         return self.unit == "count"
 
+    @property
+    def in_decades(self) -> bool:
+        """True when :meth:`decades` applies (every unit but ``"count"``)."""
+        return self.unit != "count"
+
+    @property
+    def title(self) -> str:
+        """The label with its side, for a legend or a message (``"G λ_min"``)."""
+        return f"{self.heading or self.side} {self.label}"
+
     def decades(self, value: float) -> float:
         """``value`` on a log10 scale: ``value / ln 10`` for nats, ``log10 value`` for a
-        positive value or ratio (``-inf`` at 0). Counts and floors have no decades."""
+        positive value, ratio or floor (``-inf`` at or below 0). Counts have no decades."""
         if self.unit == "nats":
             return value / math.log(10.0)
-        if self.unit in ("value", "ratio"):
+        if self.unit in _LOG10_UNITS:
             return math.log10(value) if value > 0 else -math.inf
+        raise ValueError(f"reading {self.name!r} ({self.unit}) is not measured in decades")
+
+    def from_decades(self, decades: float) -> float:
+        """The inverse of :meth:`decades`: a value in the reading's own units."""
+        if self.unit == "nats":
+            return decades * math.log(10.0)
+        if self.unit in _LOG10_UNITS:
+            return 10.0**decades
         raise ValueError(f"reading {self.name!r} ({self.unit}) is not measured in decades")
 
 
@@ -98,48 +134,51 @@ class Reading:
 READINGS: tuple[Reading, ...] = (
     # activation side: singular values of X
     Reading("sigma_min", "X", "value", "floor_x", "σ_min", False,
-            "smallest singular value of X above floor_x"),
-    Reading("sigma_max", "X", "value", None, "σ_max", False,
+            "smallest singular value of X above floor_x", terminal=True),
+    Reading("sigma_max", "X", "value", "floor_x", "σ_max", False,
             "largest singular value of X"),
-    Reading("x_rank", "X", "count", None, "x_rank", False,
-            "singular values of X above floor_x"),
-    Reading("x_dead", "X", "count", None, "x_dead", True,
+    Reading("x_rank", "X", "count", None, "rank", False,
+            "singular values of X above floor_x", terminal=True, pair="x_dead", panel=3),
+    Reading("x_dead", "X", "count", None, "dead", True,
             "d - x_rank: dead directions of the activations"),
-    Reading("floor_x", "X", "floor", None, "floor_x", False,
+    Reading("floor_x", "X", "floor", None, "floor", False,
             "max(N, d) * eps * sigma_max: the activation side's trust floor"),
     # Fisher side: eigenvalues of G
     Reading("lambda_min", "G", "value", "floor_g", "λ_min", False,
-            "smallest eigenvalue of G above floor_g (the paper's lambda+_min)"),
+            "smallest eigenvalue of G above floor_g (the paper's lambda+_min)", terminal=True),
     Reading("lambda_max", "G", "value", "floor_g", "λ_max", False,
-            "largest eigenvalue of G"),
-    Reading("g_rank", "G", "count", None, "g_rank", False,
-            "eigenvalues of G above floor_g"),
-    Reading("g_dead", "G", "count", None, "g_dead", True,
+            "largest eigenvalue of G", terminal=True),
+    Reading("g_rank", "G", "count", None, "rank", False,
+            "eigenvalues of G above floor_g", terminal=True, pair="g_dead", panel=3),
+    Reading("g_dead", "G", "count", None, "dead", True,
             "d - g_rank: dead directions of the Fisher-Gram"),
-    Reading("floor_g", "G", "floor", None, "floor_g", False,
+    Reading("floor_g", "G", "floor", None, "floor", False,
             "dim * eps * lambda_max: the Fisher side's trust floor"),
-    Reading("logdet", "G", "nats", None, "log det+ G", False,
-            "active volume log det+(G): sum of the logs of the resolved eigenvalues"),
+    Reading("logdet", "G", "nats", None, "log det", False,
+            "active volume log det+(G): sum of the logs of the resolved eigenvalues",
+            terminal=True),
     Reading("log_volume", "G", "nats", None, "log vol", True,
-            "logdet - g_rank * log(lambda_max): scale-free active volume"),
-    Reading("u_dead_gain", "G", "value", None, "uᵀGu", False,
-            "u^T G u at the right singular vector u of X at sigma_min"),
-    Reading("lambda_ratio", "G", "ratio", "floor_g", "λ_min/λ_max", True,
-            "lambda_min / lambda_max (scale-free)"),
-    Reading("sigma_ratio", "X", "ratio", "floor_x", "σ_min/σ_max", True,
-            "sigma_min / sigma_max (scale-free)"),
+            "log_volume = log det+(G) - g_rank * log lambda_max: scale-free active volume",
+            terminal=True, panel=2),
+    Reading("u_dead_gain", "G", "value", None, "dead gain", False,
+            "u^T G u at the right singular vector u of X at sigma_min",
+            terminal=True, heading="G at u"),
+    Reading("lambda_ratio", "G", "ratio", None, "λ_min/λ_max", True,
+            "lambda_min / lambda_max (Fisher side, scale-free)", panel=0),
+    Reading("sigma_ratio", "X", "ratio", None, "σ_min/σ_max", True,
+            "sigma_min / sigma_max (activation side, scale-free)", panel=1),
     # parameter side: eigenvalues of K
-    Reading("param_lambda_min", "K", "value", "param_floor", "K λ_min", False,
-            "smallest eigenvalue of K above param_floor"),
-    Reading("param_lambda_max", "K", "value", None, "K λ_max", False,
+    Reading("param_lambda_min", "K", "value", "param_floor", "λ_min", False,
+            "smallest eigenvalue of K above param_floor", terminal=True),
+    Reading("param_lambda_max", "K", "value", "param_floor", "λ_max", False,
             "largest eigenvalue of K"),
-    Reading("param_rank", "K", "count", None, "K rank", False,
-            "eigenvalues of K above param_floor"),
-    Reading("param_floor", "K", "floor", None, "K floor", False,
+    Reading("param_rank", "K", "count", None, "rank", False,
+            "eigenvalues of K above param_floor", terminal=True),
+    Reading("param_floor", "K", "floor", None, "floor", False,
             "n * eps * param_lambda_max: the parameter side's trust floor"),
-    Reading("param_logdet", "K", "nats", None, "log det+ K", False,
+    Reading("param_logdet", "K", "nats", None, "log det", False,
             "log det+(K)"),
-    Reading("param_log_volume", "K", "nats", None, "K log vol", False,
+    Reading("param_log_volume", "K", "nats", None, "log vol", False,
             "param_logdet - param_rank * log(param_lambda_max) (scale-free)"),
 )  # fmt: skip
 
@@ -156,6 +195,36 @@ def reading(name: str) -> Reading:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise KeyError(
-            f"unknown reading {name!r}; known: {', '.join(SCALAR_READINGS)}"
-        ) from None
+        raise KeyError(f"unknown reading {name!r}; known: {', '.join(SCALAR_READINGS)}") from None
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One side's spectrum: the ``LayerSignature`` array and the readings made of it.
+
+    field: the array (descending, every value, resolved or not).
+    floor / rank: the side's floor and rank readings (rows of :data:`READINGS`).
+    label: legend text. bound: the ``LayerSignature`` field the rank is out of
+        (``"d"``), or None when it has no fixed bound to show.
+    """
+
+    side: str
+    field: str
+    floor: str
+    rank: str
+    label: str
+    bound: str | None
+
+    def __post_init__(self) -> None:
+        for name, unit in ((self.floor, "floor"), (self.rank, "count")):
+            row = reading(name)
+            if row.side != self.side or row.unit != unit:
+                raise ValueError(f"spectrum {self.field!r}: {name!r} is no {unit} of {self.side}")
+
+
+#: The three spectra, in drawing order.
+SPECTRA: tuple[Spectrum, ...] = (
+    Spectrum("X", "x_spectrum", "floor_x", "x_rank", "sigma(X)", "d"),
+    Spectrum("G", "g_spectrum", "floor_g", "g_rank", "lambda(G)", "d"),
+    Spectrum("K", "param_spectrum", "param_floor", "param_rank", "lambda(K), params", None),
+)

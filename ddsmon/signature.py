@@ -18,7 +18,9 @@ for layer ``l`` with output ``h_l`` in R^d and a probe of ``n`` samples,
   of the layer's empirical-Fisher block.
 
 A value is *resolved* only above its trust floor (see :mod:`ddsmon.spectra`); a
-reading whose matrix has no resolved value is ``None``.
+reading whose matrix has no resolved value is ``None``. What each scalar reading is
+(side, unit, floor, label) is one row of :data:`ddsmon.readings.READINGS`;
+:data:`SCALAR_READINGS` (their names) is re-exported from there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ddsmon.readings import SCALAR_READINGS
 
 __all__ = ("SCALAR_READINGS", "LayerSignature", "Signatures", "dying_directions")
 
@@ -117,8 +121,9 @@ class LayerSignature:
     def to_dict(self, spectra: bool = False) -> dict[str, Any]:
         """Scalar readings as a plain dict (JSON-ready); spectra as lists if asked."""
         out = {k: v for k, v in asdict(self).items() if not k.endswith("spectrum")}
-        out["lambda_ratio"] = self.lambda_ratio
-        out["sigma_ratio"] = self.sigma_ratio
+        for name in SCALAR_READINGS:  # the properties (lambda_ratio, sigma_ratio)
+            if name not in out:
+                out[name] = getattr(self, name)
         if spectra:
             out["x_spectrum"] = self.x_spectrum.tolist()
             out["g_spectrum"] = self.g_spectrum.tolist()
@@ -126,16 +131,6 @@ class LayerSignature:
                 None if self.param_spectrum is None else self.param_spectrum.tolist()
             )
         return out
-
-
-#: Scalar readings that are numbers (what the daemon logs as metrics per layer).
-SCALAR_READINGS: tuple[str, ...] = (
-    "sigma_min", "sigma_max", "x_rank", "x_dead", "floor_x",
-    "lambda_min", "lambda_max", "g_rank", "g_dead", "floor_g",
-    "logdet", "log_volume", "u_dead_gain", "lambda_ratio", "sigma_ratio",
-    "param_lambda_min", "param_lambda_max", "param_rank", "param_floor",
-    "param_logdet", "param_log_volume",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

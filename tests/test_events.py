@@ -386,3 +386,25 @@ def test_config_is_validated_and_round_trips() -> None:
         EventDetector.from_state({"version": 99})
     with pytest.raises(DDSError, match="malformed"):
         EventDetector.from_state({"version": 1, "config": {}})
+
+
+def test_units_and_thresholds_follow_the_table_of_readings() -> None:
+    # the same 3-decade fall of a positive value (u_dead_gain: log10, threshold
+    # ratio_decades = 2) is a collapse; of a natural log (logdet: value / ln 10, threshold
+    # at least volume_min_decades = 4) it is not
+    from ddsmon.readings import reading
+
+    assert (reading("u_dead_gain").unit, reading("logdet").unit) == ("value", "nats")
+    cfg = EventConfig(readings=("u_dead_gain", "logdet"))
+    pts = [dict(point(), u_dead_gain=1e-2, logdet=-20.0) for _ in range(15)]
+    pts += [dict(point(), u_dead_gain=1e-5, logdet=-20.0 - 3 * math.log(10))] * 5
+    _, events = feed({"fc": pts}, cfg)
+    assert kinds(events) == [(150, "collapse", "fc", "u_dead_gain")]
+    assert events[0].magnitude == pytest.approx(3.0)
+    assert events[0].before == pytest.approx(1e-2) and events[0].after == 1e-5
+    # 5 decades of logdet clear the natural-log threshold; its message keeps 4 digits
+    pts[15:] = [dict(point(), u_dead_gain=1e-2, logdet=-20.0 - 5 * math.log(10))] * 5
+    _, events = feed({"fc": pts}, cfg)
+    assert kinds(events) == [(150, "collapse", "fc", "logdet")]
+    assert events[0].magnitude == pytest.approx(5.0)
+    assert "(-20 -> -31.51)" in events[0].message

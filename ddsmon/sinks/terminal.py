@@ -8,10 +8,14 @@ shows it, and :func:`export_svg` writes any renderable as an SVG picture.
 
 How readings are shown:
 
+* The columns are the readings of :data:`ddsmon.readings.READINGS` marked ``terminal``,
+  in table order, headed by their side (or ``heading``) over their label; a reading with
+  a ``pair`` shares its cell with it (``rank/dead``). The parameter side's (K) columns
+  appear only when some layer has it.
 * A reading below its trust floor is unresolved (``None`` in the signature). The table
-  shows the floor it fell under instead, as ``<5.2e-14``: "smaller than this, if
-  anything" (``floor_x`` for sigma_min, ``floor_g`` for lambda_min/lambda_max,
-  ``param_floor`` for the parameter side).
+  shows the floor it fell under instead (the row's ``floor``), as ``<5.2e-14``: "smaller
+  than this, if anything" (``floor_x`` for sigma_min, ``floor_g`` for
+  lambda_min/lambda_max, ``param_floor`` for the parameter side).
 * Trend arrows compare each reading with the same layer's reading at the previous
   checkpoint. A resolved reading ``a`` (previous ``b``) has moved when
   ``|a - b| > rtol * max(|a|, |b|)`` (``rtol`` = :data:`TREND_RTOL`, 1%): ``↑`` when it
@@ -40,6 +44,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ddsmon.readings import READINGS, Reading
+from ddsmon.readings import reading as _row
 from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.signature import LayerSignature, Signatures
 
@@ -156,9 +162,26 @@ def _rank_cell(
 # ------------------------------------------------------------------------ signatures table
 
 
+#: The readings with a column of their own, in table order (a ``pair`` shares its cell).
+_COLUMNS: tuple[Reading, ...] = tuple(r for r in READINGS if r.terminal)
+#: The parameter side's columns, shown only when some layer has that side.
+_PARAM_SIDE = "K"
+
+
+def _header(r: Reading) -> str:
+    """A column's two-line header: the side (or ``heading``) over the label."""
+    label = r.label if r.pair is None else f"{r.label}/{_row(r.pair).label}"
+    return f"{r.heading or r.side}\n{label}"
+
+
+def _columns(params: bool) -> tuple[Reading, ...]:
+    return tuple(r for r in _COLUMNS if params or r.side != _PARAM_SIDE)
+
+
 def _has_param_side(signatures: Signatures) -> bool:
+    shown = [r.name for r in _COLUMNS if r.side == _PARAM_SIDE]
     return any(
-        s.param_count is not None or s.param_rank is not None or s.param_lambda_min is not None
+        s.param_count is not None or any(getattr(s, name) is not None for name in shown)
         for s in signatures.layers.values()
     )
 
@@ -172,7 +195,8 @@ def render_signatures_table(
 ) -> Table:
     """One row per layer of ``signatures``, with trend arrows against ``previous``.
 
-    Columns: layer, d (output width), N (rows of X); for X: σ_min (or ``<floor_x``) and
+    Columns: layer, d (output width), N (rows of X), then the readings marked
+    ``terminal`` in :data:`ddsmon.readings.READINGS`: for X: σ_min (or ``<floor_x``) and
     rank/dead (``x_rank / x_dead``, ``x_dead = d - x_rank``); for the Fisher-Gram G:
     λ_min and λ_max (or ``<floor_g``), rank/dead, ``log det+ G``,
     ``log vol = log det+ G - g_rank log λ_max``, and the dead gain ``u^T G u`` at X's
@@ -193,11 +217,8 @@ def render_signatures_table(
     )
     # Only the layer column may wrap (long module paths fold); numbers never do.
     table.add_column("\nlayer", overflow="fold", min_width=5)
-    headers = ["\nd", "\nN", "X\nσ_min", "X\nrank/dead", "G\nλ_min", "G\nλ_max"]
-    headers += ["G\nrank/dead", "G\nlog det", "G\nlog vol", "G at u\ndead gain"]
-    if params:
-        headers += ["K\nλ_min", "K\nrank"]
-    for header in headers:
+    columns = _columns(params)
+    for header in ("\nd", "\nN", *(_header(r) for r in columns)):
         table.add_column(header, justify="right", no_wrap=True)
 
     prev_layers = previous.layers if previous is not None else {}
@@ -217,7 +238,7 @@ def render_signatures_table(
             reason = sig.nonfinite or "activations or gradients not finite"
             notes.append(Text(f"{name}: {reason}", style="red"))
             continue
-        row, floored = _layer_row(sig, prev_layers.get(name), params=params, rtol=rtol)
+        row, floored = _layer_row(sig, prev_layers.get(name), columns, rtol=rtol)
         unresolved = unresolved or floored
         table.add_row(*row)
 
@@ -241,44 +262,42 @@ def render_signatures_table(
 
 
 def _layer_row(
-    sig: LayerSignature, prev: LayerSignature | None, *, params: bool, rtol: float
+    sig: LayerSignature,
+    prev: LayerSignature | None,
+    columns: tuple[Reading, ...],
+    *,
+    rtol: float,
 ) -> tuple[list[RenderableType], bool]:
     """The cells of one finite layer's row, and whether any showed a floor."""
     has_prev = prev is not None and prev.finite
     floored_any = False
 
-    def cell(reading: str, floor_attr: str | None) -> Text:
+    def previous(reading: str) -> Any:
+        return getattr(prev, reading) if prev is not None else None
+
+    def cell(r: Reading) -> Text:
         nonlocal floored_any
-        value = getattr(sig, reading)
-        floor = getattr(sig, floor_attr) if floor_attr else None
+        if r.pair is not None:
+            return _rank_cell(
+                getattr(sig, r.name), getattr(sig, r.pair), previous(r.name), has_prev=has_prev
+            )
+        value = getattr(sig, r.name)
+        floor = getattr(sig, r.floor) if r.floor else None
         floored = floor is not None
         floored_any = floored_any or (value is None and floored)
-        prev_value = getattr(prev, reading) if prev is not None else None
-        return _cell(value, prev_value, has_prev=has_prev, floor=floor, floored=floored, rtol=rtol)
+        return _cell(
+            value, previous(r.name), has_prev=has_prev, floor=floor, floored=floored, rtol=rtol
+        )
 
-    def rank(value: int | None, dead: int | None, reading: str) -> Text:
-        prev_value = getattr(prev, reading) if prev is not None else None
-        return _rank_cell(value, dead, prev_value, has_prev=has_prev)
-
-    row: list[RenderableType] = [
-        Text(sig.name),
-        str(sig.d),
-        str(sig.N),
-        cell("sigma_min", "floor_x"),
-        rank(sig.x_rank, sig.x_dead, "x_rank"),
-        cell("lambda_min", "floor_g"),
-        cell("lambda_max", "floor_g"),
-        rank(sig.g_rank, sig.g_dead, "g_rank"),
-        cell("logdet", None),
-        cell("log_volume", None),
-        cell("u_dead_gain", None),
-    ]
-    if params:
-        if sig.param_count is None and sig.param_rank is None:
-            row += [Text("—", style="dim"), Text("—", style="dim")]
+    # a layer without the parameter side (no parameters, or not read) shows dashes there
+    param_counts = [r.name for r in columns if r.side == _PARAM_SIDE and r.is_count]
+    no_params = sig.param_count is None and all(getattr(sig, n) is None for n in param_counts)
+    row: list[RenderableType] = [Text(sig.name), str(sig.d), str(sig.N)]
+    for r in columns:
+        if r.side == _PARAM_SIDE and no_params:
+            row.append(Text("—", style="dim"))
         else:
-            row.append(cell("param_lambda_min", "param_floor"))
-            row.append(cell("param_rank", None))
+            row.append(cell(r))
     return row, floored_any
 
 

@@ -1,0 +1,188 @@
+"""The table of readings: every row is consistent, and the signature, the events, the
+terminal and the plots take what a reading is from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddsmon import readings as table
+from ddsmon import signature
+from ddsmon.readings import READINGS, SCALAR_READINGS, SPECTRA, Reading, reading
+from ddsmon.signature import LayerSignature
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = {f.name for f in dataclasses.fields(LayerSignature)}
+
+
+def test_every_row_is_a_reading_of_the_signature() -> None:
+    assert signature.SCALAR_READINGS is table.SCALAR_READINGS
+    assert len(set(SCALAR_READINGS)) == len(SCALAR_READINGS)
+    for row in READINGS:
+        assert row.name in FIELDS or isinstance(getattr(LayerSignature, row.name), property), row
+    sig = LayerSignature(
+        "fc", 4, 4, 3, sigma_min=0.5, sigma_max=2.0, lambda_min=1e-3, lambda_max=0.1
+    )
+    out = sig.to_dict()
+    assert set(SCALAR_READINGS) <= set(out)
+    assert out["lambda_ratio"] == pytest.approx(1e-2) and out["sigma_ratio"] == 0.25
+    # nothing but the fields and the table's readings
+    assert set(out) == (FIELDS - {"x_spectrum", "g_spectrum", "param_spectrum"}) | set(
+        SCALAR_READINGS
+    )
+
+
+def test_rows_refer_to_rows_of_the_right_kind() -> None:
+    for row in READINGS:
+        if row.floor is not None:
+            floor = reading(row.floor)
+            assert (floor.unit, floor.side) == ("floor", row.side), row
+            assert row.unit in ("value", "floor"), f"{row.name}: a floor in other units"
+        if row.pair is not None:
+            pair = reading(row.pair)
+            assert row.is_count and pair.is_count and pair.side == row.side, row
+            assert row.terminal and not pair.terminal, row
+        if row.unit in ("count", "floor", "nats"):
+            assert row.floor is None, row
+    # the floors each value is shown against (what the terminal prints as <floor)
+    floors = {r.name: r.floor for r in READINGS if r.floor}
+    assert floors == {
+        "sigma_min": "floor_x",
+        "sigma_max": "floor_x",
+        "lambda_min": "floor_g",
+        "lambda_max": "floor_g",
+        "param_lambda_min": "param_floor",
+        "param_lambda_max": "param_floor",
+    }
+    for spectrum in SPECTRA:
+        assert spectrum.field in FIELDS
+        assert reading(spectrum.floor).side == reading(spectrum.rank).side == spectrum.side
+    assert [s.side for s in SPECTRA] == list(table.SIDES)
+
+
+def test_units_in_decades() -> None:
+    ratio, nats, count = reading("lambda_ratio"), reading("log_volume"), reading("g_rank")
+    assert ratio.decades(1e-3) == pytest.approx(-3.0)
+    assert ratio.decades(0.0) == -math.inf and ratio.decades(-1.0) == -math.inf
+    assert nats.decades(-10 * math.log(10)) == pytest.approx(-10.0)
+    assert nats.decades(-3.0) == -3.0 / math.log(10.0)
+    assert reading("floor_g").decades(1e-16) == pytest.approx(-16.0)
+    for row in READINGS:
+        if row.in_decades:
+            assert row.from_decades(row.decades(0.37)) == pytest.approx(0.37)
+    with pytest.raises(ValueError, match=r"g_rank.*count"):
+        count.decades(3)
+    with pytest.raises(ValueError, match="g_rank"):
+        count.from_decades(0.5)
+    assert [r.name for r in READINGS if r.unit == "nats"] == [
+        "logdet",
+        "log_volume",
+        "param_logdet",
+        "param_log_volume",
+    ]
+
+
+def test_unknown_names_and_bad_rows() -> None:
+    with pytest.raises(KeyError, match=r"unknown reading 'lamda_min'; known: sigma_min, "):
+        reading("lamda_min")
+    with pytest.raises(ValueError, match="side 'Y'"):
+        Reading("r", "Y", "value", None, "r", False, "")
+    with pytest.raises(ValueError, match="unit 'decibel'"):
+        Reading("r", "X", "decibel", None, "r", False, "")
+    with pytest.raises(ValueError, match="'lambda_min' is no floor of G"):
+        table.Spectrum("G", "g_spectrum", "lambda_min", "g_rank", "lambda(G)", "d")
+
+
+def test_headline_readings() -> None:
+    assert table.HEADLINE_READINGS == (
+        "x_dead",
+        "g_dead",
+        "log_volume",
+        "lambda_ratio",
+        "sigma_ratio",
+    )
+    assert all(reading(n).scale_free or reading(n).is_count for n in table.HEADLINE_READINGS)
+
+
+# --------------------------------------------------------------- the views follow the table
+
+
+def test_terminal_columns_come_from_the_table() -> None:
+    from ddsmon.sinks import terminal
+
+    headers = [terminal._header(r) for r in terminal._columns(params=True)]
+    assert headers == [
+        "X\nσ_min",
+        "X\nrank/dead",
+        "G\nλ_min",
+        "G\nλ_max",
+        "G\nrank/dead",
+        "G\nlog det",
+        "G\nlog vol",
+        "G at u\ndead gain",
+        "K\nλ_min",
+        "K\nrank",
+    ]
+    assert [r.name for r in terminal._columns(params=False)] == [
+        r.name for r in READINGS if r.terminal and r.side != "K"
+    ]
+
+
+def test_a_new_row_is_drawn_in_its_panel() -> None:
+    from ddsmon.plots import _trajectory_panels
+
+    panels = _trajectory_panels()
+    assert [p.title for p in panels] == [
+        reading("lambda_ratio").description,
+        reading("sigma_ratio").description,
+        reading("log_volume").description,
+        "ranks (solid: g_rank, dashed: x_rank)",
+    ]
+    assert [p.series for p in panels][:3] == [
+        (("lambda_ratio", True, "-"),),
+        (("sigma_ratio", True, "-"),),
+        (("log_volume", False, "-"),),
+    ]
+    extra = Reading("param_log_volume", "K", "nats", None, "log vol", False, "K volume", panel=2)
+    rows = [dataclasses.replace(r, panel=None) if r.name == extra.name else r for r in READINGS]
+    shared = _trajectory_panels([*rows, extra])
+    assert shared[2].series == (("log_volume", False, "-"), ("param_log_volume", False, ":"))
+    assert shared[2].title == "G log vol, K log vol (solid: log_volume, dotted: param_log_volume)"
+    assert shared[2].ylabel == "nats"
+
+
+def test_event_kinds_are_styled_everywhere() -> None:
+    from ddsmon.events import EVENT_KINDS
+    from ddsmon.plots import EVENT_STYLE
+    from ddsmon.sinks.terminal import EVENT_STYLES
+
+    assert EVENT_KINDS == ("rank_change", "collapse", "revival", "transition", "nonfinite")
+    assert set(EVENT_STYLES) == set(EVENT_KINDS)
+    assert set(EVENT_STYLE) == set(EVENT_KINDS)
+
+
+def test_events_and_the_table_import_without_torch() -> None:
+    # ddsmon/__init__ imports the engine (torch); the modules themselves must not
+    code = (
+        "import sys, types\n"
+        "sys.modules['torch'] = None\n"
+        "pkg = types.ModuleType('ddsmon'); pkg.__path__ = [sys.argv[1]]\n"
+        "sys.modules['ddsmon'] = pkg\n"
+        "from ddsmon.events import EVENT_KINDS, EventConfig\n"
+        "from ddsmon.readings import READINGS\n"
+        "EventConfig.from_dict({'ratio_decades': 3})\n"
+        "print(len(EVENT_KINDS), len(READINGS))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "ddsmon")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["5", str(len(READINGS))]
