@@ -5,6 +5,7 @@ The engine composes the steps and knows nothing of files, MLflow or terminals::
     model copy (float64, eval)  ->  probe pass (X, Delta per layer)      ddsmon.probe
                                 ->  spectra of X and G, floors           ddsmon.spectra
                                 ->  K of each module's own parameters    ddsmon.param_gram
+                                    (strategy per layer type: its registry)
                                 ->  LayerSignature per layer             ddsmon.signature
 
 Reference: Shirodkar & Narayanan (2026), "Dead-Direction Signatures: A Cheap Spectral
@@ -39,18 +40,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddsmon.errors import ProbeError
+from ddsmon.errors import ConfigError, ProbeError
 from ddsmon.losses import LossSpec, per_sample_loss_fn
-from ddsmon.param_gram import is_structured, param_gram_structured, param_grams_functional
+from ddsmon.options import FISHER_FAMILIES, FORWARD_DTYPES
+from ddsmon.param_gram import (
+    FunctionalGram,
+    ParamGramStrategy,
+    StructuredGram,
+    param_gram_strategy,
+    param_gram_structured,
+    param_grams_functional,
+)
 from ddsmon.probe import LayerCapture, probe_batch_size, run_probe, select_layers
 from ddsmon.signature import LayerSignature, Signatures
 from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
 
-__all__ = ("FISHER_FAMILIES", "compute_signatures", "resolve_device")
+__all__ = ("FISHER_FAMILIES", "compute_signatures", "forward_dtype", "resolve_device")
 
 log = logging.getLogger(__name__)
 
-FISHER_FAMILIES = ("both", "activation", "parameter")
+
+#: The probe-pass dtypes by setting name (:data:`ddsmon.options.FORWARD_DTYPES`).
+_FORWARD_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FORWARD_DTYPES}
+
+
+def forward_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a probe-pass dtype setting, ``"float64"`` or ``"float32"``
+    (:data:`ddsmon.options.FORWARD_DTYPES`); a ConfigError names any other value."""
+    if name not in _FORWARD_DTYPES:
+        raise ConfigError(f"forward dtype must be {' or '.join(FORWARD_DTYPES)}, got {name!r}")
+    return _FORWARD_DTYPES[name]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -131,8 +150,11 @@ def compute_signatures(
 
     Definitions, for layer l (see :mod:`ddsmon.signature`): ``X`` (N x d) outputs,
     ``Delta`` (N x d) per-sample output gradients, ``G = Delta^T Delta / n`` (built on
-    the smaller side), ``K = J J^T / n``; floors ``floor_x = max(N, d) eps sigma_max``
-    and ``floor_g = dim eps lambda_max``; readings are the values above the floors.
+    the smaller side), ``K = J J^T / n`` (n x n, J the per-sample gradients of the
+    module's own parameters, built by the strategy registered for the module's type:
+    :func:`ddsmon.param_gram.register_param_gram`); floors
+    ``floor_x = max(N, d) eps sigma_max`` and ``floor_g = dim eps lambda_max``; readings
+    are the values above the floors.
     """
     started = time.perf_counter()
     if fisher not in FISHER_FAMILIES:
@@ -156,6 +178,7 @@ def compute_signatures(
         work.eval()
         x = _to_reading(inputs, dev, forward_dtype)
         y = _to_reading(targets, dev, forward_dtype)
+        strategies = _Strategies(want_param)
         captures = run_probe(
             work,
             x,
@@ -163,15 +186,15 @@ def compute_signatures(
             loss_fn,
             names,
             n=n,
-            keep_inputs=lambda m: want_param and is_structured(m) and _owns_parameters(m),
+            keep_inputs=strategies.keeps_inputs,
             max_rows=max_probe_rows,
         )
-        functional = {}
+        functional: dict[str, Tensor] = {}
         if want_param:
             others = {
                 name: cap.module
                 for name, cap in captures.items()
-                if _owns_parameters(cap.module) and not is_structured(cap.module)
+                if isinstance(strategies.of(cap.module), FunctionalGram)
             }
             if others:
                 try:
@@ -186,7 +209,13 @@ def compute_signatures(
         for name in list(captures):
             cap = captures.pop(name)
             readings[name] = _read_layer(
-                cap, n, eps, ridge, want_activation, want_param, functional.pop(name, None)
+                cap,
+                n,
+                eps,
+                ridge,
+                want_activation,
+                strategies.of(cap.module),
+                functional.pop(name, None),
             )
             del cap
     finally:
@@ -204,8 +233,23 @@ def compute_signatures(
     )
 
 
-def _owns_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
+class _Strategies:
+    """How K of each module is built, decided once per module from the registry of
+    :mod:`ddsmon.param_gram`: None (no K: not asked for, or no parameters of its own),
+    a structured strategy (the probe pass keeps the module's input A) or FUNCTIONAL."""
+
+    def __init__(self, want_param: bool) -> None:
+        self.want_param = want_param
+        self._decided: dict[int, ParamGramStrategy | None] = {}  # by id(module)
+
+    def of(self, module: nn.Module) -> ParamGramStrategy | None:
+        key = id(module)
+        if key not in self._decided:
+            self._decided[key] = param_gram_strategy(module) if self.want_param else None
+        return self._decided[key]
+
+    def keeps_inputs(self, module: nn.Module) -> bool:
+        return isinstance(self.of(module), StructuredGram)
 
 
 def _read_layer(
@@ -214,26 +258,31 @@ def _read_layer(
     eps: float,
     ridge: float,
     want_activation: bool,
-    want_param: bool,
+    strategy: ParamGramStrategy | None,
     functional_gram: Tensor | None,
 ) -> LayerSignature:
-    """All readings of one layer from its capture (see LayerSignature for each)."""
+    """All readings of one layer from its capture (see LayerSignature for each).
+
+    ``strategy``: how K is built (None: no parameter-side readings); a functional K
+    comes in as ``functional_gram``, None where ``torch.func`` failed.
+    """
     rows, d = cap.rows, cap.width
-    base = {"name": cap.name, "n": n, "N": rows, "d": d}
+    base: dict[str, Any] = {"name": cap.name, "n": n, "N": rows, "d": d}
+    delta = cap.grad if cap.grad is not None else torch.zeros_like(cap.output)
     bad = []
     if not bool(torch.isfinite(cap.output).all()):
         bad.append("activations")
-    if cap.grad is not None and not bool(torch.isfinite(cap.grad).all()):
+    if not bool(torch.isfinite(delta).all()):
         bad.append("gradients")
     if bad:
         return LayerSignature(**base, finite=False, nonfinite=" and ".join(bad) + " not finite")
     fields: dict[str, Any] = {}
     if want_activation:
         xs = read_singular_values(cap.output, eps)
-        gram = read_gram(gram_of_rows(cap.grad.to(torch.float64), n), eps, ridge)
+        gram = read_gram(gram_of_rows(delta.to(torch.float64), n), eps, ridge)
         gain = None
         if xs.u_dead is not None:
-            gain = float((cap.grad.to(torch.float64) @ xs.u_dead).pow(2).sum() / n)
+            gain = float((delta.to(torch.float64) @ xs.u_dead).pow(2).sum() / n)
         fields.update(
             sigma_min=xs.sigma_min,
             sigma_max=xs.sigma_max,
@@ -251,10 +300,10 @@ def _read_layer(
             x_spectrum=xs.values.cpu().numpy(),
             g_spectrum=gram.values.cpu().numpy(),
         )
-    if want_param and _owns_parameters(cap.module):
+    if strategy is not None:
         k = functional_gram
-        if k is None and is_structured(cap.module) and cap.inputs is not None:
-            k = param_gram_structured(cap, n)
+        if isinstance(strategy, StructuredGram) and cap.inputs is not None:
+            k = param_gram_structured(cap, n, strategy=strategy)
         if k is not None:
             pr = read_gram(k, eps, ridge)
             fields.update(

@@ -4,7 +4,15 @@
 module's own parameters (``recurse=False``), flattened. ``K_l`` (n x n) has the positive
 spectrum of the layer's empirical-Fisher block ``J_l^T J_l / n`` (p_l x p_l).
 
-Structured layers never materialise J:
+How K of a module is built is looked up in a registry, module type -> strategy, in the
+manner of BackPACK's module extensions (see :func:`register_param_gram`):
+
+* a *structured* strategy (:class:`StructuredGram`) builds K from what the probe pass
+  captured, the module's input A and output gradient Delta, without materialising J;
+* the *functional* strategy (:data:`FUNCTIONAL`) runs ``torch.func``;
+* a module that owns no parameters has no K.
+
+Built in, structured:
 
 * ``nn.Linear`` (``h = a W^T + b``): sample i's weight gradient is
   ``sum_t delta_{it} a_{it}^T``, so ``<dW_i, dW_j> = sum_{t,s} (a_it . a_js)(delta_it . delta_js)``:
@@ -16,7 +24,8 @@ Structured layers never materialise J:
   gradient and are left out. Embeddings with ``max_norm`` (weights renormalised in the
   forward pass) or ``scale_grad_by_freq`` go through ``torch.func`` instead.
 * transformers' ``Conv1D`` (GPT-2's attention and MLP projections, ``h = a W + b`` with
-  W stored d_in x d_out) is a Linear layer with its weight transposed: the same K.
+  W stored d_in x d_out) is a Linear layer with its weight transposed: the same K. It is
+  registered by class name, so transformers is never imported.
 
 For sequences (T > 1 positions per sample) the N x N row Grams can cost far more than
 the per-sample gradients themselves: GPT-2's MLP (768 -> 3072) on 32 x 128 tokens needs
@@ -53,43 +62,273 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ddsmon.errors import ProbeError
 from ddsmon.probe import LayerCapture, model_output
 
 __all__ = (
+    "EMBEDDING_GRAM",
+    "FUNCTIONAL",
     "GRAM_METHODS",
+    "LINEAR_GRAM",
+    "TRANSPOSED_LINEAR_GRAM",
+    "FunctionalGram",
+    "GramFunction",
+    "ParamGramStrategy",
+    "StructuredGram",
     "cheaper_gram_method",
     "is_structured",
     "is_transposed_linear",
+    "lookup_param_gram",
+    "param_gram_strategy",
     "param_gram_structured",
     "param_grams_functional",
+    "register_param_gram",
+    "unregister_param_gram",
 )
 
 log = logging.getLogger(__name__)
 
+GRAM_METHODS = ("auto", "row_gram", "per_sample")
+
+#: ``gram(module, inputs, grad, n) -> K``: the function a :class:`StructuredGram` wraps.
+GramFunction: TypeAlias = Callable[[nn.Module, Tensor, Tensor, int], Tensor]
+
+
+# ---- strategies -----------------------------------------------------------------------
+
+
+class StructuredGram:
+    """A structured strategy: K (n x n) of one module from its captured A and Delta.
+
+    ``StructuredGram(gram, applies=None, name=None)``. The probe pass captures, for
+    the module's one call per forward pass with output ``h`` of shape (n, ..., d_out)
+    and first positional input ``a`` of shape (n, ..., d_in):
+
+    * ``inputs``: A, the input with its leading axes flattened into rows, (N x d_in),
+      or (N,) when the input is an integer tensor (token ids);
+    * ``grad``: Delta (N x d_out), ``d (sum_i loss_i) / d h`` in the same rows, whose
+      row block i (rows ``i*T .. i*T + T - 1``, N = n*T, sample-major) is sample i's
+      per-sample output gradient ``delta_it = d loss_i / d h_it``;
+
+    both in the probe pass's dtype, on the reading device, detached. ``gram(module,
+    inputs, grad, n)`` must return ``K = J J^T / n`` (n x n, same dtype and device)
+    where row i of J is ``d loss_i / d theta``, theta *every* parameter the module owns
+    (``module.parameters(recurse=False)``), flattened. By the chain rule
+    ``J_i = sum_t (d h_it / d theta)^T delta_it``, so a module whose output row
+    ``h_it`` depends on theta and its own input row ``a_it`` only (no mixing of
+    positions) has ``K`` computable from A and Delta: for ``h = a W^T``,
+    ``K_ij = sum_{t,s} (a_it . a_js)(delta_it . delta_js) / n``.
+
+    ``applies(module) -> bool`` (default: always) says whether this *instance* can be
+    read from structure; where it is False the module goes through :data:`FUNCTIONAL`
+    (the built-in Embedding strategy declines ``max_norm`` and ``scale_grad_by_freq``).
+    A strategy that raises, or returns anything but an n x n tensor, is a ProbeError
+    naming the layer.
+
+    Example, a module ``MyLinear`` computing ``x @ self.weight.T``::
+
+        def my_linear_gram(module, a, delta, n):
+            t = a.shape[0] // n  # positions per sample
+            both = (a @ a.T) * (delta @ delta.T)  # N x N
+            return both.reshape(n, t, n, t).sum(dim=(1, 3)) / n
+
+        register_param_gram(MyLinear, StructuredGram(my_linear_gram))
+    """
+
+    def __init__(
+        self,
+        gram: GramFunction,
+        *,
+        applies: Callable[[nn.Module], bool] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(gram) or isinstance(gram, type):
+            raise TypeError(
+                f"StructuredGram needs a function gram(module, inputs, grad, n) -> K, got {gram!r}"
+            )
+        if applies is not None and not callable(applies):
+            raise TypeError(f"applies must be a function of the module, got {applies!r}")
+        self._gram = gram
+        self._applies = applies
+        self.name = name or getattr(gram, "__qualname__", repr(gram))
+
+    def applies(self, module: nn.Module) -> bool:
+        """Whether K of this module instance is built by this strategy."""
+        return True if self._applies is None else bool(self._applies(module))
+
+    def __call__(self, module: nn.Module, inputs: Tensor, grad: Tensor, n: int) -> Tensor:
+        """K (n x n) of ``module`` from A = ``inputs`` and Delta = ``grad`` (see the class)."""
+        return self._gram(module, inputs, grad, n)
+
+    def __repr__(self) -> str:
+        return f"StructuredGram({self.name})"
+
+
+class FunctionalGram:
+    """The ``torch.func`` strategy: J by ``vmap(grad(loss_i))`` over samples (any module).
+
+    Use the one instance, :data:`FUNCTIONAL`, to force it on a type that would otherwise
+    be read from structure: ``register_param_gram(nn.Linear, FUNCTIONAL)``.
+    """
+
+    _instance: FunctionalGram | None = None
+
+    def __new__(cls) -> FunctionalGram:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "FUNCTIONAL"
+
+
+#: The ``torch.func`` strategy (see :class:`FunctionalGram`); the default of every type.
+FUNCTIONAL: Final = FunctionalGram()
+
+#: What the registry maps a module type to.
+ParamGramStrategy: TypeAlias = StructuredGram | FunctionalGram
+
+
+class _BuiltinGram(StructuredGram):
+    """A built-in structured strategy: also takes ``method`` and ``chunk_bytes``."""
+
+    def __init__(
+        self,
+        gram: Callable[..., Tensor],
+        *,
+        applies: Callable[[nn.Module], bool] | None = None,
+        name: str,
+    ) -> None:
+        super().__init__(gram, applies=applies, name=name)
+        self._tuned = gram
+
+    def __call__(
+        self,
+        module: nn.Module,
+        inputs: Tensor,
+        grad: Tensor,
+        n: int,
+        *,
+        method: str = "auto",
+        chunk_bytes: int = 1 << 28,
+    ) -> Tensor:
+        return self._tuned(module, inputs, grad, n, method=method, chunk_bytes=chunk_bytes)
+
+
+# ---- the registry ---------------------------------------------------------------------
+
+_BY_TYPE: dict[type, ParamGramStrategy] = {}
+_BY_NAME: dict[str, ParamGramStrategy] = {}
+
+
+def register_param_gram(
+    module_type: type[nn.Module] | str, strategy: ParamGramStrategy
+) -> ParamGramStrategy | None:
+    """Read K of every module of ``module_type`` (and its subclasses) with ``strategy``.
+
+    ``module_type``: an ``nn.Module`` subclass, or a bare class name (``"Conv1D"``)
+    matched against ``__name__`` of each class in a module's MRO, for classes of
+    packages that should not be imported to register them. ``strategy``: a
+    :class:`StructuredGram` (see it for the protocol and the math) or :data:`FUNCTIONAL`.
+
+    Registering again replaces the entry. Returns the strategy registered before under
+    exactly this key (None if there was none), so that it can be put back. Raises
+    TypeError for anything else than a module type or name, or than a strategy.
+    """
+    if not isinstance(strategy, (StructuredGram, FunctionalGram)):
+        hint = (
+            "; wrap a function as StructuredGram(fn)"
+            if callable(strategy) and not isinstance(strategy, type)
+            else "; pass an instance"
+            if isinstance(strategy, type)
+            else ""
+        )
+        raise TypeError(
+            f"strategy for {module_type!r} must be a StructuredGram or FUNCTIONAL, "
+            f"got {strategy!r}{hint}"
+        )
+    table, key = _registry_key(module_type)
+    previous = table.get(key)
+    table[key] = strategy
+    return previous
+
+
+def unregister_param_gram(module_type: type[nn.Module] | str) -> ParamGramStrategy | None:
+    """Remove the entry of ``module_type`` (type or class name); returns it, or None."""
+    table, key = _registry_key(module_type)
+    return table.pop(key, None)
+
+
+def _registry_key(module_type: object) -> tuple[dict[Any, ParamGramStrategy], Any]:
+    if isinstance(module_type, str):
+        if not module_type.isidentifier():
+            raise TypeError(
+                f"a module type given by name must be a bare class name, got {module_type!r}"
+            )
+        return _BY_NAME, module_type
+    if isinstance(module_type, type) and issubclass(module_type, nn.Module):
+        return _BY_TYPE, module_type
+    raise TypeError(
+        f"module_type must be an nn.Module subclass or a class name, got {module_type!r}"
+    )
+
+
+def lookup_param_gram(module_type: type[nn.Module]) -> ParamGramStrategy:
+    """The registered strategy of ``module_type``: the first class in its MRO with an
+    entry (by type, then by class name, at each class), else :data:`FUNCTIONAL`."""
+    for cls in module_type.__mro__:
+        found = _BY_TYPE.get(cls)
+        if found is None:
+            found = _BY_NAME.get(cls.__name__)
+        if found is not None:
+            return found
+    return FUNCTIONAL
+
+
+def _registered(module: nn.Module) -> ParamGramStrategy:
+    """The strategy of this instance, ignoring whether it owns parameters."""
+    strategy = lookup_param_gram(type(module))
+    if isinstance(strategy, StructuredGram) and not strategy.applies(module):
+        return FUNCTIONAL
+    return strategy
+
+
+def param_gram_strategy(module: nn.Module) -> ParamGramStrategy | None:
+    """How K of ``module`` is built: None when it owns no parameters (no K), else the
+    registered strategy, or :data:`FUNCTIONAL` where a structured one does not apply."""
+    if next(module.parameters(recurse=False), None) is None:
+        return None
+    return _registered(module)
+
 
 def is_structured(module: nn.Module) -> bool:
     """Whether K of ``module`` is built from its captured inputs and output gradients."""
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+    return isinstance(_registered(module), StructuredGram)
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (``h = a W + b``, W of shape d_in x d_out, ``nf`` = d_out),
     recognised by name and shape so that transformers need not be imported."""
+    return type(module).__name__ == "Conv1D" and _transposed_linear_shape(module)
+
+
+def _transposed_linear_shape(module: nn.Module) -> bool:
+    """A 2-D ``weight`` of shape d_in x ``nf``: the layout of transformers' ``Conv1D``."""
     weight = getattr(module, "weight", None)
     return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, Tensor)
+        isinstance(weight, Tensor)
         and weight.ndim == 2
         and weight.shape[1] == getattr(module, "nf", None)
     )
+
+
+# ---- the structured K -----------------------------------------------------------------
 
 
 def _blocksum(m: Tensor, n: int) -> Tensor:
@@ -101,39 +340,80 @@ def _blocksum(m: Tensor, n: int) -> Tensor:
     return m.reshape(n, t, n, t).sum(dim=(1, 3))
 
 
-GRAM_METHODS = ("auto", "row_gram", "per_sample")
-
-
 def param_gram_structured(
-    cap: LayerCapture, n: int, *, method: str = "auto", chunk_bytes: int = 1 << 28
+    cap: LayerCapture,
+    n: int,
+    *,
+    method: str = "auto",
+    chunk_bytes: int = 1 << 28,
+    strategy: StructuredGram | None = None,
 ) -> Tensor:
     """K (n x n) of a structured layer (see :func:`is_structured`) from its A and Delta.
 
-    ``method``: ``"row_gram"`` (blocksums of the N x N row Grams), ``"per_sample"`` (J
-    built a block of columns at a time for Linear; the token-sharing rows of S for
-    Embedding; see the module docstring) or ``"auto"``, the one
-    :func:`cheaper_gram_method` expects to be faster. All give the same K to rounding;
-    tests hold each to the per-sample loop.
+    ``strategy``: the one to use; None looks it up in the registry (a ValueError if the
+    module is not structured). ``method`` and ``chunk_bytes`` tune the built-in ones:
+    ``"row_gram"`` (blocksums of the N x N row Grams), ``"per_sample"`` (J built a block
+    of columns at a time for Linear; the token-sharing rows of S for Embedding; see the
+    module docstring) or ``"auto"``, the one :func:`cheaper_gram_method` expects to be
+    faster. All give the same K to rounding; tests hold each to the per-sample loop.
+    A user strategy that fails, or returns anything but an n x n tensor, raises a
+    ProbeError naming the layer.
     """
     if method not in GRAM_METHODS:
         raise ValueError(f"method must be one of {GRAM_METHODS}, got {method!r}")
-    delta = cap.grad
-    module = cap.module
+    if strategy is None:
+        found = _registered(cap.module)
+        if not isinstance(found, StructuredGram):
+            raise ValueError(
+                f"layer {cap.name!r} ({type(cap.module).__name__}) has no structured strategy"
+            )
+        strategy = found
+    if cap.inputs is None or cap.grad is None:
+        raise ValueError(f"layer {cap.name!r}: K from structure needs the captured A and Delta")
+    if isinstance(strategy, _BuiltinGram):
+        return strategy(cap.module, cap.inputs, cap.grad, n, method=method, chunk_bytes=chunk_bytes)
+    if method != "auto":
+        raise ValueError(f"method {method!r} applies to the built-in strategies only")
+    try:
+        gram = strategy(cap.module, cap.inputs, cap.grad, n)
+    except Exception as exc:
+        raise ProbeError(
+            f"layer {cap.name!r}: parameter-side strategy {strategy.name} failed: {exc}"
+        ) from exc
+    if not isinstance(gram, Tensor) or tuple(gram.shape) != (n, n):
+        got = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+        raise ProbeError(
+            f"layer {cap.name!r}: parameter-side strategy {strategy.name} returned {got}, "
+            f"not an n x n = {n} x {n} tensor"
+        )
+    return gram
+
+
+def _embedding_gram(
+    module: nn.Embedding, ids: Tensor, delta: Tensor, n: int, *, method: str, chunk_bytes: int
+) -> Tensor:
+    """K of ``nn.Embedding`` from the token ids (N,) and Delta (N x d_out)."""
     rows, d_out = delta.shape
-    if isinstance(module, nn.Embedding):
-        ids = cap.inputs.reshape(-1)
-        if module.padding_idx is not None:
-            delta = delta.masked_fill((ids == module.padding_idx)[:, None], 0.0)
-        if method == "per_sample" or (method == "auto" and rows > n):
-            tokens = _token_rows(ids, n, module.num_embeddings)
-            if method == "auto":
-                method = cheaper_gram_method(rows, n, 0, d_out, pairs=tokens.pairs)
-            if method == "per_sample":
-                return _embedding_gram_per_sample(delta, tokens, n, chunk_bytes) / n
-        dd = delta @ delta.T
-        aa = (ids[:, None] == ids[None, :]).to(dd.dtype)
-        return _blocksum(aa * dd, n) / n
-    a = cap.inputs.to(delta.dtype)
+    ids = ids.reshape(-1)
+    if module.padding_idx is not None:
+        delta = delta.masked_fill((ids == module.padding_idx)[:, None], 0.0)
+    if method == "per_sample" or (method == "auto" and rows > n):
+        tokens = _token_rows(ids, n, module.num_embeddings)
+        if method == "auto":
+            method = cheaper_gram_method(rows, n, 0, d_out, pairs=tokens.pairs)
+        if method == "per_sample":
+            return _embedding_gram_per_sample(delta, tokens, n, chunk_bytes) / n
+    dd = delta @ delta.T
+    aa = (ids[:, None] == ids[None, :]).to(dd.dtype)
+    return _blocksum(aa * dd, n) / n
+
+
+def _linear_gram(
+    module: nn.Module, a: Tensor, delta: Tensor, n: int, *, method: str, chunk_bytes: int
+) -> Tensor:
+    """K of ``nn.Linear`` / ``Conv1D`` (weight and optional ``bias``) from A and Delta."""
+    rows, d_out = delta.shape
+    a = a.to(delta.dtype)
     d_in = a.shape[1]
     if method == "auto":
         method = cheaper_gram_method(rows, n, d_in, d_out)
@@ -148,6 +428,24 @@ def param_gram_structured(
     if module.bias is not None:
         gram = gram + _blocksum(dd, n)
     return gram / n
+
+
+def _embedding_applies(module: nn.Module) -> bool:
+    return getattr(module, "max_norm", None) is None and not getattr(
+        module, "scale_grad_by_freq", False
+    )
+
+
+#: Built-in structured strategies, registered below.
+LINEAR_GRAM: Final = _BuiltinGram(_linear_gram, name="linear")
+EMBEDDING_GRAM: Final = _BuiltinGram(_embedding_gram, applies=_embedding_applies, name="embedding")
+TRANSPOSED_LINEAR_GRAM: Final = _BuiltinGram(
+    _linear_gram, applies=_transposed_linear_shape, name="transposed_linear"
+)
+
+register_param_gram(nn.Linear, LINEAR_GRAM)
+register_param_gram(nn.Embedding, EMBEDDING_GRAM)
+register_param_gram("Conv1D", TRANSPOSED_LINEAR_GRAM)  # transformers.pytorch_utils.Conv1D
 
 
 #: How many times slower, per multiply-add, the per-sample paths ran than the row Grams'

@@ -7,7 +7,8 @@ For each selected module ``l`` with output ``h_l`` of shape (n, ..., d):
 * ``Delta_l`` (N x d): ``d (sum_i loss_i) / d h_l``. Samples do not interact in eval
   mode, so row block i is exactly ``d loss_i / d h_{l,i}`` (the per-sample gradient);
 * ``A_l`` (N x d_in): the module's input, kept only where the parameter-side Gram is
-  built from structure (Linear, Embedding; see :mod:`ddsmon.param_gram`).
+  built from structure (a structured strategy of :mod:`ddsmon.param_gram`: Linear,
+  Embedding, Conv1D, or one a user registered); (N,) for integer inputs (token ids).
 
 All layers come from ONE forward and ONE ``torch.autograd.grad`` call over the summed
 per-sample loss; parameters get no ``.grad``. A module that is an output of the
@@ -17,6 +18,7 @@ inputs) is re-rooted as a fresh leaf so its gradient exists.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -41,7 +43,9 @@ class LayerCapture:
     """What the probe pass kept for one layer (tensors on the reading device).
 
     output: X (N x d). grad: Delta (N x d), zeros where the loss does not reach the
-    layer. inputs: A (N x d_in) for Linear/Embedding modules, else None. n: samples.
+    layer (None only until the backward pass has run). inputs: A (N x d_in), or (N,)
+    token ids, where ``keep_inputs`` asked for it (modules whose K is built from
+    structure), else None.
     """
 
     name: str
@@ -190,118 +194,163 @@ def _probe_pass(
     max_rows: int | None,
     copy_downstream: bool,
 ) -> dict[str, LayerCapture]:
-    explicit = names is not None
-    wanted = set(names) if explicit else None
-    captures: dict[str, LayerCapture] = {}
-    live: dict[str, Tensor] = {}
-    versions: dict[str, tuple[int, int | None]] = {}
-    calls: dict[str, int] = {}
-    handles = []
+    """One forward and one backward pass; see :class:`_ProbePass`."""
+    probe = _ProbePass(names, n, keep_inputs, max_rows, copy_downstream)
+    return probe.run(model, inputs, targets, loss_fn)
 
-    def make_hook(name: str) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:
-                captures.pop(name, None)
-                live.pop(name, None)
-                if explicit:
-                    raise ProbeError(
-                        f"layer {name!r} runs more than once in one forward pass; "
-                        "DDS needs one output per sample"
+
+class _ProbePass:
+    """The state of one probe pass: a forward hook per selected module, then one backward.
+
+    The hook (:meth:`_on_output`) keeps, per layer, the capture (X, and A where
+    ``keep_inputs`` asks), the live output tensor whose gradient is Delta, and that
+    tensor's version counter, to tell when a later in-place op overwrote it.
+    ``names`` None selects by the default rule: leaf modules, pass-throughs excepted,
+    whose output is a floating tensor (n, ..., d >= 2); a module that runs twice in one
+    forward pass is dropped from that selection (an error for an explicit one).
+    """
+
+    def __init__(
+        self,
+        names: list[str] | None,
+        n: int,
+        keep_inputs: Callable[[nn.Module], bool],
+        max_rows: int | None,
+        copy_downstream: bool,
+    ) -> None:
+        self.names = names
+        self.n = n
+        self.keep_inputs = keep_inputs
+        self.max_rows = max_rows
+        self.copy_downstream = copy_downstream
+        self.captures: dict[str, LayerCapture] = {}
+        self.live: dict[str, Tensor] = {}
+        self.versions: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    @property
+    def explicit(self) -> bool:
+        return self.names is not None
+
+    def run(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+    ) -> dict[str, LayerCapture]:
+        """Forward with the hooks on, ``autograd.grad`` of the summed loss, hooks off."""
+        handles = [
+            module.register_forward_hook(functools.partial(self._on_output, name))
+            for name, module in self._hooked(model)
+        ]
+        try:
+            with torch.enable_grad():
+                out = model_output(_call(model, inputs))
+                total = loss_fn(out, targets).sum()
+                self._check_in_place()
+                order = [name for name in self.captures if name in self.live]
+                grads: Sequence[Tensor | None] = [None] * len(order)
+                if total.requires_grad and order:
+                    grads = torch.autograd.grad(
+                        total, [self.live[name] for name in order], allow_unused=True
                     )
-                return None
-            tensor = _first_tensor(out)
-            ok = (
-                tensor is not None
-                and tensor.is_floating_point()
-                and tensor.ndim >= 2
-                and tensor.shape[0] == n
-                and tensor.shape[-1] >= 2
-            )
-            if not ok:
-                if explicit:
-                    shape = None if tensor is None else tuple(tensor.shape)
-                    raise ProbeError(
-                        f"layer {name!r} output cannot be read: need a floating tensor of "
-                        f"shape (n={n}, ..., d>=2), got {type(out).__name__} {shape}"
-                    )
-                return None
-            rows = tensor.numel() // tensor.shape[-1]
-            if max_rows is not None and rows > max_rows:
-                positions = rows // n
-                raise ProbeError(
-                    f"layer {name!r} has N={rows} rows ({n} samples x {positions} "
-                    f"position{'' if positions == 1 else 's'}), above "
-                    f"max_probe_rows={max_rows}; use a smaller probe or raise the cap"
-                )
-            replaced = None
-            if not tensor.requires_grad:
-                tensor = tensor.detach().requires_grad_(True)
-                replaced = tensor
-            live[name] = tensor
-            a = None
-            if keep_inputs(module) and args and isinstance(args[0], Tensor):
-                a = args[0].detach()
-                a = a.reshape(rows, -1) if a.is_floating_point() else a.reshape(rows)
-            captures[name] = LayerCapture(
-                name, module, tensor.detach().reshape(rows, tensor.shape[-1]), inputs=a
-            )
-            versions[name] = (tensor._version, None if a is None else args[0]._version)
-            if copy_downstream:
-                replaced = tensor.clone()
-            if replaced is None:
-                return None
-            if isinstance(out, Tensor):
-                return replaced
-            return (replaced, *out[1:]) if isinstance(out, tuple) else [replaced, *out[1:]]
-
-        return hook
-
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if explicit:
-            if name not in wanted:
-                continue
-        elif next(module.children(), None) is not None or isinstance(module, _PASS_THROUGH):
-            continue
-        handles.append(module.register_forward_hook(make_hook(name)))
-    try:
-        with torch.enable_grad():
-            out = model_output(_call(model, inputs))
-            per_sample = loss_fn(out, targets)
-            total = per_sample.sum()
-            _check_in_place(captures, live, versions)
-            order = [name for name in captures if name in live]
-            if total.requires_grad and order:
-                grads = torch.autograd.grad(
-                    total, [live[name] for name in order], allow_unused=True
-                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.names is not None:
+            missing = [name for name in self.names if name not in self.captures]
+            if missing:
+                raise ProbeError(f"layer(s) {missing} did not run in the model's forward pass")
+        for name, delta in zip(order, grads):
+            cap = self.captures[name]
+            if delta is None:
+                cap.grad = torch.zeros_like(cap.output)
             else:
-                grads = [None] * len(order)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if explicit:
-        missing = [name for name in names if name not in captures]
-        if missing:
-            raise ProbeError(f"layer(s) {missing} did not run in the model's forward pass")
-    for name, grad in zip(order, grads):
-        cap = captures[name]
-        if grad is None:
-            cap.grad = torch.zeros_like(cap.output)
-        else:
-            cap.grad = grad.detach().reshape(cap.output.shape)
-    ordered = {name: captures[name] for name in (names if explicit else order)}
-    return ordered
+                cap.grad = delta.detach().reshape(cap.output.shape)
+        chosen = order if self.names is None else self.names
+        return {name: self.captures[name] for name in chosen}
 
+    def _hooked(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules that get a hook: the named ones, else the default selection's."""
+        if self.names is not None:
+            wanted = set(self.names)
+            return [(name, m) for name, m in model.named_modules() if name and name in wanted]
+        return [
+            (name, m)
+            for name, m in model.named_modules()
+            if name and next(m.children(), None) is None and not isinstance(m, _PASS_THROUGH)
+        ]
 
-def _check_in_place(
-    captures: dict[str, LayerCapture],
-    live: dict[str, Tensor],
-    versions: dict[str, tuple[int, int | None]],
-) -> None:
-    """Detect captured tensors that an in-place op changed after they were captured."""
-    for name, tensor in live.items():
-        if tensor._version != versions[name][0]:
-            raise _InPlaceModified(f"layer {name!r} output was modified in place")
+    def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        """The forward hook: capture X (and A), hand downstream a tensor Delta can reach."""
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1:
+            self.captures.pop(name, None)
+            self.live.pop(name, None)
+            if self.explicit:
+                raise ProbeError(
+                    f"layer {name!r} runs more than once in one forward pass; "
+                    "DDS needs one output per sample"
+                )
+            return None
+        tensor = self._readable(name, out)
+        if tensor is None:
+            return None
+        rows = tensor.numel() // tensor.shape[-1]
+        self._check_rows(name, rows)
+        replaced = None
+        if not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_(True)
+            replaced = tensor
+        self.live[name] = tensor
+        a = None
+        if self.keep_inputs(module) and args and isinstance(args[0], Tensor):
+            a = args[0].detach()
+            a = a.reshape(rows, -1) if a.is_floating_point() else a.reshape(rows)
+        self.captures[name] = LayerCapture(
+            name, module, tensor.detach().reshape(rows, tensor.shape[-1]), inputs=a
+        )
+        self.versions[name] = tensor._version
+        if self.copy_downstream:
+            replaced = tensor.clone()
+        if replaced is None:
+            return None
+        if isinstance(out, Tensor):
+            return replaced
+        return (replaced, *out[1:]) if isinstance(out, tuple) else [replaced, *out[1:]]
+
+    def _readable(self, name: str, out: Any) -> Tensor | None:
+        """The output tensor (n, ..., d >= 2) to read, else None (a ProbeError if explicit)."""
+        n = self.n
+        tensor = _first_tensor(out)
+        if (
+            tensor is not None
+            and tensor.is_floating_point()
+            and tensor.ndim >= 2
+            and tensor.shape[0] == n
+            and tensor.shape[-1] >= 2
+        ):
+            return tensor
+        if self.explicit:
+            shape = None if tensor is None else tuple(tensor.shape)
+            raise ProbeError(
+                f"layer {name!r} output cannot be read: need a floating tensor of "
+                f"shape (n={n}, ..., d>=2), got {type(out).__name__} {shape}"
+            )
+        return None
+
+    def _check_rows(self, name: str, rows: int) -> None:
+        if self.max_rows is not None and rows > self.max_rows:
+            positions = rows // self.n
+            raise ProbeError(
+                f"layer {name!r} has N={rows} rows ({self.n} samples x {positions} "
+                f"position{'' if positions == 1 else 's'}), above "
+                f"max_probe_rows={self.max_rows}; use a smaller probe or raise the cap"
+            )
+
+    def _check_in_place(self) -> None:
+        """Detect captured outputs that an in-place op changed after they were captured."""
+        for name, tensor in self.live.items():
+            if tensor._version != self.versions[name]:
+                raise _InPlaceModified(f"layer {name!r} output was modified in place")
