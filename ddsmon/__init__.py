@@ -18,6 +18,8 @@ __all__ = (
     "__version__",
     "compute_signatures",
     "dying_directions",
+    "FUNCTIONAL",
+    "StructuredGram",
     "register_param_gram",
 )
 
@@ -30,12 +32,14 @@ _LAZY = {
     "Reader": "ddsmon.reader",
     "Config": "ddsmon.config",
     "register_param_gram": "ddsmon.param_gram",
+    "StructuredGram": "ddsmon.param_gram",
+    "FUNCTIONAL": "ddsmon.param_gram",
 }
 
 if TYPE_CHECKING:
     from ddsmon.config import Config
     from ddsmon.engine import compute_signatures
-    from ddsmon.param_gram import register_param_gram
+    from ddsmon.param_gram import FUNCTIONAL, StructuredGram, register_param_gram
     from ddsmon.reader import Reader
     from ddsmon.signature import LayerSignature, Signatures, dying_directions
 

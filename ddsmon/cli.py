@@ -8,9 +8,12 @@ is handed to :class:`ddsmon.daemon.Daemon` (watch, scan) or to a
 :class:`ddsmon.reader.Reader` (report). Importing this module does not import torch,
 so ``ddsmon --help`` and ``ddsmon --version`` answer at once.
 
-Exit status: 0 done; 1 ``scan --fail-on-event`` saw such an event, or ``report`` could
-not read the checkpoint; 2 bad settings (missing factory, probe or directory, a second
-daemon on the directory), before anything is read.
+Exit status (the ``EXIT_*`` constants): 0 done; 1 ``scan --fail-on-event`` saw such an
+event, or ``report`` could not read the checkpoint; 2 bad settings (missing factory,
+probe or directory, a second daemon on the directory) before anything is read, or a
+setting that failed on every checkpoint; 3 ``scan`` ended with records still undelivered
+in the spool (the tracking server unreachable); 4 the state directory could not be
+written (a full disk), stopped cleanly.
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ import click
 from ddsmon import __version__
 from ddsmon.config import CONFIG_FILENAME, SETTINGS, Setting, resolve_config
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
+from ddsmon.state import StateError
 
-__all__ = ("main",)
+__all__ = ("EXIT_EVENT", "EXIT_SETTINGS", "EXIT_STATE", "EXIT_UNDELIVERED", "main")
+
+EXIT_EVENT = 1
+EXIT_SETTINGS = 2
+EXIT_UNDELIVERED = 3
+EXIT_STATE = 4
 
 log = logging.getLogger("ddsmon")
 
@@ -117,8 +126,12 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
         raise click.UsageError(str(exc), ctx=ctx) from exc
     try:
         return run_until_signalled(daemon, mode)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc), ctx=ctx) from exc
+    except StateError as exc:  # a full disk, a state file swapped for a directory
+        click.echo(f"error: {exc}; stopped, nothing recorded was lost", err=True)
+        ctx.exit(EXIT_STATE)
+    except ConfigError as exc:  # a setting that fails on every checkpoint
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_SETTINGS)
 
 
 _DIRECTORY = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -142,16 +155,24 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
     summary = _run_daemon(ctx, "scan", directory.resolve(), flags)
     kinds = ctx.params.get("fail_on_event") or ()
     hits = summary.flagged(kinds)
+    extra = "".join(
+        f", {len(items)} {label}"
+        for items, label in (
+            (summary.aliases, "aliases of a step read (not logged again)"),
+            (summary.unstepped, "without a step (not logged)"),
+        )
+        if items
+    )
     click.echo(
         f"scan: {summary.read} read, {summary.skipped} skipped, {summary.failed} failed, "
-        f"{len(summary.events)} events",
+        f"{len(summary.events)} events{extra}",
         err=True,
     )
     if hits:
         click.echo(
             f"scan: {len(hits)} event(s) of kind {', '.join(sorted(set(kinds)))} flagged", err=True
         )
-        ctx.exit(1)
+        ctx.exit(EXIT_EVENT)
 
 
 @main.command()

@@ -26,20 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from ddsmon import __version__
+from ddsmon.aliases import MAX_STEP, weights_digest
 from ddsmon.checkpoints import CheckpointRef, check_complete, discover, fingerprint
 from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
 from ddsmon.events import Event, EventDetector
+from ddsmon.faults import RepeatedFault
 from ddsmon.loading import VANISHED, LoadedCheckpoint
 from ddsmon.reader import Reader
 from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.redaction import redact_uri
+from ddsmon.shown import shown
 from ddsmon.sinks import RunInfo, Sink
-from ddsmon.state import StateDir
+from ddsmon.state import StateDir, StateError
 
 __all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled")
 
 log = logging.getLogger(__name__)
+
+#: Weights digests kept for recognising aliases (best.pt, last.ckpt) of steps read.
+_MAX_DIGESTS = 4096
 
 
 @dataclass
@@ -51,6 +57,10 @@ class Summary:
     skipped: int = 0
     events: list[Event] = field(default_factory=list)
     failures: list[CheckpointFailure] = field(default_factory=list)
+    #: checkpoints without a step that hold the weights of a step read: (path, step)
+    aliases: list[tuple[Path, int]] = field(default_factory=list)
+    #: checkpoints without a step that match none read: not logged
+    unstepped: list[Path] = field(default_factory=list)
 
     def flagged(self, kinds: Iterable[str]) -> list[Event]:
         wanted = set(kinds)
@@ -95,9 +105,11 @@ class Daemon:
         self._queued: set[tuple[str, tuple[int, int]]] = set()
         self._cond = threading.Condition()
         self._seq = itertools.count()
-        self._arrival = itertools.count()
         self._stop = threading.Event()
         self._recorded: set[int] = set()
+        self._rejections: list[tuple[Path, str]] = []
+        self._detector_step = -1
+        self._faults = RepeatedFault()
         self.summary = Summary()
 
     @classmethod
@@ -156,6 +168,7 @@ class Daemon:
     def _start(self, mode: str) -> None:
         self.state.claim()
         saved = self.state.get("detector")
+        self._detector_step = int(self.state.get("detector_step", -1) or -1) if saved else -1
         if saved:
             try:
                 self.detector = EventDetector.from_state(saved, self.config.events)
@@ -171,6 +184,9 @@ class Daemon:
             if sink is self.tracking:
                 try:
                     sink.start(info)
+                except StateError:
+                    self.state.release()
+                    raise
                 except Exception as exc:  # refused credentials, a bad URI: stop before reading
                     self.state.release()
                     raise ConfigError(
@@ -212,12 +228,17 @@ class Daemon:
             self._call(sink, "on_queue", pending)
 
     def _next(self, block: bool) -> CheckpointRef | None:
+        self._report_rejections()
         with self._cond:
             while not self._queue:
                 if not block or self._stop.is_set():
                     return None
+                if self._rejections:
+                    break
                 self._cond.wait(timeout=0.5)
-            return heapq.heappop(self._queue)[2]
+            if self._queue:
+                return heapq.heappop(self._queue)[2]
+        return self._next(block)
 
     # ------------------------------------------------------------------ modes
     def scan(self) -> Summary:
@@ -239,24 +260,40 @@ class Daemon:
         """Read what is there, then every checkpoint that completes, until stop()."""
         from ddsmon.watcher import CheckpointWatcher
 
-        self._start("watch")
         watcher = CheckpointWatcher(
             self.config.directory,
             self.enqueue,
             poll=self.watching.poll,
             quiet=self.watching.quiet,
-            on_vanished=lambda p: log.info("%s vanished before it was read; skipped", p),
+            on_vanished=lambda p: log.info("%s vanished before it was read; skipped", shown(p)),
+            on_rejected=self._rejected,
         )
+        self._start("watch")
         try:
             watcher.start()
             for ref in discover(self.config.directory):
-                if check_complete(ref) is None:
+                reason = check_complete(ref)
+                if reason is None:
                     self.enqueue(ref)
+                else:
+                    self._rejected(ref.path, reason)
             self._drain(block=True)
         finally:
             watcher.stop()
             self._finish()
         return self.summary
+
+    def _rejected(self, path: Path, reason: str) -> None:
+        """A file that settled incomplete (watcher thread): reported by the reading loop."""
+        with self._cond:
+            self._rejections.append((Path(path), reason))
+            self._cond.notify_all()
+
+    def _report_rejections(self) -> None:
+        with self._cond:
+            pending, self._rejections = self._rejections, []
+        for path, reason in pending:
+            self._fail_path(path, f"incomplete: {reason}")
 
     # ------------------------------------------------------------------ reading
     def _drain(self, block: bool) -> None:
@@ -306,34 +343,55 @@ class Daemon:
         try:
             fp = fingerprint(ref)
         except OSError:
-            log.info("%s vanished before it was read; skipped", ref.path)
+            log.info("%s vanished before it was read; skipped", shown(ref.path))
             self.summary.skipped += 1
             return
         if loaded is None or self.state.is_done(str(ref.path), fp):
             self.summary.skipped += 1
             return
+        earlier = self._failed_before(ref, fp)
+        if earlier is not None:
+            log.warning(
+                "%s failed in an earlier run and has not changed since; not read again (%s)",
+                shown(ref.path),
+                shown(earlier),
+            )
+            self.summary.skipped += 1
+            return
         if isinstance(loaded, CheckpointError):
             if loaded.reason == VANISHED:
-                log.info("%s vanished before it was read; skipped", ref.path)
+                log.info("%s vanished before it was read; skipped", shown(ref.path))
                 self.summary.skipped += 1
                 return
             self._fail(ref, loaded.reason)
             return
         step = loaded.step if loaded.step is not None else ref.name_step
+        digest = weights_digest(loaded.model)
         if step is None:
-            step = next(self._arrival)
-        if step in self._recorded:
-            log.info("step %d (%s) is already in the MLflow run; not logged again", step, ref.path)
+            self._unstepped(ref, fp, digest)
+            return
+        if not 0 <= step <= MAX_STEP:
+            self._fail(ref, f"step {step} is outside MLflow's range 0..2^63-1", None)
+            return
+        replaying = step in self._recorded
+        if replaying and step <= self._detector_step:
+            log.info(
+                "step %d (%s) is already in the MLflow run; not logged again", step, shown(ref.path)
+            )
             self.state.mark_done(str(ref.path), fp, step)
             self.summary.skipped += 1
             return
         load_seconds = float(loaded.meta.pop("_load_seconds", 0.0))
         try:
-            sig = self.reader.read(loaded.model)
+            sig = self._read(loaded.model)
         except DDSError as exc:
-            self._fail(ref, str(exc), step)
+            self._reading_failed(ref, fp, str(exc), step)
+            return
+        except Exception as exc:  # the user's model, probe or loss raised: this checkpoint's
+            self._reading_failed(ref, fp, f"{type(exc).__name__}: {exc}", step)
             return
         del loaded.model
+        self._faults.success()
         events = self.detector.update(step, {name: s.to_dict() for name, s in sig.layers.items()})
         reading = CheckpointReading(
             step=step,
@@ -344,9 +402,20 @@ class Daemon:
             load_seconds=load_seconds,
             read_seconds=sig.seconds,
         )
-        if self.tracking is not None:
+        if replaying:
+            # in MLflow already (a kill between its write and the state write): the
+            # detector sees the step again, MLflow is not written twice
+            log.info(
+                "step %d (%s) is already in the MLflow run; its readings fed the event "
+                "history again, not logged again",
+                step,
+                shown(ref.path),
+            )
+        elif self.tracking is not None:
             try:
                 self.tracking.on_reading(reading, events)
+            except StateError:
+                raise  # the state directory (its spool) cannot be written: stop, nothing lost
             except Exception as exc:
                 # not recorded (the sink spools what it cannot send; this is anything else):
                 # not marked done, so a restart reads it again
@@ -356,14 +425,103 @@ class Daemon:
             if sink is not self.tracking:
                 self._call(sink, "on_reading", reading, events)
         self._recorded.add(step)
+        self._remember(digest, step, ref)
         self.state.mark_done(str(ref.path), fp, step)
         self.state.set("detector", self.detector.to_state())
+        self._detector_step = max(self._detector_step, step)
+        self.state.set("detector_step", self._detector_step)
         self.summary.read += 1
         self.summary.events.extend(events)
 
+    def _read(self, model: Any) -> Any:
+        """The reading, in a worker thread when called from the main thread, so that
+        signals are handled at once even during a long eigensolve (two SIGINTs 0.2 s
+        apart stay two: the second abandons the checkpoint)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self.reader.read(model)
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = self.reader.read(model)
+            except BaseException as exc:
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="ddsmon-read", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.05)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _reading_failed(
+        self, ref: CheckpointRef, fp: tuple[int, int], reason: str, step: int | None
+    ) -> None:
+        """A reading that raised: that checkpoint's failure, not retried unless the file
+        changes; the same error on several checkpoints in a row before any success is a
+        setting's fault (the probe, the loss, the layers): said once, and the daemon stops."""
+        self._fail(ref, reason, step)
+        self._mark_failed(ref, fp, reason)
+        if self._faults.failure(reason, str(ref.path)):
+            paths = self._faults.paths
+            raise ConfigError(
+                f"the same error ended the reading of {len(paths)} checkpoints in a row "
+                f"({', '.join(shown(Path(p).name) for p in paths)}), and none was read: the "
+                f"probe, the loss or the layer selection is at fault, not the checkpoints: "
+                f"{shown(reason)}"
+            )
+
+    def _mark_failed(self, ref: CheckpointRef, fp: tuple[int, int], reason: str) -> None:
+        failed = dict(self.state.get("failed") or {})
+        failed[str(ref.path)] = [fp[0], fp[1], reason]
+        self.state.set("failed", failed)
+
+    def _failed_before(self, ref: CheckpointRef, fp: tuple[int, int]) -> str | None:
+        """The reason an unchanged checkpoint failed in an earlier run, or None."""
+        entry = (self.state.get("failed") or {}).get(str(ref.path))
+        if isinstance(entry, list) and len(entry) == 3 and (entry[0], entry[1]) == tuple(fp):
+            return str(entry[2])
+        return None
+
+    def _remember(self, digest: str, step: int, ref: CheckpointRef) -> None:
+        digests = dict(self.state.get("digests") or {})
+        digests[digest] = [step, ref.path.name]
+        if len(digests) > _MAX_DIGESTS:
+            digests = dict(list(digests.items())[-_MAX_DIGESTS:])
+        self.state.set("digests", digests)
+
+    def _unstepped(self, ref: CheckpointRef, fp: tuple[int, int], digest: str) -> None:
+        """A checkpoint with no step in its content or name: an alias, or unplaceable."""
+        known = (self.state.get("digests") or {}).get(digest)
+        if known is not None:
+            step, name = known
+            log.warning(
+                "%s holds the same weights as step %d (%s): an alias, not logged again",
+                shown(ref.path),
+                step,
+                shown(name),
+            )
+            self.summary.aliases.append((ref.path, int(step)))
+        else:
+            log.warning(
+                "%s has no training step (none in its content or its name) and holds the "
+                "weights of no checkpoint read: not logged, since readings are logged "
+                "against steps (save the step in it, e.g. torch.save({'state_dict': ..., "
+                "'step': N}), or name it step_N)",
+                shown(ref.path),
+            )
+            self.summary.unstepped.append(ref.path)
+        self.state.mark_done(str(ref.path), fp, None)
+        self.summary.skipped += 1
+
     def _fail(self, ref: CheckpointRef, reason: str, step: int | None = None) -> None:
-        failure = CheckpointFailure(path=ref.path, reason=reason, step=step)
-        log.warning("cannot read %s: %s", ref.path, reason)
+        self._fail_path(ref.path, reason, step)
+
+    def _fail_path(self, path: Path, reason: str, step: int | None = None) -> None:
+        failure = CheckpointFailure(path=path, reason=reason, step=step)
+        where = "" if step is None else f" (step {step})"
+        log.warning("cannot read %s%s: %s", shown(path), where, shown(reason))
         self.summary.failed += 1
         self.summary.failures.append(failure)
         for sink in self.sinks:

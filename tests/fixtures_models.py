@@ -18,10 +18,13 @@ from torch import nn
 __all__ = (
     "LitWrapper",
     "TiedMLP",
+    "StrictMLP",
     "broken_factory",
     "mlp",
     "mlp_probe",
     "not_a_module",
+    "raising_loss",
+    "strict_mlp",
     "tied_mlp",
 )
 
@@ -76,3 +79,23 @@ def broken_factory() -> nn.Module:
 
 def not_a_module() -> int:
     return 3
+
+
+class StrictMLP(nn.Sequential):
+    """The fixture MLP whose forward raises on NaN weights, as real models' checks do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, p in self.named_parameters():
+            if torch.isnan(p).any():
+                raise ValueError(f"NaN in weight {name}")
+        return super().forward(x)
+
+
+def strict_mlp(seed: int = 0) -> StrictMLP:
+    """``mlp(seed)``'s layers and weights in a :class:`StrictMLP`."""
+    return StrictMLP(*mlp(seed))
+
+
+def raising_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A per-sample loss that always raises (a user's bug)."""
+    raise RuntimeError("the loss is broken on purpose")

@@ -1,0 +1,147 @@
+"""A fault in one checkpoint is that checkpoint's failure; a setting that fails on every
+checkpoint is said once and stops the daemon (exit 2); checkpoints without a step are
+aliases or said to be unplaceable, never logged at made-up steps.
+
+Every fault is injected for real: a model whose forward raises on NaN weights, a probe
+the model rejects, targets out of range, a loss that raises, files without a step, a
+step beyond MLflow's range, a state directory that lost its writes. Each run is a real
+``ddsmon scan`` subprocess against a real SQLite MLflow store read back with MlflowClient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_models import mlp, mlp_probe
+from test_cli import REPO, ddsmon, run_of, write_run
+
+STRICT = f"{REPO / 'tests' / 'fixtures_models.py'}:strict_mlp"
+FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
+
+
+def _steps(uri: str) -> list[int]:
+    client, run = run_of(uri)
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "dds/checkpoint"))
+
+
+def _scan(ckpts: Path, probe: Path, uri: str, *extra: str, model: str = STRICT):
+    return ddsmon("scan", str(ckpts), "--model", model, "--probe", str(probe),
+                  "--tracking-uri", uri, "--fisher", "activation", "--no-plots", *extra)  # fmt: skip
+
+
+def test_a_model_that_raises_fails_that_checkpoint_only(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20, 30], nan_at=20)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _scan(ckpts, probe, uri)
+    assert first.returncode == 0, first.stderr
+    assert "3 read" in first.stderr and "1 failed" in first.stderr
+    assert "step_000020.pt (step 20): ValueError: NaN in weight 0.weight" in first.stderr
+    assert "Traceback" not in first.stderr
+    assert _steps(uri) == [0, 10, 30]
+    # a restart does not die on it again, nor retry it while it is unchanged
+    again = _scan(ckpts, probe, uri)
+    assert again.returncode == 0, again.stderr
+    assert "failed in an earlier run and has not changed" in again.stderr
+    assert "0 read" in again.stderr
+    # rewritten (the trainer saved it again, healthy): read
+    write_run(tmp_path / "fixed", [20])
+    os.replace(tmp_path / "fixed" / "step_000020.pt", ckpts / "step_000020.pt")
+    third = _scan(ckpts, probe, uri)
+    assert third.returncode == 0 and "1 read" in third.stderr, third.stderr
+    assert _steps(uri) == [0, 10, 20, 30]
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("probe_shape", "mat1 and mat2 shapes cannot be multiplied"),
+        ("targets_out_of_range", "out of bounds"),
+        ("loss_raises", "the loss is broken on purpose"),
+    ],
+)
+def test_a_setting_that_fails_everywhere_is_said_once_and_exits_2(
+    tmp_path: Path, fault: str, expected: str
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20, 30, 40])
+    x, y = mlp_probe()
+    extra: list[str] = []
+    if fault == "probe_shape":
+        x = x[:, :7]
+    elif fault == "targets_out_of_range":
+        y = y + 99
+    else:
+        extra = ["--loss", f"{REPO / 'tests' / 'fixtures_models.py'}:raising_loss"]
+    probe = tmp_path / "probe.pt"
+    torch.save({"inputs": x, "targets": y}, probe)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, *extra, model=FACTORY)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "the probe, the loss or the layer selection is at fault" in result.stderr
+    assert expected in result.stderr
+    # it stopped after three identical failures: the last two were never tried
+    assert result.stderr.count("cannot read") == 3
+    assert "step_000040.pt" not in result.stderr.split("at fault")[0].split("cannot read")[-1]
+
+
+def _save(path: Path, model: torch.nn.Module, **extra: object) -> None:
+    torch.save({"model": model.state_dict(), **extra}, path)
+
+
+def test_files_without_a_step_are_aliases_or_said_unplaceable(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20])
+    state = torch.load(ckpts / "step_000010.pt", weights_only=True)["model"]
+    torch.save({"model": state}, ckpts / "best.pt")  # the weights of step 10, no step
+    _save(ckpts / "final.pt", mlp(seed=7))  # weights of no step read, no step
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, model=FACTORY)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "best.pt holds the same weights as step 10 (step_000010.pt): an alias" in err
+    assert "final.pt has no training step" in err
+    assert "1 aliases of a step read" in err and "1 without a step" in err
+    assert _steps(uri) == [0, 10, 20]  # nothing at made-up steps 0, 1, 2
+
+
+def test_a_step_beyond_mlflows_range_is_a_failure_naming_it(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    _save(ckpts / "big.pt", mlp(seed=3), step=2**62)  # in range: logged at its step
+    _save(ckpts / "huge.pt", mlp(seed=4), step=2**70)  # beyond int64: a failure, never step 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, model=FACTORY)
+    assert result.returncode == 0, result.stderr
+    assert "huge.pt" in result.stderr and f"step {2**70} is outside MLflow's range" in result.stderr
+    assert _steps(uri) == [0, 2**62]
+
+
+def test_the_event_history_sees_steps_recorded_before_a_lost_state_write(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A kill -9 between the MLflow write and the state write: MLflow has the steps, the
+    state has not. Injected by deleting what the state write would have recorded. The
+    rerun logs nothing twice and the detector's history holds every step."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20, 30])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _scan(ckpts, probe, uri, model=FACTORY).returncode == 0
+    state = ckpts / ".ddsmon"
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["detector_step"] == 30
+    (state / "done.jsonl").unlink()
+    for key in ("detector", "detector_step"):
+        saved.pop(key)
+    (state / "state.json").write_text(json.dumps(saved))
+    again = _scan(ckpts, probe, uri, model=FACTORY)
+    assert again.returncode == 0, again.stderr
+    assert _steps(uri) == [0, 10, 20, 30]  # none doubled
+    after = json.loads((state / "state.json").read_text())
+    assert after["detector_step"] == 30
+    assert after["detector"], "the detector history was rebuilt from the readings"
