@@ -13,7 +13,10 @@ when the file changes; a stop request finishes the current checkpoint, then sink
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import heapq
+import json
 import itertools
 import logging
 import signal
@@ -110,6 +113,10 @@ class Daemon:
         self._rejections: list[tuple[Path, str]] = []
         self._detector_step = -1
         self._faults = RepeatedFault()
+        #: what a failure is remembered with: the read settings it happened under
+        self._settings_id = hashlib.sha256(
+            json.dumps(dataclasses.asdict(config.read), sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         self.summary = Summary()
 
     @classmethod
@@ -474,14 +481,20 @@ class Daemon:
 
     def _mark_failed(self, ref: CheckpointRef, fp: tuple[int, int], reason: str) -> None:
         failed = dict(self.state.get("failed") or {})
-        failed[str(ref.path)] = [fp[0], fp[1], reason]
+        failed[str(ref.path)] = [fp[0], fp[1], self._settings_id, reason]
         self.state.set("failed", failed)
 
     def _failed_before(self, ref: CheckpointRef, fp: tuple[int, int]) -> str | None:
-        """The reason an unchanged checkpoint failed in an earlier run, or None."""
+        """The reason an unchanged checkpoint failed in an earlier run with the same read
+        settings, or None (a changed file, or other settings, is read again)."""
         entry = (self.state.get("failed") or {}).get(str(ref.path))
-        if isinstance(entry, list) and len(entry) == 3 and (entry[0], entry[1]) == tuple(fp):
-            return str(entry[2])
+        if (
+            isinstance(entry, list)
+            and len(entry) == 4
+            and (entry[0], entry[1]) == tuple(fp)
+            and entry[2] == self._settings_id
+        ):
+            return str(entry[3])
         return None
 
     def _remember(self, digest: str, step: int, ref: CheckpointRef) -> None:
