@@ -154,17 +154,19 @@ def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
     sink.on_reading(_reading(0, sigs[0], watched), [])
     sink.on_reading(_reading(10, sigs[10], watched), [event])
     sink.close()
+    run_id = sink.run_id
+    assert run_id is not None
     client = MlflowClient(server.uri)
-    run = client.get_run(sink.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["probe_size"] == "32"
     assert run.data.tags["dds.event.10.2.collapse"] == "fell"
-    assert _steps(client, sink.run_id) == [0, 10]
-    assert [
-        (m.step, m.value) for m in client.get_metric_history(sink.run_id, "dds/2/lambda_min")
-    ] == [(s, sigs[s].layers["2"].lambda_min) for s in (0, 10)]
-    assert _steps(client, sink.run_id, "dds/events/collapse") == [10]
-    names = {f.path for f in client.list_artifacts(sink.run_id)}
+    assert _steps(client, run_id) == [0, 10]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "dds/2/lambda_min")] == [
+        (s, sigs[s].layers["2"].lambda_min) for s in (0, 10)
+    ]
+    assert _steps(client, run_id, "dds/events/collapse") == [10]
+    names = {f.path for f in client.list_artifacts(run_id)}
     assert {"spectra", "plots", "events.jsonl"} <= names
     # the artifacts went through the server's proxy into its artifact destination
     stored = {p.name for p in (server.root / "artifacts").rglob("*") if p.is_file()}
@@ -197,6 +199,7 @@ def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, mo
     sink.on_reading(_reading(0, sigs[0], watched), [])
     sink.on_reading(_reading(10, sigs[10], watched), [])
     run_id = sink.run_id
+    assert run_id is not None
 
     server.stop()
     assert not server.answers()

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -18,19 +19,14 @@ from mlflow.tracking import MlflowClient
 from ddsmon import __version__, compute_signatures
 from ddsmon.errors import ConfigError
 from ddsmon.events import Event
+from ddsmon.readings import SCALAR_READINGS
 from ddsmon.records import CheckpointFailure, CheckpointReading
-from ddsmon.signature import SCALAR_READINGS, LayerSignature, Signatures
+from ddsmon.redaction import scrub
+from ddsmon.signature import LayerSignature, Signatures
 from ddsmon.sinks import RunInfo
-from ddsmon.sinks.tracking import (
-    HTTP_ENV_DEFAULTS,
-    LIMITS,
-    MlflowSink,
-    configure_http_env,
-    event_tag_key,
-    is_unreachable,
-    metric_key,
-    scrub,
-)
+from ddsmon.sinks.mlflow_http import HTTP_ENV_DEFAULTS, configure_http_env, is_unreachable
+from ddsmon.sinks.mlflow_keys import LIMITS, event_tag_key, metric_key
+from ddsmon.sinks.tracking import MlflowSink
 from ddsmon.state import StateDir
 
 
@@ -76,6 +72,11 @@ def _sink(uri: str, state: StateDir, experiment: str, **kw) -> MlflowSink:
     )
 
 
+def _run_id(sink: MlflowSink) -> str:
+    assert sink.run_id is not None, "the sink has not resolved its run"
+    return sink.run_id
+
+
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -103,7 +104,7 @@ def test_run_holds_metrics_events_params_and_artifacts(store, sigs, tmp_path):
         events = [collapse, rank] if step == 20 else []
         sink.on_reading(_reading(step, sigs[step], watched, val_acc=acc), events)
     sink.on_failure(CheckpointFailure(watched / "ckpt_30.pt", "truncated zip: no end record"))
-    run_id = sink.run_id
+    run_id = _run_id(sink)
     sink.close()
 
     client = MlflowClient(store)
@@ -175,13 +176,13 @@ def test_restart_reuses_the_run_and_logs_each_step_once(store, sigs, tmp_path, c
     first.start(RunInfo(watched, "watch", {"probe_size": "32", "device": "cpu"}))
     first.on_reading(_reading(0, sigs[0], watched), [])
     first.on_reading(_reading(10, sigs[10], watched), [])
-    run_id = first.run_id
+    run_id = _run_id(first)
     # kill -9 here: no close(), the run stays RUNNING, the state file was not told
     assert MlflowClient(store).get_run(run_id).info.status == "RUNNING"
 
     second = _sink(store, StateDir.for_directory(watched), "restart", plots=False)
     assert second.recorded_steps() == {0, 10}  # asked before start(), as the daemon does
-    with caplog.at_level(logging.WARNING, logger="ddsmon.sinks.tracking"):
+    with caplog.at_level(logging.WARNING, logger="ddsmon.sinks"):
         second.start(RunInfo(watched, "watch", {"probe_size": "64", "device": "cpu"}))
     assert second.run_id == run_id
     assert "probe_size" in caplog.text and "'32'" in caplog.text  # a conflict is reported
@@ -243,9 +244,15 @@ def test_bad_run_id_and_deleted_experiment_are_config_errors(store, tmp_path):
 def test_batches_respect_mlflow_limits(store, tmp_path):
     """60 layers x 22 metrics > 1000 per batch, and > 100 event tags: all land."""
     d = 4
+
+    def fields(i: int) -> dict[str, Any]:  # every reading a field holds (the ratios are properties)
+        return {
+            r: float(i + 1) for r in SCALAR_READINGS if r not in ("lambda_ratio", "sigma_ratio")
+        }
+
     layers = {
         f"block{i}.mlp": LayerSignature(
-            name=f"block{i}.mlp", n=8, N=8, d=d, **{r: float(i + 1) for r in SCALAR_READINGS if r not in ("lambda_ratio", "sigma_ratio")},
+            name=f"block{i}.mlp", n=8, N=8, d=d, **fields(i),
             x_spectrum=np.ones(d), g_spectrum=np.ones(d),
         )
         for i in range(60)
@@ -265,14 +272,14 @@ def test_batches_respect_mlflow_limits(store, tmp_path):
     sink.on_reading(_reading(5, sig, watched), events)
     sink.close()
     client = MlflowClient(store)
-    run = client.get_run(sink.run_id)
+    run = client.get_run(_run_id(sink))
     assert len([k for k in run.data.metrics if k.startswith("dds/block")]) == 60 * (
         len(SCALAR_READINGS) + 1
     )
     assert len([k for k in run.data.tags if k.startswith("dds.event.5.")]) == 120
     assert run.data.metrics["dds/block59.mlp/lambda_ratio"] == 1.0  # 60/60
-    assert _history(client, sink.run_id, "dds/events/collapse") == [(5, 4.0)]
-    assert _history(client, sink.run_id, "dds/checkpoint") == [(5, 1.0)]
+    assert _history(client, _run_id(sink), "dds/events/collapse") == [(5, 4.0)]
+    assert _history(client, _run_id(sink), "dds/checkpoint") == [(5, 1.0)]
 
 
 def test_names_are_sanitised_to_mlflow_characters(store, tmp_path):
@@ -296,7 +303,7 @@ def test_names_are_sanitised_to_mlflow_characters(store, tmp_path):
         [Event(1, "enc/attn:q,a b", "transition", "lambda_ratio", None, None, 2.0, "t")],
     )
     sink.close()
-    run = MlflowClient(store).get_run(sink.run_id)
+    run = MlflowClient(store).get_run(_run_id(sink))
     assert run.data.metrics["dds/enc_attn_q/lambda_min"] == 0.5
     assert run.data.metrics["dds/a b/x_rank"] == 2.0
     assert run.data.metrics["dds/ü.1/lambda_min"] == 0.5
@@ -314,7 +321,7 @@ def test_unreachable_server_spools_then_replays_in_order(store, sigs, tmp_path, 
     state = StateDir.for_directory(watched)
     port = _free_port()
     down = _sink(f"http://127.0.0.1:{port}", state, "spooled", plots=True)
-    with caplog.at_level(logging.WARNING, logger="ddsmon.sinks.tracking"):
+    with caplog.at_level(logging.WARNING, logger="ddsmon.sinks"):
         assert down.recorded_steps() == set()
         down.start(RunInfo(watched, "watch", {"probe_size": "32"}))
         for step in (0, 10):
@@ -337,11 +344,11 @@ def test_unreachable_server_spools_then_replays_in_order(store, sigs, tmp_path, 
     up.on_reading(_reading(20, sigs[20], watched), [])
     up.close()
     client = MlflowClient(store)
-    assert _history(client, up.run_id, "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
-    assert [s for s, _ in _history(client, up.run_id, "dds/2/lambda_min")] == [0, 10, 20]
-    assert client.get_run(up.run_id).data.params["probe_size"] == "32"
+    assert _history(client, _run_id(up), "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert [s for s, _ in _history(client, _run_id(up), "dds/2/lambda_min")] == [0, 10, 20]
+    assert client.get_run(_run_id(up)).data.params["probe_size"] == "32"
     assert state.spool_pending() == []
-    assert {f.path for f in client.list_artifacts(up.run_id, "spectra")} == {
+    assert {f.path for f in client.list_artifacts(_run_id(up), "spectra")} == {
         f"spectra/step_{s}.npz" for s in (0, 10, 20)
     }
     # kill -9 between a replay and its acknowledgement: the record is still spooled
@@ -351,8 +358,8 @@ def test_unreachable_server_spools_then_replays_in_order(store, sigs, tmp_path, 
     again.start(RunInfo(watched, "watch", {"probe_size": "32"}))
     again.close()
     assert state.spool_pending() == []
-    assert _history(client, up.run_id, "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
-    assert [s for s, _ in _history(client, up.run_id, "dds/2/lambda_min")] == [0, 10, 20]
+    assert _history(client, _run_id(up), "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert [s for s, _ in _history(client, _run_id(up), "dds/2/lambda_min")] == [0, 10, 20]
 
 
 def test_credentials_are_never_logged(tmp_path, sigs, caplog, monkeypatch):

@@ -1,14 +1,26 @@
-"""Talking to a tracking store that may be down: fast-failing HTTP settings, which errors
-mean "unreachable" (spool and retry) rather than "bad request", and credentials scrubbed
-from anything logged."""
+"""Talking to a tracking store that may be down: the error policy of every MLflow call.
+
+* :data:`HTTP_ENV_DEFAULTS` / :func:`configure_http_env`: fast-failing HTTP settings, so
+  that a down server fails in seconds rather than minutes.
+* :func:`is_unreachable`: whether an error means "the store did not answer" (worth
+  spooling and retrying) rather than "the request was wrong" (reported, never retried).
+* :func:`call`: one MLflow call; a connection-type failure becomes :class:`Unreachable`,
+  its message scrubbed of credentials (:func:`ddsmon.redaction.scrub`); any other error
+  is raised unchanged.
+"""
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from typing import ParamSpec, TypeVar
 
-__all__ = ("HTTP_ENV_DEFAULTS", "configure_http_env", "is_unreachable", "scrub")
+from ddsmon.redaction import scrub
+
+__all__ = ("HTTP_ENV_DEFAULTS", "Unreachable", "call", "configure_http_env", "is_unreachable")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: Environment defaults the sink sets (only where unset) so a down server fails fast.
 HTTP_ENV_DEFAULTS: dict[str, str] = {
@@ -41,20 +53,6 @@ def configure_http_env(environ: MutableMapping[str, str] | None = None) -> dict[
             env[key] = value
             applied[key] = value
     return applied
-
-
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]+@")
-
-
-def scrub(text: str) -> str:
-    """``text`` with URI credentials (``scheme://user:pass@``) and the values of
-    MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN replaced by ``***``."""
-    out = _USERINFO.sub(r"\1***@", text)
-    for var in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 3:
-            out = out.replace(secret, "***")
-    return out
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -96,5 +94,19 @@ def is_unreachable(exc: BaseException) -> bool:
     return False
 
 
-class _Unreachable(Exception):
-    """Internal: the tracking store did not answer (wraps the original error)."""
+class Unreachable(Exception):
+    """The tracking store did not answer; the message is scrubbed of credentials and the
+    original error is the ``__cause__``."""
+
+
+def call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``fn(*args, **kwargs)``; a connection-type failure (:func:`is_unreachable`) is
+    raised as :class:`Unreachable`, anything else as it is."""
+    try:
+        return fn(*args, **kwargs)
+    except Unreachable:
+        raise
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise Unreachable(scrub(str(exc))) from exc
+        raise

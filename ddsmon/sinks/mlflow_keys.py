@@ -1,12 +1,40 @@
-"""MLflow metric and tag names: sanitised, within MLflow's key length and batch limits."""
+"""Every name ddsmon writes into MLflow: metric, param and tag keys sanitised to MLflow's
+characters and cut to its key length (unique by a short hash), values cut to its value
+lengths, the fixed tags that identify a ddsmon run, and MLflow's batch limits
+(:data:`LIMITS`)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import re
+from pathlib import Path
 
-__all__ = ("LIMITS", "event_tag_key", "metric_key")
+__all__ = (
+    "CHECKPOINT_METRIC",
+    "DIRECTORY_ID_TAG",
+    "DIRECTORY_TAG",
+    "LIMITS",
+    "NOTE_TAG",
+    "OWNED_TAG",
+    "directory_id",
+    "event_tag_key",
+    "failure_tag_key",
+    "metric_key",
+    "param_key",
+    "truncate",
+)
+
+#: Tag marking runs ddsmon created (and so may set RUNNING / FINISHED).
+OWNED_TAG = "ddsmon.owned"
+#: Tag holding the watched directory's absolute path.
+DIRECTORY_TAG = "ddsmon.directory"
+#: Tag holding :func:`directory_id` of the watched directory (what a run is found by).
+DIRECTORY_ID_TAG = "ddsmon.directory_id"
+#: MLflow's run description (shown on the run's page).
+NOTE_TAG = "mlflow.note.content"
+#: The metric marking a checkpoint fully logged (``1`` at its step, sent last).
+CHECKPOINT_METRIC = "dds/checkpoint"
 
 
 def _limits() -> dict[str, int]:
@@ -65,5 +93,22 @@ def event_tag_key(step: int, layer: str, kind: str) -> str:
     return _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}")
 
 
-def _cut(value: str, limit: int) -> str:
+def param_key(key: str) -> str:
+    """A param key in MLflow's characters (``/`` and ``:`` replaced; spaces and the ends
+    kept), length-limited."""
+    return _fit(_BAD_CHARS.sub("_", key) or "_")
+
+
+def failure_tag_key(filename: str) -> str:
+    """``ddsmon.failure.<file name>``, the tag of a checkpoint that could not be read."""
+    return _fit(f"ddsmon.failure.{_component(filename)}")
+
+
+def truncate(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, ending in ``...`` when cut."""
     return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def directory_id(directory: Path | str) -> str:
+    """The sha1 of a directory's absolute path: the value of :data:`DIRECTORY_ID_TAG`."""
+    return hashlib.sha1(str(Path(directory).resolve()).encode()).hexdigest()

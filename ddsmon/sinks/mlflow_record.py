@@ -1,0 +1,264 @@
+"""What the MLflow sink sends: one typed, immutable record per message, and its JSON.
+
+A record is everything one message to the run holds, built once, then sent as it is or
+spooled (:mod:`ddsmon.sinks.mlflow_outbox`) and sent later, identical:
+
+:class:`StartRecord`
+    The run's start: the watched directory and the daemon's settings (params). Sent
+    with the run's identifying tags and its note (:mod:`ddsmon.sinks.mlflow_writer`).
+:class:`ReadingRecord`
+    One checkpoint: every metric row (key, value, step, timestamp), the event tags, the
+    artifact files (kept in the state directory's outbox until delivered) and how many
+    events it raised. The timestamps are fixed when the record is built, so a record
+    sent twice (a crash between delivery and acknowledgement) stores identical metric
+    rows. :data:`~ddsmon.sinks.mlflow_keys.CHECKPOINT_METRIC` is the last row: a step is
+    in the run only once its whole record is.
+:class:`TagsRecord`
+    Tags only (a checkpoint that could not be read: ``ddsmon.failure.<file>``).
+
+``to_json()`` / :func:`record_from_json` are the spool's line format, one JSON object
+with a ``"kind"`` (``"start"``, ``"reading"`` or ``"tags"``); ``from_json(to_json())``
+gives the record back. A line that is no record raises :class:`RecordFormatError`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from ddsmon.readings import READINGS, SCALAR_READINGS
+from ddsmon.sinks.history import HistoryEntry, finite
+from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
+    LIMITS,
+    event_tag_key,
+    failure_tag_key,
+    metric_key,
+    truncate,
+)
+
+if TYPE_CHECKING:
+    from ddsmon.events import Event
+    from ddsmon.records import CheckpointFailure, CheckpointReading
+    from ddsmon.signature import Signatures
+
+__all__ = (
+    "FLOOR_READINGS",
+    "ArtifactFile",
+    "MetricRow",
+    "ReadingRecord",
+    "Record",
+    "RecordFormatError",
+    "StartRecord",
+    "TagsRecord",
+    "failure_record",
+    "reading_record",
+    "record_from_json",
+    "start_record",
+    "write_spectra",
+)
+
+#: The trust floors (``Reading.unit == "floor"``), stored beside the spectra.
+FLOOR_READINGS: tuple[str, ...] = tuple(r.name for r in READINGS if r.unit == "floor")
+
+
+class RecordFormatError(ValueError):
+    """A spooled line that is no record (damaged, or from an incompatible version)."""
+
+
+class MetricRow(NamedTuple):
+    """One metric value: MLflow's (key, value, step, timestamp in ms)."""
+
+    key: str
+    value: float
+    step: int
+    timestamp: int
+
+
+class ArtifactFile(NamedTuple):
+    """A local file and the run's artifact folder it goes into."""
+
+    local: str
+    artifact_dir: str
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """The run's start: the watched directory (absolute) and the params, as strings."""
+
+    kind: ClassVar[str] = "start"
+    directory: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "directory": self.directory, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class ReadingRecord:
+    """One checkpoint: metric rows (the checkpoint marker last), tags, files, events."""
+
+    kind: ClassVar[str] = "reading"
+    step: int
+    path: str
+    metrics: tuple[MetricRow, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[ArtifactFile, ...] = ()
+    events: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "path": self.path,
+            "metrics": [list(m) for m in self.metrics],
+            "tags": dict(self.tags),
+            "files": [list(f) for f in self.files],
+            "events": self.events,
+        }
+
+
+@dataclass(frozen=True)
+class TagsRecord:
+    """Tags only."""
+
+    kind: ClassVar[str] = "tags"
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tags": dict(self.tags)}
+
+
+Record = StartRecord | ReadingRecord | TagsRecord
+
+
+def record_from_json(data: Mapping[str, Any]) -> Record:
+    """The record of one spool line; :class:`RecordFormatError` when it is none."""
+    kind = data.get("kind")
+    try:
+        if kind == StartRecord.kind:
+            return StartRecord(directory=_text(data["directory"]), params=_strings(data["params"]))
+        if kind == ReadingRecord.kind:
+            return ReadingRecord(
+                step=int(data["step"]),
+                path=str(data.get("path", "")),
+                metrics=tuple(
+                    MetricRow(_text(k), float(v), int(s), int(ts))
+                    for k, v, s, ts in data["metrics"]
+                ),
+                tags=_strings(data.get("tags", {})),
+                files=tuple(ArtifactFile(_text(f), _text(d)) for f, d in data.get("files", [])),
+                events=int(data.get("events") or 0),
+            )
+        if kind == TagsRecord.kind:
+            return TagsRecord(tags=_strings(data["tags"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordFormatError(f"{kind} record: {type(exc).__name__}: {exc}") from exc
+    raise RecordFormatError(f"unknown record kind {kind!r}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strings(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return {_text(k): _text(v) for k, v in value.items()}
+
+
+# ---------------------------------------------------------------------- building records
+def start_record(directory: Path, params: Mapping[Any, Any]) -> StartRecord:
+    """The start record of a run over ``directory`` with the daemon's ``params``."""
+    return StartRecord(directory=str(directory), params={str(k): str(v) for k, v in params.items()})
+
+
+def reading_record(
+    reading: CheckpointReading,
+    events: Sequence[Event],
+    *,
+    entry: HistoryEntry,
+    timestamp: int,
+    files: Iterable[ArtifactFile] = (),
+) -> ReadingRecord:
+    """The record of one checkpoint, its metric rows in this order: per layer
+    ``dds/<layer>/finite`` then every finite reading (:data:`SCALAR_READINGS` order),
+    ``train/<key>``, ``ddsmon/load_seconds`` / ``read_seconds``, ``dds/events/<kind>``
+    (the largest magnitude of each kind, 1 where none is finite), and last
+    ``dds/checkpoint`` = 1. ``entry`` is the checkpoint's :meth:`HistoryEntry.of`;
+    ``timestamp`` (ms) is that of every row."""
+    step = int(reading.step)
+    ts = int(timestamp)
+    metrics: list[MetricRow] = []
+    for name, values in entry.layers.items():
+        metrics.append(
+            MetricRow(metric_key("dds", name, "finite"), float(values["finite"]), step, ts)
+        )
+        for reading_name in SCALAR_READINGS:
+            value = values.get(reading_name)
+            if value is not None:
+                metrics.append(MetricRow(metric_key("dds", name, reading_name), value, step, ts))
+    for key, scalar in entry.train.items():
+        metrics.append(MetricRow(metric_key("train", key), scalar, step, ts))
+    for key, seconds in (
+        ("load_seconds", reading.load_seconds),
+        ("read_seconds", reading.read_seconds),
+    ):
+        v = finite(seconds)
+        if v is not None:
+            metrics.append(MetricRow(metric_key("ddsmon", key), v, step, ts))
+    tags: dict[str, str] = {}
+    by_kind: dict[str, float] = {}
+    for event in events:
+        tags[event_tag_key(event.step, event.layer, event.kind)] = truncate(
+            event.message, LIMITS["tag_value"]
+        )
+        mag = finite(event.magnitude)
+        mag = 1.0 if mag is None else mag
+        by_kind[event.kind] = max(by_kind.get(event.kind, -math.inf), mag)
+    for kind, mag in by_kind.items():
+        metrics.append(MetricRow(metric_key("dds", "events", kind), mag, step, ts))
+    metrics.append(MetricRow(CHECKPOINT_METRIC, 1.0, step, ts))  # last: the record is complete
+    return ReadingRecord(
+        step=step,
+        path=str(reading.path),
+        metrics=tuple(metrics),
+        tags=tags,
+        files=tuple(files),
+        events=len(events),
+    )
+
+
+def failure_record(failure: CheckpointFailure) -> TagsRecord:
+    """``ddsmon.failure.<file name>`` = the reason, so failed checkpoints show in the UI."""
+    key = failure_tag_key(Path(failure.path).name)
+    return TagsRecord(tags={key: truncate(failure.reason, LIMITS["tag_value"])})
+
+
+def write_spectra(signatures: Signatures, path: Path) -> None:
+    """``<layer>/x_spectrum``, ``g_spectrum``, ``param_spectrum`` (when read) and the
+    floors (:data:`FLOOR_READINGS`, where known) into a compressed ``.npz``, atomically."""
+    arrays: dict[str, Any] = {}  # Any: numpy's stub types **kwds like allow_pickle
+    for name, layer in signatures.layers.items():
+        arrays[f"{name}/x_spectrum"] = np.asarray(layer.x_spectrum, dtype=np.float64)
+        arrays[f"{name}/g_spectrum"] = np.asarray(layer.g_spectrum, dtype=np.float64)
+        if layer.param_spectrum is not None:
+            arrays[f"{name}/param_spectrum"] = np.asarray(layer.param_spectrum, dtype=np.float64)
+        for floor in FLOOR_READINGS:
+            value = getattr(layer, floor)
+            if value is not None:
+                arrays[f"{name}/{floor}"] = np.asarray(float(value))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)

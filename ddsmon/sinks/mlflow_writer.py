@@ -1,0 +1,219 @@
+"""The MLflow calls that write a record into a run, through one :class:`MlflowClient`.
+
+:class:`MlflowWriter` owns the client (made on first use; nothing connects before) and
+writes a resolved run id's records:
+
+* :meth:`~MlflowWriter.log_batch`: params, tags and metrics in ``log_batch`` calls within
+  MLflow's batch limits (:data:`~ddsmon.sinks.mlflow_keys.LIMITS`): a constant number of
+  calls per checkpoint. Metrics keep their order across the calls, so the last metric of
+  a record (the checkpoint marker) goes in the last call: a step counts as held only once
+  every earlier call of its record went through.
+* :meth:`~MlflowWriter.write_start`: the params (immutable in MLflow: one the run already
+  holds is skipped, a changed one warned about once and not logged), the tags that
+  identify a ddsmon run, and the run's note (``mlflow.note.content``; a run given by id
+  keeps a note of its own, and gets ``ddsmon.note`` instead).
+* :meth:`~MlflowWriter.write_reading`: a checkpoint's artifact files, ``events.jsonl``
+  when it raised events, then its metrics and tags.
+
+Every call goes through :func:`ddsmon.sinks.mlflow_http.call`: a store that does not
+answer raises :class:`~ddsmon.sinks.mlflow_http.Unreachable` (the caller spools), any
+other error (a bad request) is raised as it is. A record half written when the store
+went down is written again whole: metric rows carry fixed timestamps, so the re-sent rows
+are identical, and MLflow's stores keep one of each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddsmon.errors import ConfigError
+from ddsmon.redaction import redact_uri, scrub
+from ddsmon.sinks.mlflow_http import Unreachable, call, is_unreachable
+from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
+    DIRECTORY_ID_TAG,
+    DIRECTORY_TAG,
+    LIMITS,
+    NOTE_TAG,
+    directory_id,
+    param_key,
+    truncate,
+)
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from ddsmon.sinks.mlflow_record import MetricRow, ReadingRecord, StartRecord
+
+__all__ = ("NOTE_HEADER", "MlflowWriter", "run_note")
+
+log = logging.getLogger(__name__)
+
+#: First line of the note ddsmon writes (a note starting so is ddsmon's to rewrite).
+NOTE_HEADER = "### ddsmon: dead-direction readings"
+
+
+class MlflowWriter:
+    """MLflow calls for one tracking URI (``None``: MLflow's default); ``client``: one
+    already made (else it is made on first use)."""
+
+    def __init__(self, tracking_uri: str | None, *, client: MlflowClient | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self._client = client
+        self._warned_params: set[str] = set()
+
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI with any credentials redacted (what ddsmon ever prints)."""
+        if self.tracking_uri is None:
+            return "(MLflow default)"
+        return redact_uri(self.tracking_uri)
+
+    @property
+    def client(self) -> MlflowClient:
+        """The client, made on first use; :class:`Unreachable` or :class:`ConfigError`."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            try:
+                self._client = MlflowClient(self.tracking_uri)
+            except Exception as exc:
+                if is_unreachable(exc):
+                    raise Unreachable(scrub(str(exc))) from exc
+                raise ConfigError(
+                    f"MLflow tracking URI {self.display_uri}: {scrub(str(exc))}"
+                ) from exc
+        return self._client
+
+    # ------------------------------------------------------------------ single calls
+    def checkpoint_steps(self, run_id: str) -> set[int]:
+        """Steps the run holds a checkpoint of (the history of ``dds/checkpoint``)."""
+        history = call(self.client.get_metric_history, run_id, CHECKPOINT_METRIC)
+        return {int(m.step) for m in history}
+
+    def log_artifact(self, run_id: str, local: str, artifact_dir: str | None = None) -> None:
+        call(self.client.log_artifact, run_id, local, artifact_dir)
+
+    def log_artifacts(self, run_id: str, folder: str, artifact_dir: str) -> None:
+        call(self.client.log_artifacts, run_id, folder, artifact_dir)
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        call(self.client.set_terminated, run_id, status=status)
+
+    # ------------------------------------------------------------------ records
+    def write_start(self, run_id: str, record: StartRecord, *, owned: bool) -> None:
+        """Params not yet in the run, the identifying tags and the note."""
+        directory = Path(record.directory)
+        run = call(self.client.get_run, run_id)
+        existing = run.data.params
+        params: dict[str, str] = {}
+        for key, value in record.params.items():
+            k = param_key(key)
+            v = truncate(value, LIMITS["param_value"])
+            if k in existing:
+                if existing[k] != v and k not in self._warned_params:
+                    self._warned_params.add(k)
+                    log.warning(
+                        "MLflow param %r of run %s is %r, now %r; params cannot change, "
+                        "the run keeps the first value",
+                        k,
+                        run_id,
+                        truncate(existing[k], 80),
+                        truncate(v, 80),
+                    )
+                continue
+            params[k] = v
+        from ddsmon import __version__
+
+        tags = {
+            "ddsmon.version": __version__,
+            DIRECTORY_TAG: str(directory),
+            DIRECTORY_ID_TAG: directory_id(directory),
+        }
+        note = run_note(directory)
+        current = run.data.tags.get(NOTE_TAG)
+        if owned or not current or current.startswith(NOTE_HEADER):
+            tags[NOTE_TAG] = note
+        else:
+            tags["ddsmon.note"] = note  # keep the training run's own note
+        self.log_batch(run_id, params=params, tags=tags)
+
+    def write_reading(
+        self, run_id: str, record: ReadingRecord, *, events_file: Path | None = None
+    ) -> None:
+        """The record's files (one gone missing is warned about and skipped), then
+        ``events_file`` when given, existing and the record raised events, then its
+        metrics and tags."""
+        for local, artifact_dir in record.files:
+            if Path(local).exists():
+                self.log_artifact(run_id, local, artifact_dir)
+            else:
+                log.warning("spooled artifact %s is gone; not uploaded", local)
+        if events_file is not None and record.events and events_file.exists():
+            self.log_artifact(run_id, str(events_file))
+        self.log_batch(run_id, metrics=record.metrics, tags=record.tags)
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Iterable[MetricRow] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """``log_batch`` in chunks within MLflow's limits: params, then tags, then metrics
+        in their order, so the last metric goes in the last call."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        ents: list[tuple[str, Any]] = [("p", Param(k, v)) for k, v in (params or {}).items()]
+        ents += [("t", RunTag(k, v)) for k, v in (tags or {}).items()]
+        ents += [("m", Metric(k, float(v), int(ts), int(s))) for k, v, s, ts in metrics]
+        chunk: dict[str, list[Any]] = {"m": [], "p": [], "t": []}
+
+        def send() -> None:
+            if any(chunk.values()):
+                call(
+                    self.client.log_batch,
+                    run_id,
+                    metrics=chunk["m"],
+                    params=chunk["p"],
+                    tags=chunk["t"],
+                    synchronous=True,
+                )
+            for v in chunk.values():
+                v.clear()
+
+        for kind, ent in ents:
+            full = (
+                len(chunk["m"]) + len(chunk["p"]) + len(chunk["t"]) >= LIMITS["entities"]
+                or (kind == "m" and len(chunk["m"]) >= LIMITS["metrics"])
+                or (kind != "m" and len(chunk["p"]) + len(chunk["t"]) >= LIMITS["params_tags"])
+            )
+            if full:
+                send()
+            chunk[kind].append(ent)
+        send()
+
+
+def run_note(directory: Path) -> str:
+    """The run's note (Markdown): what it holds and where to look."""
+    return (
+        f"{NOTE_HEADER}\n\n"
+        f"Checkpoints of `{directory}` read by ddsmon, one probe pass each, "
+        "logged at each checkpoint's training step.\n\n"
+        "* **Plots** (Artifacts): `plots/trajectories.png`, every layer's scale-free "
+        "readings over steps with events as vertical lines (red: transition); "
+        "`plots/spectra.png`, the latest checkpoint's spectra with their trust floors.\n"
+        "* **Metrics** `dds/<layer>/<reading>`: `lambda_ratio` = lambda_min/lambda_max of the "
+        "per-sample-gradient Fisher-Gram G, `sigma_ratio` = sigma_min/sigma_max of the layer "
+        "outputs X, `log_volume` = log det+(G) - rank * log lambda_max, `g_rank`/`x_rank` "
+        "(values above the trust floor) and `g_dead`/`x_dead`, `param_*` for the "
+        "parameter-side Gram. `dds/checkpoint` = 1 marks each checkpoint read; "
+        "`train/*` are the trainer's own scalars.\n"
+        "* **Events** (collapse, revival, rank_change, transition, nonfinite): metric "
+        "`dds/events/<kind>` (magnitude), tags `dds.event.<step>.<layer>.<kind>` (message), "
+        "artifact `events.jsonl`.\n"
+        "* **Spectra** of every checkpoint: artifact `spectra/step_<step>.npz`.\n"
+    )
