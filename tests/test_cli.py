@@ -280,3 +280,21 @@ def test_watch_reads_existing_then_new_checkpoints_and_stops_on_sigterm(
     assert proc.returncode == 0, err
     _client, run = run_of(uri)
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["scan", "--help"], ["watch", "--help"]])
+def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
+    """The package face is lazy: answering --help or --version pays for no torch import."""
+    code = (
+        "import sys\n"
+        "from ddsmon.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'mlflow', 'numpy') if m in sys.modules)\n"
+        "print('heavy:', heavy, file=sys.stderr)\n"
+        "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
