@@ -46,7 +46,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsmon.errors import ConfigError
-from ddsmon.options import BUILTIN_LOSSES, DEVICE_AUTO, FISHER_FAMILIES, FORWARD_DTYPES
+from ddsmon.options import (
+    BUILTIN_LOSSES,
+    DEFAULT_FISHER,
+    DEFAULT_FORWARD_DTYPE,
+    DEFAULT_LOSS,
+    DEVICE_AUTO,
+    FISHER_FAMILIES,
+    FORWARD_DTYPES,
+)
 from ddsmon.redaction import redact_uri
 from ddsmon.state import DEFAULT_STATE_NAME
 
@@ -149,15 +157,15 @@ SETTINGS: dict[str, Setting] = {
                 help="Zero-argument callable returning the nn.Module: 'pkg.mod:make' or 'path/to/file.py:make'."),
         Setting("probe", "str", None, "read", metavar="FILE|MODULE:FUNCTION", runs_code=_probe_runs_code,
                 help="Torch file holding {'inputs', 'targets'}, or a function returning (inputs, targets)."),
-        Setting("loss", "str", "ce", "read", metavar="ce|mse|MODULE:FUNCTION", runs_code=_loss_runs_code,
+        Setting("loss", "str", DEFAULT_LOSS, "read", metavar="ce|mse|MODULE:FUNCTION", runs_code=_loss_runs_code,
                 help="Per-sample loss: 'ce', 'mse' or a callable (outputs, targets) -> (n,)."),
         Setting("layers", "layers", None, "read", metavar="NAMES|REGEX",
                 help="Comma-separated module names, or a regex; default: every leaf module with a floating output of width >= 2."),
         Setting("device", "str", DEVICE_AUTO, "read",
                 help="auto (CUDA when present), cpu, cuda, cuda:K."),
-        Setting("fisher", "choice", "both", "read", choices=FISHER_FAMILIES,
+        Setting("fisher", "choice", DEFAULT_FISHER, "read", choices=FISHER_FAMILIES,
                 help="Which Fisher-Gram families to read."),
-        Setting("forward_dtype", "choice", "float64", "read", choices=FORWARD_DTYPES,
+        Setting("forward_dtype", "choice", DEFAULT_FORWARD_DTYPE, "read", choices=FORWARD_DTYPES,
                 help="dtype of the probe pass (float32 only for models too large for float64)."),
         Setting("max_probe_rows", "int", None, "read", minimum=1,
                 help="Refuse layers with more probe rows (samples x positions) than this."),

@@ -6,7 +6,15 @@ them, and the CLI turns them into ``click.Choice`` lists without importing torch
 
 from __future__ import annotations
 
-__all__ = ("BUILTIN_LOSSES", "DEVICE_AUTO", "FISHER_FAMILIES", "FORWARD_DTYPES")
+__all__ = (
+    "BUILTIN_LOSSES",
+    "DEFAULT_FISHER",
+    "DEFAULT_FORWARD_DTYPE",
+    "DEFAULT_LOSS",
+    "DEVICE_AUTO",
+    "FISHER_FAMILIES",
+    "FORWARD_DTYPES",
+)
 
 #: Which Fisher-Gram families a reading computes: activation side (X, G), parameter
 #: side (K), or both.
@@ -17,3 +25,8 @@ FORWARD_DTYPES: tuple[str, ...] = ("float64", "float32")
 BUILTIN_LOSSES: tuple[str, ...] = ("ce", "mse")
 #: The device setting that picks CUDA when torch sees it, else the CPU.
 DEVICE_AUTO = "auto"
+
+#: The defaults the engine's keyword arguments and the settings table share.
+DEFAULT_FISHER = "both"
+DEFAULT_FORWARD_DTYPE = "float64"
+DEFAULT_LOSS = "ce"
