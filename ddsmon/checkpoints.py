@@ -33,6 +33,16 @@ place and events alone cannot tell a finished file from a paused writer:
                   a sharded index).
     dcp           a non-empty ``.metadata`` (torch writes it last).
 
+Only regular files are ever opened (:func:`open_regular`: the type is checked with
+``os.stat`` after resolving symbolic links, and the file is opened ``O_NONBLOCK`` and
+checked again with ``fstat``, so a FIFO, a device such as ``/dev/zero``, a socket or a
+directory is refused before anything is read and nothing ever blocks), and every read is
+bounded: by the zip's central directory, by the safetensors header's own length (at most
+100 MB), and JSON side files (``trainer_state.json``, ``config.json``, shard indexes) by
+:data:`JSON_LIMIT`. A refused file is a :class:`RefusedFile` (an OSError) whose
+``reason`` says why, e.g. ``not a regular file (FIFO)``; :func:`check_complete` returns
+that reason.
+
 >>> step_from_name(Path("epoch=3-step=1200.ckpt"))
 1200
 >>> step_from_name(Path("checkpoint-500"))
@@ -41,31 +51,42 @@ place and events alone cannot tell a finished file from a paused writer:
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from ddsmon.errors import ConfigError
 
 __all__ = (
     "HF_WEIGHTS",
+    "JSON_LIMIT",
     "KINDS",
+    "SAFETENSORS_MAX_HEADER",
     "SIDE_FILES",
     "CheckpointRef",
     "Kind",
+    "RefusedFile",
     "check_complete",
     "checkpoint_for",
     "classify",
+    "compressed_member",
     "discover",
     "fingerprint",
     "is_temporary",
+    "open_regular",
+    "read_regular",
+    "stat_regular",
     "step_from_name",
+    "zip_listing_problem",
 )
 
 log = logging.getLogger(__name__)
@@ -100,7 +121,12 @@ SIDE_FILES = re.compile(
 )
 """Names of torch files the HF Trainer writes beside the weights; they hold no model."""
 
-_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+SAFETENSORS_MAX_HEADER = 100_000_000
+"""The longest safetensors header read (the safetensors library's own limit)."""
+
+JSON_LIMIT = 64 * 2**20
+"""The largest JSON side file read (``trainer_state.json``, ``config.json``, a shard index)."""
+
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -152,8 +178,10 @@ def is_temporary(name: str) -> bool:
 
 def _folder_kind(path: Path) -> Kind | None:
     """The kind of a folder checkpoint: dcp when ``.metadata`` is in it, hf when it is
-    named ``checkpoint-<step>``. No filesystem check that ``path`` is a folder."""
-    if (path / ".metadata").is_file():
+    named ``checkpoint-<step>``. No filesystem check that ``path`` is a folder. A
+    ``.metadata`` that is there but not a regular file (a FIFO, a dangling link) still
+    makes a dcp folder, so that the completeness check reports it."""
+    if os.path.lexists(path / ".metadata"):
         return "dcp"
     if _HF_NAME.match(path.name):
         return "hf"
@@ -273,6 +301,122 @@ def _listdir(directory: Path) -> list[str]:
         return []
 
 
+# --------------------------------------------------------------------------- safe reads
+
+
+class RefusedFile(OSError):
+    """A file ddsmon will not read, and why (``reason``): not a regular file (a FIFO, a
+    device, a socket, a directory), a dangling symbolic link, not readable, or larger
+    than its format allows."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISDIR, "directory"),
+)
+
+
+def _not_regular(path: str | os.PathLike[str], mode: int) -> RefusedFile:
+    what = next((name for test, name in _FILE_TYPES if test(mode)), "not a plain file")
+    if os.path.islink(path):
+        what += f", through the symbolic link to {os.path.realpath(path)}"
+    return RefusedFile(path, f"not a regular file ({what})")
+
+
+def _refused_os_error(path: str | os.PathLike[str], exc: OSError) -> OSError:
+    """The RefusedFile an OSError of stat/open means, or the error itself (missing...)."""
+    if isinstance(exc, PermissionError):
+        return RefusedFile(path, "permission denied (cannot be opened for reading)")
+    if exc.errno == errno.ELOOP:
+        return RefusedFile(path, "a loop of symbolic links")
+    if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return exc
+        return RefusedFile(path, f"dangling symbolic link (to {target!r}, which does not exist)")
+    return exc
+
+
+def stat_regular(path: str | os.PathLike[str]) -> os.stat_result:
+    """``os.stat(path)`` (symbolic links resolved) when it is a regular file.
+
+    Raises RefusedFile (not a regular file, a dangling link, permission denied, a loop of
+    links), FileNotFoundError when nothing is there, another OSError otherwise.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _refused_os_error(path, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
+    """Open ``path`` for binary reading, only if it is a regular file (after symlinks).
+
+    Checked twice: with ``os.stat`` before opening (so no device or FIFO is ever
+    opened), then with ``fstat`` on the open descriptor (so a file swapped for a FIFO in
+    between is refused too). The open is ``O_NONBLOCK``, so it never waits for a FIFO's
+    writer. Raises as :func:`stat_regular`.
+    """
+    stat_regular(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _refused_os_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def read_regular(path: str | os.PathLike[str], limit: int = JSON_LIMIT) -> bytes:
+    """The bytes of the regular file ``path``, refused (RefusedFile) when it holds more
+    than ``limit`` bytes. Raises as :func:`open_regular`."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
+            raise RefusedFile(
+                path, f"{size} bytes, more than the {_mib(limit)} ddsmon reads of such a file"
+            )
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise RefusedFile(path, f"grew past {_mib(limit)} while it was read")
+    return data
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -305,7 +449,8 @@ def fingerprint(ref: CheckpointRef) -> tuple[int, int]:
 
 def check_complete(ref: CheckpointRef) -> str | None:
     """None when the checkpoint is complete, else the reason in words (see the module
-    docstring for the check of each kind). Never raises for a bad or missing file."""
+    docstring for the check of each kind). Never raises for a bad or missing file, never
+    blocks (only regular files are opened) and reads a bounded amount."""
     try:
         if ref.kind in ("torch", "lightning"):
             return _check_torch_zip(ref.path)
@@ -316,46 +461,77 @@ def check_complete(ref: CheckpointRef) -> str | None:
         if ref.kind == "dcp":
             return _check_dcp(ref.path)
         return f"unknown checkpoint kind {ref.kind!r} (expected one of {KINDS})"
+    except RefusedFile as exc:
+        if exc.path == ref.path:
+            return exc.reason
+        return f"{exc.path.name}: {exc.reason}"
     except FileNotFoundError:
         return "vanished (no such file or folder)"
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
 
 
-def _check_torch_zip(path: Path) -> str | None:
-    size = os.stat(path).st_size
-    if size == 0:
-        return "empty file (0 bytes)"
-    with open(path, "rb") as f:
-        head = f.read(4)
-        if head != _ZIP_MAGIC:
-            return "not a torch zip archive (legacy format?)"
-        try:
-            with zipfile.ZipFile(f) as zf:
-                infos = zf.infolist()
-                start_dir = getattr(zf, "start_dir", size)
-        except zipfile.BadZipFile as exc:
-            return (
-                f"no valid zip end-of-central-directory record ({exc}); "
-                f"still being written or truncated at {size} bytes"
-            )
+def zip_listing_problem(handle: BinaryIO, size: int) -> str | None:
+    """None when the open torch zip ``handle`` (``size`` bytes) has a consistent central
+    directory whose members end before it, none compressed (see
+    :func:`compressed_member`), and a ``data.pkl``; else the reason. Reads only the
+    zip's directory records."""
+    handle.seek(0)
+    if handle.read(4) != _ZIP_MAGIC:
+        return "not a torch zip archive (legacy format?)"
+    try:
+        with zipfile.ZipFile(handle) as zf:
+            infos = zf.infolist()
+            start_dir = getattr(zf, "start_dir", size)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        return (
+            f"no valid zip end-of-central-directory record ({exc}); "
+            f"still being written or truncated at {size} bytes"
+        )
     for info in infos:
         if info.header_offset + info.compress_size > start_dir:
             return f"zip member {info.filename!r} runs past the central directory (truncated?)"
+    reason = compressed_member(infos)
+    if reason is not None:
+        return reason
     if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
         return "zip archive without data.pkl (not a torch.save file)"
     return None
 
 
+def compressed_member(infos: list[zipfile.ZipInfo]) -> str | None:
+    """The reason to refuse a torch zip with a compressed member, else None.
+
+    torch.save stores members uncompressed, so reading one is bounded by the file's
+    size; a compressed member would be inflated to the size its header declares,
+    whatever the file's size (a zip bomb), so it is refused.
+    """
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            return (
+                f"zip member {info.filename!r} is compressed ({info.compress_size} bytes "
+                f"stored, {info.file_size} declared); torch.save never compresses"
+            )
+    return None
+
+
+def _check_torch_zip(path: Path) -> str | None:
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return "empty file (0 bytes)"
+        return zip_listing_problem(handle, size)
+
+
 def _check_safetensors(path: Path) -> str | None:
-    size = os.stat(path).st_size
-    if size == 0:
-        return "empty file (0 bytes)"
-    if size < 8:
-        return f"{size} bytes, shorter than the 8-byte header length"
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return "empty file (0 bytes)"
+        if size < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > _SAFETENSORS_MAX_HEADER:
+        if n > SAFETENSORS_MAX_HEADER:
             return f"header length {n} is implausible (not a safetensors file?)"
         if 8 + n > size:
             return f"header of {n} bytes runs past the end of the file ({size} bytes): truncated"
@@ -391,23 +567,32 @@ def _check_safetensors(path: Path) -> str | None:
 
 
 def _check_json(path: Path) -> tuple[object, str | None]:
+    if not os.path.lexists(path):
+        return None, f"no {path.name} yet"
     try:
-        return json.loads(path.read_text(encoding="utf-8")), None
+        return json.loads(read_regular(path, JSON_LIMIT).decode("utf-8")), None
     except FileNotFoundError:
         return None, f"no {path.name} yet"
     except (UnicodeDecodeError, ValueError):
         return None, f"{path.name} is not valid JSON (still being written?)"
 
 
+def _check_folder(path: Path) -> str | None:
+    if path.is_dir():
+        return None
+    return "vanished (no such folder)" if not os.path.lexists(path) else "not a folder"
+
+
 def _check_hf(path: Path) -> str | None:
-    if not path.is_dir():
-        return "vanished (no such folder)" if not path.exists() else "not a folder"
+    reason = _check_folder(path)
+    if reason is not None:
+        return reason
     _, reason = _check_json(path / "trainer_state.json")
     if reason is not None:
         return reason
     for name in HF_WEIGHTS:
         weights = path / name
-        if not weights.is_file():
+        if not os.path.lexists(weights):
             continue
         if name.endswith(".index.json"):
             return _check_shards(path, weights)
@@ -417,9 +602,12 @@ def _check_hf(path: Path) -> str | None:
 
 
 def _check_weights_file(weights: Path) -> str | None:
-    if weights.suffix == ".safetensors":
-        return _check_safetensors(weights)
-    return _check_torch_zip(weights)
+    try:
+        if weights.suffix == ".safetensors":
+            return _check_safetensors(weights)
+        return _check_torch_zip(weights)
+    except RefusedFile as exc:
+        return exc.reason
 
 
 def _check_shards(folder: Path, index_file: Path) -> str | None:
@@ -432,7 +620,7 @@ def _check_shards(folder: Path, index_file: Path) -> str | None:
     for shard in sorted({str(v) for v in weight_map.values()}):
         if Path(shard).name != shard or shard in ("", ".", ".."):
             return f"{index_file.name} names a shard outside the folder: {shard!r}"
-        if not (folder / shard).is_file():
+        if not os.path.lexists(folder / shard):
             return f"shard {shard} named in {index_file.name} is missing"
         reason = _check_weights_file(folder / shard)
         if reason is not None:
@@ -441,11 +629,13 @@ def _check_shards(folder: Path, index_file: Path) -> str | None:
 
 
 def _check_dcp(path: Path) -> str | None:
-    if not path.is_dir():
-        return "vanished (no such folder)" if not path.exists() else "not a folder"
+    reason = _check_folder(path)
+    if reason is not None:
+        return reason
     metadata = path / ".metadata"
-    if not metadata.is_file():
+    if not os.path.lexists(metadata):
         return "no .metadata yet (still being written)"
-    if metadata.stat().st_size == 0:
-        return ".metadata is empty (still being written)"
+    with open_regular(metadata) as handle:  # a regular file ddsmon may open
+        if os.fstat(handle.fileno()).st_size == 0:
+            return ".metadata is empty (still being written)"
     return None

@@ -17,12 +17,16 @@ from safetensors.torch import save_file
 
 from ddsmon.checkpoints import (
     CheckpointRef,
+    RefusedFile,
     check_complete,
     checkpoint_for,
     classify,
     discover,
     fingerprint,
     is_temporary,
+    open_regular,
+    read_regular,
+    stat_regular,
     step_from_name,
 )
 from ddsmon.errors import ConfigError
@@ -377,3 +381,55 @@ def test_fingerprint_file_and_folder(tmp_path: Path) -> None:
         fingerprint(CheckpointRef(tmp_path / "gone.pt", "torch"))
     with pytest.raises(FileNotFoundError):
         fingerprint(CheckpointRef(tmp_path / "checkpoint-99", "hf"))
+
+
+# --------------------------------------------------------------------------- regular files only
+
+
+@pytest.mark.timeout(30)
+def test_open_regular_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "ok").write_bytes(b"12345")
+    with open_regular(tmp_path / "ok") as handle:
+        assert handle.read() == b"12345"
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open would wait for ever
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "dir").mkdir()
+    reasons = {
+        "fifo": "not a regular file (FIFO)",
+        "zero": "not a regular file (character device, through the symbolic link to /dev/zero)",
+        "gone": f"dangling symbolic link (to {str(tmp_path / 'nowhere')!r}, which does not exist)",
+        "dir": "not a regular file (directory)",
+    }
+    for name, reason in reasons.items():
+        for call in (open_regular, stat_regular, read_regular):
+            with pytest.raises(RefusedFile) as info:
+                call(tmp_path / name)
+            assert info.value.reason == reason and info.value.path == tmp_path / name
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing")
+
+
+def test_read_regular_is_bounded(tmp_path: Path) -> None:
+    (tmp_path / "f.json").write_bytes(b"x" * 100)
+    assert read_regular(tmp_path / "f.json", limit=100) == b"x" * 100
+    with pytest.raises(RefusedFile, match=r"^100 bytes, more than the 99 bytes ddsmon reads"):
+        read_regular(tmp_path / "f.json", limit=99)
+
+
+@pytest.mark.timeout(30)
+def test_dcp_folder_with_a_fifo_metadata_is_still_a_dcp_folder(tmp_path: Path) -> None:
+    """Recognised (so the fault is reported), and its completeness check never blocks."""
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / ".metadata")
+    ref = classify(tmp_path / "run", tmp_path)
+    assert ref == CheckpointRef(tmp_path / "run", "dcp")
+    assert check_complete(ref) == ".metadata: not a regular file (FIFO)"
+    (tmp_path / "checkpoint-5").mkdir()
+    os.mkfifo(tmp_path / "checkpoint-5" / "trainer_state.json")
+    ref = CheckpointRef(tmp_path / "checkpoint-5", "hf")
+    assert check_complete(ref) == "trainer_state.json: not a regular file (FIFO)"
+    os.mkfifo(tmp_path / "step_1.pt")
+    assert check_complete(CheckpointRef(tmp_path / "step_1.pt", "torch")) == (
+        "not a regular file (FIFO)"
+    )

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import pickle
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -76,6 +78,16 @@ class Exec:
 
     def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class System:
+    """``os.system("touch marker")``: the pickle imports ``posix.system``, a blocked module."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 # --------------------------------------------------------------------------- factories
@@ -460,10 +472,11 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
     torch.save(src, tmp_path / "whole.pt")
     with pytest.raises(
         CheckpointError,
-        match=r"whole\.pt: refused to unpickle with weights_only=True \(the file holds "
-        r"torch\.nn\.modules\.activation\.ReLU, torch\.nn\.modules\.container\.Sequential, "
-        r"torch\.nn\.modules\.linear\.Linear: more than tensors and plain containers\); "
-        r"pass --trust-checkpoints to load it anyway \(unsafe for files from others",
+        match=r"whole\.pt: refused to unpickle with weights_only=True: the file holds a pickle "
+        r"that would import torch\.nn\.modules\.activation\.ReLU, "
+        r"torch\.nn\.modules\.container\.Sequential, torch\.nn\.modules\.linear\.Linear "
+        r"\(more than tensors and plain containers\), which was not run; pass "
+        r"--trust-checkpoints to load it anyway, only for files you trust",
     ):
         load_checkpoint(Ref(tmp_path / "whole.pt", "torch"), mlp)
     alone = load_checkpoint(Ref(tmp_path / "whole.pt", "torch"), None, trust=True)
@@ -481,7 +494,7 @@ def test_lightning_hparams_objects_need_trust(tmp_path: Path) -> None:
     }
     torch.save(ckpt, tmp_path / "hp.ckpt")
     with pytest.raises(
-        CheckpointError, match=r"the file holds argparse\.Namespace: more than tensors"
+        CheckpointError, match=r"a pickle that would import argparse\.Namespace \(more than"
     ):
         load_checkpoint(Ref(tmp_path / "hp.ckpt", "lightning"), mlp)
     loaded = load_checkpoint(Ref(tmp_path / "hp.ckpt", "lightning"), mlp, trust=True)
@@ -498,6 +511,54 @@ def test_hostile_pickle_does_not_run(tmp_path: Path, payload: type) -> None:
     # The test would notice a loader that unpickled it: trusting the file runs the payload.
     load_checkpoint(Ref(tmp_path / "evil.pt", "torch"), mlp, trust=True)
     assert marker.exists()
+
+
+REFUSED_GLOBAL = (
+    "refused to unpickle with weights_only=True: the file holds a pickle that would import "
+    "{names} (more than tensors and plain containers), which was not run; pass "
+    "--trust-checkpoints to load it anyway, only for files you trust "
+    "(unpickling can run arbitrary code)"
+)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_blocked_global_is_named_and_not_called_corrupt(tmp_path: Path, zip_format: bool) -> None:
+    """torch refuses posix.system as a blocked module; the refusal names it, whole."""
+    marker = tmp_path / "system-owned"
+    evil = tmp_path / "system.pt"
+    payload = {"state_dict": mlp().state_dict(), "x": System(marker)}
+    torch.save(payload, evil, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(Ref(evil, "lightning"), mlp)
+    assert str(info.value) == f"{evil}: " + REFUSED_GLOBAL.format(names="posix.system")
+    assert "corrupt" not in str(info.value) and not marker.exists()
+    # The same words for a probe file and for a Hugging Face folder's pytorch_model.bin.
+    inputs, targets = mlp_probe()
+    torch.save({"inputs": inputs, "targets": targets, "x": System(marker)}, tmp_path / "p.pt")
+    with pytest.raises(ConfigError) as probe_info:
+        load_probe(str(tmp_path / "p.pt"))
+    assert str(probe_info.value) == (
+        f"probe file {str(tmp_path / 'p.pt')!r}: " + REFUSED_GLOBAL.format(names="posix.system")
+    )
+    folder = hf_folder(tmp_path, mlp(), "pytorch_model.bin")
+    torch.save({**mlp().state_dict(), "x": System(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as hf_info:
+        load_checkpoint(Ref(folder, "hf"), mlp)
+    assert str(hf_info.value) == (
+        f"{folder}: pytorch_model.bin: " + REFUSED_GLOBAL.format(names="posix.system")
+    )
+    assert not marker.exists()
+    # The test would notice a loader that unpickled it: trusting the file runs the payload.
+    load_checkpoint(Ref(evil, "lightning"), mlp, trust=True)
+    assert marker.exists()
+
+
+def test_refusal_names_builtins_as_such(tmp_path: Path) -> None:
+    """torch writes builtins.exec as "exec"; the refusal says builtins.exec."""
+    torch.save({"state_dict": mlp().state_dict(), "x": Exec(tmp_path / "m")}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(Ref(tmp_path / "e.pt", "torch"), mlp)
+    assert info.value.reason == REFUSED_GLOBAL.format(names="builtins.exec")
 
 
 def test_broken_torch_files(tmp_path: Path) -> None:
@@ -734,8 +795,9 @@ def test_hostile_dcp_metadata_does_not_run(tmp_path: Path) -> None:
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Touch(marker)))
     with pytest.raises(
         CheckpointError,
-        match=r"dcp: refused to unpickle \.metadata \(pathlib\.Path\.touch is not allowed in "
-        r"DCP metadata\); pass --trust-checkpoints",
+        match=r"dcp: refused to unpickle \.metadata: it holds a pickle that would import "
+        r"pathlib\.Path\.touch, which is not DCP metadata and was not run; pass "
+        r"--trust-checkpoints to load it anyway, only for files you trust",
     ):
         load_checkpoint(Ref(tmp_path / "dcp", "dcp"), mlp)
     assert not marker.exists()

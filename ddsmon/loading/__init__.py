@@ -23,7 +23,21 @@ the files (``--trust-checkpoints``): torch files are read with
 ``.metadata`` (a plain pickle) is read by an unpickler that admits only DCP's own
 metadata classes, ``torch.Size``, dtypes and paths, and its non-tensor items are read
 with ``weights_only=True`` too. Full unpickling runs whatever code the file names:
-trust only files you wrote yourself. safetensors and JSON files hold no code.
+trust only files you wrote yourself. safetensors and JSON files hold no code. A file
+refused under ``weights_only`` is reported with the globals its pickle would import
+(``posix.system``...), read from its opcodes, never run.
+
+Only regular files are read (:func:`ddsmon.checkpoints.open_regular`): a FIFO, a
+device (a link to ``/dev/zero``), a socket, a directory, a dangling link or a file
+that cannot be opened is refused by name before anything is read, and nothing blocks.
+Reads are bounded by the format: JSON side files by ``JSON_LIMIT`` (64 MiB),
+safetensors headers by 100 MB, tensor data by the header's offsets, DCP data files by
+the slices ``.metadata`` gives (checked against their sizes first), and a torch zip
+with a compressed member is refused. Where a model is given, its keys and shapes are
+matched *before* any tensor data is read: from the safetensors header, from the torch
+zip unpickled onto the ``meta`` device, from DCP's ``.metadata``; then only the
+tensors the model takes are read (a torch file is read whole on CPU, not
+memory-mapped, so a writer truncating it cannot crash the reader with SIGBUS).
 
 Finding the state dict
 ----------------------

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from torch import nn
 
+from ddsmon.checkpoints import RefusedFile
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.dcp import _load_dcp_folder
-from ddsmon.loading.file_formats import _read_safetensors, _torch_load
+from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
 from ddsmon.loading.huggingface import _load_hf_folder
-from ddsmon.loading.key_matching import _Candidate, _candidates, _load_into
+from ddsmon.loading.key_matching import _apply, _Candidate, _candidates, _choose, _load_into
 from ddsmon.loading.loaded import (
     CHECKPOINT_KINDS,
     VANISHED,
@@ -20,6 +21,7 @@ from ddsmon.loading.loaded import (
     _build,
 )
 from ddsmon.loading.step_and_meta import _meta_of, _step_of
+from ddsmon.loading.wording import _describe
 
 
 def load_checkpoint(
@@ -56,6 +58,11 @@ def load_checkpoint(
             )
     except FileNotFoundError:
         raise CheckpointError(path, VANISHED) from None
+    except RefusedFile as exc:  # a file no loader turned into a CheckpointError itself
+        where = "" if exc.path == path else f"{exc.path.name}: "
+        raise CheckpointError(path, where + exc.reason) from None
+    except OSError as exc:  # EIO, ENOTDIR...: still a report naming the file
+        raise CheckpointError(path, f"cannot be read ({_describe(exc)})") from None
     loaded.model.eval()
     return loaded
 
@@ -63,25 +70,37 @@ def load_checkpoint(
 def _load_torch_file(
     path: Path, factory: Callable[[], nn.Module] | None, trust: bool
 ) -> LoadedCheckpoint:
-    obj = _torch_load(path, trust)
     if factory is None:
+        obj = _torch_load(path, trust)
         if not isinstance(obj, nn.Module):
             raise ConfigError(
                 f"{path}: no model factory to load this state dict into; "
                 "pass --model MODULE:FACTORY"
             )
         return LoadedCheckpoint(obj, None, {})
-    model = _build(factory)
+    built: list[nn.Module] = []
+
+    def check_keys(skeleton: object) -> None:  # before any tensor data is read
+        built.append(_build(factory))
+        _choose(built[0], _candidates(skeleton), path)
+
+    obj = _torch_load(path, trust, before_data=check_keys)
+    model = built[0] if built else _build(factory)
     _load_into(model, _candidates(obj), path)
     return LoadedCheckpoint(model, _step_of(obj), _meta_of(obj))
 
 
 def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) -> LoadedCheckpoint:
-    tensors, metadata = _read_safetensors(path)
-    if factory is None:
-        raise ConfigError(
-            f"{path}: no model factory to load these weights into; pass --model MODULE:FACTORY"
-        )
-    model = _build(factory)
-    _load_into(model, [_Candidate("in the file", tensors)], path)
-    return LoadedCheckpoint(model, _step_of(metadata), _meta_of(metadata))
+    """Header first, keys and shapes matched to the model, then only its tensors read."""
+    with _open(path) as handle:
+        header = _safetensors_header(path, handle)
+        if factory is None:
+            raise ConfigError(
+                f"{path}: no model factory to load these weights into; pass --model MODULE:FACTORY"
+            )
+        model = _build(factory)
+        match = _choose(model, [_Candidate("in the file", header.skeleton())], path)
+        wanted = sorted(set(match.mapping.values()))
+        tensors = _safetensors_read(path, handle, header, wanted)
+    _apply(model, match, tensors, path)
+    return LoadedCheckpoint(model, _step_of(header.metadata), _meta_of(header.metadata))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import io
 import logging
+import os
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ddsmon.checkpoints import RefusedFile, open_regular, stat_regular
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.key_matching import _apply, _Candidate, _choose
 from ddsmon.loading.loaded import LoadedCheckpoint, _build
@@ -53,6 +56,22 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
 
 
+def _regular_file_system() -> Any:
+    """DCP's FileSystem, reading only regular files (:func:`open_regular`): a FIFO or a
+    device in place of ``.metadata`` or a data file is refused, never waited on."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class RegularFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+            if mode != "rb":
+                raise PermissionError(f"{path}: ddsmon opens checkpoints for reading only")
+            with open_regular(path) as stream:
+                yield stream
+
+    return RegularFileSystem()
+
+
 def _dcp_reader_class() -> type:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -61,7 +80,7 @@ def _dcp_reader_class() -> type:
         """FileSystemReader whose ``.metadata`` goes through the restricted unpickler."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(Path(self.path) / ".metadata", "rb") as handle:
+            with open_regular(Path(self.path) / ".metadata") as handle:
                 metadata = _DCPMetadataUnpickler(handle).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -90,17 +109,29 @@ def _load_dcp_folder(
             f"{path}: a torch.distributed.checkpoint folder needs a model factory; "
             "pass --model MODULE:FACTORY"
         )
+    if os.path.lexists(path) and not path.is_dir():
+        raise CheckpointError(path, "not a folder (a torch.distributed.checkpoint is a folder)")
+    try:  # missing (FileNotFoundError): the folder is being deleted, as before
+        stat_regular(path / ".metadata")
+    except RefusedFile as exc:
+        raise CheckpointError(path, f".metadata: {exc.reason}") from None
     reader = dcp.FileSystemReader(path) if trust else _dcp_reader_class()(path)
+    reader.fs = _regular_file_system()
     try:
         metadata = reader.read_metadata()
         items = dict(metadata.state_dict_metadata)
         storage = dict(metadata.storage_data)
     except FileNotFoundError:
         raise
+    except RefusedFile as exc:
+        raise CheckpointError(path, f".metadata: {exc.reason}") from None
     except Exception as exc:
         if "not allowed in DCP metadata" in str(exc):
             raise CheckpointError(
-                path, f"refused to unpickle .metadata ({_first_line(str(exc))}); {_TRUST_HINT}"
+                path,
+                f"refused to unpickle .metadata: it holds a pickle that would import "
+                f"{_first_line(str(exc)).split(' is not allowed')[0]}, which is not DCP "
+                f"metadata and was not run; {_TRUST_HINT}",
             ) from None
         raise CheckpointError(path, f"unreadable .metadata ({_describe(exc)})") from None
     try:
@@ -113,6 +144,12 @@ def _load_dcp_folder(
     chosen = _choose(model, [_Candidate("in the DCP folder", skeleton)], path)
     wanted = set(chosen.mapping.values())
     wanted |= {k for k, t in skeleton.items() if "." not in k and t.numel() == 1}
+    top_bytes = {
+        fqn
+        for fqn, item in items.items()
+        if isinstance(fqn, str) and "." not in fqn and isinstance(item, BytesStorageMetadata)
+    }
+    _check_data_files(path, storage, wanted | top_bytes)
     request = {k: torch.empty(skeleton[k].shape, dtype=skeleton[k].dtype) for k in sorted(wanted)}
     try:
         with warnings.catch_warnings():
@@ -127,12 +164,12 @@ def _load_dcp_folder(
         if any(isinstance(c, FileNotFoundError) for c in causes):
             raise FileNotFoundError(path) from None
         cause = next((c for c in causes if isinstance(c, BaseException)), exc)
+        if isinstance(cause, RefusedFile):
+            raise CheckpointError(path, f"data file {cause.path.name}: {cause.reason}") from None
         raise CheckpointError(path, f"cannot read the DCP data ({_short(cause)})") from None
 
     top: dict[str, Any] = {k: v for k, v in request.items() if "." not in k}
-    for fqn, item in items.items():
-        if not isinstance(fqn, str) or "." in fqn or not isinstance(item, BytesStorageMetadata):
-            continue
+    for fqn in sorted(top_bytes):
         value = _dcp_bytes_item(path, storage, fqn, trust)
         if value is not None:
             top[fqn] = value
@@ -140,8 +177,31 @@ def _load_dcp_folder(
     return LoadedCheckpoint(model, _step_of(top), _meta_of(top))
 
 
+def _check_data_files(path: Path, storage: dict[Any, Any], fqns: set[str]) -> None:
+    """Every data file holding one of ``fqns`` is a regular file long enough for the
+    slices ``.metadata`` says it holds (so no read waits on a FIFO or runs past the end)."""
+    ends: dict[str, int] = {}
+    try:
+        for index, info in storage.items():
+            if getattr(index, "fqn", None) in fqns:
+                end = int(info.offset) + int(info.length)
+                ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"malformed .metadata ({_describe(exc)})") from None
+    for name, end in sorted(ends.items()):
+        try:  # missing (FileNotFoundError): the folder is being deleted, as dcp.load says
+            size = stat_regular(path / name).st_size
+        except RefusedFile as exc:
+            raise CheckpointError(path, f"data file {name}: {exc.reason}") from None
+        if size < end:
+            raise CheckpointError(
+                path,
+                f"data file {name} has {size} bytes, .metadata says it holds {end} (truncated)",
+            )
+
+
 def _dcp_skeleton(
-    items: dict[str, Any], storage: dict[Any, Any], tensor_md: type
+    items: dict[str, Any], storage: dict[Any, Any], tensor_md: type[Any]
 ) -> dict[str, Tensor]:
     """Shape-only (meta) tensors for every tensor item; data files must be in the folder."""
     for info in storage.values():
@@ -166,7 +226,7 @@ def _dcp_bytes_item(path: Path, storage: dict[Any, Any], fqn: str, trust: bool) 
                 continue
             if getattr(info, "transform_descriptors", None) or not 0 < info.length <= 1 << 20:
                 return None
-            with open(path / info.relative_path, "rb") as handle:
+            with open_regular(path / info.relative_path) as handle:
                 handle.seek(info.offset)
                 blob = handle.read(info.length)
             return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=not trust)

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ddsmon.checkpoints import RefusedFile, stat_regular
 from ddsmon.errors import ConfigError
 from ddsmon.loading.loaded import _build_module
 from ddsmon.loading.wording import _describe
@@ -107,8 +108,12 @@ def _import(module_part: str, what: str) -> tuple[ModuleType, str]:
 
 
 def _import_file(path: Path, shown: str, what: str) -> ModuleType:
-    if not path.is_file():
-        raise ConfigError(f"{what} file {shown!r} does not exist")
+    try:
+        stat_regular(path)  # Python's loader would block on a FIFO in its place
+    except RefusedFile as exc:
+        raise ConfigError(f"{what} file {shown!r}: {exc.reason}") from None
+    except OSError:
+        raise ConfigError(f"{what} file {shown!r} does not exist") from None
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     stem = re.sub(r"\W", "_", resolved.stem)

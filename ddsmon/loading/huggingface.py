@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
+from ddsmon.checkpoints import JSON_LIMIT, RefusedFile, read_regular, stat_regular
 from ddsmon.errors import CheckpointError, ConfigError
-from ddsmon.loading.file_formats import _read_safetensors, _torch_load
-from ddsmon.loading.key_matching import _Candidate, _load_into
+from ddsmon.loading.file_formats import (
+    _open,
+    _safetensors_header,
+    _safetensors_read,
+    _torch_load,
+    _torch_skeleton,
+)
+from ddsmon.loading.key_matching import _apply, _Candidate, _choose
 from ddsmon.loading.loaded import LoadedCheckpoint, _build
 from ddsmon.loading.step_and_meta import _as_step, _meta_of
 from ddsmon.loading.wording import _describe, _kind_of
@@ -26,21 +36,42 @@ _HF_WEIGHTS = (
 def _load_hf_folder(
     path: Path, factory: Callable[[], nn.Module] | None, trust: bool
 ) -> LoadedCheckpoint:
+    """trainer_state.json, then every weights file's keys and shapes (safetensors headers,
+    torch files unpickled onto meta), matched to the model before any weights are read."""
+    if os.path.lexists(path) and not path.is_dir():
+        raise CheckpointError(path, "not a folder (a Hugging Face checkpoint is a folder)")
     step, meta = _hf_trainer_state(path)
-    tensors = _hf_weights(path, trust)
+    files = [_WeightsFile.open(f, trust, path) for f in _hf_weights_files(path)]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
-    _load_into(model, [_Candidate("in the weights files", tensors)], path)
+    skeleton = {k: t for f in files for k, t in f.skeleton.items()}
+    match = _choose(model, [_Candidate("in the weights files", skeleton)], path)
+    wanted = set(match.mapping.values())
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        names = sorted(wanted & f.skeleton.keys())
+        if names:
+            tensors.update(f.read(names, trust, path))
+    _apply(model, match, tensors, path)
     return LoadedCheckpoint(model, step, meta)
+
+
+def _read_json(path: Path, folder: Path) -> Any:
+    """A JSON side file of the folder: a regular file of at most JSON_LIMIT bytes."""
+    try:
+        raw = read_regular(path, JSON_LIMIT)
+    except RefusedFile as exc:
+        raise CheckpointError(folder, f"{path.name}: {exc.reason}") from None
+    return json.loads(raw.decode("utf-8"))
 
 
 def _hf_trainer_state(path: Path) -> tuple[int | None, dict[str, float]]:
     state_file = path / "trainer_state.json"
-    if not state_file.exists():
+    if not os.path.lexists(state_file):
         if not path.exists():
             raise FileNotFoundError(path)
         return None, {}
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state = _read_json(state_file, path)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(path, f"trainer_state.json is not JSON ({_describe(exc)})") from None
     if not isinstance(state, dict):
@@ -56,14 +87,16 @@ def _hf_trainer_state(path: Path) -> tuple[int | None, dict[str, float]]:
     return _as_step(state.get("global_step")), meta
 
 
-def _hf_weights(path: Path, trust: bool) -> dict[str, Tensor]:
+def _hf_weights_files(path: Path) -> list[Path]:
+    """The weights files of the folder: the first of :data:`_HF_WEIGHTS` there, or the
+    shards its index names."""
     for name in _HF_WEIGHTS:
         weights = path / name
-        if not weights.is_file():
+        if not os.path.lexists(weights):
             continue
         if name.endswith(".index.json"):
-            return _hf_sharded(path, weights, trust)
-        return _read_weights_file(weights, trust, path)
+            return _hf_shards(path, weights)
+        return [weights]
     if not path.exists():
         raise FileNotFoundError(path)
     raise CheckpointError(
@@ -71,13 +104,75 @@ def _hf_weights(path: Path, trust: bool) -> dict[str, Tensor]:
     )
 
 
-def _read_weights_file(weights: Path, trust: bool, folder: Path) -> dict[str, Tensor]:
+def _hf_shards(path: Path, index_file: Path) -> list[Path]:
     try:
-        if weights.suffix == ".safetensors":
-            return _read_safetensors(weights)[0]
-        obj = _torch_load(weights, trust)
-    except CheckpointError as exc:
-        raise CheckpointError(folder, f"{weights.name}: {exc.reason}") from None
+        index = _read_json(index_file, path)
+        weight_map = index["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            path, f"{index_file.name} is not a shard index ({_describe(exc)})"
+        ) from None
+    files = []
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                path, f"{index_file.name} names a shard outside the folder: {shard!r}"
+            )
+        shard_path = path / shard
+        if not os.path.lexists(shard_path):
+            if not path.exists():
+                raise FileNotFoundError(path)
+            raise CheckpointError(path, f"shard {shard!r} named by {index_file.name} is missing")
+        files.append(shard_path)
+    return files
+
+
+@dataclass
+class _WeightsFile:
+    """One weights file: its keys' shapes and dtypes (``skeleton``), read before its data.
+
+    loaded: the file's tensors when they had to be read to learn the keys (a legacy,
+    non-zip torch file), else None.
+    """
+
+    path: Path
+    skeleton: Mapping[str, Tensor]
+    loaded: Mapping[str, Tensor] | None = None
+
+    @classmethod
+    def open(cls, weights: Path, trust: bool, folder: Path) -> _WeightsFile:
+        try:
+            if weights.suffix == ".safetensors":
+                with _open(weights) as handle:
+                    return cls(weights, _safetensors_header(weights, handle).skeleton())
+            obj, on_meta = _torch_skeleton(weights, trust)
+        except CheckpointError as exc:
+            raise CheckpointError(folder, f"{weights.name}: {exc.reason}") from None
+        tensors = _state_of(obj, weights, folder)
+        return cls(weights, tensors, None if on_meta else tensors)
+
+    def read(self, names: list[str], trust: bool, folder: Path) -> dict[str, Tensor]:
+        """The tensors ``names`` (keys of the skeleton), read from the file now."""
+        if self.loaded is not None:
+            return {k: self.loaded[k] for k in names}
+        try:
+            if self.path.suffix == ".safetensors":
+                with _open(self.path) as handle:
+                    header = _safetensors_header(self.path, handle)
+                    if not set(names) <= header.entries.keys():
+                        raise CheckpointError(self.path, "changed while it was read")
+                    return _safetensors_read(self.path, handle, header, names)
+            tensors = _state_of(_torch_load(self.path, trust), self.path, folder)
+        except CheckpointError as exc:
+            raise CheckpointError(folder, f"{self.path.name}: {exc.reason}") from None
+        if not set(names) <= tensors.keys():
+            raise CheckpointError(folder, f"{self.path.name}: changed while it was read")
+        return {k: tensors[k] for k in names}
+
+
+def _state_of(obj: Any, weights: Path, folder: Path) -> dict[str, Tensor]:
+    """The state dict a torch weights file holds (a mapping or a pickled module)."""
     if isinstance(obj, nn.Module):
         return dict(obj.state_dict())
     if not isinstance(obj, Mapping):
@@ -85,32 +180,21 @@ def _read_weights_file(weights: Path, trust: bool, folder: Path) -> dict[str, Te
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
-def _hf_sharded(path: Path, index_file: Path, trust: bool) -> dict[str, Tensor]:
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(
-            path, f"{index_file.name} is not a shard index ({_describe(exc)})"
-        ) from None
-    tensors: dict[str, Tensor] = {}
-    for shard in shards:
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-            raise CheckpointError(
-                path, f"{index_file.name} names a shard outside the folder: {shard!r}"
-            )
-        shard_path = path / shard
-        if not shard_path.is_file():
-            if not path.exists():
-                raise FileNotFoundError(path)
-            raise CheckpointError(path, f"shard {shard!r} named by {index_file.name} is missing")
-        tensors.update(_read_weights_file(shard_path, trust, path))
-    return tensors
-
-
 def _hf_model_from_config(path: Path) -> nn.Module:
-    """Build the model from the folder's config.json with transformers (random weights)."""
+    """Build the model from the folder's config.json with transformers (random weights).
+
+    config.json is checked first (a regular file of at most JSON_LIMIT bytes, JSON), so
+    transformers never opens a FIFO or a device in its place.
+    """
+    config_file = path / "config.json"
+    if not os.path.lexists(config_file):
+        if not path.exists():
+            raise FileNotFoundError(path)
+        raise CheckpointError(path, "no config.json to build the model from; pass --model")
+    try:
+        _read_json(config_file, path)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(path, f"config.json is not JSON ({_describe(exc)})") from None
     try:
         import transformers
     except ImportError:
@@ -119,17 +203,16 @@ def _hf_model_from_config(path: Path) -> nn.Module:
             "from config.json needs transformers; pip install 'ddsmon[hf]', "
             "or pass --model MODULE:FACTORY"
         ) from None
-    if not (path / "config.json").is_file():
-        if not path.exists():
-            raise FileNotFoundError(path)
-        raise CheckpointError(path, "no config.json to build the model from; pass --model")
     try:
+        stat_regular(config_file)  # still the regular file checked above
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls(config)
         return transformers.AutoModel.from_config(config)
+    except RefusedFile as exc:
+        raise CheckpointError(path, f"config.json: {exc.reason}") from None
     except Exception as exc:
         raise CheckpointError(
             path, f"cannot build the model from config.json ({_describe(exc)}); pass --model"

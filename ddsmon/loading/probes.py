@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.factories import _resolve_callable
 from ddsmon.loading.file_formats import _read_safetensors, _torch_load
 from ddsmon.loading.loaded import _call_user
-from ddsmon.loading.wording import _kind_of, _listing
+from ddsmon.loading.wording import _describe, _kind_of, _listing
 
 
 def load_probe(spec: str, *, trust: bool = False) -> tuple[Any, Any]:
@@ -33,7 +34,7 @@ def load_probe(spec: str, *, trust: bool = False) -> tuple[Any, Any]:
             f"probe {spec!r} is a directory; expected a file holding "
             "{'inputs', 'targets'} or MODULE:FUNCTION"
         )
-    if path.is_file():
+    if os.path.lexists(path):  # a FIFO, a device or a dangling link is refused when read
         source = f"probe file {spec!r}"
         obj = _read_probe_file(path, source, trust)
     elif ":" in spec:
@@ -57,6 +58,8 @@ def _read_probe_file(path: Path, source: str, trust: bool) -> Any:
         raise ConfigError(f"{source}: {exc.reason}") from exc
     except FileNotFoundError:
         raise ConfigError(f"probe file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read ({_describe(exc)})") from None
 
 
 def _probe_pair(obj: Any, source: str) -> tuple[Any, Any]:

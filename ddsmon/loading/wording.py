@@ -8,8 +8,8 @@ from typing import Any
 _LISTED = 5
 
 _TRUST_HINT = (
-    "pass --trust-checkpoints to load it anyway "
-    "(unsafe for files from others: unpickling can run arbitrary code)"
+    "pass --trust-checkpoints to load it anyway, only for files you trust "
+    "(unpickling can run arbitrary code)"
 )
 
 
