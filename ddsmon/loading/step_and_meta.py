@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 _STEP_KEYS = ("step", "global_step", "iteration")
-_INT64_MAX = 2**63 - 1
 
 
 def _real(value: Any) -> numbers.Real | None:
@@ -26,7 +25,10 @@ def _real(value: Any) -> numbers.Real | None:
 
 
 def _as_step(value: Any) -> int | None:
-    """A non-negative integral step from an int, float or one-element tensor, else None."""
+    """A non-negative integral step from an int, float or one-element tensor, else None.
+
+    A step beyond MLflow's range (int64) is returned as it is, for the daemon to refuse
+    by name rather than take the checkpoint for one without a step."""
     value = _real(value)
     number = _as_number(value)
     if value is None or number is None:
@@ -37,7 +39,7 @@ def _as_step(value: Any) -> int | None:
         step = int(number)
     else:
         return None
-    return step if 0 <= step <= _INT64_MAX else None
+    return step if step >= 0 else None
 
 
 def _as_number(value: Any) -> float | None:
