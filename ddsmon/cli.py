@@ -119,8 +119,14 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
     config_file = flags.pop("config_file", None)
     try:
         config = resolve_config(directory, _given(ctx, flags), config_file=config_file)
-        from ddsmon.daemon import Daemon, run_until_signalled
+        from ddsmon.daemon import Daemon, run_until_signalled, wait_for_directory
 
+        if mode == "watch":
+            try:
+                if not wait_for_directory(directory):
+                    return None
+            except KeyboardInterrupt:  # stopped while waiting: nothing was started
+                ctx.exit(0)
         daemon = Daemon.from_config(config)
     except DDSError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from exc
@@ -138,11 +144,13 @@ _DIRECTORY = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @main.command()
-@click.argument("directory", type=_DIRECTORY)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @_options("read", "daemon", "watch")
 @click.pass_context
 def watch(ctx: click.Context, directory: Path, **flags: Any) -> None:
-    """Read every checkpoint in DIRECTORY, then each new one as it completes, until interrupted."""  # fmt: skip
+    """Read every checkpoint in DIRECTORY, then each new one as it completes, until interrupted.
+
+    DIRECTORY may not exist yet: the watcher waits for it (start it, then the trainer)."""
     _run_daemon(ctx, "watch", directory.resolve(), flags)
 
 

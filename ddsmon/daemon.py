@@ -43,7 +43,7 @@ from ddsmon.shown import shown
 from ddsmon.sinks import RunInfo, Sink
 from ddsmon.state import StateDir, StateError
 
-__all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled")
+__all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled", "wait_for_directory")
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +89,9 @@ class Daemon:
     ) -> None:
         if config.watch is None:
             raise ConfigError("the daemon needs a checkpoint directory")
-        if not config.directory.is_dir():
-            raise ConfigError(f"checkpoint directory {config.directory} does not exist")
         self.config = config
         self.watching: WatchSettings = config.watch
         self.reader = reader if reader is not None else Reader.from_settings(config.read)
-        if self.reader.factory is None and not has_hf_folders(config.directory):
-            why = "".join(f"; {i} was ignored (not allowed)" for i in config.ignored)
-            raise ConfigError(
-                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)"
-                + why
-            )
         self.sinks = list(sinks)
         self.tracking = tracking
         self.state = StateDir(self.watching.state_dir)
@@ -248,8 +240,33 @@ class Daemon:
         return self._next(block)
 
     # ------------------------------------------------------------------ modes
+    def _check_directory(self, *, waiting: bool) -> None:
+        """The directory exists (scan) and a factory or Hugging Face folders are there to
+        build the model; ``waiting`` (watch) says what it waits for instead of failing."""
+        directory = self.config.directory
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"checkpoint directory {shown(directory)} is not a directory")
+        if not directory.is_dir():
+            if not waiting:
+                raise ConfigError(f"checkpoint directory {shown(directory)} does not exist")
+            wait_for_directory(directory, self._stop)
+        if self.reader.factory is None and not has_hf_folders(directory):
+            if waiting:
+                log.warning(
+                    "no --model: waiting for a Hugging Face checkpoint-N/ folder in %s, "
+                    "built from its config.json (other checkpoints need --model)",
+                    shown(directory),
+                )
+                return
+            why = "".join(f"; {i} was ignored (not allowed)" for i in self.config.ignored)
+            raise ConfigError(
+                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)"
+                + why
+            )
+
     def scan(self) -> Summary:
         """Read what is in the directory now, in step order, then return."""
+        self._check_directory(waiting=False)
         self._start("scan")
         try:
             for ref in discover(self.config.directory):
@@ -267,6 +284,9 @@ class Daemon:
         """Read what is there, then every checkpoint that completes, until stop()."""
         from ddsmon.watcher import CheckpointWatcher
 
+        self._check_directory(waiting=True)
+        if self._stop.is_set():
+            return self.summary
         watcher = CheckpointWatcher(
             self.config.directory,
             self.enqueue,
@@ -546,6 +566,23 @@ class Daemon:
             getattr(sink, method)(*args)
         except Exception:
             log.exception("sink %s.%s failed", type(sink).__name__, method)
+
+
+def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> bool:
+    """Wait until ``directory`` exists (start the watcher, then the trainer), saying so;
+    False when ``stop`` was set first. Nothing is created meanwhile: the state directory
+    inside it is claimed only once the trainer made it."""
+    if directory.is_dir():
+        return True
+    log.warning("waiting for %s to be created", shown(directory))
+    stop = stop or threading.Event()
+    while not directory.is_dir():
+        if directory.exists():
+            raise ConfigError(f"checkpoint directory {shown(directory)} is not a directory")
+        if stop.wait(0.25):
+            return False
+    log.warning("%s exists now; watching it", shown(directory))
+    return True
 
 
 def has_hf_folders(directory: Path) -> bool:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -282,7 +283,9 @@ def test_watch_reads_existing_then_new_checkpoints_and_stops_on_sigterm(
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["scan", "--help"], ["watch", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["scan", "--help"], ["watch", "--help"]]
+)
 def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
     """The package face is lazy: answering --help or --version pays for no torch import."""
     code = (
@@ -298,3 +301,55 @@ def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_watch_started_before_the_directory_exists_waits_for_it(
+    tmp_path: Path, probe: Path
+) -> None:
+    """Start the watcher, then train: the directory does not exist yet. The watcher says
+    what it waits for, then reads every checkpoint written once the trainer created it."""
+    ckpts = tmp_path / "not_yet"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the store exists before this test polls it
+    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--model", FACTORY,
+            "--probe", str(probe), "--tracking-uri", uri, "--quiet", "0.3", "--no-plots"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        _wait(lambda: any("to be created" in line for line in lines), 120, "the waiting line")
+        assert proc.poll() is None
+        assert not ckpts.exists(), "nothing is created in the watcher's wait"
+        write_run(ckpts, [0, 10])
+        _wait(lambda: _steps(uri) == [0, 10], 120, "the checkpoints of the new directory")
+        write_run(tmp_path / "more", [20])
+        os.replace(tmp_path / "more" / "step_000020.pt", ckpts / "step_000020.pt")
+        _wait(lambda: _steps(uri) == [0, 10, 20], 120, "a checkpoint written later")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 0, err
+    assert f"waiting for {ckpts} to be created" in err
+
+
+def test_watch_without_a_model_waits_for_a_hugging_face_folder(tmp_path: Path, probe: Path) -> None:
+    """No --model and no checkpoint-N/ folder yet: the watcher says it waits for one
+    (scan still exits 2: there is nothing to build the model from)."""
+    ckpts = tmp_path / "out"
+    ckpts.mkdir()
+    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--probe", str(probe),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-plots"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: (ckpts / ".ddsmon" / "lock").exists(), 60, "the watcher to claim")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "waiting for a Hugging Face checkpoint-N/ folder" in err
