@@ -132,7 +132,10 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
         raise click.UsageError(str(exc), ctx=ctx) from exc
     try:
         return run_until_signalled(daemon, mode)
-    except StateError as exc:  # a full disk, a state file swapped for a directory
+    except StateError as exc:  # a state file swapped for a directory, a full disk
+        if not daemon.reading_started:  # found at the claim: a setting to fix, like the others
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_SETTINGS)
         click.echo(f"error: {exc}; stopped, nothing recorded was lost", err=True)
         ctx.exit(EXIT_STATE)
     except ConfigError as exc:  # a setting that fails on every checkpoint

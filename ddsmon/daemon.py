@@ -110,6 +110,8 @@ class Daemon:
             json.dumps(dataclasses.asdict(config.read), sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
         self.summary = Summary()
+        #: True once the claim, the restart state and the sinks' start succeeded
+        self.reading_started = False
 
     @classmethod
     def from_config(cls, config: Config, *, console: Any | None = None) -> Daemon:
@@ -193,6 +195,7 @@ class Daemon:
                     ) from exc
             else:
                 self._call(sink, "start", info)
+        self.reading_started = True
         log.info(
             "ddsmon %s: %s %s -> %s",
             __version__,

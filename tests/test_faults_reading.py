@@ -18,6 +18,7 @@ import pytest
 import torch
 from fixtures_models import mlp, mlp_probe
 from test_cli import REPO, ddsmon, run_of, write_run
+from test_faults_state import _fill, small_fs  # noqa: F401 (a fixture)
 
 STRICT = f"{REPO / 'tests' / 'fixtures_models.py'}:strict_mlp"
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
@@ -145,3 +146,27 @@ def test_the_event_history_sees_steps_recorded_before_a_lost_state_write(
     after = json.loads((state / "state.json").read_text())
     assert after["detector_step"] == 30
     assert after["detector"], "the detector history was rebuilt from the readings"
+
+
+def test_a_full_disk_under_the_state_directory_stops_cleanly_and_loses_nothing(
+    tmp_path: Path, probe: Path, small_fs: Path
+) -> None:
+    """The state directory on a real tmpfs that fills during the scan: exit 4 naming
+    ENOSPC and the file, no traceback; once space is freed, a rerun logs every step once."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, list(range(0, 120, 10)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state = small_fs / "state"
+    fillers = _fill(small_fs)
+    for extra in fillers[-6:]:  # leave ~24 KiB: the first checkpoints fit, the rest do not
+        extra.unlink()
+    full = _scan(ckpts, probe, uri, "--state-dir", str(state), model=FACTORY)
+    assert full.returncode == 4, full.stderr
+    assert "no space left on device" in full.stderr and "Traceback" not in full.stderr
+    assert "nothing recorded was lost" in full.stderr
+    assert not [p for p in state.rglob("*") if ".tmp" in p.name], "no temporary left behind"
+    for filler in fillers[:-6]:
+        filler.unlink()
+    again = _scan(ckpts, probe, uri, "--state-dir", str(state), model=FACTORY)
+    assert again.returncode == 0, again.stderr
+    assert _steps(uri) == list(range(0, 120, 10))
