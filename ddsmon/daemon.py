@@ -567,8 +567,9 @@ class Daemon:
     def _call(sink: Sink, method: str, *args: Any) -> None:
         try:
             getattr(sink, method)(*args)
-        except Exception:
-            log.exception("sink %s.%s failed", type(sink).__name__, method)
+        except Exception as exc:
+            log.warning("sink %s.%s failed: %s", type(sink).__name__, method, shown(exc))
+            log.debug("sink %s.%s failed", type(sink).__name__, method, exc_info=True)
 
 
 def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> bool:

@@ -17,13 +17,14 @@ from torch import nn
 
 __all__ = (
     "LitWrapper",
-    "TiedMLP",
     "StrictMLP",
+    "TiedMLP",
     "broken_factory",
     "mlp",
     "mlp_probe",
     "not_a_module",
     "raising_loss",
+    "slow_loss",
     "strict_mlp",
     "tied_mlp",
 )
@@ -99,3 +100,20 @@ def strict_mlp(seed: int = 0) -> StrictMLP:
 def raising_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """A per-sample loss that always raises (a user's bug)."""
     raise RuntimeError("the loss is broken on purpose")
+
+
+def slow_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy after about a minute of eigensolves (long C calls, as a big layer's
+    are); writes the file named by ``DDSMON_TEST_MARKER`` when it starts."""
+    import os
+    import time
+
+    marker = os.environ.get("DDSMON_TEST_MARKER")
+    if marker:
+        open(marker, "w").close()
+    a = torch.randn(1500, 1500, dtype=torch.float64)
+    a = a @ a.T
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        torch.linalg.eigvalsh(a)
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")

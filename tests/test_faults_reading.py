@@ -18,7 +18,7 @@ import pytest
 import torch
 from fixtures_models import mlp, mlp_probe
 from test_cli import REPO, ddsmon, run_of, write_run
-from test_faults_state import _fill, small_fs  # noqa: F401 (a fixture)
+from test_faults_state import _fill, small_fs
 
 STRICT = f"{REPO / 'tests' / 'fixtures_models.py'}:strict_mlp"
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
@@ -149,24 +149,66 @@ def test_the_event_history_sees_steps_recorded_before_a_lost_state_write(
 
 
 def test_a_full_disk_under_the_state_directory_stops_cleanly_and_loses_nothing(
-    tmp_path: Path, probe: Path, small_fs: Path
+    tmp_path: Path, probe: Path, request: pytest.FixtureRequest
 ) -> None:
     """The state directory on a real tmpfs that fills during the scan: exit 4 naming
     ENOSPC and the file, no traceback; once space is freed, a rerun logs every step once."""
     ckpts = tmp_path / "ckpts"
-    write_run(ckpts, list(range(0, 120, 10)))
+    write_run(ckpts, list(range(0, 60, 10)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    state = small_fs / "state"
-    fillers = _fill(small_fs)
-    for extra in fillers[-6:]:  # leave ~24 KiB: the first checkpoints fit, the rest do not
+    small = request.getfixturevalue(small_fs.__name__)
+    state = small / "state"
+    fillers = _fill(small)
+    for extra in fillers[-3:]:  # leave ~12 KiB: the first checkpoints fit, the rest do not
         extra.unlink()
     full = _scan(ckpts, probe, uri, "--state-dir", str(state), model=FACTORY)
     assert full.returncode == 4, full.stderr
     assert "no space left on device" in full.stderr and "Traceback" not in full.stderr
     assert "nothing recorded was lost" in full.stderr
     assert not [p for p in state.rglob("*") if ".tmp" in p.name], "no temporary left behind"
-    for filler in fillers[:-6]:
+    for filler in fillers[:-3]:
         filler.unlink()
     again = _scan(ckpts, probe, uri, "--state-dir", str(state), model=FACTORY)
     assert again.returncode == 0, again.stderr
-    assert _steps(uri) == list(range(0, 120, 10))
+    assert _steps(uri) == list(range(0, 60, 10)), (full.stderr, again.stderr)
+
+
+def test_two_sigints_during_a_long_reading_stay_two(tmp_path: Path, probe: Path) -> None:
+    """The first SIGINT asks to finish the checkpoint, the second, 0.2 s later and while
+    the reading is inside long eigensolves, abandons it: the process ends within seconds
+    and the checkpoint is not marked read."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    marker = tmp_path / "reading"
+    args = [sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts), "--model", FACTORY,
+            "--probe", str(probe), "--loss", f"{REPO / 'tests' / 'fixtures_models.py'}:slow_loss",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-plots",
+            "--fisher", "activation"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DDSMON_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), "the reading never started"
+        time.sleep(1.0)  # inside the eigensolves
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _out, err = proc.communicate(timeout=40)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert took < 30, f"the second SIGINT did not abandon the reading ({took:.1f} s)"
+    assert "finishing the current checkpoint" in err
+    done = ckpts / ".ddsmon" / "done.jsonl"
+    assert not done.exists() or "step_000000" not in done.read_text()
