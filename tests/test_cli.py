@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from ddsmon.cli import main
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
@@ -233,7 +234,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _steps(uri: str, key: str = "dds/checkpoint") -> list[int]:
+def _steps(uri: str, key: str = CHECKPOINT_METRIC) -> list[int]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ddsmon")
     if exp is None:
@@ -353,3 +354,37 @@ def test_watch_without_a_model_waits_for_a_hugging_face_folder(tmp_path: Path, p
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "waiting for a Hugging Face checkpoint-N/ folder" in err
+
+
+def test_watch_reports_each_bad_file_written_live_once(tmp_path: Path, probe: Path) -> None:
+    """Zero-byte, random-byte and truncated files written under a running watcher are each
+    reported once, at the default log level, with their path and reason."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--model", FACTORY,
+            "--probe", str(probe), "--tracking-uri", uri, "--quiet", "0.3", "--no-plots"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    bad = {"step_000010.pt": b"", "step_000020.pt": os.urandom(4096)}
+    good = (ckpts / "step_000000.pt").read_bytes()
+    bad["step_000030.pt"] = good[: len(good) // 2]
+    try:
+        _wait(lambda: _steps(uri) == [0], 120, "the first checkpoint")
+        for name, data in bad.items():
+            (ckpts / name).write_bytes(data)
+        _wait(lambda: all(any(n in line for line in lines) for n in bad), 60, "the reports")
+        time.sleep(2.0)  # a second report would come within a few quiet periods
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 0, err
+    for name in bad:
+        reports = [line for line in lines if name in line and "cannot read" in line]
+        assert len(reports) == 1, (name, err)
+        assert "WARNING" in reports[0] and "incomplete" in reports[0]

@@ -20,13 +20,15 @@ from fixtures_models import mlp, mlp_probe
 from test_cli import REPO, ddsmon, run_of, write_run
 from test_faults_state import _fill, small_fs
 
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
+
 STRICT = f"{REPO / 'tests' / 'fixtures_models.py'}:strict_mlp"
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
 
 
 def _steps(uri: str) -> list[int]:
     client, run = run_of(uri)
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "dds/checkpoint"))
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, CHECKPOINT_METRIC))
 
 
 def _scan(ckpts: Path, probe: Path, uri: str, *extra: str, model: str = STRICT):
