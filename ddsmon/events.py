@@ -8,8 +8,24 @@ exactly once. :class:`EventDetector` is the stateful wrapper the daemon feeds on
 checkpoint at a time; it runs the same scanners incrementally and can be saved to JSON
 (:meth:`EventDetector.to_state`) and restored after a restart.
 
+Time is counted in training steps. Every window (reference, lag, confirmation,
+transition, dying) is a number of steps, set in one of three ways (per window):
+
+* ``X_steps``: that many steps;
+* ``X``: that many checkpoints at the run's *cadence*, the median step gap of its first
+  ``cadence_checkpoints`` checkpoints (the old checkpoint counts keep this meaning);
+* neither (the default): a fixed fraction of the run's *age*, the steps since the first
+  checkpoint read (:data:`AGE_FRACTIONS`: the reference is the half of the run before
+  the last fifth, a transition's collapses fall within half of it), except the
+  confirmation, one checkpoint.
+
+Windows that do not depend on the cadence give the same events whether a run is
+checkpointed every 100 or every 500 steps: a change is seen up to one (coarser) cadence
+late, and confirmed a checkpoint later. :class:`EventWindows` is what is in force
+(:attr:`EventDetector.windows`).
+
 Kinds (every :class:`Event` has step, layer, kind, reading, before, after, magnitude,
-message):
+message; some carry more, see :meth:`Event.to_dict`):
 
 ``rank_change``
     ``x_rank`` or ``g_rank`` moved from its previous *stable* value by at least
@@ -19,18 +35,22 @@ message):
     ``magnitude``: ``|after - before|``.
 
 ``collapse`` / ``revival``
-    A watched scale-free reading left its trailing reference. All values are compared
-    in decades: a ratio ``r`` (``lambda_ratio = lambda_min / lambda_max``,
-    ``sigma_ratio = sigma_min / sigma_max``) as ``log10 r``; a natural-log reading
-    (``log_volume = log det+(G) - rank * log lambda_max``) as ``value / ln 10``.
+    A watched scale-free reading left its trailing reference. Values are compared at
+    their *level* (:meth:`ddsmon.readings.Reading.level`): in decades for a ratio ``r``
+    (``lambda_ratio``, ``sigma_ratio``: ``log10 r``) and a natural-log reading
+    (``log_volume = log det+(G) - rank * log lambda_max``: ``value / ln 10``); as they
+    are for a fraction in [0, 1] (``x_entropy``, not watched by default).
 
-    The reference ``ref`` is the median of the ``reference_window`` values before the
-    ``reference_lag`` checkpoints that precede the newest one. The lag matters: a phase change
-    spread over a few checkpoints is compared with where the reading stood before it
-    began, not with its own first steps. The threshold ``thr`` is ``ratio_decades``
-    (default 2) for ratios and, for natural-log readings (whose scale grows with the
-    rank they sum over), ``max(volume_min_decades, volume_mad_k * 1.4826 * MAD)`` of the
-    same reference window: the reading's own robust spread. Per reading:
+    The reference ``ref`` is the median of the values in the ``reference_window`` steps
+    that end ``reference_lag`` steps before the newest checkpoint (where that window holds
+    fewer than ``min_reference`` values, the ``min_reference`` newest values before the
+    lag; where it holds many, an even sample of about 128 of them). The lag matters: a phase change spread over a few checkpoints is compared with
+    where the reading stood before it began, not with its own first steps. The
+    threshold ``thr`` is ``ratio_decades`` (default 2) for ratios and values, and for
+    natural-log readings (whose scale grows with the rank they sum over)
+    ``max(volume_min_decades, volume_mad_k * 1.4826 * MAD)`` of the same reference
+    window: the reading's own robust spread (``fraction_change`` in place of
+    ``volume_min_decades`` for fractions). Per reading:
 
     * ``collapse``: ``value <= ref - thr`` from the normal state. The reading then stays
       *collapsed* until it recovers to ``anchor - thr / 2`` (``anchor`` being the
@@ -40,23 +60,45 @@ message):
     * ``revival``: that recovery, or ``value >= ref + thr`` from the normal state (a
       reading rising to a new level). A rise is reported once, its return not at all.
 
-    Nothing is decided before ``min_reference`` values are in the reference window, so
-    the first ``min_reference + reference_lag`` checkpoints (9 by default) are a
-    warm-up: early training (memorisation) moves every reading by decades. ``before``
-    is the reference and ``after`` the value, both in the reading's own units;
-    ``magnitude`` is the departure in decades.
+    Nothing is decided before ``min_reference`` values are in the reference (fewer when
+    a reference window given in steps or checkpoints cannot hold that many at the run's
+    cadence), so the first checkpoints (``min_reference`` before the lag: about 7 by
+    default) are a warm-up: early training (memorisation) moves every reading by decades. ``before`` is the reference
+    and ``after`` the value, both in the reading's own units; ``magnitude`` is the
+    departure (in decades, or as a difference for a fraction). A collapse's message and
+    its ``dying_directions`` say how many directions are dying at the layer.
 
 ``transition``
     Collapses of at least ``min_collapses`` (default 2) distinct (layer, reading) pairs
-    within the last ``transition_window`` checkpoints, each of which has held (no
-    revival of the same pair) for at least ``confirm`` checkpoints: a grokking-like
-    phase change, the headline alert. A transient dip that recovers within ``confirm``
-    checkpoints is a collapse and a revival, never part of a transition; a collapse
-    counts toward one transition only, and collapses in the ``transition_window``
-    checkpoints after a transition belong to it (one alert per phase change).
-    ``layer`` and ``reading`` list the layers and readings involved (comma-separated,
-    in order of collapse), the message each pair with its depth and step,
-    ``before``/``after`` are None, and ``magnitude`` is the number of collapsed pairs.
+    within the last ``transition_window`` steps, each of which has held (no revival of
+    the same pair) for at least ``confirm`` steps: a grokking-like phase change, the
+    headline alert. A transient dip that recovers within ``confirm`` steps is a collapse
+    and a revival, never part of a transition; a collapse counts toward one transition
+    only, and collapses in the ``transition_window`` steps after a transition belong to
+    it (one alert per phase change). ``layer`` and ``reading`` list the layers and
+    readings involved (comma-separated, in order of collapse), the message each pair
+    with its depth and step and each layer's dying directions, ``before``/``after`` are
+    None, and ``magnitude`` is the number of collapsed pairs.
+
+    It carries the trainer's own validation scalars (``val_acc``, ``eval_loss``, ...:
+    :func:`validation_scalars`) at the start of its window (the last checkpoint at or
+    before ``step - transition_window``) and at its step, as ``trainer_before`` and
+    ``trainer_after``, and a ``label``: ``"generalising"`` when a validation metric
+    improved across the window (an accuracy by at least ``label_acc_gain``; a loss,
+    looked at only where no accuracy is carried, by at least ``label_loss_drop`` of
+    itself), ``"not generalising"`` when one is carried at both ends and none did,
+    ``"unknown"`` when none is. The message says it too.
+
+``dying``
+    A layer's ``dying_directions`` (the count of directions dying at the rate of the
+    smallest, :func:`ddsmon.signature.dying_directions`, between each checkpoint and the
+    previous one) held at or above ``dying_min`` (default 1) at every checkpoint over the
+    last ``dying_window`` steps, while ``lambda_ratio`` fell by at least
+    ``dying_decades`` over them. The second condition keeps a loss that merely shrinks
+    quiet: every eigenvalue then falls together, the count is the whole rank, the ratio
+    stays. Reported once per stretch (a stretch ends when no checkpoint qualified for a
+    whole ``dying_window``), and not in the warm-up (``EventWindows.warm_up``). ``after`` is the newest count, ``magnitude`` and
+    ``dying_directions`` the median count over the window.
 
 ``nonfinite``
     The layer's activations or gradients held NaN/inf (``finite`` False), reported
@@ -75,40 +117,71 @@ import itertools
 import logging
 import math
 import numbers
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ddsmon.errors import ConfigError, DDSError
 from ddsmon.readings import READINGS, SCALAR_READINGS, Reading
 from ddsmon.readings import reading as _row
+from ddsmon.signature import dying_directions
 
 __all__ = (
+    "AGE_FRACTIONS",
     "EVENT_KINDS",
+    "LABELS",
     "Event",
     "EventConfig",
     "EventDetector",
+    "EventWindows",
+    "detect_dying",
     "detect_level_shifts",
     "detect_nonfinite",
     "detect_rank_change",
     "detect_transitions",
+    "transition_label",
+    "validation_scalars",
 )
 
 log = logging.getLogger(__name__)
 
 #: Every kind an :class:`Event` can have.
-EVENT_KINDS: tuple[str, ...] = ("rank_change", "collapse", "revival", "transition", "nonfinite")
+EVENT_KINDS: tuple[str, ...] = (
+    "rank_change",
+    "collapse",
+    "revival",
+    "transition",
+    "nonfinite",
+    "dying",
+)
+#: The labels of a transition: did validation improve across its window?
+LABELS: tuple[str, ...] = ("generalising", "not generalising", "unknown")
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal sample times this estimates its sigma
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+_MAX_BUFFER = 4096  # a hard bound on any buffer
+_MAX_KEPT = 128  # past this, a buffer is thinned evenly in time (see _thin)
+_KEEP_NEWEST = 16  # ... its newest entries always kept as they are
+_CADENCE_DRIFT = 4.0  # a gap this many times off the cadence is warned about, once
 
 History = Sequence[tuple[int, Mapping[str, Any]]]
 
 
+# --------------------------------------------------------------------------- Event
+
+
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened to a layer at a checkpoint (see the module docstring)."""
+    """One thing that happened to a layer at a checkpoint (see the module docstring).
+
+    dying_directions: for a ``collapse`` or ``dying`` event, the layer's count of
+        dying directions (None where it has none).
+    trainer_before / trainer_after / label: a ``transition``'s validation scalars at the
+        start and the end of its window, and whether they say the model generalised
+        (one of :data:`LABELS`); None for the other kinds.
+    """
 
     step: int
     layer: str
@@ -118,79 +191,163 @@ class Event:
     after: float | None
     magnitude: float
     message: str
+    dying_directions: float | None = None
+    trainer_before: dict[str, float] | None = field(default=None, hash=False)
+    trainer_after: dict[str, float] | None = field(default=None, hash=False)
+    label: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as a plain JSON-ready dict (one line of ``--events-json``)."""
-        return asdict(self)
+        """The event as a plain JSON-ready dict (one line of ``--events-json``): the eight
+        fields every event has, then ``dying_directions`` where set, and
+        ``trainer_before``, ``trainer_after`` and ``label`` where set (every transition
+        the detector reports has them)."""
+        out: dict[str, Any] = {
+            "step": self.step,
+            "layer": self.layer,
+            "kind": self.kind,
+            "reading": self.reading,
+            "before": self.before,
+            "after": self.after,
+            "magnitude": self.magnitude,
+            "message": self.message,
+        }
+        if self.dying_directions is not None:
+            out["dying_directions"] = self.dying_directions
+        if (self.label, self.trainer_before, self.trainer_after) != (None, None, None):
+            out["trainer_before"] = dict(self.trainer_before or {})
+            out["trainer_after"] = dict(self.trainer_after or {})
+            out["label"] = self.label or "unknown"
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (the optional fields may be missing)."""
+
+        def scalars(value: Any) -> dict[str, float] | None:
+            return None if value is None else {str(k): float(v) for k, v in value.items()}
+
+        def number(key: str) -> float | None:
+            return None if data.get(key) is None else float(data[key])
+
         return cls(
             step=int(data["step"]),
             layer=str(data["layer"]),
             kind=str(data["kind"]),
             reading=str(data["reading"]),
-            before=None if data.get("before") is None else float(data["before"]),
-            after=None if data.get("after") is None else float(data["after"]),
+            before=number("before"),
+            after=number("after"),
             magnitude=float(data["magnitude"]),
             message=str(data["message"]),
+            dying_directions=number("dying_directions"),
+            trainer_before=scalars(data.get("trainer_before")),
+            trainer_after=scalars(data.get("trainer_after")),
+            label=None if data.get("label") is None else str(data["label"]),
         )
+
+
+# --------------------------------------------------------------------------- config
+
+#: The windows: (count key, steps key). The count is in checkpoints at the run's cadence.
+_WINDOWS: tuple[tuple[str, str], ...] = (
+    ("reference_window", "reference_window_steps"),
+    ("reference_lag", "reference_lag_steps"),
+    ("transition_window", "transition_window_steps"),
+    ("confirm", "confirm_steps"),
+    ("dying_window", "dying_window_steps"),
+)
 
 
 @dataclass(frozen=True)
 class EventConfig:
-    """Thresholds of the event detectors.
+    """Thresholds and windows of the event detectors.
 
-    The defaults were tuned on ``examples/modular_addition`` (seeds 0-2; checkpoints
-    every 10, 25 and 50 steps; two probes; a weight-decay-free control): the transition
-    falls between 10% and 95% validation accuracy and the control has none. Around
-    them: ``volume_mad_k`` 6 or ``volume_min_decades`` 2-3 flag the slow drift of
-    log_volume that precedes grokking (the "hidden progress" before validation accuracy
-    moves); ``min_reference`` below 6 lets the memorisation of the first checkpoints
-    through; the lag and windows count checkpoints, so for checkpoints much denser than
-    about 40 per phase change raise ``reference_lag`` and ``reference_window``.
+    The thresholds were tuned on ``examples/modular_addition`` (seeds 0-2; checkpoints
+    every 10, 25 and 50 steps; two probes; a weight-decay-free control), the default
+    windows on ``benchmarks/bench_events.py``'s seeds 0-2 (the grokking run, a 10x slower
+    one read every 100 and every 500 steps, a long control and a converged run) and
+    checked on its seeds 3-5. Around them: ``volume_mad_k`` 6 or ``volume_min_decades``
+    2-3 flag the slow drift of log_volume that precedes grokking (the "hidden progress"
+    before validation accuracy moves); ``min_reference`` below 6 lets the memorisation of
+    the first checkpoints through.
 
-    readings: scale-free readings watched for collapse/revival, any reading of
-        :data:`ddsmon.readings.READINGS` but a count. Each is compared in decades as its
-        unit says (:meth:`ddsmon.readings.Reading.decades`): a natural log (``"nats"``)
-        as ``value / ln 10``, a positive value or ratio as ``log10``.
-    ratio_decades: collapse/revival threshold of readings that are not natural logs, in
-        decades.
-    volume_mad_k: robust threshold of natural-log readings, in units of the trailing
-        window's MAD-based sigma (``1.4826 * MAD``).
+    Windows (each in steps: ``X_steps`` when set, else ``X`` checkpoints at the run's
+    cadence, else the default fraction of the run's age, :data:`AGE_FRACTIONS`; set at
+    most one of ``X`` and ``X_steps``; see :class:`EventWindows`):
+
+    reference_window / reference_window_steps: the trailing reference (median) window
+        (default: half the run's age).
+    reference_lag / reference_lag_steps: the newest stretch left out of the reference,
+        so a collapse spread over a few checkpoints is measured from where it began
+        (default: a fifth of the age).
+    transition_window / transition_window_steps: the span within which the collapses of
+        one transition fall (default: half the age).
+    confirm / confirm_steps: how long a collapse must hold, unrevived, to count toward a
+        transition (default: one checkpoint).
+    dying_window / dying_window_steps: how long ``dying_directions`` must hold at or
+        above ``dying_min`` for a ``dying`` event (default: a tenth of the age, at least
+        two checkpoints).
+    cadence_steps: the run's cadence in steps; None (default): the median step gap of
+        its first ``cadence_checkpoints`` checkpoints.
+    cadence_checkpoints: how many first checkpoints the cadence is measured on.
+
+    Thresholds:
+
+    readings: readings watched for collapse/revival, any reading of
+        :data:`ddsmon.readings.READINGS` but a count. Each is compared at its level
+        (:meth:`ddsmon.readings.Reading.level`): a natural log (``"nats"``) as
+        ``value / ln 10``, a positive value or ratio as ``log10``, a fraction as it is.
+    ratio_decades: collapse/revival threshold of values and ratios, in decades.
+    volume_mad_k: robust threshold of natural-log and fraction readings, in units of
+        the reference window's MAD-based sigma (``1.4826 * MAD``).
     volume_min_decades: the least threshold of natural-log readings, in decades (so a
         very quiet window does not turn noise into events).
-    reference_window: checkpoints in the trailing reference (median) window.
-    reference_lag: newest checkpoints left out of the reference window, so a collapse
-        spread over a few checkpoints is measured from where it began.
-    min_reference: values needed in the reference window before anything is decided
-        (a warm-up of ``min_reference + reference_lag`` checkpoints).
+    fraction_change: the least threshold of fraction readings (``x_entropy``), as a
+        difference.
+    min_reference: values needed in the reference before anything is decided (a warm-up
+        of ``min_reference + reference_lag`` checkpoints); at most what the reference
+        window holds at the run's cadence.
     rank_readings: count readings (unit ``"count"``) watched for rank changes.
     rank_hysteresis: consecutive checkpoints a rank must hold to be stable.
     rank_min_change: least difference between stable ranks that is reported.
-    transition_window: checkpoints within which the collapses of one transition fall.
     min_collapses: distinct (layer, reading) collapses that make a transition.
-    confirm: checkpoints a collapse must hold, unrevived, to count toward a transition.
+    dying_min: the least ``dying_directions`` of a dying stretch.
+    dying_decades: how far ``lambda_ratio`` must fall over the dying window, in decades.
+    label_acc_gain: the gain of a validation accuracy that labels a transition
+        "generalising" (a fraction; times 100 for an accuracy given in percent).
+    label_loss_drop: the relative drop of a validation loss that does, where the
+        checkpoints carry no accuracy.
 
     Building one checks every value (:meth:`from_dict` is the parser of the ``[events]``
     table): a wrong type or an out-of-range value is a :class:`~ddsmon.errors.ConfigError`
-    naming the key.
+    naming the key. Built directly, an ``X_steps`` that is set wins over its ``X``.
     """
 
     readings: tuple[str, ...] = ("lambda_ratio", "sigma_ratio", "log_volume")
     ratio_decades: float = 2.0
     volume_mad_k: float = 10.0
     volume_min_decades: float = 4.0
-    reference_window: int = 8
-    reference_lag: int = 3
+    fraction_change: float = 0.01
+    reference_window: int | None = None
+    reference_window_steps: int | None = None
+    reference_lag: int | None = None
+    reference_lag_steps: int | None = None
     min_reference: int = 6
     rank_readings: tuple[str, ...] = ("x_rank", "g_rank")
     rank_hysteresis: int = 2
     rank_min_change: int = 1
-    transition_window: int = 8
+    transition_window: int | None = None
+    transition_window_steps: int | None = None
     min_collapses: int = 2
     confirm: int = 1
+    confirm_steps: int | None = None
+    dying_min: float = 1.0
+    dying_decades: float = 0.5
+    dying_window: int | None = None
+    dying_window_steps: int | None = None
+    cadence_steps: int | None = None
+    cadence_checkpoints: int = 5
+    label_acc_gain: float = 0.01
+    label_loss_drop: float = 0.05
 
     def __post_init__(self) -> None:
         checked = _checked_values({f.name: getattr(self, f.name) for f in fields(self)}, None)
@@ -198,9 +355,15 @@ class EventConfig:
             object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["readings"] = list(self.readings)
-        out["rank_readings"] = list(self.rank_readings)
+        """Every key with its value; unset ``*_steps`` (None) are left out, and so is the
+        count of a window given in steps (which :meth:`from_dict` would refuse)."""
+        shadowed = {count for count, steps in _WINDOWS if getattr(self, steps) is not None}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in shadowed:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -210,9 +373,9 @@ class EventConfig:
 
         Unknown keys, values of the wrong type (a string or a bool for a number, a float
         for a whole number, anything but a list of names for ``readings`` and
-        ``rank_readings``) and out-of-range values raise
-        :class:`~ddsmon.errors.ConfigError` naming the key; ``source`` (e.g.
-        ``"config file ddsmon.toml"``) starts the message when given.
+        ``rank_readings``), out-of-range values, and a window given both as a count and
+        in steps raise :class:`~ddsmon.errors.ConfigError` naming the key; ``source``
+        (e.g. ``"config file ddsmon.toml"``) starts the message when given.
         """
         where = _Where(source)
         if not isinstance(data, Mapping):
@@ -231,7 +394,97 @@ class EventConfig:
                 f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {keys} in [events] "
                 f"(known: {', '.join(known)})"
             )
+        for count, steps in _WINDOWS:
+            if count in data and data.get(steps) is not None:
+                raise ConfigError(
+                    f"{where.prefix}{where.key(count)} and {where.key(steps)} are both set: "
+                    f"give one ({count} counts checkpoints at the run's cadence, {steps} "
+                    "counts training steps)"
+                )
         return cls(**_checked_values(data, source))
+
+    def windows(self, cadence: float, age: float = 0.0) -> EventWindows:
+        """The windows in steps at a run's ``cadence`` (steps between checkpoints) and
+        ``age`` (steps since the first checkpoint read): ``X_steps`` where set, else
+        ``X`` checkpoints at the cadence, else the default fraction of the age
+        (:data:`AGE_FRACTIONS`)."""
+        if not (cadence > 0 and math.isfinite(cadence)):
+            raise DDSError(f"cadence must be a positive number of steps, got {cadence!r}")
+        age = max(0.0, float(age))
+        spans = {}
+        by_age = False
+        for count, steps in _WINDOWS:
+            given, counted = getattr(self, steps), getattr(self, count)
+            if given is not None:
+                spans[count] = float(given)
+            elif counted is not None:
+                spans[count] = counted * cadence
+            else:
+                by_age = by_age or count == "reference_window"
+                spans[count] = AGE_FRACTIONS[count] * age
+        if self.dying_window is None and self.dying_window_steps is None:
+            spans["dying_window"] = max(spans["dying_window"], 2.0 * cadence)
+        if by_age:
+            least = self.min_reference  # the window grows with the run; the lag holds it back
+        else:
+            fits = math.floor(spans["reference_window"] / cadence + 1e-9)
+            least = max(1, min(self.min_reference, fits))
+        return EventWindows(
+            cadence=float(cadence),
+            age=age,
+            reference_window=spans["reference_window"],
+            reference_lag=spans["reference_lag"],
+            transition_window=spans["transition_window"],
+            confirm=spans["confirm"],
+            dying_window=spans["dying_window"],
+            min_reference=least,
+        )
+
+
+#: The windows' defaults where neither ``X`` nor ``X_steps`` is set: a fraction of the
+#: run's age (steps since the first checkpoint read), so that the same run checkpointed
+#: at any cadence has the same windows. ``confirm`` defaults to one checkpoint, and the
+#: dying window is at least two checkpoints.
+AGE_FRACTIONS: dict[str, float] = {
+    "reference_window": 0.5,
+    "reference_lag": 0.2,
+    "transition_window": 0.5,
+    "dying_window": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class EventWindows:
+    """The windows in force, in training steps, at the run's ``cadence`` and ``age``
+    (steps since the first checkpoint read).
+
+    ``min_reference`` is the config's; where the reference window is given (in steps or
+    checkpoints) it is cut to what the window holds at this cadence (at least 1).
+    ``warm_up``: the age before which nothing is decided, the lag plus
+    ``min_reference - 1`` cadences.
+    """
+
+    cadence: float
+    age: float
+    reference_window: float
+    reference_lag: float
+    transition_window: float
+    confirm: float
+    dying_window: float
+    min_reference: int
+
+    @property
+    def warm_up(self) -> float:
+        return self.reference_lag + (self.min_reference - 1) * self.cadence
+
+    def describe(self) -> str:
+        """One line for a log: the windows and the cadence they were derived at."""
+        return (
+            f"cadence {self.cadence:g} steps, age {self.age:g}: reference "
+            f"{self.reference_window:g} steps behind a lag of {self.reference_lag:g}, "
+            f"transitions within {self.transition_window:g} held {self.confirm:g}, dying "
+            f"over {self.dying_window:g}"
+        )
 
 
 class _Where:
@@ -247,9 +500,22 @@ class _Where:
         return f"[events] {key}" if self.source else key
 
 
-def _field_kinds() -> dict[str, type]:
-    """Each EventConfig field's kind, from its default: float, int or tuple (of names)."""
-    return {f.name: type(f.default) for f in fields(EventConfig)}
+#: Each field's kind: "float", "int", "count" / "steps" (a whole number or None) or "names".
+_KINDS: dict[str, str] = {
+    "readings": "names",
+    "rank_readings": "names",
+    **{count: "count" for count, _ in _WINDOWS},
+    **{steps: "steps" for _, steps in _WINDOWS},
+    "confirm": "int",
+    "cadence_steps": "steps",
+}
+
+
+def _field_kinds() -> dict[str, str]:
+    out = {}
+    for f in fields(EventConfig):
+        out[f.name] = _KINDS.get(f.name) or ("int" if type(f.default) is int else "float")
+    return out
 
 
 def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
@@ -261,18 +527,21 @@ def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, An
     for key, value in data.items():
         kind = kinds[key]
         name = where.key(key)
-        if kind is tuple:
+        if kind == "names":
             out[key] = _names(where, key, value)
+        elif kind in ("count", "steps") and value is None:
+            out[key] = None
         elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-            what = "a whole number" if kind is int else "a number"
+            what = {"int": "a whole number", "count": "a whole number"}.get(kind, "a number")
+            what = "a whole number of steps" if kind == "steps" else what
             raise ConfigError(
                 f"{where.prefix}{name} must be {what}, got {type(value).__name__} {value!r}"
             )
-        elif kind is int:
+        elif kind in ("int", "count", "steps"):
             if not isinstance(value, numbers.Integral):
+                what = "a whole number of steps" if kind == "steps" else "a whole number"
                 raise ConfigError(
-                    f"{where.prefix}{name} must be a whole number, "
-                    f"got {type(value).__name__} {value!r}"
+                    f"{where.prefix}{name} must be {what}, got {type(value).__name__} {value!r}"
                 )
             out[key] = int(value)
         else:
@@ -284,30 +553,59 @@ def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, An
     positive = (
         "ratio_decades",
         "volume_min_decades",
+        "fraction_change",
         "reference_window",
         "min_reference",
         "rank_hysteresis",
         "rank_min_change",
         "transition_window",
         "min_collapses",
+        "dying_min",
+        "dying_window",
+        "reference_window_steps",
+        "transition_window_steps",
+        "dying_window_steps",
+        "cadence_steps",
     )
     for key in positive:
-        if not values[key] > 0:
+        if values[key] is not None and not values[key] > 0:
             raise ConfigError(
                 f"{where.prefix}{where.key(key)} must be positive, got {values[key]!r}"
             )
-    for key in ("volume_mad_k", "confirm", "reference_lag"):
-        if values[key] < 0:
+    non_negative = (
+        "volume_mad_k",
+        "confirm",
+        "reference_lag",
+        "confirm_steps",
+        "reference_lag_steps",
+        "dying_decades",
+        "label_acc_gain",
+        "label_loss_drop",
+    )
+    for key in non_negative:
+        if values[key] is not None and values[key] < 0:
             raise ConfigError(f"{where.prefix}{where.key(key)} must be >= 0, got {values[key]!r}")
-    if values["min_reference"] > values["reference_window"]:
+    if values["cadence_checkpoints"] < 2:
+        raise ConfigError(
+            f"{where.prefix}{where.key('cadence_checkpoints')} must be at least 2 (one gap), "
+            f"got {values['cadence_checkpoints']!r}"
+        )
+    if values["reference_window"] is not None and (
+        values["min_reference"] > values["reference_window"]
+    ):
         raise ConfigError(
             f"{where.prefix}{where.key('min_reference')} ({values['min_reference']}) cannot "
             f"exceed reference_window ({values['reference_window']})"
         )
-    if values["confirm"] >= values["transition_window"]:
+    confirm, window = values["confirm_steps"], values["transition_window_steps"]
+    if confirm is None and window is None:
+        confirm, window = values["confirm"], values["transition_window"]
+        keys = ("confirm", "transition_window")
+    else:
+        keys = ("confirm_steps", "transition_window_steps")
+    if confirm is not None and window is not None and confirm >= window:  # same units
         raise ConfigError(
-            f"{where.prefix}{where.key('confirm')} ({values['confirm']}) must be below "
-            f"transition_window ({values['transition_window']})"
+            f"{where.prefix}{where.key(keys[0])} ({confirm}) must be below {keys[1]} ({window})"
         )
     return values
 
@@ -332,19 +630,93 @@ def _names(where: _Where, key: str, value: Any) -> tuple[str, ...]:
             f"{where.prefix}{name}: unknown reading(s) {unknown}; "
             f"known: {', '.join(SCALAR_READINGS)}"
         )
-    counts = [r.name for r in READINGS if r.is_count]
+    counts = [r.name for r in READINGS if r.is_count and not r.derived]
     for r in names:
-        unit = _row(r).unit
-        if key == "rank_readings" and unit != "count":
+        row = _row(r)
+        if row.derived:
             raise ConfigError(
-                f"{where.prefix}{name}: {r!r} is not a count ({unit}); counts: {', '.join(counts)}"
+                f"{where.prefix}{name}: {r!r} is derived between checkpoints; the 'dying' "
+                "event watches it (dying_min, dying_window)"
             )
-        if key != "rank_readings" and unit == "count":
+        if key == "rank_readings" and row.unit != "count":
+            raise ConfigError(
+                f"{where.prefix}{name}: {r!r} is not a count ({row.unit}); "
+                f"counts: {', '.join(counts)}"
+            )
+        if key != "rank_readings" and row.unit == "count":
             raise ConfigError(
                 f"{where.prefix}{name}: {r!r} is a count, not measured in decades "
                 "(watch it in rank_readings)"
             )
     return names
+
+
+# --------------------------------------------------------------------------- trainer scalars
+
+_VAL_PREFIXES = ("val", "valid", "validation", "eval", "evaluation", "dev")
+_ACC_METRICS = ("acc", "accuracy", "top1", "acc1", "top1_acc", "top1_accuracy", "acc_top1")
+_LOSS_METRICS = ("loss", "nll", "ce", "cross_entropy", "perplexity", "ppl")
+_NAME = re.compile(
+    rf"^(?:{'|'.join(_VAL_PREFIXES)})_(?P<metric>.+?)(?:_epoch|_step)?$",
+)
+
+
+def _metric_kind(name: str) -> str | None:
+    """``"acc"`` / ``"loss"`` for a validation metric's name, else None.
+
+    Names are compared lower-cased with ``/ . - space`` read as ``_``: a prefix ``val``,
+    ``valid``, ``validation``, ``eval`` (Hugging Face's ``eval_loss``), ``evaluation`` or
+    ``dev``; an accuracy (``acc``, ``accuracy``, ``top1``...) or a loss (``loss``,
+    ``nll``, ``perplexity``...); Lightning's ``_epoch`` / ``_step`` suffixes allowed:
+    ``val_acc``, ``val/accuracy``, ``eval_accuracy``, ``val_loss_epoch``.
+    """
+    norm = re.sub(r"[/.\- ]+", "_", name.strip().lower())
+    match = _NAME.match(norm)
+    if match is None:
+        return None
+    metric = match.group("metric")
+    if metric in _ACC_METRICS:
+        return "acc"
+    if metric in _LOSS_METRICS:
+        return "loss"
+    return None
+
+
+def validation_scalars(meta: Mapping[str, Any] | None) -> dict[str, float]:
+    """The validation accuracies and losses among a checkpoint's scalar meta (finite
+    numbers under the usual names, see :func:`_metric_kind`), in their order."""
+    out: dict[str, float] = {}
+    for key, value in (meta or {}).items():
+        if not isinstance(key, str) or _metric_kind(key) is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        v = float(value)
+        if math.isfinite(v):
+            out[key] = v
+    return out
+
+
+def transition_label(
+    before: Mapping[str, float], after: Mapping[str, float], cfg: EventConfig = EventConfig()
+) -> str:
+    """``"generalising"``, ``"not generalising"`` or ``"unknown"`` for the validation
+    scalars at the start and end of a transition's window (see the module docstring)."""
+    common = [k for k in after if k in before and _metric_kind(k) is not None]
+    accs = [k for k in common if _metric_kind(k) == "acc"]
+    losses = [k for k in common if _metric_kind(k) == "loss"]
+    if accs:
+        for k in accs:
+            scale = 100.0 if max(abs(before[k]), abs(after[k])) > 1.0 else 1.0
+            if after[k] - before[k] >= cfg.label_acc_gain * scale:
+                return "generalising"
+        return "not generalising"
+    if losses:
+        for k in losses:
+            if after[k] <= before[k] - cfg.label_loss_drop * abs(before[k]):
+                return "generalising"
+        return "not generalising"
+    return "unknown"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -362,13 +734,13 @@ def _number(layer: str, reading: str, value: Any) -> float | None:
     return float(value)
 
 
-def _decades(layer: str, row: Reading, value: Any) -> float | None:
-    """The value compared in decades, as its unit says (None when unresolved, non-finite,
-    or a positive quantity at or below 0)."""
+def _level(layer: str, row: Reading, value: Any) -> float | None:
+    """The value at its level (decades, or as it is for a fraction): None when
+    unresolved, non-finite, or a positive quantity at or below 0."""
     x = _number(layer, row.name, value)
     if x is None or not math.isfinite(x):
         return None
-    out = row.decades(x)
+    out = row.level(x)
     return out if math.isfinite(out) else None
 
 
@@ -386,6 +758,109 @@ def _is_finite_point(reading: Mapping[str, Any]) -> bool:
     return reading.get("finite", True) is not False
 
 
+def _dying_text(layer: str, count: float | None) -> str:
+    """``about 3 directions dying at 'fc1'`` (empty when there is no count to say)."""
+    if count is None or not math.isfinite(count) or count < 0.5:
+        return ""
+    n = round(count)
+    return f"about {n} direction{'s' if n != 1 else ''} dying at {layer!r}"
+
+
+def _scalars_text(scalars: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+
+
+def _thin(buffer: deque[Any]) -> None:
+    """Keep a time-ordered buffer of ``(step, ...)`` entries to about :data:`_MAX_KEPT`:
+    once longer, keep the first entry in each of ``_MAX_KEPT / 2`` equal spans of its
+    steps (the newest :data:`_KEEP_NEWEST` always), so a dense run's windows are read
+    from an even sample of them and the saved state stays small."""
+    if len(buffer) <= _MAX_KEPT:
+        return
+    entries = list(buffer)
+    old, newest = entries[:-_KEEP_NEWEST], entries[-_KEEP_NEWEST:]
+    first, last = old[0][0], old[-1][0]
+    cell = max((last - first) / (_MAX_KEPT // 2), 1e-12)
+    kept, seen = [], set()
+    for entry in old:
+        k = int((entry[0] - first) // cell)
+        if k not in seen:
+            seen.add(k)
+            kept.append(entry)
+    buffer.clear()
+    buffer.extend(kept + newest)
+
+
+# --------------------------------------------------------------------------- cadence
+
+
+class _Cadence:
+    """The run's cadence: pinned by the config, or the median step gap of its first
+    ``cadence_checkpoints`` checkpoints (provisional until that many were seen)."""
+
+    def __init__(self, cfg: EventConfig) -> None:
+        self.cfg = cfg
+        self.steps: list[int] = []
+        self.value: float | None = (
+            float(cfg.cadence_steps) if cfg.cadence_steps is not None else None
+        )
+        self.frozen = cfg.cadence_steps is not None
+        self.first: int | None = None
+        self.last: int | None = None
+        self.warned = False
+
+    def push(self, step: int) -> None:
+        if self.last is not None and self.value is not None and self.frozen and not self.warned:
+            gap = step - self.last
+            if gap > _CADENCE_DRIFT * self.value or gap * _CADENCE_DRIFT < self.value:
+                self.warned = True
+                log.warning(
+                    "event detector: checkpoints %d steps apart, the windows were set at a "
+                    "cadence of %g steps (the median gap of the first %d checkpoints); set "
+                    "the [events] *_steps keys (or cadence_steps) to fix them",
+                    gap,
+                    self.value,
+                    len(self.steps) or self.cfg.cadence_checkpoints,
+                )
+        self.last = step
+        if self.first is None:
+            self.first = step
+        if self.frozen:
+            return
+        self.steps.append(step)
+        gaps = [b - a for a, b in itertools.pairwise(self.steps)]
+        if gaps:
+            self.value = float(_median(gaps))
+        if len(self.steps) >= self.cfg.cadence_checkpoints:
+            self.frozen = True
+
+    def windows(self) -> EventWindows | None:
+        """The windows at the newest step (None while the cadence is unknown)."""
+        if self.value is None:
+            return None
+        age = 0.0 if self.first is None or self.last is None else float(self.last - self.first)
+        return self.cfg.windows(self.value, age)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "steps": list(self.steps),
+            "value": self.value,
+            "frozen": self.frozen,
+            "first": self.first,
+            "last": self.last,
+            "warned": self.warned,
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        if self.cfg.cadence_steps is None:
+            self.steps = [int(s) for s in state["steps"]]
+            self.value = None if state["value"] is None else float(state["value"])
+            self.frozen = bool(state["frozen"])
+        self.first = None if state["first"] is None else int(state["first"])
+        self.last = None if state["last"] is None else int(state["last"])
+        self.warned = bool(state["warned"])
+
+
 # --------------------------------------------------------------------------- scanners
 # Each scanner holds the incremental state of one detector for one (layer, reading); a
 # pure detect_* function replays a whole history through a fresh scanner and keeps the
@@ -400,41 +875,67 @@ class _LevelScanner:
         self.reading = reading
         self.row = _row(reading)
         self.cfg = cfg
-        # the last reference_window + reference_lag values, in decades
-        self.buffer: deque[float] = deque(maxlen=cfg.reference_window + cfg.reference_lag)
+        # (step, level) of the values the reference may still need, oldest first
+        self.buffer: deque[tuple[int, float]] = deque(maxlen=_MAX_BUFFER)
         self.state = "normal"  # normal | low | high
-        self.anchor = 0.0  # reference (decades) when the state left normal
+        self.anchor = 0.0  # reference (level) when the state left normal
         self.thr = 0.0  # the threshold it left by
 
-    def _reference(self) -> list[float]:
-        """The reference window: the values before the last ``reference_lag`` ones."""
-        values = list(self.buffer)
-        lag = self.cfg.reference_lag
-        return values[: len(values) - lag] if lag else values
+    def _reference(self, step: int, win: EventWindows) -> list[float]:
+        """The values in the reference window ``[step - lag - window, step - lag)``; where
+        it holds fewer than ``min_reference``, the newest ``min_reference`` before the lag."""
+        end = step - win.reference_lag
+        start = end - win.reference_window
+        before_lag = [(s, v) for s, v in self.buffer if s < end]
+        values = [v for s, v in before_lag if s >= start]
+        if len(values) < win.min_reference:
+            values = [v for _, v in before_lag[-win.min_reference :]]
+        return values
+
+    def _prune(self, step: int, win: EventWindows) -> None:
+        """Drop what no later reference needs: values older than the window, beyond the
+        ``min_reference`` newest before the lag."""
+        start = step - win.reference_lag - win.reference_window
+        end = step - win.reference_lag
+        before_lag = sum(1 for s, _ in self.buffer if s < end)
+        while self.buffer and self.buffer[0][0] < start and before_lag > win.min_reference:
+            self.buffer.popleft()
+            before_lag -= 1
 
     def _threshold(self, values: list[float], centre: float) -> float:
-        if self.row.unit != "nats":
+        if self.row.unit not in ("nats", "fraction"):
             return self.cfg.ratio_decades
+        least = self.cfg.volume_min_decades if self.row.unit == "nats" else self.cfg.fraction_change
         mad = _median(abs(v - centre) for v in values)
-        return max(self.cfg.volume_min_decades, self.cfg.volume_mad_k * _MAD_TO_SIGMA * mad)
+        return max(least, self.cfg.volume_mad_k * _MAD_TO_SIGMA * mad)
 
-    def push(self, step: int, raw: Any) -> Event | None:
-        value = _decades(self.layer, self.row, raw)
+    def push(
+        self, step: int, raw: Any, win: EventWindows | None, dying: float | None = None
+    ) -> Event | None:
+        value = _level(self.layer, self.row, raw)
         if value is None:
             return None
         event = None
-        values = self._reference()
-        if len(values) >= self.cfg.min_reference:
-            event = self._decide(step, value, float(raw), values)
-        self.buffer.append(value)
+        if win is not None:
+            values = self._reference(step, win)
+            if values and len(values) >= win.min_reference:
+                event = self._decide(step, value, float(raw), values, dying)
+        self.buffer.append((step, value))
+        if win is not None:
+            self._prune(step, win)
+        _thin(self.buffer)
         return event
 
-    def _decide(self, step: int, value: float, raw: float, values: list[float]) -> Event | None:
+    def _decide(
+        self, step: int, value: float, raw: float, values: list[float], dying: float | None
+    ) -> Event | None:
         ref = _median(values)
         if self.state == "low":
             if value >= self.anchor - self.thr / 2:
                 self.state = "normal"
-                return self._event(step, "revival", self.anchor, raw, value - self.anchor, True)
+                return self._event(
+                    step, "revival", self.anchor, raw, value - self.anchor, None, True
+                )
             if value > ref - self.thr / 2:
                 self.state = "normal"  # the reference caught up: the new level is the norm
             return None
@@ -445,18 +946,26 @@ class _LevelScanner:
         thr = self._threshold(values, ref)
         if value <= ref - thr:
             self.state, self.anchor, self.thr = "low", ref, thr
-            return self._event(step, "collapse", ref, raw, ref - value)
+            return self._event(step, "collapse", ref, raw, ref - value, dying)
         if value >= ref + thr:
             self.state, self.anchor, self.thr = "high", ref, thr
-            return self._event(step, "revival", ref, raw, value - ref)
+            return self._event(step, "revival", ref, raw, value - ref, None)
         return None
 
     def _event(
-        self, step: int, kind: str, ref: float, raw: float, delta: float, recovered: bool = False
+        self,
+        step: int,
+        kind: str,
+        ref: float,
+        raw: float,
+        delta: float,
+        dying: float | None,
+        recovered: bool = False,
     ) -> Event:
-        before = self.row.from_decades(ref)
+        before = self.row.from_level(ref)
         mag = abs(delta)
         r, row = self.reading, self.row
+        units = "decades" if row.in_decades else ""
         if recovered:
             what = (
                 f"recovered to {_fmt(row, raw)} (reference before the collapse {_fmt(row, before)})"
@@ -464,16 +973,19 @@ class _LevelScanner:
         else:
             verb = "fell below" if kind == "collapse" else "rose above"
             what = (
-                f"{verb} its trailing reference by {mag:.2f} decades "
+                f"{verb} its trailing reference by {mag:.2f}{' ' + units if units else ''} "
                 f"({_fmt(row, before)} -> {_fmt(row, raw)})"
             )
-        return Event(
-            step, self.layer, kind, r, before, raw, mag, f"{kind}: {self.layer} {r} {what}"
-        )
+        message = f"{kind}: {self.layer} {r} {what}"
+        count = dying if kind == "collapse" else None
+        said = _dying_text(self.layer, count)
+        if said:
+            message += f"; {said}"
+        return Event(step, self.layer, kind, r, before, raw, mag, message, dying_directions=count)
 
     def to_state(self) -> dict[str, Any]:
         return {
-            "buffer": list(self.buffer),
+            "buffer": [[s, v] for s, v in self.buffer],
             "state": self.state,
             "anchor": self.anchor,
             "thr": self.thr,
@@ -481,14 +993,14 @@ class _LevelScanner:
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.buffer.clear()
-        self.buffer.extend(float(v) for v in state["buffer"])
+        self.buffer.extend((int(s), float(v)) for s, v in state["buffer"])
         self.state = str(state["state"])
         self.anchor = float(state["anchor"])
         self.thr = float(state["thr"])
 
 
 class _RankScanner:
-    """Stable-value tracker of one integer reading with hysteresis."""
+    """Stable-value tracker of one integer reading with hysteresis (in checkpoints)."""
 
     def __init__(self, layer: str, reading: str, cfg: EventConfig) -> None:
         self.layer = layer
@@ -558,45 +1070,214 @@ class _NonfiniteScanner:
         )
 
 
+_DYING_KEYS = ("lambda_min", "logdet", "g_rank", "lambda_ratio")
+
+
+class _DyingScanner:
+    """One layer's ``dying_directions`` between consecutive finite checkpoints, and the
+    ``dying`` event: the count held at or above ``dying_min`` over ``dying_window`` steps
+    while ``lambda_ratio`` fell ``dying_decades``.
+
+    ``prev`` is the previous finite point (the keys the count needs); ``run`` the
+    current stretch of qualifying checkpoints as ``(step, count, log10 lambda_ratio)``,
+    its first entry the checkpoint it starts from (count None); ``start`` that step.
+    """
+
+    def __init__(self, layer: str, cfg: EventConfig) -> None:
+        self.layer = layer
+        self.cfg = cfg
+        self.prev: dict[str, Any] | None = None
+        self.prev_step: int | None = None
+        self.run: deque[tuple[int, float | None, float | None]] = deque(maxlen=_MAX_BUFFER)
+        self.start: int | None = None
+        self.armed = True
+        self.last_ok: int | None = None
+
+    @staticmethod
+    def _ratio(point: Mapping[str, Any]) -> float | None:
+        r = point.get("lambda_ratio")
+        if r is None or isinstance(r, bool) or not isinstance(r, numbers.Real):
+            return None
+        r = float(r)
+        return math.log10(r) if r > 0 and math.isfinite(r) else None
+
+    def count(self, point: Mapping[str, Any]) -> float | None:
+        """The count between the previous finite point and ``point`` (no state change)."""
+        if self.prev is None or not _is_finite_point(point):
+            return None
+        value = dying_directions(self.prev, point)
+        return value if value is None or math.isfinite(value) else None
+
+    def push(
+        self, step: int, point: Mapping[str, Any], win: EventWindows | None
+    ) -> tuple[float | None, Event | None]:
+        """This checkpoint's count, and a ``dying`` event when one starts here."""
+        if not _is_finite_point(point):
+            self._broken(step, win)
+            return None, None
+        value = self.count(point)
+        prev_step, prev = self.prev_step, self.prev
+        self.prev = {k: point.get(k) for k in _DYING_KEYS}
+        self.prev["finite"] = True
+        self.prev_step = step
+        if value is None or value < self.cfg.dying_min or prev is None or prev_step is None:
+            self._broken(step, win)
+            return value, None
+        self.last_ok = step
+        if self.start is None:
+            self.start = prev_step
+            self.run.append((prev_step, None, self._ratio(prev)))
+        self.run.append((step, value, self._ratio(point)))
+        if win is None:
+            return value, None
+        window = win.dying_window
+        # keep the points within the window, and the newest one at or before its start
+        while len(self.run) >= 2 and self.run[1][0] <= step - window:
+            self.run.popleft()
+        _thin(self.run)
+        if not self.armed or step - self.start < window or win.age < win.warm_up:
+            return value, None
+        first = self.run[0]
+        now = self._ratio(point)
+        fall = None if first[2] is None or now is None else first[2] - now
+        if self.cfg.dying_decades > 0 and (fall is None or fall < self.cfg.dying_decades):
+            return value, None
+        self.armed = False
+        counts = [c for s, c, _ in self.run if c is not None and s > step - window]
+        counts = counts or [value]
+        typical = _median(counts)
+        fell = "" if fall is None else f", lambda_ratio fell {fall:.2f} decades"
+        message = (
+            f"dying: {_dying_text(self.layer, typical) or 'directions dying at ' + repr(self.layer)}"
+            f" (dying_directions >= {self.cfg.dying_min:g} at every checkpoint for "
+            f"{step - self.start} steps, {self.start}-{step}{fell})"
+        )
+        event = Event(
+            step,
+            self.layer,
+            "dying",
+            "dying_directions",
+            None,
+            value,
+            typical,
+            message,
+            dying_directions=typical,
+        )
+        return value, event
+
+    def _broken(self, step: int, win: EventWindows | None) -> None:
+        """The count does not qualify at ``step``: the stretch is broken, and the next
+        one may be reported once none qualified for a whole ``dying_window``."""
+        self.run.clear()
+        self.start = None
+        if self.last_ok is None or (win is not None and step - self.last_ok >= win.dying_window):
+            self.armed = True
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "prev": self.prev,
+            "prev_step": self.prev_step,
+            "run": [list(r) for r in self.run],
+            "start": self.start,
+            "armed": self.armed,
+            "last_ok": self.last_ok,
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.prev = None if state["prev"] is None else dict(state["prev"])
+        self.prev_step = None if state["prev_step"] is None else int(state["prev_step"])
+        self.run.clear()
+        for s, c, r in state["run"]:
+            self.run.append((int(s), None if c is None else float(c), None if r is None else r))
+        self.start = None if state["start"] is None else int(state["start"])
+        self.armed = bool(state["armed"])
+        self.last_ok = None if state["last_ok"] is None else int(state["last_ok"])
+
+
+class _Trainer:
+    """The validation scalars of the recent checkpoints, for a transition's context."""
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[int, dict[str, float]]] = deque(maxlen=_MAX_BUFFER)
+
+    def push(self, step: int, meta: Mapping[str, Any] | None, win: EventWindows | None) -> None:
+        scalars = validation_scalars(meta)
+        if scalars:
+            self.points.append((step, scalars))
+        if win is not None:
+            start = step - win.transition_window
+            while len(self.points) >= 2 and self.points[1][0] <= start:
+                self.points.popleft()
+        _thin(self.points)
+
+    def window(self, step: int, span: float) -> tuple[dict[str, float], dict[str, float]]:
+        """The scalars at the start of ``[step - span, step]`` (the last checkpoint at or
+        before it, else the first one in it) and at its end (the newest up to ``step``)."""
+        kept = [(s, p) for s, p in self.points if s <= step]
+        if not kept:
+            return {}, {}
+        start = step - span
+        before = [p for s, p in kept if s <= start]
+        first = before[-1] if before else kept[0][1]
+        last = kept[-1][1]
+        if kept[-1][0] <= start:  # nothing new inside the window
+            return dict(first), {}
+        return dict(first), dict(last)
+
+    def to_state(self) -> list[list[Any]]:
+        return [[s, dict(p)] for s, p in self.points]
+
+    def load(self, state: Sequence[Any]) -> None:
+        self.points.clear()
+        for s, p in state:
+            self.points.append((int(s), {str(k): float(v) for k, v in p.items()}))
+
+
 class _TransitionScanner:
     """Groups collapses across readings and layers into transitions.
 
-    ``ledger`` holds the collapses of the last ``transition_window`` checkpoints (dicts
-    with index, step, layer, reading, magnitude, revived, claimed); ``index`` counts
-    checkpoints; collapses up to ``quiet_until`` belong to the transition just reported.
+    ``ledger`` holds the collapses of the last ``transition_window`` steps (dicts with
+    step, layer, reading, magnitude, dying, revived, claimed); collapses before
+    ``quiet_until`` (a step) belong to the transition just reported.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
         self.cfg = cfg
-        self.index = -1
-        self.quiet_until = -1
+        self.quiet_until: float | None = None
         self.ledger: list[dict[str, Any]] = []
 
-    def push(self, step: int, events: Sequence[Event]) -> list[Event]:
-        self.index += 1
+    def push(
+        self,
+        step: int,
+        events: Sequence[Event],
+        win: EventWindows | None,
+        trainer: _Trainer | None = None,
+    ) -> list[Event]:
         for ev in events:
             if ev.kind == "collapse":
                 self.ledger.append(
                     {
-                        "index": self.index,
                         "step": ev.step,
                         "layer": ev.layer,
                         "reading": ev.reading,
                         "magnitude": ev.magnitude,
+                        "dying": ev.dying_directions,
                         "revived": False,
-                        "claimed": self.index <= self.quiet_until,
+                        "claimed": self.quiet_until is not None and ev.step < self.quiet_until,
                     }
                 )
             elif ev.kind == "revival":
                 for entry in self.ledger:
                     if entry["layer"] == ev.layer and entry["reading"] == ev.reading:
                         entry["revived"] = True
-        oldest = self.index - self.cfg.transition_window + 1
-        self.ledger = [e for e in self.ledger if e["index"] >= oldest]
+        if win is None:
+            return []
+        span = win.transition_window
+        self.ledger = [e for e in self.ledger if e["step"] > step - span]
         ready = [
             e
             for e in self.ledger
-            if not (e["revived"] or e["claimed"]) and e["index"] <= self.index - self.cfg.confirm
+            if not (e["revived"] or e["claimed"]) and e["step"] <= step - win.confirm
         ]
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
         for e in ready:
@@ -605,30 +1286,59 @@ class _TransitionScanner:
             return []
         for e in self.ledger:
             e["claimed"] = True
-        self.quiet_until = self.index + self.cfg.transition_window - 1
+        self.quiet_until = step + span
         picked = list(chosen.values())
-        layers = ",".join(dict.fromkeys(e["layer"] for e in picked))
+        layers = list(dict.fromkeys(e["layer"] for e in picked))
         readings = ",".join(dict.fromkeys(e["reading"] for e in picked))
         parts = ", ".join(
-            f"{e['layer']} {e['reading']} -{e['magnitude']:.1f} dec @ {e['step']}" for e in picked
+            f"{e['layer']} {e['reading']} -{e['magnitude']:.1f}"
+            f"{' dec' if _row(e['reading']).in_decades else ''} @ {e['step']}"
+            for e in picked
         )
+        dying: dict[str, float] = {}
+        for e in picked:
+            if e["dying"] is not None:
+                dying[e["layer"]] = float(e["dying"])
+        said = [_dying_text(layer, dying.get(layer)) for layer in layers]
+        said = [s for s in said if s]
+        before, after = trainer.window(step, span) if trainer is not None else ({}, {})
+        label = transition_label(before, after, self.cfg)
         msg = (
-            f"transition: {len(picked)} collapses within {self.cfg.transition_window} "
-            f"checkpoints, held {self.cfg.confirm}+: {parts}"
+            f"transition: {len(picked)} collapses within {span:.0f} steps, held "
+            f"{win.confirm:.0f}+: {parts}"
         )
-        return [Event(step, layers, "transition", readings, None, None, float(len(picked)), msg)]
+        if said:
+            msg += "; " + ", ".join(said)
+        if label == "unknown":
+            msg += "; validation: unknown (the checkpoints carry no validation metric)"
+        else:
+            msg += f"; {label}: {_scalars_text(before)} -> {_scalars_text(after)}"
+        return [
+            Event(
+                step,
+                ",".join(layers),
+                "transition",
+                readings,
+                None,
+                None,
+                float(len(picked)),
+                msg,
+                trainer_before=before,
+                trainer_after=after,
+                label=label,
+            )
+        ]
 
     def to_state(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "quiet_until": self.quiet_until,
-            "ledger": [dict(e) for e in self.ledger],
-        }
+        return {"quiet_until": self.quiet_until, "ledger": [dict(e) for e in self.ledger]}
 
     def load(self, state: Mapping[str, Any]) -> None:
-        self.index = int(state["index"])
-        self.quiet_until = int(state["quiet_until"])
+        q = state["quiet_until"]
+        self.quiet_until = None if q is None else float(q)
         self.ledger = [dict(e) for e in state["ledger"]]
+        for e in self.ledger:
+            e["step"] = int(e["step"])
+            e.setdefault("dying", None)
 
 
 # --------------------------------------------------------------------------- pure API
@@ -656,6 +1366,17 @@ def _layer_name(history: History, layer: str | None) -> str:
     return str(history[-1][1].get("name", "?")) if history else "?"
 
 
+def _replay_windows(steps: Sequence[int], cfg: EventConfig) -> list[EventWindows | None]:
+    """The windows in force at each of ``steps`` (the cadence as the detector sees it)."""
+    cadence = _Cadence(cfg)
+    cadence.warned = True  # a replay is no place for the warning
+    out = []
+    for step in steps:
+        cadence.push(step)
+        out.append(cadence.windows())
+    return out
+
+
 def detect_rank_change(
     history: History, cfg: EventConfig = EventConfig(), layer: str | None = None
 ) -> list[Event]:
@@ -680,24 +1401,59 @@ def detect_rank_change(
 
 
 def detect_level_shifts(
-    history: History, cfg: EventConfig = EventConfig(), layer: str | None = None
+    history: History,
+    cfg: EventConfig = EventConfig(),
+    layer: str | None = None,
+    steps: Sequence[int] | None = None,
 ) -> list[Event]:
     """``collapse`` / ``revival`` events at the newest point of one layer's history.
 
     Replays the state machine of the module docstring over the whole history for each of
-    ``cfg.readings`` (unresolved values and non-finite points are skipped).
+    ``cfg.readings`` (unresolved values and non-finite points are skipped). ``steps``:
+    every checkpoint step of the run so far, which the cadence is measured on (default:
+    the history's own steps).
     """
     name = _layer_name(history, layer)
     _check_history(name, history)
+    run_steps = list(steps) if steps is not None else [s for s, _ in history]
+    at = dict(zip(run_steps, _replay_windows(run_steps, cfg)))
+    dying = _DyingScanner(name, cfg)
+    counts = []
+    for step, point in history:
+        counts.append(dying.push(step, point, at.get(step))[0])
     out: list[Event] = []
     for reading in cfg.readings:
         scanner = _LevelScanner(name, reading, cfg)
         event = None
-        for step, point in history:
-            event = scanner.push(step, point.get(reading)) if _is_finite_point(point) else None
+        for (step, point), count in zip(history, counts):
+            win = at.get(step)
+            event = (
+                scanner.push(step, point.get(reading), win, count)
+                if _is_finite_point(point)
+                else None
+            )
         if event is not None:
             out.append(event)
     return out
+
+
+def detect_dying(
+    history: History,
+    cfg: EventConfig = EventConfig(),
+    layer: str | None = None,
+    steps: Sequence[int] | None = None,
+) -> list[Event]:
+    """A ``dying`` event at the newest point of one layer's history (see the module
+    docstring); ``steps`` as for :func:`detect_level_shifts`."""
+    name = _layer_name(history, layer)
+    _check_history(name, history)
+    run_steps = list(steps) if steps is not None else [s for s, _ in history]
+    at = dict(zip(run_steps, _replay_windows(run_steps, cfg)))
+    scanner = _DyingScanner(name, cfg)
+    event = None
+    for step, point in history:
+        event = scanner.push(step, point, at.get(step))[1]
+    return [] if event is None else [event]
 
 
 def detect_nonfinite(history: History, layer: str | None = None) -> list[Event]:
@@ -714,21 +1470,27 @@ def detect_nonfinite(history: History, layer: str | None = None) -> list[Event]:
 
 
 def detect_transitions(
-    events: Iterable[Event], steps: Sequence[int], cfg: EventConfig = EventConfig()
+    events: Iterable[Event],
+    steps: Sequence[int],
+    cfg: EventConfig = EventConfig(),
+    meta: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[Event]:
     """``transition`` events at the newest checkpoint ``steps[-1]``.
 
     ``events`` are the collapse/revival events so far (any others are ignored), across
-    every layer; ``steps`` the checkpoint steps so far in order (one per checkpoint, the
-    unit of ``cfg.transition_window`` and ``cfg.confirm``). A collapse counts when it
-    lies within the last ``transition_window`` checkpoints, has not been followed by a
-    revival of the same (layer, reading), has held at least ``confirm`` checkpoints, and
-    did not already count toward an earlier transition.
+    every layer; ``steps`` the checkpoint steps so far in order (the cadence is measured
+    on them); ``meta`` the trainer's scalars of each checkpoint (aligned with ``steps``),
+    for the transition's ``trainer_before`` / ``trainer_after`` / ``label``. A collapse
+    counts when it lies within the last ``transition_window`` steps, has not been
+    followed by a revival of the same (layer, reading), has held at least ``confirm``
+    steps, and did not already count toward an earlier transition.
     """
     if not steps:
         return []
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise DDSError("detect_transitions: checkpoint steps must increase")
+    if meta is not None and len(meta) != len(steps):
+        raise DDSError(f"detect_transitions: {len(meta)} meta for {len(steps)} checkpoint steps")
     by_index: list[list[Event]] = [[] for _ in steps]
     for ev in events:
         if ev.kind not in ("collapse", "revival"):
@@ -741,9 +1503,11 @@ def detect_transitions(
             )
         by_index[i].append(ev)
     scanner = _TransitionScanner(cfg)
+    trainer = _Trainer()
     found: list[Event] = []
-    for step, evs in zip(steps, by_index):
-        found = scanner.push(step, evs)
+    for i, (step, win) in enumerate(zip(steps, _replay_windows(steps, cfg))):
+        trainer.push(step, None if meta is None else meta[i], win)
+        found = scanner.push(step, by_index[i], win, trainer)
     return found
 
 
@@ -757,19 +1521,26 @@ class _LayerState:
         self.levels = {r: _LevelScanner(name, r, cfg) for r in cfg.readings}
         self.ranks = {r: _RankScanner(name, r, cfg) for r in cfg.rank_readings}
         self.nonfinite = _NonfiniteScanner(name)
+        self.dying = _DyingScanner(name, cfg)
 
 
 class EventDetector:
     """Feeds checkpoints' readings through the detectors, one checkpoint at a time.
 
-    ``update(step, {layer: LayerSignature.to_dict()})`` appends to each layer's history
-    and returns the events at this step (per layer: non-finite, rank changes,
-    collapses/revivals; then any transition). They equal the pure ``detect_*``
-    functions' answers on the same histories. Steps must increase: a step at or before
-    the last one seen is ignored with a warning (a re-read checkpoint must not repeat
-    its events). ``keep_history`` bounds the points kept per layer for :meth:`history`
-    (None keeps all): the detectors themselves need only their scanners' state, which
-    is small and bounded, so a long run does not grow the daemon's memory.
+    ``update(step, {layer: LayerSignature.to_dict()}, meta)`` appends to each layer's
+    history and returns the events at this step (per layer: non-finite, rank changes,
+    collapses/revivals, dying; then any transition). They equal the pure ``detect_*``
+    functions' answers on the same histories. ``meta`` is the checkpoint's scalar meta
+    (the trainer's ``val_acc``, ``eval_loss`` ...), which a transition reports and is
+    labelled by. After each update :attr:`last_derived` holds the derived readings of
+    this checkpoint per layer (``{"dying_directions": value or None}``), for
+    :meth:`ddsmon.signature.Signatures.with_derived`.
+
+    Steps must increase: a step at or before the last one seen is ignored with a warning
+    (a re-read checkpoint must not repeat its events). ``keep_history`` bounds the
+    points kept per layer for :meth:`history` (None keeps all): the detectors themselves
+    need only their scanners' state, which is bounded by the windows, so a long run does
+    not grow the daemon's memory.
     """
 
     def __init__(self, config: EventConfig = EventConfig(), keep_history: int | None = 256) -> None:
@@ -780,12 +1551,33 @@ class EventDetector:
         self._layers: dict[str, _LayerState] = {}
         self._history: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._transitions = _TransitionScanner(config)
+        self._cadence = _Cadence(config)
+        self._trainer = _Trainer()
         self._last_step: int | None = None
+        self._derived: dict[str, dict[str, float | None]] = {}
+        self._said_windows = False
 
     @property
     def last_step(self) -> int | None:
         """The newest checkpoint step seen (None before the first)."""
         return self._last_step
+
+    @property
+    def last_derived(self) -> dict[str, dict[str, float | None]]:
+        """The derived readings of the last update, ``{layer: {"dying_directions": value}}``
+        (value None where lambda_min did not fall, the rank changed, the layer is
+        non-finite or it is the layer's first checkpoint); empty before any update."""
+        return {name: dict(values) for name, values in self._derived.items()}
+
+    @property
+    def cadence(self) -> float | None:
+        """The run's cadence in steps (None before two checkpoints, unless pinned)."""
+        return self._cadence.value
+
+    @property
+    def windows(self) -> EventWindows | None:
+        """The windows in force (None while the cadence is unknown)."""
+        return self._cadence.windows()
 
     def layers(self) -> list[str]:
         """Layers seen so far, in order of first appearance."""
@@ -804,8 +1596,14 @@ class EventDetector:
             self._history[name] = []
         return st
 
-    def update(self, step: int, readings: Mapping[str, Mapping[str, Any]]) -> list[Event]:
-        """Add one checkpoint's readings (layer -> reading dict); return its new events."""
+    def update(
+        self,
+        step: int,
+        readings: Mapping[str, Mapping[str, Any]],
+        meta: Mapping[str, Any] | None = None,
+    ) -> list[Event]:
+        """Add one checkpoint's readings (layer -> reading dict) and its scalar ``meta``;
+        return its new events (and set :attr:`last_derived`)."""
         step = int(step)
         if self._last_step is not None and step <= self._last_step:
             log.warning(
@@ -820,7 +1618,16 @@ class EventDetector:
                     f"layer {name!r}: reading at step {step} must be a dict, "
                     f"got {type(reading).__name__}"
                 )
+        if meta is not None and not isinstance(meta, Mapping):
+            raise DDSError(f"meta at step {step} must be a dict, got {type(meta).__name__}")
+        self._cadence.push(step)
+        win = self._cadence.windows()
+        if win is not None and self._cadence.frozen and not self._said_windows:
+            self._said_windows = True
+            log.info("event detector: %s", win.describe())
+        self._trainer.push(step, meta, win)
         events: list[Event] = []
+        derived: dict[str, dict[str, float | None]] = {}
         for name, reading in readings.items():
             st = self._layer(name)
             point = dict(reading)
@@ -828,19 +1635,23 @@ class EventDetector:
             hist.append((step, point))
             if self.keep_history is not None and len(hist) > self.keep_history:
                 del hist[: len(hist) - self.keep_history]
+            count, dying = st.dying.push(step, point, win)
+            derived[name] = {"dying_directions": count}
             found = [st.nonfinite.push(step, point)]
             if _is_finite_point(point):
                 found += [sc.push(step, point.get(r)) for r, sc in st.ranks.items()]
-                found += [sc.push(step, point.get(r)) for r, sc in st.levels.items()]
+                found += [sc.push(step, point.get(r), win, count) for r, sc in st.levels.items()]
+                found.append(dying)
             events.extend(ev for ev in found if ev is not None)
-        events.extend(self._transitions.push(step, events))
+        events.extend(self._transitions.push(step, events, win, self._trainer))
         self._last_step = step
+        self._derived = derived
         for ev in events:
             log.info("%s", ev.message)
         return events
 
     def to_state(self, keep_history: int | None = 8) -> dict[str, Any]:
-        """JSON-able state: the config, every scanner's state and the last
+        """JSON-able state: the config, the cadence, every scanner's state and the last
         ``keep_history`` points of each layer's history (None: all of it). The scanners
         alone decide future events, so a restored detector continues exactly."""
         layers = {}
@@ -852,6 +1663,7 @@ class EventDetector:
             layers[name] = {
                 "levels": {r: sc.to_state() for r, sc in st.levels.items()},
                 "ranks": {r: sc.to_state() for r, sc in st.ranks.items()},
+                "dying": st.dying.to_state(),
                 "was_finite": st.nonfinite.was_finite,
                 "history": [[s, p] for s, p in kept],
             }
@@ -859,7 +1671,10 @@ class EventDetector:
             "version": _STATE_VERSION,
             "config": self.config.to_dict(),
             "last_step": self._last_step,
+            "cadence": self._cadence.to_state(),
+            "trainer": self._trainer.to_state(),
             "transitions": self._transitions.to_state(),
+            "derived": self._derived,
             "layers": layers,
         }
 
@@ -869,16 +1684,31 @@ class EventDetector:
     ) -> EventDetector:
         """Restore a detector saved by :meth:`to_state` (``config`` defaults to the saved
         one; with a different one, saved scanner state is kept for the readings both
-        watch and reference windows are cut to the new length)."""
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            version = state.get("version") if isinstance(state, Mapping) else None
+        watch, and the windows follow the new config).
+
+        A state saved by the previous version (1, whose windows counted checkpoints) is
+        carried over: its steps are placed at the cadence of its saved history, with a
+        warning. Any other version, or a malformed state, is a
+        :class:`~ddsmon.errors.DDSError` (the daemon then warns and starts fresh).
+        """
+        version = state.get("version") if isinstance(state, Mapping) else None
+        if version == 1:
+            return cls._from_v1(state, config)
+        if version != _STATE_VERSION:
             raise DDSError(
                 f"event detector state has version {version!r}, expected {_STATE_VERSION}"
             )
         try:
             det = cls(config or EventConfig.from_dict(state["config"]))
             det._last_step = None if state["last_step"] is None else int(state["last_step"])
+            det._cadence.load(state["cadence"])
+            det._said_windows = det._cadence.frozen
+            det._trainer.load(state["trainer"])
             det._transitions.load(state["transitions"])
+            det._derived = {
+                str(k): {str(r): None if v is None else float(v) for r, v in d.items()}
+                for k, d in state["derived"].items()
+            }
             for name, saved in state["layers"].items():
                 st = det._layer(name)
                 for r, sc_state in saved["levels"].items():
@@ -887,8 +1717,84 @@ class EventDetector:
                 for r, sc_state in saved["ranks"].items():
                     if r in st.ranks:
                         st.ranks[r].load(sc_state)
+                st.dying.load(saved["dying"])
                 st.nonfinite.was_finite = bool(saved["was_finite"])
                 det._history[name] = [(int(s), dict(p)) for s, p in saved["history"]]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DDSError(f"event detector state is malformed: {exc!r}") from exc
+        return det
+
+    @classmethod
+    def _from_v1(cls, state: Mapping[str, Any], config: EventConfig | None) -> EventDetector:
+        """A version-1 state (windows in checkpoints, buffers without steps) carried over:
+        the cadence is the median step gap of the saved history, and the k-th newest
+        buffered value is placed k cadences before the last step."""
+        try:
+            saved_cfg = {k: v for k, v in state["config"].items() if k != "version"}
+            det = cls(config or EventConfig.from_dict(saved_cfg))
+            last = None if state["last_step"] is None else int(state["last_step"])
+            det._last_step = last
+            steps = sorted(
+                {int(s) for saved in state["layers"].values() for s, _ in saved["history"]}
+            )
+            gaps = [b - a for a, b in itertools.pairwise(steps)]
+            if last is None or not gaps:
+                raise DDSError("event detector state (version 1) has too little history to place")
+            cadence = float(_median(gaps))
+            if det.config.cadence_steps is None:
+                det._cadence.value = cadence
+                det._cadence.frozen = True
+                det._cadence.steps = steps[: det.config.cadence_checkpoints]
+            old = state["transitions"]
+            index = int(old["index"])  # checkpoints seen, less one
+            det._cadence.last = last
+            det._cadence.first = last - round(index * cadence)
+            det._said_windows = True
+            det._transitions.quiet_until = (
+                None
+                if int(old["quiet_until"]) < 0
+                else last + (int(old["quiet_until"]) - index + 1) * cadence
+            )
+            det._transitions.ledger = [
+                {
+                    "step": int(e["step"]),
+                    "layer": str(e["layer"]),
+                    "reading": str(e["reading"]),
+                    "magnitude": float(e["magnitude"]),
+                    "dying": None,
+                    "revived": bool(e["revived"]),
+                    "claimed": bool(e["claimed"]),
+                }
+                for e in old["ledger"]
+            ]
+            for name, saved in state["layers"].items():
+                st = det._layer(name)
+                for r, sc_state in saved["levels"].items():
+                    if r not in st.levels:
+                        continue
+                    values = [float(v) for v in sc_state["buffer"]]
+                    n = len(values)
+                    placed = [
+                        [last - round((n - 1 - k) * cadence), v] for k, v in enumerate(values)
+                    ]
+                    st.levels[r].load({**sc_state, "buffer": placed})
+                for r, sc_state in saved["ranks"].items():
+                    if r in st.ranks:
+                        st.ranks[r].load(sc_state)
+                st.nonfinite.was_finite = bool(saved["was_finite"])
+                history = [(int(s), dict(p)) for s, p in saved["history"]]
+                det._history[name] = history
+                finite = [(s, p) for s, p in history if _is_finite_point(p)]
+                if finite:
+                    s, p = finite[-1]
+                    st.dying.prev = {k: p.get(k) for k in _DYING_KEYS}
+                    st.dying.prev["finite"] = True
+                    st.dying.prev_step = s
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DDSError(f"event detector state (version 1) is malformed: {exc!r}") from exc
+        log.warning(
+            "event detector: carried over a state saved by the previous version (windows in "
+            "checkpoints); its values are placed at a cadence of %g steps",
+            cadence,
+        )
         return det

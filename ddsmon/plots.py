@@ -53,6 +53,7 @@ EVENT_STYLE: dict[str, dict[str, Any]] = {
     "revival": {"color": "#2ca02c", "linestyle": "--", "linewidth": 1.0, "alpha": 0.8},
     "rank_change": {"color": "#9467bd", "linestyle": ":", "linewidth": 1.2, "alpha": 0.8},
     "nonfinite": {"color": "#000000", "linestyle": "-.", "linewidth": 1.2, "alpha": 0.8},
+    "dying": {"color": "#e377c2", "linestyle": ":", "linewidth": 1.0, "alpha": 0.8},
 }
 _OTHER_EVENT = {"color": "#7f7f7f", "linestyle": ":", "linewidth": 1.0, "alpha": 0.8}
 
@@ -157,6 +158,7 @@ _UNIT_AXIS = {
     "floor": ("log10 value", True),
     "nats": ("nats", False),
     "count": ("count", False),
+    "fraction": ("fraction", False),
 }
 
 

@@ -21,9 +21,18 @@ Units, and how a change is measured in decades (:meth:`Reading.decades`):
 * ``"value"``: a positive quantity (a singular value, an eigenvalue): ``log10 v``;
 * ``"ratio"``: a scale-free positive ratio (``lambda_min / lambda_max``): ``log10 r``;
 * ``"nats"``: a natural logarithm (``log det+ G``, ``log_volume``): ``v / ln 10``;
-* ``"count"``: an integer (ranks, dead counts): not measured in decades;
+* ``"count"``: an integer (ranks, dead counts), or an estimated number of directions
+  (``dying_directions``): not measured in decades;
 * ``"floor"``: a trust floor (``dim * eps * max``), the level below which a value is
-  unresolved (paper Figure 7); a positive value, so ``log10 v``.
+  unresolved (paper Figure 7); a positive value, so ``log10 v``;
+* ``"fraction"``: a number in [0, 1] (a normalised entropy, a share): compared as it
+  is, a change being a difference (:meth:`Reading.level`), never in decades.
+
+A *derived* reading (``derived=True``) is not a property of one checkpoint's spectra but
+of two consecutive checkpoints of a layer: :class:`ddsmon.events.EventDetector` computes
+it as it is fed (``EventDetector.last_derived``) and
+:meth:`ddsmon.signature.Signatures.with_derived` puts it into the signatures the sinks
+see; a :class:`~ddsmon.signature.LayerSignature` fresh from the engine holds ``None``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = (
+    "DERIVED_READINGS",
     "HEADLINE_READINGS",
     "READINGS",
     "SCALAR_READINGS",
@@ -46,7 +56,7 @@ __all__ = (
 #: The matrices a reading comes from: activations X, Fisher-Gram G, parameter-side Gram K.
 SIDES: tuple[str, ...] = ("X", "G", "K")
 #: The units a reading can have (see the module docstring).
-UNITS: tuple[str, ...] = ("value", "ratio", "nats", "count", "floor")
+UNITS: tuple[str, ...] = ("value", "ratio", "nats", "count", "floor", "fraction")
 _LOG10_UNITS = ("value", "ratio", "floor")
 
 
@@ -73,6 +83,8 @@ class Reading:
     heading: the first line of the terminal column's header when it is not the side.
     panel: the panel (0 = top) of the trajectories figure the reading is drawn in;
         readings sharing a panel share its axes. ``None``: not drawn.
+    derived: computed between two consecutive checkpoints of the layer by the event
+        detector, not from one checkpoint's spectra (see the module docstring).
     """
 
     name: str
@@ -86,6 +98,7 @@ class Reading:
     pair: str | None = None
     heading: str | None = None
     panel: int | None = None
+    derived: bool = False
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -96,7 +109,7 @@ class Reading:
     @property
     def scale_free(self) -> bool:
         """True when the reading does not move if every eigenvalue scales together."""
-        return self.unit == "ratio" or self.name.endswith("log_volume")
+        return self.unit in ("ratio", "fraction") or self.name.endswith("log_volume")
 
     @property
     def is_count(self) -> bool:
@@ -104,7 +117,13 @@ class Reading:
 
     @property
     def in_decades(self) -> bool:
-        """True when :meth:`decades` applies (every unit but ``"count"``)."""
+        """True when :meth:`decades` applies (every unit but ``"count"`` and ``"fraction"``)."""
+        return self.unit not in ("count", "fraction")
+
+    @property
+    def has_level(self) -> bool:
+        """True when :meth:`level` applies: the reading can be watched for collapses
+        (every unit but ``"count"``)."""
         return self.unit != "count"
 
     @property
@@ -128,6 +147,20 @@ class Reading:
         if self.unit in _LOG10_UNITS:
             return 10.0**decades
         raise ValueError(f"reading {self.name!r} ({self.unit}) is not measured in decades")
+
+    def level(self, value: float) -> float:
+        """Where a change of the reading is measured: :meth:`decades` for every unit
+        measured in decades, the value itself for a ``"fraction"`` (so a change is a
+        difference). Counts have no level."""
+        if self.unit == "fraction":
+            return value
+        return self.decades(value)
+
+    def from_level(self, level: float) -> float:
+        """The inverse of :meth:`level`."""
+        if self.unit == "fraction":
+            return level
+        return self.from_decades(level)
 
 
 #: Every scalar reading, in the order tables and metric batches show them.
@@ -167,6 +200,17 @@ READINGS: tuple[Reading, ...] = (
             "lambda_min / lambda_max (Fisher side, scale-free)", panel=0),
     Reading("sigma_ratio", "X", "ratio", None, "σ_min/σ_max", True,
             "sigma_min / sigma_max (activation side, scale-free)", panel=1),
+    Reading("x_entropy", "X", "fraction", None, "entropy", True,
+            "normalised spectral entropy of X: -sum p log p / log x_rank, "
+            "p = sigma^2 / sum sigma^2 over the resolved singular values",
+            terminal=True, panel=4),
+    Reading("g_dominance", "G", "fraction", None, "top share", False,
+            "lambda_max / sum of the resolved eigenvalues of G: the share of the per-sample "
+            "gradient energy in its top direction"),
+    Reading("dying_directions", "G", "count", None, "dying", True,
+            "d log det+(G) / d log lambda_min between this checkpoint and the previous one, "
+            "where lambda_min fell: directions dying at the rate of the smallest (paper "
+            "Figure 4)", terminal=True, panel=5, derived=True),
     # parameter side: eigenvalues of K
     Reading("param_lambda_min", "K", "value", "param_floor", "λ_min", False,
             "smallest eigenvalue of K above param_floor", terminal=True),
@@ -188,6 +232,8 @@ _BY_NAME: dict[str, Reading] = {r.name: r for r in READINGS}
 SCALAR_READINGS: tuple[str, ...] = tuple(r.name for r in READINGS)
 #: Names of the headline readings, in table order.
 HEADLINE_READINGS: tuple[str, ...] = tuple(r.name for r in READINGS if r.headline)
+#: Names of the derived readings (computed between checkpoints by the event detector).
+DERIVED_READINGS: tuple[str, ...] = tuple(r.name for r in READINGS if r.derived)
 
 
 def reading(name: str) -> Reading:

@@ -25,15 +25,24 @@ reading whose matrix has no resolved value is ``None``. What each scalar reading
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ddsmon.readings import SCALAR_READINGS
+from ddsmon.readings import DERIVED_READINGS, SCALAR_READINGS
 
-__all__ = ("SCALAR_READINGS", "LayerSignature", "Signatures", "dying_directions")
+__all__ = (
+    "DERIVED_READINGS",
+    "SCALAR_READINGS",
+    "LayerSignature",
+    "Signatures",
+    "dying_directions",
+    "spectral_entropy",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,21 @@ class LayerSignature:
         u_dead_gain: ``u^T G u = ||Delta u||^2 / n`` for ``u`` the right singular vector
             of X at ``sigma_min``: the Fisher-side reading at the activation-side dead
             direction (paper Figure 6, Figure 10).
+
+    Regime readings (properties, from the spectra):
+        x_entropy: the normalised spectral entropy of X (arXiv 2604.13123),
+            ``-sum p_i log p_i / log x_rank`` with ``p_i = sigma_i^2 / sum sigma_j^2``
+            over the resolved singular values: 1 when the activation energy is spread
+            evenly over every resolved direction, toward 0 as a few directions carry it.
+        g_dominance: ``lambda_max / sum of the resolved eigenvalues of G``, the share of
+            the per-sample gradient energy ``trace G = mean_i |delta_i|^2`` along its
+            top direction (1/g_rank when spread evenly, 1 when every sample's gradient
+            points one way).
+
+    Derived reading (between two checkpoints; ``None`` from the engine):
+        dying_directions: :func:`dying_directions` between the layer's previous
+            checkpoint and this one, filled in by :meth:`Signatures.with_derived` from
+            :attr:`ddsmon.events.EventDetector.last_derived`.
 
     Parameter side (``param_*``, eigenvalues of K; ``None`` when the module owns no
     parameters or the family was not asked for): the same readings for K, with
@@ -96,6 +120,8 @@ class LayerSignature:
     param_floor: float | None = None
     param_logdet: float | None = None
     param_log_volume: float | None = None
+    # derived between checkpoints (the event detector's; None from the engine)
+    dying_directions: float | None = None
     # health
     finite: bool = True
     nonfinite: str | None = None
@@ -117,6 +143,26 @@ class LayerSignature:
         if self.sigma_min is None or not self.sigma_max:
             return None
         return self.sigma_min / self.sigma_max
+
+    @property
+    def x_entropy(self) -> float | None:
+        """Normalised spectral entropy of X over its resolved singular values (None when
+        none is resolved; 0.0 when one is)."""
+        if not self.finite or self.floor_x is None:
+            return None
+        return spectral_entropy(self.x_spectrum, self.floor_x)
+
+    @property
+    def g_dominance(self) -> float | None:
+        """``lambda_max`` over the sum of the resolved eigenvalues of G (None when none is
+        resolved)."""
+        if not self.finite or self.floor_g is None or self.g_spectrum.size == 0:
+            return None
+        resolved = self.g_spectrum[self.g_spectrum > self.floor_g]
+        total = float(np.sum(resolved))
+        if resolved.size == 0 or not total > 0.0 or not math.isfinite(total):
+            return None
+        return float(np.max(resolved)) / total
 
     def to_dict(self, spectra: bool = False) -> dict[str, Any]:
         """Scalar readings as a plain dict (JSON-ready); spectra as lists if asked."""
@@ -150,6 +196,28 @@ class Signatures:
     loss: str
     seconds: float = 0.0
 
+    def with_derived(self, derived: Mapping[str, Mapping[str, Any]]) -> Signatures:
+        """These signatures with the derived readings filled in: ``derived`` maps a layer
+        to ``{reading: value}`` for readings of :data:`DERIVED_READINGS` (what
+        :attr:`ddsmon.events.EventDetector.last_derived` holds after an update); layers
+        and readings it does not name are left as they are. Unknown reading names raise
+        ``KeyError``."""
+        layers = dict(self.layers)
+        for name, values in derived.items():
+            if name not in layers:
+                continue
+            unknown = [k for k in values if k not in DERIVED_READINGS]
+            if unknown:
+                raise KeyError(
+                    f"layer {name!r}: {unknown} are no derived readings "
+                    f"({', '.join(DERIVED_READINGS)})"
+                )
+            changes: dict[str, Any] = {
+                k: None if v is None else float(v) for k, v in values.items()
+            }
+            layers[name] = dataclasses.replace(layers[name], **changes)
+        return dataclasses.replace(self, layers=layers)
+
     def to_dict(self, spectra: bool = False) -> dict[str, Any]:
         return {
             "n": self.n,
@@ -162,7 +230,35 @@ class Signatures:
         }
 
 
-def dying_directions(prev: LayerSignature, cur: LayerSignature) -> float | None:
+def spectral_entropy(values: np.ndarray, floor: float) -> float | None:
+    """Normalised entropy of a spectrum of singular values: ``-sum p_i log p_i / log k``,
+    ``p_i = s_i^2 / sum s_j^2`` over the ``k`` values above ``floor`` (arXiv 2604.13123).
+
+    1.0 for a flat spectrum, toward 0 as a few values carry the energy; 0.0 when one
+    value is resolved, None when none is (or the values are not finite).
+    """
+    s = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        return None
+    s = s[s > floor]
+    if s.size == 0:
+        return None
+    if s.size == 1:
+        return 0.0
+    energy = s * s
+    p = energy / np.sum(energy)
+    p = p[p > 0.0]
+    h = float(-np.sum(p * np.log(p)) / math.log(s.size))
+    return min(max(h, 0.0), 1.0)
+
+
+def _get(reading: LayerSignature | Mapping[str, Any], key: str) -> Any:
+    return reading.get(key) if isinstance(reading, Mapping) else getattr(reading, key)
+
+
+def dying_directions(
+    prev: LayerSignature | Mapping[str, Any], cur: LayerSignature | Mapping[str, Any]
+) -> float | None:
     """Number of directions dying at the rate of the smallest one, between two readings.
 
     The rank-multiplicative volume identity (paper Figure 4): near a singular set with
@@ -171,14 +267,22 @@ def dying_directions(prev: LayerSignature, cur: LayerSignature) -> float | None:
 
         r_hat = (logdet(cur) - logdet(prev)) / (log lambda_min(cur) - log lambda_min(prev)).
 
-    Returns None where lambda_min did not fall (or either reading is unresolved), or where
-    the active rank changed between the two (the volumes then sum different sets).
+    ``prev`` and ``cur`` are two readings of one layer, each a :class:`LayerSignature` or
+    its :meth:`~LayerSignature.to_dict`. Returns None where lambda_min did not fall (or
+    either reading is unresolved or non-finite), or where the active rank changed between
+    the two (the volumes then sum different sets). Note that a loss that merely shrinks
+    lowers every eigenvalue together, and the count is then the whole active rank.
     """
-    if prev.lambda_min is None or cur.lambda_min is None:
+    readings = [(_get(r, "lambda_min"), _get(r, "logdet"), _get(r, "g_rank")) for r in (prev, cur)]
+    if any(_get(r, "finite") is False for r in (prev, cur)):
         return None
-    if prev.logdet is None or cur.logdet is None or prev.g_rank != cur.g_rank:
+    (lam0, vol0, rank0), (lam1, vol1, rank1) = readings
+    if lam0 is None or lam1 is None or vol0 is None or vol1 is None or rank0 != rank1:
         return None
-    d_log_min = math.log(cur.lambda_min) - math.log(prev.lambda_min)
+    lam0, lam1, vol0, vol1 = float(lam0), float(lam1), float(vol0), float(vol1)
+    if not (lam0 > 0.0 and lam1 > 0.0) or not all(map(math.isfinite, (lam0, lam1, vol0, vol1))):
+        return None
+    d_log_min = math.log(lam1) - math.log(lam0)
     if not d_log_min < 0.0:
         return None
-    return (cur.logdet - prev.logdet) / d_log_min
+    return (vol1 - vol0) / d_log_min

@@ -79,7 +79,10 @@ def test_wrong_types_name_the_key_and_the_file(key: str, value: Any, says: str) 
         ({"volume_mad_k": -0.5}, "volume_mad_k must be >= 0, got -0.5"),
         ({"confirm": -1}, "confirm must be >= 0, got -1"),
         ({"reference_lag": -1}, "reference_lag must be >= 0, got -1"),
-        ({"min_reference": 9}, "min_reference (9) cannot exceed reference_window (8)"),
+        (
+            {"min_reference": 9, "reference_window": 8},
+            "min_reference (9) cannot exceed reference_window (8)",
+        ),
         (
             {"confirm": 8, "transition_window": 8},
             "confirm (8) must be below transition_window (8)",

@@ -15,6 +15,7 @@ from ddsmon.events import (
     Event,
     EventConfig,
     EventDetector,
+    detect_dying,
     detect_level_shifts,
     detect_nonfinite,
     detect_rank_change,
@@ -22,8 +23,12 @@ from ddsmon.events import (
 )
 from ddsmon.signature import LayerSignature
 
-CFG = EventConfig()
-WARM = CFG.min_reference + CFG.reference_lag  # checkpoints before anything is decided
+#: The windows counted in checkpoints (at the run's cadence), as they were before they
+#: were given in steps: these tests place events checkpoint by checkpoint.
+COUNTS = {"reference_window": 8, "reference_lag": 3, "transition_window": 8, "dying_window": 3}
+CFG = EventConfig(**COUNTS)
+WARM = CFG.min_reference + 3  # checkpoints before anything is decided (min_reference + lag)
+WINDOW = 8  # the transition window, in checkpoints
 
 
 def point(
@@ -107,7 +112,25 @@ def test_event_round_trips_through_json() -> None:
         "message",
     }
     assert Event.from_dict(data) == ev
-    assert set(EVENT_KINDS) == {"rank_change", "collapse", "revival", "transition", "nonfinite"}
+    assert set(EVENT_KINDS) == {
+        "rank_change",
+        "collapse",
+        "revival",
+        "transition",
+        "nonfinite",
+        "dying",
+    }
+    # the optional fields travel when set
+    tr = Event(
+        300, "a,b", "transition", "log_volume", None, None, 2.0, "transition: ...",
+        trainer_before={"val_acc": 0.01}, trainer_after={"val_acc": 0.6}, label="generalising",
+    )  # fmt: skip
+    data = json.loads(json.dumps(tr.to_dict()))
+    assert data["trainer_before"] == {"val_acc": 0.01} and data["label"] == "generalising"
+    assert Event.from_dict(data) == tr
+    dying = Event(300, "fc", "dying", "dying_directions", None, 3.0, 3.0, "m", dying_directions=3.0)
+    assert Event.from_dict(json.loads(json.dumps(dying.to_dict()))) == dying
+    assert "label" not in dying.to_dict() and dying.to_dict()["dying_directions"] == 3.0
 
 
 # --------------------------------------------------------------------------- negatives
@@ -128,7 +151,7 @@ def test_a_loss_that_merely_shrinks_is_no_event() -> None:
     assert events == []
     # the same history watched through an absolute reading does flag it (so the
     # scale-free readings are what keeps it quiet)
-    _, absolute = feed({"fc": pts}, EventConfig(readings=("lambda_min",)))
+    _, absolute = feed({"fc": pts}, EventConfig(**COUNTS, readings=("lambda_min",)))
     assert [e.kind for e in absolute] == ["collapse"]
 
 
@@ -210,11 +233,11 @@ def test_a_collapse_in_two_layers_within_the_window_is_one_transition() -> None:
 
 
 def test_collapses_further_apart_than_the_window_are_no_transition() -> None:
-    n = 20 + CFG.transition_window + 15
+    n = 20 + WINDOW + 15
     a, b = noisy(n, seed=6), noisy(n, seed=7)
     for i in range(20, n):
         a[i] = point(lam=1e-6)
-    later = 20 + CFG.transition_window + 2
+    later = 20 + WINDOW + 2
     for i in range(later, n):
         b[i] = point(lam=1e-6)
     _, events = feed({"a": a, "b": b})
@@ -285,15 +308,20 @@ def test_unresolved_readings_are_skipped() -> None:
 
 
 def _random_history(seed: int, n: int = 60) -> list[dict]:
-    """A random walk with jumps, dips, rank flips and a non-finite point."""
+    """A random walk with jumps, dips, rank flips, a non-finite point, and a stretch
+    (checkpoints 40-45) where 3 directions die at the rate of the smallest."""
     rng = np.random.default_rng(seed)
     lam, vol, rank = -2.0, -20.0, 10
     out = []
     for i in range(n):
+        was = lam, vol, rank
         lam += rng.normal(0, 0.3) + (rng.random() < 0.08) * rng.choice([-4.0, 3.0])
         vol += rng.normal(0, 1.0) + (rng.random() < 0.08) * rng.choice([-30.0, 20.0])
         rank = rank + int(rng.integers(-1, 2)) if rng.random() < 0.2 else rank
-        dip = rng.random() < 0.05
+        dying = 40 <= i < 46
+        if dying:  # log det+ falls 3 times as fast as log lambda_min, the rank holds
+            lam, vol, rank = was[0] - 0.4, was[1] - 3 * 0.4 * math.log(10), was[2]
+        dip = rng.random() < 0.05 and not dying
         out.append(
             point(finite=False)
             if i == n // 2
@@ -319,6 +347,7 @@ def test_pure_functions_replayed_point_by_point_match_the_detector(seed: int) ->
             if pts[i]["finite"]:
                 at_step += detect_rank_change(hist, CFG, layer=name)
                 at_step += detect_level_shifts(hist, CFG, layer=name)
+                at_step += detect_dying(hist, CFG, layer=name)
         replayed += at_step
         replayed += detect_transitions(replayed, steps[: i + 1], CFG)
     assert replayed == events
@@ -377,10 +406,10 @@ def test_config_is_validated_and_round_trips() -> None:
     with pytest.raises(DDSError, match="confirm"):
         EventConfig(confirm=8, transition_window=8)
     with pytest.raises(ConfigError, match=r"unknown reading\(s\) \['lamda_ratio'\]"):
-        EventConfig(readings=("lamda_ratio",))
+        EventConfig(**COUNTS, readings=("lamda_ratio",))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['ratio'\]"):
         EventConfig.from_dict({"ratio": 2})
-    cfg = EventConfig(readings=["lambda_ratio"], ratio_decades=3.0)  # a list is accepted
+    cfg = EventConfig(**COUNTS, readings=["lambda_ratio"], ratio_decades=3.0)  # a list is accepted
     assert EventConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(DDSError, match="version"):
         EventDetector.from_state({"version": 99})
@@ -395,7 +424,7 @@ def test_units_and_thresholds_follow_the_table_of_readings() -> None:
     from ddsmon.readings import reading
 
     assert (reading("u_dead_gain").unit, reading("logdet").unit) == ("value", "nats")
-    cfg = EventConfig(readings=("u_dead_gain", "logdet"))
+    cfg = EventConfig(**COUNTS, readings=("u_dead_gain", "logdet"))
     pts = [dict(point(), u_dead_gain=1e-2, logdet=-20.0) for _ in range(15)]
     pts += [dict(point(), u_dead_gain=1e-5, logdet=-20.0 - 3 * math.log(10))] * 5
     _, events = feed({"fc": pts}, cfg)

@@ -72,3 +72,41 @@ def test_bad_argument_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--max-r must be in 1..19" in proc.stderr
     assert not (tmp_path / "f.png").exists()
+
+
+def _example() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deep_linear_run", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_the_event_detector_counts_r_dying_directions_on_the_bridge(r: int) -> None:
+    """Each point of the path t -> 0 read as a checkpoint (every 100 steps) and fed to the
+    detector, as the daemon feeds it: the live count is r, and the layer is 'dying'."""
+    import numpy as np
+    import torch
+
+    from ddsmon.events import EventDetector
+
+    run = _example()
+    torch.set_num_threads(1)
+    ts = np.logspace(-0.5, -2.0, 12)
+    det = EventDetector()
+    counts, events = [], []
+    path = run.path_signatures(  # type: ignore[attr-defined]
+        r, 0, ts, depth=4, width=20, n=128, noise=0.1, device="cpu"
+    )
+    for i, sig in enumerate(path):
+        events += det.update(i * 100, {"h1": sig.to_dict()})
+        counts.append(det.last_derived["h1"]["dying_directions"])
+    assert counts[0] is None  # nothing to compare the first checkpoint with
+    assert all(c == pytest.approx(r, abs=0.1) for c in counts[1:]), counts
+    dying = [e for e in events if e.kind == "dying"]
+    assert len(dying) == 1, [e.message for e in events]
+    assert dying[0].dying_directions == pytest.approx(r, abs=0.1)
+    assert f"about {r} direction" in dying[0].message

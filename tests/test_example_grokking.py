@@ -94,7 +94,7 @@ def _window(rows: list[tuple[int, float, Path]]) -> tuple[int, int]:
     return lo, hi
 
 
-def _check(runs: dict[str, Path], events: dict[str, list[Event]]) -> None:
+def _check(runs: dict[str, Path], events: dict[str, list[Event]], labelled: bool = False) -> None:
     grok_rows, control_rows = _checkpoints(runs["grok"]), _checkpoints(runs["control"])
     # the example does what it says: memorises first, generalises later (or never)
     lo, hi = _window(grok_rows)
@@ -108,6 +108,12 @@ def _check(runs: dict[str, Path], events: dict[str, list[Event]]) -> None:
     assert all(s >= lo for s in steps), f"a transition before val acc passed 10% ({lo}): {steps}"
     control = [e for e in events["control"] if e.kind == "transition"]
     assert control == [], f"transitions in the control run: {control}"
+    if labelled:  # fed the checkpoints' scalars: the transition says the model generalises
+        first = next(e for e in transitions if lo <= e.step <= hi)
+        assert first.label == "generalising", first.message
+        assert first.trainer_before is not None and first.trainer_after is not None
+        assert first.trainer_after["val_acc"] > first.trainer_before["val_acc"] + 0.01
+        assert "generalising: val_acc" in first.message
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -119,15 +125,17 @@ def test_engine_and_detector_flag_grokking_and_not_the_control(runs: dict[str, P
         detector = EventDetector()
         events[name] = []
         for step, _, path in _checkpoints(run):
+            checkpoint = torch.load(path, weights_only=True)
             model = _load_example_model()
-            model.load_state_dict(torch.load(path, weights_only=True)["model"])
+            model.load_state_dict(checkpoint["model"])
             sig = compute_signatures(
                 model, probe["inputs"], probe["targets"], loss="ce", device="cpu"
             )
+            meta = {k: float(v) for k, v in checkpoint.items() if k not in ("model", "step")}
             events[name] += detector.update(
-                step, {layer: s.to_dict() for layer, s in sig.layers.items()}
+                step, {layer: s.to_dict() for layer, s in sig.layers.items()}, meta
             )
-    _check(runs, events)
+    _check(runs, events, labelled=True)
 
 
 def _cli_ready() -> str | None:
@@ -166,9 +174,8 @@ def test_ddsmon_scan_flags_grokking_and_not_the_control(
         )
         events_json = tmp_path / f"{name}.jsonl"
         records = [json.loads(line) for line in events_json.read_text().splitlines()]
+        core = ("step", "layer", "kind", "reading", "before", "after", "magnitude", "message")
         for rec in records:
-            assert set(rec) >= set(Event.__dataclass_fields__), rec
-        events[name] = [
-            Event.from_dict({k: rec[k] for k in Event.__dataclass_fields__}) for rec in records
-        ]
+            assert set(rec) >= set(core), rec
+        events[name] = [Event.from_dict(rec) for rec in records]
     _check(runs, events)

@@ -105,6 +105,8 @@ def test_headline_readings() -> None:
         "log_volume",
         "lambda_ratio",
         "sigma_ratio",
+        "x_entropy",
+        "dying_directions",
     )
     assert all(reading(n).scale_free or reading(n).is_count for n in table.HEADLINE_READINGS)
 
@@ -125,6 +127,8 @@ def test_terminal_columns_come_from_the_table() -> None:
         "G\nlog det",
         "G\nlog vol",
         "G at u\ndead gain",
+        "X\nentropy",
+        "G\ndying",
         "K\nλ_min",
         "K\nrank",
     ]
@@ -142,6 +146,8 @@ def test_a_new_row_is_drawn_in_its_panel() -> None:
         reading("sigma_ratio").description,
         reading("log_volume").description,
         "ranks (solid: g_rank, dashed: x_rank)",
+        reading("x_entropy").description,
+        reading("dying_directions").description,
     ]
     assert [p.series for p in panels][:3] == [
         (("lambda_ratio", True, "-"),),
@@ -161,7 +167,14 @@ def test_event_kinds_are_styled_everywhere() -> None:
     from ddsmon.plots import EVENT_STYLE
     from ddsmon.sinks.terminal import EVENT_STYLES
 
-    assert EVENT_KINDS == ("rank_change", "collapse", "revival", "transition", "nonfinite")
+    assert EVENT_KINDS == (
+        "rank_change",
+        "collapse",
+        "revival",
+        "transition",
+        "nonfinite",
+        "dying",
+    )
     assert set(EVENT_STYLES) == set(EVENT_KINDS)
     assert set(EVENT_STYLE) == set(EVENT_KINDS)
 
@@ -185,4 +198,71 @@ def test_events_and_the_table_import_without_torch() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["5", str(len(READINGS))]
+    assert done.stdout.split() == ["6", str(len(READINGS))]
+
+
+# --------------------------------------------------------------- regime and derived readings
+
+
+def test_fractions_are_compared_as_they_are() -> None:
+    entropy = reading("x_entropy")
+    assert entropy.unit == "fraction" and entropy.scale_free and not entropy.in_decades
+    assert entropy.has_level and entropy.level(0.7) == 0.7 and entropy.from_level(0.7) == 0.7
+    with pytest.raises(ValueError, match="not measured in decades"):
+        entropy.decades(0.7)
+    assert reading("lambda_ratio").level(1e-3) == pytest.approx(-3.0)
+    assert not reading("x_rank").has_level
+
+
+def test_derived_readings_are_the_detectors() -> None:
+    assert table.DERIVED_READINGS == ("dying_directions",)
+    row = reading("dying_directions")
+    assert row.derived and row.is_count and row.terminal and row.panel is not None
+    # a signature fresh from the engine holds None there
+    assert LayerSignature("fc", 4, 4, 3).to_dict()["dying_directions"] is None
+
+
+def _spectral(values: list[float], floor: float = 1e-12) -> LayerSignature:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=np.float64)
+    return LayerSignature(
+        "fc", 8, 8, len(values), floor_x=floor, x_spectrum=arr, floor_g=floor, g_spectrum=arr**2
+    )
+
+
+def test_spectral_entropy_of_the_activations() -> None:
+    flat = _spectral([1.0, 1.0, 1.0, 1.0])
+    assert flat.x_entropy == pytest.approx(1.0)
+    # p = (0.8, 0.2) over two resolved values: H = -(0.8 ln 0.8 + 0.2 ln 0.2) / ln 2
+    two = _spectral([2.0, 1.0, 1e-20, 0.0])
+    expected = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2)
+    assert two.x_entropy == pytest.approx(expected)
+    assert two.to_dict()["x_entropy"] == pytest.approx(expected)
+    # one value carrying (nearly) everything: near 0; exactly one resolved: 0
+    assert _spectral([1.0, 1e-4, 1e-4, 1e-4]).x_entropy < 0.01
+    assert _spectral([1.0, 1e-20, 0.0]).x_entropy == 0.0
+    # nothing resolved, or a non-finite layer: None
+    assert _spectral([0.0, 0.0], floor=1e-12).x_entropy is None
+    assert LayerSignature("fc", 4, 4, 3, finite=False).x_entropy is None
+    assert signature.spectral_entropy([math.nan, 1.0], 0.0) is None
+
+
+def test_gradient_dominance_is_the_top_share_of_g() -> None:
+    # g_spectrum = (4, 1, 1, 1) over the resolved eigenvalues: 4 / 7
+    sig = _spectral([2.0, 1.0, 1.0, 1.0])
+    assert sig.g_dominance == pytest.approx(4 / 7)
+    assert _spectral([1.0, 1.0]).g_dominance == pytest.approx(0.5)
+    assert _spectral([1.0, 1e-20]).g_dominance == pytest.approx(1.0)
+    assert LayerSignature("fc", 4, 4, 3).g_dominance is None
+
+
+def test_dying_directions_reads_signatures_and_their_dicts_alike() -> None:
+    prev = LayerSignature("fc", 4, 4, 3, lambda_min=1e-2, logdet=-10.0, g_rank=3)
+    cur = LayerSignature("fc", 4, 4, 3, lambda_min=1e-3, logdet=-10.0 - 3 * math.log(10), g_rank=3)
+    assert signature.dying_directions(prev, cur) == pytest.approx(3.0)
+    assert signature.dying_directions(prev.to_dict(), cur.to_dict()) == pytest.approx(3.0)
+    assert signature.dying_directions(cur, prev) is None  # lambda_min rose
+    other_rank = dataclasses.replace(cur, g_rank=2)
+    assert signature.dying_directions(prev, other_rank) is None
+    assert signature.dying_directions(prev.to_dict(), dict(cur.to_dict(), finite=False)) is None

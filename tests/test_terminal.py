@@ -403,3 +403,40 @@ def test_log_records_go_through_the_sink_console() -> None:
     out = c.file.getvalue()  # type: ignore[attr-defined]
     assert "cannot read ckpts/x.pt: bad zip" in out
     assert out.index("cannot read") < out.rindex("ddsmon watch")  # above the last frame
+
+
+def test_the_dying_count_and_the_entropy_are_columns() -> None:
+    import numpy as np
+
+    flat = np.array([2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    plain = sigs(layer("fc1", x_spectrum=flat))
+    text = text_of(render_signatures_table(plain))
+    assert "entropy" in text and "dying" in text
+    assert re.search(r"\b1\b", row(text, "fc1").split("0.04")[-1]), row(text, "fc1")
+    # the engine leaves the count empty; the detector's, put in by with_derived, shows
+    assert row(text, "fc1").rstrip().endswith("—")
+    counted = plain.with_derived({"fc1": {"dying_directions": 3.04}})
+    line = row(text_of(render_signatures_table(counted, plain)), "fc1")
+    assert "3.04↑" in line, line
+
+
+def test_a_transition_line_says_its_label_and_dying_directions(tmp_path: Path) -> None:
+    path = tmp_path / "log.txt"
+    with path.open("w") as fh:
+        sink = TerminalSink(Console(file=fh, width=200), live=False)
+        sink.start(RunInfo(directory=tmp_path, mode="scan", params={}))
+        tr = Event(
+            1200, "fc1,fc2", "transition", "log_volume", None, None, 2.0,
+            "transition: ...; about 3 directions dying at 'fc1'; generalising: "
+            "val_acc 0.02 -> val_acc 0.6",
+            trainer_before={"val_acc": 0.02}, trainer_after={"val_acc": 0.6},
+            label="generalising",
+        )  # fmt: skip
+        dying = Event(1200, "fc1", "dying", "dying_directions", None, 3.0, 3.0,
+                      "dying: about 3 directions dying at 'fc1' (...)", dying_directions=3.0)  # fmt: skip
+        sink.on_reading(reading(1200, sigs(layer("fc1"), layer("fc2"))), [tr, dying])
+        sink.close()
+    text = path.read_text()
+    assert "EVENT transition step=1200" in text and "generalising: val_acc 0.02" in text
+    assert "about 3 directions dying at 'fc1'" in text
+    assert "EVENT dying step=1200 layer=fc1 reading=dying_directions" in text

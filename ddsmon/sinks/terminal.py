@@ -75,6 +75,7 @@ EVENT_STYLES: dict[str, str] = {
     "revival": "green",
     "rank_change": "cyan",
     "nonfinite": "red",
+    "dying": "magenta",
 }
 
 UP, DOWN = "↑", "↓"

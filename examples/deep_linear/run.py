@@ -18,8 +18,9 @@ component along each dead direction carries ``t^(L-1)``, so ``r`` eigenvalues of
   slope counts the dead directions (the paper reports 2.0 / 3.1 / 4.0 at r = 2, 3, 4);
 * ``log lambda+_min(G)`` falls with slope ``2(L-1)`` whatever ``r`` is: rank-blind.
 
-``ddsmon.dying_directions`` (what the daemon uses between checkpoints) reads the same
-count from each pair of consecutive points.
+``ddsmon.dying_directions`` (what the daemon's event detector computes between
+checkpoints, ``EventDetector.last_derived``) reads the same count from each pair of
+consecutive points.
 
     python examples/deep_linear/run.py --out examples/deep_linear/out/figure4.png
 """
@@ -31,6 +32,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ddsmon import compute_signatures, dying_directions
+from ddsmon.signature import LayerSignature
 
 PAPER_RATIOS = {1: 1.0, 2: 2.0, 3: 3.1, 4: 4.0}
 PAPER_SLOPES_PER_DECADE = {1: 6.9, 2: 13.8, 3: 21.0, 4: 27.8}
@@ -61,10 +64,12 @@ def deep_linear(weights: list[torch.Tensor]) -> nn.Sequential:
     return model
 
 
-def sweep(
+def path_signatures(
     r: int, seed: int, ts: np.ndarray, *, depth: int, width: int, n: int, noise: float, device: str
-) -> dict[str, list[float]]:
-    """Readings at h1 along the path t -> 0 for rank deficit r (one seed)."""
+) -> Iterator[LayerSignature]:
+    """The reading at h1 at each point of the path t -> 0 for rank deficit r (one seed),
+    as ``compute_signatures`` gives it: what a monitor would read at each checkpoint of a
+    run walking into the singular set."""
     gen = torch.Generator().manual_seed(seed)
     qs = [orthogonal(width, gen) for _ in range(depth + 1)]
     s_live = torch.linspace(1.2, 0.8, width, dtype=torch.float64)
@@ -74,9 +79,6 @@ def sweep(
     s_teacher[width - r :] = 0.0
     teacher = qs[depth] @ torch.diag(s_teacher**depth) @ qs[0].T
     y = x @ teacher.T + eps
-
-    out: dict[str, list[float]] = {"logdet": [], "log_lambda_min": [], "r_hat": [], "g_rank": []}
-    prev = None
     for t in ts:
         s = s_live.clone()
         s[width - r :] = float(t)
@@ -93,6 +95,18 @@ def sweep(
         cur = sig.layers[LAYER]
         if cur.lambda_min is None or cur.logdet is None:
             raise RuntimeError(f"r={r} t={t:.3g}: layer {LAYER} has no resolved eigenvalue")
+        yield cur
+
+
+def sweep(
+    r: int, seed: int, ts: np.ndarray, *, depth: int, width: int, n: int, noise: float, device: str
+) -> dict[str, list[float]]:
+    """Readings at h1 along the path t -> 0 for rank deficit r (one seed)."""
+    out: dict[str, list[float]] = {"logdet": [], "log_lambda_min": [], "r_hat": [], "g_rank": []}
+    prev = None
+    path = path_signatures(r, seed, ts, depth=depth, width=width, n=n, noise=noise, device=device)
+    for cur in path:
+        assert cur.lambda_min is not None and cur.logdet is not None
         out["logdet"].append(cur.logdet)
         out["log_lambda_min"].append(math.log(cur.lambda_min))
         out["g_rank"].append(cur.g_rank)

@@ -88,10 +88,13 @@ def train(
     probe_out: Path | None = None,
     probe_size: int = 256,
     delay: float = 0.0,
+    init: Path | None = None,
 ) -> list[dict[str, float]]:
     """Train and checkpoint; return one ``{"step", "train_acc", "val_acc", "loss",
     "val_loss"}`` row per checkpoint. ``delay`` sleeps that many seconds after each
-    checkpoint (to watch a run live)."""
+    checkpoint (to watch a run live). ``init``: a checkpoint of this script to start
+    from (its weights and its step: ``steps`` more are trained, numbered on from it;
+    the optimiser starts fresh), e.g. a converged model trained on at a small ``lr``."""
     if every <= 0 or steps < 0:
         raise ValueError(f"need every > 0 and steps >= 0, got every={every}, steps={steps}")
     out.mkdir(parents=True, exist_ok=True)
@@ -102,13 +105,18 @@ def train(
     x_tr, y_tr, x_va, y_va = make_split(p, train_frac, seed)
     torch.manual_seed(seed)
     model = ModularAdditionMLP(p=p)
+    first = 0
+    if init is not None:
+        start = torch.load(init, weights_only=True)
+        model.load_state_dict(start["model"])
+        first = int(start["step"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     history: list[dict[str, float]] = []
-    for step in range(steps + 1):
+    for step in range(first, first + steps + 1):
         model.train()
         logits = model(x_tr)
         loss = F.cross_entropy(logits, y_tr)
-        if step % every == 0 or step == steps:
+        if (step - first) % every == 0 or step == first + steps:
             model.eval()
             with torch.no_grad():
                 val_logits = model(x_va)
@@ -127,7 +135,7 @@ def train(
             )  # fmt: skip
             if delay:
                 time.sleep(delay)
-        if step == steps:
+        if step == first + steps:
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--delay", type=float, default=0.0, help="seconds to wait per checkpoint")
+    ap.add_argument(
+        "--init", type=Path, default=None, help="start from this checkpoint (weights and step)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_out=args.probe_out,
         probe_size=args.probe_size,
         delay=args.delay,
+        init=args.init,
     )
     log.info("done: %d checkpoints in %.1f s", len(hist), time.perf_counter() - t0)
     return 0

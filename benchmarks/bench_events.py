@@ -1,0 +1,487 @@
+"""Scorecard of the event detector on training runs it was not tuned on.
+
+Every run is the modular-addition MLP of ``examples/modular_addition`` (trained here by
+the example's own ``train``, one torch thread), read checkpoint by checkpoint with
+``ddsmon.compute_signatures`` and fed to ``ddsmon.events.EventDetector`` in-process, with
+each checkpoint's scalars as ``meta`` (so transitions carry their label):
+
+``grok``
+    AdamW lr 1e-2, weight decay 1.0, 1000 steps, a checkpoint every 25: memorises within
+    ~100 steps, generalises hundreds of steps later (grokking).
+``control``
+    The same without weight decay, trained long (3000 steps, past Adam's "slingshot"
+    loss spike near step 1300): memorises and never generalises.
+``steady``
+    The grokked model of ``grok`` trained 1000 more steps at lr 1e-4: converged, nothing
+    should fire.
+``slow@100`` / ``slow@500``
+    One slower grokking run (lr 1e-3, 10000 steps) read at checkpoints every 100 and
+    every 500 steps: the same run at two cadences must give the same transitions,
+    within one cadence.
+
+Two detectors side by side: DDS (the default ``EventConfig``: collapses of
+``lambda_ratio``, ``sigma_ratio`` and ``log_volume``) and the spectral-entropy signature
+(:data:`ENTROPY`: collapses of ``x_entropy``, the normalised spectral entropy of the
+activations, arXiv 2604.13123, through the same windows and transition logic, its
+thresholds tuned on the tuning seeds). Per run
+the table gives every transition's step and label, the validation window (the steps
+where validation accuracy first passes 10%, 50% and 95%), the lead time of the first
+transition before the 50% crossing (positive: before it), the false transitions (those
+labelled "not generalising", and any in a run that never generalises), and the first
+``dying`` event. The defaults were tuned on the ``--tune-seeds``; the scorecard reports
+the ``--seeds``.
+
+    python benchmarks/bench_events.py [--seeds 3,4,5] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
+    python benchmarks/bench_events.py --quick        # a smoke test, well under a minute
+
+Runs and readings are cached under ``--workdir`` (default: a temporary directory), so a
+rerun with another ``--events`` config only re-detects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ddsmon import compute_signatures
+from ddsmon.events import Event, EventConfig, EventDetector
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "modular_addition"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scaling import machine_lines, write_section  # noqa: E402
+
+#: The spectral-entropy signature's thresholds, tuned on the tuning seeds (a change of
+#: 0.01 in normalised entropy, or 5 robust sigmas of its reference window).
+ENTROPY = {"readings": ["x_entropy"], "fraction_change": 0.01, "volume_mad_k": 5.0}
+#: The signatures compared: name -> config (``extra``: the ``--events`` keys).
+DETECTORS: dict[str, Callable[[Mapping[str, Any]], EventConfig]] = {
+    "DDS": lambda extra: EventConfig.from_dict(dict(extra)),
+    "entropy": lambda extra: EventConfig.from_dict({**ENTROPY, **extra}),
+}
+THRESHOLDS = (0.10, 0.50, 0.95)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: its kind, its settings, and the cadences it is read at."""
+
+    kind: str
+    lr: float
+    weight_decay: float
+    steps: int
+    every: int
+    generalises: bool
+    init_from: str | None = None  # the kind whose final checkpoint it starts from
+    read_every: tuple[int, ...] = ()  # sub-cadences read from the same checkpoints
+
+
+def specs(quick: bool) -> list[RunSpec]:
+    if quick:
+        return [
+            RunSpec("grok", 1e-2, 1.0, 700, 25, True, read_every=(25, 50)),
+            RunSpec("control", 1e-2, 0.0, 700, 25, False),
+            RunSpec("steady", 1e-4, 1.0, 200, 25, False, init_from="grok"),
+        ]
+    return [
+        RunSpec("grok", 1e-2, 1.0, 1000, 25, True),
+        RunSpec("control", 1e-2, 0.0, 3000, 25, False),
+        RunSpec("steady", 1e-4, 1.0, 1000, 25, False, init_from="grok"),
+        RunSpec("slow", 1e-3, 1.0, 10000, 100, True, read_every=(100, 500)),
+    ]
+
+
+def _example_module(name: str) -> ModuleType:
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    spec = importlib.util.spec_from_file_location(
+        f"modular_addition_{name}", EXAMPLE / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ train and read
+
+
+def train_run(spec: RunSpec, seed: int, work: Path) -> tuple[Path, float]:
+    """Train (or find cached) the run; return its directory and the seconds it took."""
+    run = work / f"{spec.kind}-s{seed}"
+    done = run / "trained.json"
+    if done.exists():
+        return run, 0.0
+    train = _example_module("train").train
+    init = None
+    if spec.init_from is not None:
+        source = work / f"{spec.init_from}-s{seed}" / "ckpts"
+        init = sorted(source.glob("step_*.pt"))[-1]
+    started = time.perf_counter()
+    train(
+        run / "ckpts",
+        steps=spec.steps,
+        every=spec.every,
+        weight_decay=spec.weight_decay,
+        lr=spec.lr,
+        seed=seed,
+        probe_out=run / "probe.pt",
+        init=init,
+    )
+    seconds = time.perf_counter() - started
+    done.write_text(json.dumps({"seconds": seconds}))
+    return run, seconds
+
+
+Reading = tuple[int, dict[str, float], dict[str, dict[str, Any]]]
+
+
+def read_run(run: Path) -> tuple[list[Reading], float]:
+    """Every checkpoint's (step, scalars, {layer: LayerSignature.to_dict()}), cached."""
+    cache = run / "readings.json"
+    if cache.exists():
+        return [(int(s), m, r) for s, m, r in json.loads(cache.read_text())], 0.0
+    make_model = _example_module("model").make_model
+    probe = torch.load(run / "probe.pt", weights_only=True)
+    started = time.perf_counter()
+    rows: list[Reading] = []
+    for path in sorted((run / "ckpts").glob("step_*.pt")):
+        ck = torch.load(path, weights_only=True)
+        model = make_model()
+        model.load_state_dict(ck["model"])
+        sig = compute_signatures(model, probe["inputs"], probe["targets"], loss="ce", device="cpu")
+        meta = {k: float(v) for k, v in ck.items() if k not in ("model", "step")}
+        rows.append((int(ck["step"]), meta, {k: s.to_dict() for k, s in sig.layers.items()}))
+    seconds = time.perf_counter() - started
+    cache.write_text(json.dumps(rows))
+    return rows, seconds
+
+
+# ------------------------------------------------------------------ detect and score
+
+
+@dataclass
+class Score:
+    """What one detector said about one run at one cadence."""
+
+    transitions: list[Event] = field(default_factory=list)
+    dying: list[Event] = field(default_factory=list)
+
+    def onsets(self) -> list[int]:
+        """Each transition's onset: the step of its earliest collapse (its message lists
+        each collapse as ``layer reading -depth @ step``)."""
+        out = []
+        for tr in self.transitions:
+            steps = [int(m) for m in re.findall(r"@ (\d+)", tr.message)]
+            out.append(min(steps) if steps else tr.step)
+        return out
+
+
+def detect(rows: Sequence[Reading], cfg: EventConfig, every: int | None) -> Score:
+    """Feed the checkpoints (those on a multiple of ``every`` steps, when given)."""
+    det = EventDetector(cfg)
+    score = Score()
+    for step, meta, layers in rows:
+        if every is not None and step % every:
+            continue
+        for ev in det.update(step, layers, meta):
+            if ev.kind == "transition":
+                score.transitions.append(ev)
+            elif ev.kind == "dying":
+                score.dying.append(ev)
+
+    return score
+
+
+def crossings(rows: Sequence[Reading], every: int | None) -> dict[float, int | None]:
+    """The step where validation accuracy first passes each threshold."""
+    kept = [(s, m) for s, m, _ in rows if every is None or s % every == 0]
+    return {
+        thr: next((s for s, m in kept if m.get("val_acc", 0.0) > thr), None) for thr in THRESHOLDS
+    }
+
+
+def lead(score: Score, cross: Mapping[float, int | None]) -> int | None:
+    """Steps from the first generalising transition to the 50% crossing."""
+    good = [e.step for e in score.transitions if e.label == "generalising"]
+    half = cross[0.50]
+    if not good or half is None:
+        return None
+    return half - good[0]
+
+
+def false_transitions(score: Score, generalises: bool) -> int:
+    if not generalises:
+        return len(score.transitions)
+    return sum(1 for e in score.transitions if e.label != "generalising")
+
+
+@dataclass
+class Row:
+    kind: str
+    seed: int
+    every: int
+    checkpoints: int
+    generalises: bool
+    cross: dict[float, int | None]
+    scores: dict[str, Score]
+    paired: bool = False  # the run is read at more than one cadence
+
+
+def _fmt_steps(values: Sequence[int | None]) -> str:
+    return " / ".join("—" if v is None else str(v) for v in values)
+
+
+def _fmt_transitions(score: Score) -> str:
+    if not score.transitions:
+        return "none"
+    short = {"generalising": "gen", "not generalising": "not gen", "unknown": "?"}
+    return ", ".join(f"{e.step} ({short.get(e.label or '', e.label)})" for e in score.transitions)
+
+
+def _fmt_lead(value: int | None) -> str:
+    return "—" if value is None else f"{value:+d}"
+
+
+def _fmt_dying(score: Score) -> str:
+    if not score.dying:
+        return "none"
+    first = score.dying[0]
+    layers = sorted({e.layer for e in score.dying})
+    return f"{first.step} ({first.layer}, ~{first.magnitude:.0f}); {len(score.dying)} in {len(layers)} layers"
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| run | seed | ckpts | val acc 10% / 50% / 95% | DDS transitions (label) | DDS lead "
+        "| entropy transitions (label) | entropy lead | false DDS / entropy | first dying |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dds, ent = r.scores["DDS"], r.scores["entropy"]
+        name = f"{r.kind}@{r.every}" if r.paired else r.kind
+        lines.append(
+            f"| {name} | {r.seed} | {r.checkpoints} | "
+            f"{_fmt_steps([r.cross[t] for t in THRESHOLDS])} | {_fmt_transitions(dds)} | "
+            f"{_fmt_lead(lead(dds, r.cross))} | {_fmt_transitions(ent)} | "
+            f"{_fmt_lead(lead(ent, r.cross))} | "
+            f"{false_transitions(dds, r.generalises)} / {false_transitions(ent, r.generalises)} | "
+            f"{_fmt_dying(dds)} |"
+        )
+    return lines
+
+
+def summary(rows: Sequence[Row]) -> list[str]:
+    """Per detector: grokking runs with a generalising transition before 95%, median lead,
+    false transitions, and how far the two cadences of one run disagree."""
+    lines = [
+        "| signature | grokking runs caught (a generalising transition by 95%) | median lead (steps) "
+        "| false transitions (all runs) | cadence pairs: transitions within one cadence "
+        "| onsets within one cadence |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in DETECTORS:
+        grok = [r for r in rows if r.generalises]
+        caught = 0
+        leads = []
+        for r in grok:
+            good = [e.step for e in r.scores[name].transitions if e.label == "generalising"]
+            hi = r.cross[0.95]
+            if good and (hi is None or good[0] <= hi):
+                caught += 1
+            value = lead(r.scores[name], r.cross)
+            if value is not None:
+                leads.append(value)
+        false = sum(false_transitions(r.scores[name], r.generalises) for r in rows)
+        pairs = cadence_pairs(rows)
+        ok = sum(1 for p in pairs if p.within(name, 1))
+        onset = sum(1 for p in pairs if p.onsets_within(name))
+        lines.append(
+            f"| {name} | {caught} / {len(grok)} | "
+            f"{'—' if not leads else f'{median(leads):+.0f}'} | {false} | {ok} / {len(pairs)} "
+            f"| {onset} / {len(pairs)} |"
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One run read at two cadences: each reading's transitions and their onsets."""
+
+    kind: str
+    seed: int
+    fine: Row
+    coarse: Row
+
+    def steps(self, name: str) -> tuple[list[int], list[int], list[int], list[int]]:
+        f, c = self.fine.scores[name], self.coarse.scores[name]
+        return (
+            [e.step for e in f.transitions],
+            f.onsets(),
+            [e.step for e in c.transitions],
+            c.onsets(),
+        )
+
+    def within(self, name: str, cadences: float) -> bool:
+        """Same number of transitions, each within ``cadences`` coarse cadences."""
+        a, _, b, _ = self.steps(name)
+        span = cadences * self.coarse.every
+        return len(a) == len(b) and all(abs(x - y) <= span for x, y in zip(a, b))
+
+    def onsets_within(self, name: str) -> bool:
+        _, a, _, b = self.steps(name)
+        return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
+
+
+def cadence_pairs(rows: Sequence[Row]) -> list[Pair]:
+    """Every run read at two cadences (its finest and coarsest reading)."""
+    by_run: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        if r.paired:
+            by_run.setdefault((r.kind, r.seed), []).append(r)
+    out = []
+    for (kind, seed), group in by_run.items():
+        group = sorted(group, key=lambda r: r.every)
+        out.append(Pair(kind, seed, group[0], group[-1]))
+    return out
+
+
+def pair_table(rows: Sequence[Row]) -> list[str]:
+    pairs = cadence_pairs(rows)
+    if not pairs:
+        return []
+    fine, coarse = pairs[0].fine.every, pairs[0].coarse.every
+    lines = [
+        f"| run | seed | signature | every {fine}: transitions (onset) "
+        f"| every {coarse}: transitions (onset) | same within one cadence ({coarse} steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        for name in DETECTORS:
+            a, oa, b, ob = p.steps(name)
+            show = lambda t, o: ", ".join(f"{x} ({y})" for x, y in zip(t, o)) or "none"  # noqa: E731
+            verdict = (
+                "yes" if p.within(name, 1) else
+                "onset yes, reported a checkpoint later" if p.onsets_within(name) and p.within(name, 2)
+                else "no"
+            )  # fmt: skip
+            lines.append(
+                f"| {p.kind} | {p.seed} | {name} | {show(a, oa)} | {show(b, ob)} | {verdict} |"
+            )
+    return lines
+
+
+# ------------------------------------------------------------------ main
+
+
+def run_all(
+    seeds: Sequence[int], quick: bool, work: Path, extra: Mapping[str, Any], log_: Any
+) -> tuple[list[Row], dict[str, float]]:
+    rows: list[Row] = []
+    seconds = {"train": 0.0, "read": 0.0, "detect": 0.0}
+    configs = {name: make(extra) for name, make in DETECTORS.items()}
+    for seed in seeds:
+        for spec in specs(quick):
+            run, t_train = train_run(spec, seed, work)
+            readings, t_read = read_run(run)
+            seconds["train"] += t_train
+            seconds["read"] += t_read
+            started = time.perf_counter()
+            for every in spec.read_every or (spec.every,):
+                sub = None if every == spec.every else every
+                scores = {name: detect(readings, cfg, sub) for name, cfg in configs.items()}
+                n = sum(1 for s, _, _ in readings if sub is None or s % sub == 0)
+                cross = crossings(readings, sub)
+                paired = len(spec.read_every) > 1
+                rows.append(Row(spec.kind, seed, every, n, spec.generalises, cross, scores, paired))
+            seconds["detect"] += time.perf_counter() - started
+            log_(f"{spec.kind} seed {seed}: trained {t_train:.1f} s, read {t_read:.1f} s")
+    return rows, seconds
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=_seeds, default=[3, 4, 5], help="seeds the scorecard reports")
+    ap.add_argument(
+        "--tune-seeds", type=_seeds, default=[0, 1, 2], help="seeds the defaults were tuned on"
+    )
+    ap.add_argument("--quick", action="store_true", help="a smoke test: short runs, one seed")
+    ap.add_argument("--workdir", type=Path, default=None, help="cache of runs and readings")
+    ap.add_argument("--events", default="{}", help="extra [events] keys, as JSON")
+    ap.add_argument("--write", default=None, help="put the tables into this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # Adam's tiny late updates crawl as subnormal floats
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    extra = json.loads(args.events)
+    if args.quick:
+        args.seeds, args.tune_seeds = [0], []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_events_") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        tuned, t_tune = run_all(args.tune_seeds, args.quick, work, extra, say)
+        report, t_report = run_all(args.seeds, args.quick, work, extra, say)
+    total = time.perf_counter() - started
+    command = "python benchmarks/bench_events.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a
+    )
+    lines = [
+        "### Event detection scorecard (`benchmarks/bench_events.py`)",
+        "",
+        f"- command: `{command.strip()}`",
+        *machine_lines(),
+        f"- wall time {total:.0f} s (train {t_tune['train'] + t_report['train']:.0f} s, read "
+        f"{t_tune['read'] + t_report['read']:.0f} s, detect "
+        f"{t_tune['detect'] + t_report['detect']:.0f} s); events config "
+        f"{json.dumps(extra) if extra else 'the defaults'}",
+        "- lead: steps from the first generalising transition to the 50% crossing of "
+        "validation accuracy (positive: before it); false: transitions labelled not "
+        "generalising, and every transition of a run that never generalises",
+        "",
+        f"Report seeds {', '.join(map(str, args.seeds))}:",
+        "",
+        *table(report),
+        "",
+        *pair_table(report),
+        "",
+        *summary(report),
+    ]
+    if tuned:
+        lines += [
+            "",
+            f"Tuning seeds {', '.join(map(str, args.tune_seeds))} (what the defaults were set on):",
+            "",
+            *summary(tuned),
+        ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section(args.write, "bench_events", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
