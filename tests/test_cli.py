@@ -304,6 +304,29 @@ def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+class LiveWatch:
+    """A real ``ddsmon watch DIR ARGS`` subprocess (quiet 0.3 s, no plots) whose stderr
+    lines are collected as they come (``lines``); ``stop()`` sends SIGINT, waits, and
+    returns the whole stderr."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        cmd = [sys.executable, "-m", "ddsmon.cli", "watch", str(directory),
+               "--quiet", "0.3", "--no-plots", *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        stream = self.proc.stderr
+        self._reader = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self._reader.start()
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        self._reader.join(timeout=10)
+        return "".join(self.lines)
+
+
 def test_watch_started_before_the_directory_exists_waits_for_it(
     tmp_path: Path, probe: Path
 ) -> None:
@@ -312,16 +335,11 @@ def test_watch_started_before_the_directory_exists_waits_for_it(
     ckpts = tmp_path / "not_yet"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # the store exists before this test polls it
-    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--model", FACTORY,
-            "--probe", str(probe), "--tracking-uri", uri, "--quiet", "0.3", "--no-plots"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    watcher = LiveWatch(ckpts, "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    lines = watcher.lines
     try:
         _wait(lambda: any("to be created" in line for line in lines), 120, "the waiting line")
-        assert proc.poll() is None
+        assert watcher.proc.poll() is None
         assert not ckpts.exists(), "nothing is created in the watcher's wait"
         write_run(ckpts, [0, 10])
         _wait(lambda: _steps(uri) == [0, 10], 120, "the checkpoints of the new directory")
@@ -329,11 +347,8 @@ def test_watch_started_before_the_directory_exists_waits_for_it(
         os.replace(tmp_path / "more" / "step_000020.pt", ckpts / "step_000020.pt")
         _wait(lambda: _steps(uri) == [0, 10, 20], 120, "a checkpoint written later")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-    err = "".join(lines)
-    assert proc.returncode == 0, err
+        err = watcher.stop()
+    assert watcher.proc.returncode == 0, err
     assert f"waiting for {ckpts} to be created" in err
 
 
@@ -362,13 +377,8 @@ def test_watch_reports_each_bad_file_written_live_once(tmp_path: Path, probe: Pa
     ckpts = tmp_path / "ckpts"
     write_run(ckpts, [0])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, "-m", "ddsmon.cli", "watch", str(ckpts), "--model", FACTORY,
-            "--probe", str(probe), "--tracking-uri", uri, "--quiet", "0.3", "--no-plots"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    watcher = LiveWatch(ckpts, "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri)
+    lines = watcher.lines
     bad = {"step_000010.pt": b"", "step_000020.pt": os.urandom(4096)}
     good = (ckpts / "step_000000.pt").read_bytes()
     bad["step_000030.pt"] = good[: len(good) // 2]
@@ -379,11 +389,8 @@ def test_watch_reports_each_bad_file_written_live_once(tmp_path: Path, probe: Pa
         _wait(lambda: all(any(n in line for line in lines) for n in bad), 60, "the reports")
         time.sleep(2.0)  # a second report would come within a few quiet periods
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-    err = "".join(lines)
-    assert proc.returncode == 0, err
+        err = watcher.stop()
+    assert watcher.proc.returncode == 0, err
     for name in bad:
         reports = [line for line in lines if name in line and "cannot read" in line]
         assert len(reports) == 1, (name, err)

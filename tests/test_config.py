@@ -19,7 +19,6 @@ from ddsmon.config import (
     allow_file,
     is_allowed,
     load_config_file,
-    redact_uri,
     resolve_config,
 )
 from ddsmon.errors import ConfigError
@@ -196,19 +195,6 @@ def test_paths_in_toml_are_relative_to_the_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "c.toml"
     path.write_text('events_json = "ev.jsonl"\n')
     assert load_config_file(path)["events_json"] == (tmp_path / "sub" / "ev.jsonl").resolve()
-
-
-@pytest.mark.parametrize(
-    ("uri", "shown"),
-    [
-        ("http://alice:s3cret@host:5000/x", "http://***@host:5000/x"),
-        ("http://host:5000", "http://host:5000"),
-        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
-        ("postgresql://u:p@127.0.0.1:5432/db", "postgresql://***@127.0.0.1:5432/db"),
-    ],
-)
-def test_redact_uri(uri: str, shown: str) -> None:
-    assert redact_uri(uri) == shown
 
 
 # --------------------------------------------------------------------------- trust boundary
