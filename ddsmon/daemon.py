@@ -422,13 +422,17 @@ class Daemon:
             return
         del loaded.model
         self._faults.success()
-        events = self.detector.update(step, {name: s.to_dict() for name, s in sig.layers.items()})
+        meta = {k: float(v) for k, v in loaded.meta.items()}
+        events = self.detector.update(
+            step, {name: s.to_dict() for name, s in sig.layers.items()}, meta=meta
+        )
+        sig = sig.with_derived(self.detector.last_derived)  # dying_directions, per layer
         reading = CheckpointReading(
             step=step,
             path=ref.path,
             signatures=sig,
             fingerprint=fp,
-            meta={k: float(v) for k, v in loaded.meta.items()},
+            meta=meta,
             load_seconds=load_seconds,
             read_seconds=sig.seconds,
         )
