@@ -22,8 +22,13 @@ class CheckpointReading:
     fingerprint: ``(size, mtime_ns)`` of the checkpoint when it was read (a changed
         fingerprint means a new version of the file).
     meta: anything else the checkpoint carried that is worth showing (e.g. the
-        trainer's ``val_acc``), scalar values only.
+        trainer's ``val_acc``), scalar values only, at the checkpoint's own ``step``.
     load_seconds / read_seconds: wall time of loading and of the reading.
+    trainer_log: what the trainer logged before this checkpoint, each entry at its own
+        step: ``(step, {name: number})`` in step order, one entry per step (a Hugging
+        Face ``trainer_state.json``'s ``log_history``; see
+        :attr:`ddsmon.loading.LoadedCheckpoint.trainer_log`). Every checkpoint of a run
+        repeats the whole history before it: a sink logs each ``(name, step)`` once.
     """
 
     step: int
@@ -33,6 +38,7 @@ class CheckpointReading:
     meta: dict[str, float] = field(default_factory=dict)
     load_seconds: float = 0.0
     read_seconds: float = 0.0
+    trainer_log: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

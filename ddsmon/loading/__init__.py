@@ -54,28 +54,43 @@ keys match (ties: wrapper names such as ``model``/``module`` first, then the sho
 Keys of the candidate that start with ``P`` but are not the model's are *unexpected*;
 keys outside ``P`` belong to something else (a Lightning module's loss, an EMA copy)
 and are ignored. The first candidate with no missing, unexpected or mis-shaped key is
-loaded; otherwise the error reports the candidate that matched most keys. Where the
+loaded; otherwise the error reports the candidate that matched most keys.
+``LoadedCheckpoint.source`` says which was loaded, the prefix stripped and what was
+ignored beside it, by dotted head (``'ema_model.' 4 keys, the model's keys again``),
+and any other candidate that matched as well. Where the
 choice is a guess (two prefixes made of other names match equally well, or the model
 matches under two keys that are not container keys: ``student``/``teacher``), the
 error says so rather than loading either. A missing
 key is excused only when it is tied to (shares its tensor with) a key that is present,
 as Hugging Face checkpoints omit tied weights.
 
-Step and meta
--------------
+Step, meta and trainer log
+--------------------------
 ``step``: the checkpoint's own top-level ``step``, ``global_step`` or ``iteration`` (a
 non-negative integer or an integral 0-dim tensor), in that order; for a Hugging Face
 folder ``trainer_state.json``'s ``global_step``; else ``None`` (the caller falls back
-to the number in the name). ``meta``: every top-level real scalar (``val_acc``,
-``epoch``, ``loss`` ...; booleans excluded) as a float, and the numeric strings of a
-safetensors file's ``__metadata__``; for Hugging Face, ``trainer_state.json``'s
-``epoch``, ``global_step``, ``best_metric`` and the latest value of each number in its
-``log_history`` (``loss``, ``eval_accuracy`` ...).
+to the number in the name). ``meta``: the checkpoint's own scalars, at its step: every
+top-level real scalar (``val_acc``, ``epoch``, ``loss`` ...; booleans excluded) as a
+float, and the numeric strings of a safetensors file's ``__metadata__``; for Hugging
+Face, ``trainer_state.json``'s ``epoch`` and ``best_metric`` and the ``log_history``
+entries logged at the checkpoint's own step. A tensor of the state dict is never a
+scalar: where the state dict is the top level (``torch.save(model.state_dict())``),
+only its dotless 0-dim tensors that are not the model's (``step``, ``val_acc``) may be,
+so a one-output layer's ``4.bias`` or an EMA copy's ``ema_model.4.bias`` is not; and no
+key naming one of the model's keys is, anywhere. ``trainer_log``: every
+``log_history`` entry with an integral ``step``, at that step (``logging_steps``
+need not divide ``save_steps``), numbers only, one entry per step, in step order.
 """
 
 from ddsmon.loading.checkpoint import load_checkpoint
 from ddsmon.loading.factories import resolve_callable, resolve_factory
-from ddsmon.loading.loaded import CHECKPOINT_KINDS, VANISHED, CheckpointLike, LoadedCheckpoint
+from ddsmon.loading.loaded import (
+    CHECKPOINT_KINDS,
+    VANISHED,
+    CheckpointLike,
+    LoadedCheckpoint,
+    TrainerLogEntry,
+)
 from ddsmon.loading.probes import load_probe
 
 __all__ = (
@@ -83,6 +98,7 @@ __all__ = (
     "VANISHED",
     "CheckpointLike",
     "LoadedCheckpoint",
+    "TrainerLogEntry",
     "load_checkpoint",
     "load_probe",
     "resolve_callable",

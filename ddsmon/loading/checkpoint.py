@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -12,7 +12,14 @@ from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
 from ddsmon.loading.huggingface import _load_hf_folder
-from ddsmon.loading.key_matching import _apply, _Candidate, _candidates, _choose, _load_into
+from ddsmon.loading.key_matching import (
+    _apply,
+    _Candidate,
+    _candidates,
+    _choose,
+    _load_into,
+    _outside_state_dict,
+)
 from ddsmon.loading.loaded import (
     CHECKPOINT_KINDS,
     VANISHED,
@@ -77,7 +84,7 @@ def _load_torch_file(
                 f"{path}: no model factory to load this state dict into; "
                 "pass --model MODULE:FACTORY"
             )
-        return LoadedCheckpoint(obj, None, {})
+        return LoadedCheckpoint(obj, None, {}, source="the pickled model itself (trusted)")
     built: list[nn.Module] = []
 
     def check_keys(skeleton: object) -> None:  # before any tensor data is read
@@ -86,8 +93,9 @@ def _load_torch_file(
 
     obj = _torch_load(path, trust, before_data=check_keys)
     model = built[0] if built else _build(factory)
-    _load_into(model, _candidates(obj), path)
-    return LoadedCheckpoint(model, _step_of(obj), _meta_of(obj))
+    match = _load_into(model, _candidates(obj), path)
+    meta = _meta_of(_outside_state_dict(match, obj)) if isinstance(obj, Mapping) else {}
+    return LoadedCheckpoint(model, _step_of(obj), meta, source=match.source())
 
 
 def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) -> LoadedCheckpoint:
@@ -103,4 +111,9 @@ def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) 
         wanted = sorted(set(match.mapping.values()))
         tensors = _safetensors_read(path, handle, header, wanted)
     _apply(model, match, tensors, path)
-    return LoadedCheckpoint(model, _step_of(header.metadata), _meta_of(header.metadata))
+    return LoadedCheckpoint(
+        model,
+        _step_of(header.metadata),
+        _meta_of(header.metadata),
+        source=match.source(f"in {path.name}"),
+    )

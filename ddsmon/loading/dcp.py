@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ddsmon.checkpoints import RefusedFile, open_regular, stat_regular
 from ddsmon.errors import CheckpointError, ConfigError
-from ddsmon.loading.key_matching import _apply, _Candidate, _choose
+from ddsmon.loading.key_matching import _apply, _Candidate, _choose, _outside_state_dict
 from ddsmon.loading.loaded import LoadedCheckpoint, _build
 from ddsmon.loading.step_and_meta import _meta_of, _step_of
 from ddsmon.loading.wording import _TRUST_HINT, _describe, _first_line, _short
@@ -141,7 +141,7 @@ def _load_dcp_folder(
     except Exception as exc:
         raise CheckpointError(path, f"malformed .metadata ({_describe(exc)})") from None
     model = _build(factory)
-    chosen = _choose(model, [_Candidate("in the DCP folder", skeleton)], path)
+    chosen = _choose(model, [_Candidate("in the DCP folder", skeleton, top=True)], path)
     wanted = set(chosen.mapping.values())
     wanted |= {k for k, t in skeleton.items() if "." not in k and t.numel() == 1}
     top_bytes = {
@@ -174,7 +174,8 @@ def _load_dcp_folder(
         if value is not None:
             top[fqn] = value
     _apply(model, chosen, {**skeleton, **request}, path)
-    return LoadedCheckpoint(model, _step_of(top), _meta_of(top))
+    meta = _meta_of(_outside_state_dict(chosen, top))
+    return LoadedCheckpoint(model, _step_of(top), meta, source=chosen.source())
 
 
 def _check_data_files(path: Path, storage: dict[Any, Any], fqns: set[str]) -> None:

@@ -21,7 +21,7 @@ from ddsmon.loading.file_formats import (
     _torch_skeleton,
 )
 from ddsmon.loading.key_matching import _apply, _Candidate, _choose
-from ddsmon.loading.loaded import LoadedCheckpoint, _build
+from ddsmon.loading.loaded import LoadedCheckpoint, TrainerLogEntry, _build
 from ddsmon.loading.step_and_meta import _as_step, _meta_of
 from ddsmon.loading.wording import _describe, _kind_of
 
@@ -37,10 +37,47 @@ def _load_hf_folder(
     path: Path, factory: Callable[[], nn.Module] | None, trust: bool
 ) -> LoadedCheckpoint:
     """trainer_state.json, then every weights file's keys and shapes (safetensors headers,
-    torch files unpickled onto meta), matched to the model before any weights are read."""
+    torch files unpickled onto meta), matched to the model before any weights are read.
+
+    A folder deleted while it is read (a Trainer's ``save_total_limit`` rotating it
+    away: ``config.json`` or the weights gone, the folder still there for a moment) is
+    FileNotFoundError (vanished), not a report of a missing file: a failure counts as
+    that when a file the folder held when the read began is gone when it failed."""
     if os.path.lexists(path) and not path.is_dir():
         raise CheckpointError(path, "not a folder (a Hugging Face checkpoint is a folder)")
-    step, meta = _hf_trainer_state(path)
+    before = _entries(path)
+    try:
+        return _load_hf_contents(path, factory, trust)
+    except CheckpointError:
+        if before is not None and _lost_entries(path, before):
+            raise FileNotFoundError(path) from None
+        raise
+
+
+def _entries(path: Path) -> set[str] | None:
+    """The names in the folder (FileNotFoundError when it is gone), None when unlistable."""
+    try:
+        return set(os.listdir(path))
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+
+
+def _lost_entries(path: Path, before: set[str]) -> bool:
+    """Whether the folder, or any of the names it held (``before``), is gone now."""
+    try:
+        return bool(before - set(os.listdir(path)))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _load_hf_contents(
+    path: Path, factory: Callable[[], nn.Module] | None, trust: bool
+) -> LoadedCheckpoint:
+    step, meta, trainer_log = _hf_trainer_state(path)
     files = [_WeightsFile.open(f, trust, path) for f in _hf_weights_files(path)]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
     skeleton = {k: t for f in files for k, t in f.skeleton.items()}
@@ -52,7 +89,9 @@ def _load_hf_folder(
         if names:
             tensors.update(f.read(names, trust, path))
     _apply(model, match, tensors, path)
-    return LoadedCheckpoint(model, step, meta)
+    names = [f.path.name for f in files]
+    where = f"in {names[0]}" if len(names) == 1 else f"in {len(names)} shards ({', '.join(names)})"
+    return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
 
 
 def _read_json(path: Path, folder: Path) -> Any:
@@ -64,27 +103,46 @@ def _read_json(path: Path, folder: Path) -> Any:
     return json.loads(raw.decode("utf-8"))
 
 
-def _hf_trainer_state(path: Path) -> tuple[int | None, dict[str, float]]:
+def _hf_trainer_state(path: Path) -> tuple[int | None, dict[str, float], list[TrainerLogEntry]]:
+    """``(global_step, meta, trainer_log)`` from trainer_state.json (see :func:`_trainer_log`)."""
     state_file = path / "trainer_state.json"
     if not os.path.lexists(state_file):
         if not path.exists():
             raise FileNotFoundError(path)
-        return None, {}
+        return None, {}, []
     try:
         state = _read_json(state_file, path)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(path, f"trainer_state.json is not JSON ({_describe(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(path, "trainer_state.json is not a JSON object")
+    step = _as_step(state.get("global_step"))
+    trainer_log = _trainer_log(state.get("log_history"))
     meta: dict[str, float] = {}
-    history = state.get("log_history")
-    if isinstance(history, list):
-        for entry in history:
-            if isinstance(entry, dict):
-                meta.update(_meta_of(entry))
-    meta.pop("step", None)
+    for entry_step, numbers in trainer_log:
+        if entry_step == step:
+            meta.update(numbers)
     meta.update(_meta_of({k: state.get(k) for k in ("epoch", "best_metric")}))
-    return _as_step(state.get("global_step")), meta
+    return step, meta, trainer_log
+
+
+def _trainer_log(history: Any) -> list[TrainerLogEntry]:
+    """``log_history``'s entries, each at its own ``step``: the numbers of each entry
+    (no bools, no strings, not the step itself), the entries of one step merged (a later
+    one's value wins), in step order. An entry without a step cannot be placed: left out."""
+    if not isinstance(history, list):
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for entry in history:
+        if not isinstance(entry, dict):
+            continue
+        step = _as_step(entry.get("step"))
+        if step is None:
+            continue
+        numbers = _meta_of({k: v for k, v in entry.items() if not isinstance(v, str)})
+        if numbers:
+            by_step.setdefault(step, {}).update(numbers)
+    return sorted(by_step.items())
 
 
 def _hf_weights_files(path: Path) -> list[Path]:

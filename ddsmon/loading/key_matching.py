@@ -24,11 +24,15 @@ _MAX_CANDIDATES = 64
 
 @dataclass
 class _Candidate:
-    """A flat name -> tensor mapping found in the checkpoint; ``where`` says where."""
+    """A flat name -> tensor mapping found in the checkpoint; ``where`` says where.
+
+    top: the mapping is the checkpoint's top level itself (a bare state dict), so its
+    keys are also the checkpoint's top-level keys (see :func:`_weight_keys`)."""
 
     where: str
     tensors: Mapping[str, Any]
     known: bool = True
+    top: bool = False
 
 
 @dataclass
@@ -40,10 +44,37 @@ class _Match:
     unexpected: list[str] = field(default_factory=list)
     shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     rivals: list[str] = field(default_factory=list)  # other prefixes matching as well
+    #: keys outside the prefix, by dotted head ("ema_model." -> its keys): not loaded
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+    #: heads of ``ignored`` under which every model key is present (an EMA copy...)
+    copies: set[str] = field(default_factory=set)
+    #: other candidates that match the model as well, not loaded (``where`` of each)
+    others: list[str] = field(default_factory=list)
+    #: the model's keys, normalised (no ``_orig_mod.``)
+    model_keys: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.shapes or self.rivals)
+
+    def source(self, where: str | None = None) -> str:
+        """Which weights were loaded, in words: the candidate, the prefix stripped, and
+        what was ignored beside them, e.g. ``under ['state_dict'], prefix 'model.'
+        stripped (ignored: 'ema_model.' 4 keys, the model's keys again; 'criterion.'
+        1 key)``. ``where`` replaces the candidate's own wording."""
+        text = where if where is not None else self.candidate.where
+        if self.prefix:
+            text += f", prefix {self.prefix!r} stripped"
+        ignored = []
+        for head, keys in self.ignored.items():
+            count = f"{len(keys)} key{'s' if len(keys) != 1 else ''}"
+            again = ", the model's keys again" if head in self.copies else ""
+            ignored.append(f"{head!r} {count}{again}")
+        if ignored:
+            text += f" (ignored: {'; '.join(ignored)})"
+        if self.others:
+            text += f"; also matching the model, not loaded: {', '.join(self.others)}"
+        return text
 
 
 def _candidates(obj: Any) -> list[_Candidate]:
@@ -68,7 +99,7 @@ def _candidates(obj: Any) -> list[_Candidate]:
             if isinstance(k, str) and (isinstance(v, Tensor) or k.endswith("_extra_state"))
         }
         if tensors:
-            found.append(_Candidate(phrase, tensors, known))
+            found.append(_Candidate(phrase, tensors, known, top=depth == 0))
         if depth >= _MAX_DEPTH:
             continue
         children = [
@@ -140,11 +171,16 @@ def _match(
     rivals = [p for p in ranked[1:] if rank[1] and _prefix_rank(p, hits[p])[:2] == rank]
     mapping = {mk: ckpt[prefix + nk] for nk, mk in model_keys.items() if prefix + nk in ckpt}
     unexpected = []
+    ignored: dict[str, list[str]] = {}
     for nk, key in ckpt.items():
-        if not nk.startswith(prefix) or nk[len(prefix) :] in model_keys:
+        if not nk.startswith(prefix):
+            if not _is_metadata(nk, cand.tensors[key]):
+                ignored.setdefault(_head(nk, prefix), []).append(key)
+            continue
+        if nk[len(prefix) :] in model_keys:
             continue
         value = cand.tensors[key]
-        if prefix == "" and "." not in nk and isinstance(value, Tensor) and value.ndim == 0:
+        if prefix == "" and _is_metadata(nk, value):
             continue  # a top-level scalar such as step: metadata, not a weight
         unexpected.append(key)
     missing = [
@@ -155,14 +191,73 @@ def _match(
         have, want = cand.tensors[ck], model_state[mk]
         if isinstance(have, Tensor) and isinstance(want, Tensor) and have.shape != want.shape:
             shapes.append((mk, tuple(have.shape), tuple(want.shape)))
-    return _Match(cand, prefix, mapping, missing, unexpected, shapes, rivals)
+    copies = {
+        head
+        for head in ignored
+        for p, n in hits.items()
+        if p.startswith(head) and n == len(model_keys)
+    }
+    return _Match(
+        cand,
+        prefix,
+        mapping,
+        missing,
+        unexpected,
+        shapes,
+        rivals,
+        ignored=ignored,
+        copies=copies,
+        model_keys=frozenset(model_keys),
+    )
+
+
+def _is_metadata(norm_key: str, value: Any) -> bool:
+    """A dotless 0-dim tensor (``step``, ``val_acc``) beside the weights: the
+    checkpoint's metadata, neither a weight nor something else's key."""
+    return "." not in norm_key and isinstance(value, Tensor) and value.ndim == 0
+
+
+def _head(norm_key: str, prefix: str) -> str:
+    """The dotted head naming what a key outside ``prefix`` belongs to: its segments up
+    to the first one that differs from the prefix's (``ema_model.``, ``model.criterion.``
+    beside ``model.module.``; a dotless key is its own head)."""
+    parts, want = norm_key.split("."), prefix.split(".")[:-1]
+    i = next((i for i, (a, b) in enumerate(zip(parts, want)) if a != b), min(len(parts), len(want)))
+    i = min(i, len(parts) - 1)
+    return ".".join(parts[: i + 1]) + ("." if i + 1 < len(parts) else "")
+
+
+def _outside_state_dict(match: _Match, top: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The entries of the checkpoint's top level ``top`` that are not weights, where
+    trainer scalars may be found. Weights: every key of the state dict loaded when
+    that is the top level itself, but the dotless 0-dim metadata the matching set aside
+    (so ``4.bias``, an EMA copy's ``ema_model.4.bias`` and the model's own dotless keys
+    are weights), and anywhere a key naming one of the model's keys."""
+    cand = match.candidate
+    loaded = set(match.mapping.values())
+
+    def weight(key: Any, value: Any) -> bool:
+        if not isinstance(key, str):
+            return False
+        nk = _norm(key)
+        if key in loaded or nk in match.model_keys:
+            return True
+        if (
+            match.prefix
+            and nk.startswith(match.prefix)
+            and nk[len(match.prefix) :] in match.model_keys
+        ):
+            return True
+        return cand.top and key in cand.tensors and not _is_metadata(nk, value)
+
+    return {k: v for k, v in top.items() if not weight(k, v)}
 
 
 def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
     """The first candidate that matches the model exactly, else a CheckpointError."""
     model_keys, model_state, tied = _model_keys(_unwrap(model))
     if not model_keys:
-        return _Match(_Candidate("nowhere", {}), "", {})
+        return _Match(_Candidate("nothing (the model has no parameters or buffers)", {}), "", {})
     if not candidates:
         raise CheckpointError(
             path,
@@ -180,8 +275,8 @@ def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Matc
                 f"the model matches state dicts in several places ({first.candidate.where}, "
                 f"{', '.join(others)}); cannot tell which to load",
             )
-        if first.prefix:
-            log.debug("%s: prefix %r stripped %s", path, first.prefix, first.candidate.where)
+        first.others = [m.candidate.where for m in good[1:]]
+        log.debug("%s: loaded the state dict %s", path, first.source())
         return first
     best = max(matches, key=lambda m: len(m.mapping))  # first of the best, by priority
     raise CheckpointError(path, _mismatch_reason(best, list(model_keys.values())))
@@ -234,6 +329,7 @@ def _apply(model: nn.Module, match: _Match, tensors: Mapping[str, Any], path: Pa
         raise CheckpointError(path, "load_state_dict reported " + "; ".join(parts))
 
 
-def _load_into(model: nn.Module, candidates: list[_Candidate], path: Path) -> None:
+def _load_into(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
     match = _choose(model, candidates, path)
     _apply(model, match, match.candidate.tensors, path)
+    return match

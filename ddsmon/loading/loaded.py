@@ -30,17 +30,32 @@ class CheckpointLike(Protocol):
     def kind(self) -> str: ...
 
 
+#: One trainer log entry: the step it was logged at and its numbers (``loss``, ...).
+TrainerLogEntry = tuple[int, dict[str, float]]
+
+
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint loaded into its model (on CPU, in eval mode).
 
     step: from the checkpoint's content (see the :mod:`ddsmon.loading` docstring), or None.
-    meta: real scalars the checkpoint carried (``val_acc``, ``epoch``, ...), as floats.
+    meta: the real scalars of the checkpoint itself, at its own step (``val_acc``,
+        ``epoch``, ...), as floats; never a tensor of the state dict.
+    trainer_log: what the trainer logged before the checkpoint, each entry at its own
+        step (a Hugging Face ``trainer_state.json``'s ``log_history``): ``(step,
+        {name: number})``, in step order, one entry per step; empty for other kinds.
+        Every checkpoint of a run repeats the history before it.
+    source: which weights were loaded, in words: where the state dict was found, the
+        prefix stripped and what was ignored beside it, e.g. ``under ['state_dict'],
+        prefix 'model.' stripped (ignored: 'ema_model.' 4 keys, the model's keys again;
+        'criterion.' 1 key)``.
     """
 
     model: nn.Module
     step: int | None
     meta: dict[str, float] = field(default_factory=dict)
+    trainer_log: list[TrainerLogEntry] = field(default_factory=list)
+    source: str = ""
 
 
 def _call_user(fn: Callable[[], Any], label: str) -> Any:
