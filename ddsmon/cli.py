@@ -171,6 +171,7 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
         for items, label in (
             (summary.aliases, "aliases of a step read (not logged again)"),
             (summary.unstepped, "without a step (not logged)"),
+            (summary.vanished, "deleted before they could be read"),
         )
         if items
     )

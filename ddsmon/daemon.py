@@ -64,6 +64,8 @@ class Summary:
     aliases: list[tuple[Path, int]] = field(default_factory=list)
     #: checkpoints without a step that match none read: not logged
     unstepped: list[Path] = field(default_factory=list)
+    #: checkpoints deleted before they could be read (a trainer's rotation)
+    vanished: list[Path] = field(default_factory=list)
 
     def flagged(self, kinds: Iterable[str]) -> list[Event]:
         wanted = set(kinds)
@@ -105,6 +107,8 @@ class Daemon:
         self._rejections: list[tuple[Path, str]] = []
         self._detector_step = -1
         self._faults = RepeatedFault()
+        self._source = ""
+        self._aliased: set[Path] = set()
         #: what a failure is remembered with: the read settings it happened under
         self._settings_id = hashlib.sha256(
             json.dumps(dataclasses.asdict(config.read), sort_keys=True, default=str).encode()
@@ -295,7 +299,7 @@ class Daemon:
             self.enqueue,
             poll=self.watching.poll,
             quiet=self.watching.quiet,
-            on_vanished=lambda p: log.info("%s vanished before it was read; skipped", shown(p)),
+            on_vanished=self._vanished,
             on_rejected=self._rejected,
         )
         self._start("watch")
@@ -373,8 +377,7 @@ class Daemon:
         try:
             fp = fingerprint(ref)
         except OSError:
-            log.info("%s vanished before it was read; skipped", shown(ref.path))
-            self.summary.skipped += 1
+            self._vanished(ref.path)
             return
         if loaded is None or self.state.is_done(str(ref.path), fp):
             self.summary.skipped += 1
@@ -390,8 +393,7 @@ class Daemon:
             return
         if isinstance(loaded, CheckpointError):
             if loaded.reason == VANISHED:
-                log.info("%s vanished before it was read; skipped", shown(ref.path))
-                self.summary.skipped += 1
+                self._vanished(ref.path)
                 return
             self._fail(ref, loaded.reason)
             return
@@ -404,10 +406,9 @@ class Daemon:
             self._fail(ref, f"step {step} is outside MLflow's range 0..2^63-1", None)
             return
         replaying = step in self._recorded
+        self._say_source(ref, loaded)
         if replaying and step <= self._detector_step:
-            log.info(
-                "step %d (%s) is already in the MLflow run; not logged again", step, shown(ref.path)
-            )
+            self._already_recorded(ref, step, digest)
             self.state.mark_done(str(ref.path), fp, step)
             self.summary.skipped += 1
             return
@@ -433,6 +434,7 @@ class Daemon:
             signatures=sig,
             fingerprint=fp,
             meta=meta,
+            trainer_log=list(loaded.trainer_log),
             load_seconds=load_seconds,
             read_seconds=sig.seconds,
         )
@@ -530,6 +532,42 @@ class Daemon:
         if len(digests) > _MAX_DIGESTS:
             digests = dict(list(digests.items())[-_MAX_DIGESTS:])
         self.state.set("digests", digests)
+
+    def _vanished(self, path: Path) -> None:
+        """A checkpoint deleted before it could be read (a trainer's rotation,
+        ``save_total_limit``): said at the default level, named and counted."""
+        log.warning(
+            "%s was deleted before it could be read (rotated away by the trainer?); not logged",
+            shown(path),
+        )
+        self.summary.skipped += 1
+        self.summary.vanished.append(Path(path))
+
+    def _say_source(self, ref: CheckpointRef, loaded: LoadedCheckpoint) -> None:
+        """Which weights were read (a prefix stripped, an EMA copy ignored): said once per
+        run at the default level, and again only when it changes."""
+        source = loaded.source
+        if source and source != self._source:
+            self._source = source
+            log.warning("%s: read the state dict %s", shown(ref.path), shown(source))
+
+    def _already_recorded(self, ref: CheckpointRef, step: int, digest: str) -> None:
+        """A step the run holds already: an alias (``last.ckpt``) when another file with
+        these weights was read at that step, said once per path; else a plain repeat."""
+        known = (self.state.get("digests") or {}).get(digest)
+        if known is not None and known[1] != ref.path.name and ref.path not in self._aliased:
+            self._aliased.add(ref.path)
+            log.warning(
+                "%s holds the same weights as step %d (%s): an alias, not logged again",
+                shown(ref.path),
+                step,
+                shown(known[1]),
+            )
+            self.summary.aliases.append((ref.path, step))
+            return
+        log.info(
+            "step %d (%s) is already in the MLflow run; not logged again", step, shown(ref.path)
+        )
 
     def _unstepped(self, ref: CheckpointRef, fp: tuple[int, int], digest: str) -> None:
         """A checkpoint with no step in its content or name: an alias, or unplaceable."""

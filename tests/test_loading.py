@@ -697,12 +697,12 @@ def test_hf_folder_with_factory(tmp_path: Path, weights: str) -> None:
     loaded = load_checkpoint(Ref(folder, "hf"), mlp)
     assert same_weights(loaded.model, src)
     assert loaded.step == 500
-    assert loaded.meta == {
-        "loss": 1.0,
-        "learning_rate": 0.001,
-        "eval_accuracy": 0.7,
-        "epoch": 2.0,
-    }
+    # the checkpoint's own scalars: learning_rate was logged at step 250, not at 500
+    assert loaded.meta == {"loss": 1.0, "eval_accuracy": 0.7, "epoch": 2.0}
+    assert loaded.trainer_log == [
+        (250, {"loss": 1.5, "learning_rate": 0.001}),
+        (500, {"loss": 1.0, "eval_accuracy": 0.7}),
+    ]
 
 
 def test_hf_folder_problems(tmp_path: Path) -> None:
