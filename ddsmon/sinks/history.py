@@ -13,6 +13,13 @@ torn last line is cut off and never read):
     reading) once: an event already there is not appended again. The MLflow sink uploads
     this file as the run's ``events.jsonl`` artifact.
 
+``dashboard_spectra/step_<step>.json``
+    The spectra of a few checkpoints for the dashboard (:mod:`ddsmon.dashboard`), each
+    cut to at most :data:`SPECTRUM_POINTS` values (:func:`compact_spectra`: evenly
+    spread, plus every value around the rank's cliff and the last ones) with its floor
+    and rank. At most :data:`KEPT_SPECTRA` checkpoints are kept: always the first and the
+    latest, the others thinned so that those left stay evenly spread over the steps.
+
 The files are read once, on first use, and survive restarts, so the plots drawn after a
 restart still show the whole run. They are a local copy, never the record of what MLflow
 holds: which steps a run holds is asked of the run (:mod:`ddsmon.sinks.mlflow_run`).
@@ -23,21 +30,42 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddsmon.readings import SCALAR_READINGS
+import numpy as np
+
+from ddsmon.readings import SCALAR_READINGS, SPECTRA
 from ddsmon.state import StateDir, append_jsonl_lines, read_jsonl
 
 if TYPE_CHECKING:
     from ddsmon.records import CheckpointReading
+    from ddsmon.signature import Signatures
 
-__all__ = ("HistoryEntry", "LocalHistory", "event_dict", "event_key", "finite")
+__all__ = (
+    "KEPT_SPECTRA",
+    "SPECTRUM_POINTS",
+    "HistoryEntry",
+    "LocalHistory",
+    "compact_spectra",
+    "event_dict",
+    "event_key",
+    "finite",
+    "thin_steps",
+)
 
 HISTORY_FILE = "history.jsonl"
 EVENTS_FILE = "events.jsonl"
+SPECTRA_FOLDER = "dashboard_spectra"
+#: Checkpoints whose spectra the dashboard keeps (the first, the latest, the rest thinned).
+KEPT_SPECTRA = 16
+#: Values kept of one spectrum of one layer.
+SPECTRUM_POINTS = 160
+_CLIFF = 12  # values kept on each side of the rank (where a spectrum falls to its floor)
+_TAIL = 8  # the last values, always kept
 
 
 def finite(value: Any) -> float | None:
@@ -61,6 +89,67 @@ def event_dict(event: Any) -> dict[str, Any]:
 def event_key(event: Mapping[str, Any]) -> tuple[Any, ...]:
     """What makes an event the same event: (step, layer, kind, reading)."""
     return (event.get("step"), event.get("layer"), event.get("kind"), event.get("reading"))
+
+
+def _pick(n: int, rank: int | None, points: int = SPECTRUM_POINTS) -> list[int]:
+    """Indices (0-based, ascending) of at most about ``points`` of ``n`` values: evenly
+    spread, plus the first, the last :data:`_TAIL` and :data:`_CLIFF` on each side of
+    ``rank`` (the cliff where a dead direction shows)."""
+    if n <= points:
+        return list(range(n))
+    keep = set(np.linspace(0, n - 1, max(points - 2 * _CLIFF - _TAIL, 2)).round().astype(int))
+    keep.update(range(max(n - _TAIL, 0), n))
+    if rank is not None:
+        keep.update(range(max(rank - _CLIFF, 0), min(rank + _CLIFF, n)))
+    return sorted(int(i) for i in keep)
+
+
+def _short(value: float) -> float | None:
+    """A finite value to 5 significant digits (what a plot can show); None otherwise."""
+    return float(f"{value:.5g}") if math.isfinite(value) else None
+
+
+def compact_spectra(signatures: Signatures, points: int = SPECTRUM_POINTS) -> dict[str, Any]:
+    """One checkpoint's spectra, cut for the dashboard: layer -> ``{"finite": bool,
+    "d": width or None, <side>: {"n": values in all, "i": indices kept (0-based),
+    "v": their values (None where not finite), "floor": the side's floor or None,
+    "rank": its rank or None}}`` for each side of :data:`~ddsmon.readings.SPECTRA`
+    the layer has a spectrum of."""
+    out: dict[str, Any] = {}
+    for name, layer in signatures.layers.items():
+        row: dict[str, Any] = {"finite": bool(layer.finite), "d": finite(getattr(layer, "d", None))}
+        for spectrum in SPECTRA:
+            values = getattr(layer, spectrum.field, None)
+            if values is None:
+                continue
+            arr = np.asarray(values, dtype=np.float64).ravel()
+            if arr.size == 0:
+                continue
+            rank = getattr(layer, spectrum.rank, None)
+            rank = int(rank) if isinstance(rank, (int, np.integer)) else None
+            idx = _pick(int(arr.size), rank, points)
+            row[spectrum.side] = {
+                "n": int(arr.size),
+                "i": idx,
+                "v": [_short(float(arr[i])) for i in idx],
+                "floor": finite(getattr(layer, spectrum.floor, None)),
+                "rank": rank,
+            }
+        out[name] = row
+    return out
+
+
+def thin_steps(steps: Iterable[int], keep: int) -> list[int]:
+    """The steps to drop so that at most ``keep`` (at least 2) remain: never the first or
+    the last; each time the one whose neighbours are closest, so that what is left
+    stays evenly spread."""
+    left = sorted(set(steps))
+    keep = max(int(keep), 2)
+    dropped: list[int] = []
+    while len(left) > keep:
+        i = min(range(1, len(left) - 1), key=lambda j: (left[j + 1] - left[j - 1], left[j]))
+        dropped.append(left.pop(i))
+    return dropped
 
 
 @dataclass(frozen=True)
@@ -169,3 +258,41 @@ class LocalHistory:
         """Every event kept, in the order first seen."""
         self.load()
         return list(self._events)
+
+    # ------------------------------------------------------------------ spectra
+    @property
+    def spectra_folder(self) -> Path:
+        """``dashboard_spectra/`` (it may not exist yet)."""
+        return self.state.root / SPECTRA_FOLDER
+
+    def keep_spectra(self, step: int, signatures: Signatures, *, keep: int = KEPT_SPECTRA) -> None:
+        """Keep ``step``'s spectra (:func:`compact_spectra`), written whole or not at all,
+        and drop those of checkpoints :func:`thin_steps` thins out. Raises OSError."""
+        folder = self.state.path(SPECTRA_FOLDER)
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step_{int(step)}.json"
+        tmp = folder / f".{path.name}.tmp"
+        tmp.write_text(json.dumps({"step": int(step), "layers": compact_spectra(signatures)}))
+        os.replace(tmp, path)
+        for old in thin_steps(self._spectra_steps(), keep):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"step_{old}.json").unlink()
+
+    def _spectra_steps(self) -> list[int]:
+        steps = []
+        if self.spectra_folder.is_dir():
+            for p in self.spectra_folder.glob("step_*.json"):
+                with contextlib.suppress(ValueError):
+                    steps.append(int(p.stem.removeprefix("step_")))
+        return sorted(steps)
+
+    def spectra(self) -> dict[int, dict[str, Any]]:
+        """step -> :func:`compact_spectra` of the checkpoints kept, in step order; a file
+        that cannot be read is skipped."""
+        out: dict[int, dict[str, Any]] = {}
+        for step in self._spectra_steps():
+            path = self.spectra_folder / f"step_{step}.json"
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                data = json.loads(path.read_text())
+                out[int(data["step"])] = dict(data["layers"])
+        return out

@@ -33,14 +33,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from ddsmon.readings import READINGS, SCALAR_READINGS
+from ddsmon.readings import HEADLINE_READINGS, READINGS, SCALAR_READINGS
 from ddsmon.sinks.history import HistoryEntry, finite
 from ddsmon.sinks.mlflow_keys import (
     CHECKPOINT_METRIC,
     LIMITS,
     event_tag_key,
+    event_tag_value,
     failure_tag_key,
     metric_key,
+    reading_metric_key,
     truncate,
 )
 
@@ -190,43 +192,57 @@ def reading_record(
     timestamp: int,
     files: Iterable[ArtifactFile] = (),
 ) -> ReadingRecord:
-    """The record of one checkpoint, its metric rows in this order: per layer
-    ``dds/<layer>/finite`` then every finite reading (:data:`SCALAR_READINGS` order),
-    ``train/<key>``, ``ddsmon/load_seconds`` / ``read_seconds``, ``dds/events/<kind>``
-    (the largest magnitude of each kind, 1 where none is finite), and last
-    ``dds/checkpoint`` = 1. ``entry`` is the checkpoint's :meth:`HistoryEntry.of`;
-    ``timestamp`` (ms) is that of every row."""
+    """The record of one checkpoint, its metric rows in the order a reviewer reads them
+    (MLflow's run overview lists a run's metrics as first logged): every layer's finite
+    headline readings (``dds/<reading>/<layer>``, :data:`HEADLINE_READINGS` order),
+    ``dds/events/<kind>`` (the largest magnitude of each kind, 1 where none is finite),
+    ``train/<key>``, then every layer's ``dds_detail/finite/<layer>`` and its other
+    finite readings (``dds_detail/<reading>/<layer>``, :data:`SCALAR_READINGS` order),
+    ``ddsmon/load_seconds`` / ``read_seconds``, and last
+    :data:`~ddsmon.sinks.mlflow_keys.CHECKPOINT_METRIC` (``ddsmon/checkpoint``) = 1.
+    The names are :func:`~ddsmon.sinks.mlflow_keys.reading_metric_key`'s. An event's tag
+    (:func:`~ddsmon.sinks.mlflow_keys.event_tag_key`) says its kind, reading, step,
+    layer and magnitude, then its message
+    (:func:`~ddsmon.sinks.mlflow_keys.event_tag_value`). ``entry`` is the checkpoint's
+    :meth:`HistoryEntry.of`; ``timestamp`` (ms) is that of every row."""
     step = int(reading.step)
     ts = int(timestamp)
     metrics: list[MetricRow] = []
+
+    def add(key: str, value: float) -> None:
+        metrics.append(MetricRow(key, value, step, ts))
+
     for name, values in entry.layers.items():
-        metrics.append(
-            MetricRow(metric_key("dds", name, "finite"), float(values["finite"]), step, ts)
-        )
-        for reading_name in SCALAR_READINGS:
+        for reading_name in HEADLINE_READINGS:
             value = values.get(reading_name)
             if value is not None:
-                metrics.append(MetricRow(metric_key("dds", name, reading_name), value, step, ts))
+                add(reading_metric_key(name, reading_name), value)
+    tags: dict[str, str] = {}
+    by_kind: dict[str, float] = {}
+    for event in events:
+        mag = finite(event.magnitude)
+        tags[event_tag_key(event.step, event.layer, event.kind)] = event_tag_value(
+            event.step, event.layer, event.kind, event.reading, mag, event.message
+        )
+        mag = 1.0 if mag is None else mag
+        by_kind[event.kind] = max(by_kind.get(event.kind, -math.inf), mag)
+    for kind, mag in by_kind.items():
+        add(metric_key("dds", "events", kind), mag)
     for key, scalar in entry.train.items():
-        metrics.append(MetricRow(metric_key("train", key), scalar, step, ts))
+        add(metric_key("train", key), scalar)
+    for name, values in entry.layers.items():
+        add(reading_metric_key(name, "finite"), float(values["finite"]))
+        for reading_name in SCALAR_READINGS:
+            value = values.get(reading_name)
+            if value is not None and reading_name not in HEADLINE_READINGS:
+                add(reading_metric_key(name, reading_name), value)
     for key, seconds in (
         ("load_seconds", reading.load_seconds),
         ("read_seconds", reading.read_seconds),
     ):
         v = finite(seconds)
         if v is not None:
-            metrics.append(MetricRow(metric_key("ddsmon", key), v, step, ts))
-    tags: dict[str, str] = {}
-    by_kind: dict[str, float] = {}
-    for event in events:
-        tags[event_tag_key(event.step, event.layer, event.kind)] = truncate(
-            event.message, LIMITS["tag_value"]
-        )
-        mag = finite(event.magnitude)
-        mag = 1.0 if mag is None else mag
-        by_kind[event.kind] = max(by_kind.get(event.kind, -math.inf), mag)
-    for kind, mag in by_kind.items():
-        metrics.append(MetricRow(metric_key("dds", "events", kind), mag, step, ts))
+            add(metric_key("ddsmon", key), v)
     metrics.append(MetricRow(CHECKPOINT_METRIC, 1.0, step, ts))  # last: the record is complete
     return ReadingRecord(
         step=step,
