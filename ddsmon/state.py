@@ -22,7 +22,18 @@ One directory per watched checkpoint directory, by default ``<watched dir>/.ddsm
 ``spool.jsonl``
     Records a sink could not deliver (the tracking server was down), appended and fsynced
     in order; :meth:`StateDir.spool_ack` drops the first ``count`` once delivered (atomic
-    rewrite).
+    rewrite). Each line is ``{"sum": <sha256 prefix>, "record": {...}}``: a line whose
+    record no longer matches its checksum (garbled in place, even into valid JSON) is
+    skipped with a warning, like a line that is not JSON. Lines of older versions (a bare
+    record) are read as they are.
+
+The spool's ledger (key ``spooled_steps`` of ``state.json``)
+    The steps whose reading was spooled and is not yet known delivered
+    (:meth:`StateDir.note_spooled`, written *before* the spool line;
+    :meth:`StateDir.note_delivered`). A step of the ledger that is neither in the spool
+    nor in the run was lost from the spool (a garbled line, a truncated, emptied or
+    deleted spool): :meth:`StateDir.forget` takes its checkpoint out of the read-set so
+    that it is read again.
 
 ``history.jsonl``, ``events.jsonl``, ``outbox/``
     The MLflow sink's local copies (for plots) and the artifact files it has not sent yet.
@@ -49,6 +60,7 @@ host, or of another host when older than an hour).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -61,7 +73,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +100,14 @@ _LOCK = "lock"
 _DONE = "done.jsonl"
 _KV = "state.json"
 _SPOOL = "spool.jsonl"
+_LEDGER = "spooled_steps"
 
 #: Every file the state directory may hold (the daemon's and its sinks'): each must be a
 #: regular file when present, checked by :meth:`StateDir.claim`. A new state file goes here.
 STATE_FILES: tuple[str, ...] = (
     _LOCK,
     _DONE,
+    _DONE + ".lock",
     _KV,
     _KV + ".lock",
     _SPOOL,
@@ -171,6 +185,7 @@ class StateDir:
         self._lock_fd: int | None = None
         self._done: dict[str, tuple[tuple[int, int], int | None]] = {}
         self._done_sig: tuple[int, int] | None = None
+        self._warned: set[tuple[int, str]] = set()
 
     @classmethod
     def for_directory(cls, directory: Path | str) -> StateDir:
@@ -362,7 +377,7 @@ class StateDir:
         fp = (int(fingerprint[0]), int(fingerprint[1]))
         at = None if step is None else int(step)
         rec = {"path": key, "fp": list(fp), "step": at}
-        with self._mutex:
+        with self._mutex, self._flocked(_DONE + ".lock"):
             self._refresh_done()
             done = self.path(_DONE)
             _append_jsonl(done, [rec])
@@ -376,6 +391,30 @@ class StateDir:
         with self._mutex:
             self._refresh_done()
             return {step for _, step in self._done.values() if step is not None}
+
+    def forget(self, steps: Iterable[int]) -> list[str]:
+        """Take the checkpoints recorded as read at ``steps`` out of the read-set (every
+        line of a path whose latest record is at one of them), so that they are read
+        again; return their paths. Atomic: the read-set is the old one or the new one.
+        Meant for the start, before checkpoints are read (another process appending at
+        the same moment is excluded by a lock shared with :meth:`mark_done`)."""
+        wanted = {int(s) for s in steps}
+        if not wanted:
+            return []
+        with self._mutex, self._flocked(_DONE + ".lock"):
+            self._done_sig = None
+            self._refresh_done()
+            gone = sorted(p for p, (_, step) in self._done.items() if step in wanted)
+            if not gone:
+                return []
+            path = self.root / _DONE
+            drop = set(gone)
+            kept = [r for r in read_jsonl(path) if str(r.get("path")) not in drop]
+            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            self._done_sig = None
+            self._refresh_done()
+        log.info("read-set %s: forgot %s", shown(path), ", ".join(shown(g) for g in gone))
+        return gone
 
     # ------------------------------------------------------------------ key-value
     def get(self, key: str, default: Any = None) -> Any:
@@ -429,15 +468,37 @@ class StateDir:
 
     # ------------------------------------------------------------------ spool
     def spool_append(self, record: dict[str, Any]) -> None:
-        """Append one undelivered record to the spool; durable (fsynced) when this returns."""
-        line = json.dumps(record)  # fail before touching the file
+        """Append one undelivered record to the spool (with its checksum); durable
+        (fsynced) when this returns."""
+        line = _spool_line(record)  # fail before touching the file
         with self._mutex, self._flocked(_SPOOL + ".lock"):
             append_jsonl_lines(self.path(_SPOOL), [line])
 
     def spool_pending(self) -> list[dict[str, Any]]:
-        """Every record not yet acknowledged, oldest first."""
+        """Every record not yet acknowledged, oldest first; a line that is not JSON or
+        fails its checksum is skipped with a warning (naming its step when readable)."""
         with self._mutex, self._flocked(_SPOOL + ".lock"):
-            return list(read_jsonl(self.root / _SPOOL))
+            return self._spool_records()
+
+    def _spool_records(self) -> list[dict[str, Any]]:
+        path = self.root / _SPOOL
+        out = []
+        for number, line in enumerate(read_jsonl(path), start=1):
+            record = _spool_record(line)
+            if record is None:
+                inner = line.get("record")
+                step = inner.get("step") if isinstance(inner, dict) else None
+                said = (number, str(line.get("sum")))
+                if said not in self._warned:
+                    self._warned.add(said)
+                    log.warning(
+                        "%s: a record%s fails its checksum (garbled in place); skipped",
+                        shown(path),
+                        "" if step is None else f" of step {shown(step)}",
+                    )
+                continue
+            out.append(record)
+        return out
 
     def spool_ack(self, count: int) -> None:
         """Drop the first ``count`` records (delivered); atomic."""
@@ -445,9 +506,9 @@ class StateDir:
             return
         with self._mutex, self._flocked(_SPOOL + ".lock"):
             path = self.root / _SPOOL
-            rest = list(read_jsonl(path))[count:]
+            rest = self._spool_records()[count:]
             if rest:
-                _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rest).encode())
+                _atomic_write(path, "".join(_spool_line(r) + "\n" for r in rest).encode())
             else:
                 with (
                     contextlib.suppress(FileNotFoundError),
@@ -459,6 +520,43 @@ class StateDir:
     def spool_count(self) -> int:
         """Number of records waiting in the spool."""
         return len(self.spool_pending())
+
+    # ------------------------------------------------------------------ the spool's ledger
+    def spooled_steps(self) -> builtins.set[int]:
+        """Steps whose reading was spooled and is not yet known delivered (the ledger)."""
+        raw = self.get(_LEDGER) or []
+        out: builtins.set[int] = builtins.set()
+        for step in raw if isinstance(raw, list) else []:
+            with contextlib.suppress(TypeError, ValueError):
+                out.add(int(step))
+        return out
+
+    def note_spooled(self, step: int) -> None:
+        """``step``'s reading is about to be spooled (call before :meth:`spool_append`)."""
+        with self._mutex, self._flocked(_KV + ".lock"):
+            data = self._read_kv()
+            steps = builtins.set(data.get(_LEDGER) or [])
+            if int(step) in steps:
+                return
+            data[_LEDGER] = sorted(steps | {int(step)})
+            _atomic_write(self.root / _KV, json.dumps(data, sort_keys=True).encode())
+
+    def note_delivered(self, steps: Iterable[int]) -> None:
+        """``steps`` are in the run now (or beyond help): out of the ledger."""
+        drop = {int(s) for s in steps}
+        if not drop:
+            return
+        with self._mutex, self._flocked(_KV + ".lock"):
+            data = self._read_kv()
+            steps_now = builtins.set(data.get(_LEDGER) or [])
+            if not steps_now & drop:
+                return
+            rest = sorted(steps_now - drop)
+            if rest:
+                data[_LEDGER] = rest
+            else:
+                data.pop(_LEDGER, None)
+            _atomic_write(self.root / _KV, json.dumps(data, sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------------- errors
@@ -595,6 +693,32 @@ def _read_holder(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, StateError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _spool_line(record: dict[str, Any]) -> str:
+    """The spool line of ``record``: the record and its checksum (TypeError when the
+    record is not JSON-serialisable)."""
+    return json.dumps({"sum": _checksum(record), "record": record})
+
+
+def _spool_record(line: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a spool line; None when it fails its checksum. A line of an older
+    version (a bare record, no checksum) is the record itself."""
+    if set(line) != {"sum", "record"}:
+        return line
+    record = line["record"]
+    if not isinstance(record, dict):
+        return None
+    try:
+        ok = _checksum(record) == line["sum"]
+    except (TypeError, ValueError):
+        return None
+    return record if ok else None
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

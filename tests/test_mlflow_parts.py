@@ -4,8 +4,10 @@ batches, the local history and the plot schedule."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +307,155 @@ def test_outbox_files_live_until_delivered_and_orphans_are_cleaned(tmp_path):
     assert box.flush()
     assert not kept.exists()
     assert list((state.root / "outbox").iterdir()) == []
+
+
+def test_outbox_ledger_names_the_steps_lost_from_the_spool(tmp_path):
+    state, run, clock = StateDir(tmp_path / "st"), FakeRun(), Clock()
+    box = _outbox(state, run, clock, retry=0.0)
+    run.up = False
+    for step in (10, 20, 30):
+        box.send(_record(step))
+        state.mark_done(f"c{step}.pt", (step, step), step)  # what the daemon does
+    assert state.spooled_steps() == {10, 20, 30}
+    assert box.lost_steps(held=None) == (set(), set())
+    lines = (state.root / "spool.jsonl").read_text().splitlines()
+    (state.root / "spool.jsonl").write_text(lines[0] + "\nnot json\n" + lines[2] + "\n")
+    state.note_spooled(40)  # killed between the ledger and the spool: never marked done
+    assert box.lost_steps(held={30}) == ({20}, {30, 40})
+    assert box.lost_steps(held=None) == ({20}, {40})
+    run.up = True
+    assert box.flush()  # delivered: out of the ledger
+    assert _steps(run.delivered) == [10, 30]
+    assert state.spooled_steps() == {20, 40}
+
+
+def test_outbox_stops_on_a_config_error_and_keeps_the_spool(tmp_path):
+    from ddsmon.errors import ConfigError
+
+    state, run, clock = StateDir(tmp_path / "st"), FakeRun(), Clock()
+    box = _outbox(state, run, clock, retry=0.0)
+    run.up = False
+    box.send(_record(1))
+    box.send(_record(2))
+    run.up = True
+    delivered: list[Record] = []
+
+    def deliver(record: Record) -> None:
+        if delivered:
+            raise ConfigError("the run is another daemon's")
+        delivered.append(record)
+
+    box._deliver = deliver
+    with pytest.raises(ConfigError):
+        box.flush()
+    assert _steps(delivered) == [1] and _steps(box.pending()) == [2]  # not "rejected"
+
+
+def test_retrier_backs_off_to_its_cap_and_stops(tmp_path):
+    from ddsmon.sinks.mlflow_outbox import Retrier
+
+    times: list[float] = []
+    outcome = {"ok": False}
+
+    def attempt() -> bool:
+        times.append(time.monotonic())
+        return outcome["ok"]
+
+    retrier = Retrier(attempt, lambda: not outcome["ok"], first=0.05, cap=0.2)
+    retrier.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(times) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(times) >= 6
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps[0] < gaps[-1]  # growing
+        assert max(gaps) < 0.2 + 0.5  # capped (with room for a loaded machine)
+        outcome["ok"] = True
+        time.sleep(0.5)
+        settled = len(times)
+        time.sleep(0.5)
+        assert len(times) == settled  # nothing waits: idle until poked
+        outcome["ok"] = False
+        retrier.poke()
+        deadline = time.monotonic() + 5
+        while len(times) == settled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(times) > settled
+    finally:
+        retrier.stop()
+    assert not retrier.running
+    stopped = len(times)
+    time.sleep(0.3)
+    assert len(times) == stopped
+
+
+def test_retrier_ends_on_a_config_error():
+    from ddsmon.errors import ConfigError
+    from ddsmon.sinks.mlflow_outbox import Retrier
+
+    calls: list[int] = []
+
+    def attempt() -> bool:
+        calls.append(1)
+        raise ConfigError("lease lost")
+
+    retrier = Retrier(attempt, lambda: True, first=0.01, cap=0.02)
+    retrier.start()
+    deadline = time.monotonic() + 5
+    while retrier.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not retrier.running and calls == [1]
+    retrier.stop()
+
+
+def test_opening_a_store_retries_a_schema_race_only(monkeypatch, tmp_path):
+    import mlflow.tracking
+
+    from ddsmon.sinks import mlflow_writer
+
+    class OperationalError(Exception):
+        pass
+
+    failures = [
+        OperationalError("table _alembic_tmp_experiments already exists"),
+        OperationalError("(sqlite3.OperationalError) database is locked"),
+    ]
+    made: list[str] = []
+
+    def fake_client(uri):
+        if failures:
+            raise failures.pop(0)
+        made.append(uri)
+        return "client"
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", fake_client)
+    pauses: list[float] = []
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert mlflow_writer.open_client(uri, sleep=pauses.append) == "client"
+    assert made == [uri] and len(pauses) == 2  # jittered, growing
+    assert 0.2 <= pauses[0] <= 0.6 and 0.4 <= pauses[1] <= 1.2
+    assert (tmp_path / "m.db.ddsmon-init.lock").exists()  # opened one at a time
+
+    def bad_uri(uri):
+        raise ValueError("unsupported URI scheme 'nope'")
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", bad_uri)
+    pauses.clear()
+    with pytest.raises(ValueError):
+        mlflow_writer.open_client("nope://x", sleep=pauses.append)
+    assert pauses == []  # not a race: raised at once
+
+    def always(uri):
+        raise OperationalError("duplicate column name: step")
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", always)
+    with pytest.raises(OperationalError):
+        mlflow_writer.open_client(uri, attempts=3, sleep=pauses.append)
+    assert len(pauses) == 2  # bounded
+    assert mlflow_writer.sqlite_path("sqlite:///rel.db") == Path("rel.db").absolute()
+    assert mlflow_writer.sqlite_path("http://host") is None
+    assert mlflow_writer.sqlite_path("sqlite://") is None
 
 
 # ---------------------------------------------------------------------- the writer

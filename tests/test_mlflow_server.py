@@ -26,6 +26,7 @@ from ddsmon.events import Event
 from ddsmon.records import CheckpointReading
 from ddsmon.signature import Signatures
 from ddsmon.sinks import RunInfo
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
 from ddsmon.sinks.tracking import MlflowSink
 from ddsmon.state import StateDir
 
@@ -135,7 +136,7 @@ def _reading(step: int, sig: Signatures, where: Path) -> CheckpointReading:
     )
 
 
-def _steps(client: MlflowClient, run_id: str, key: str = "dds/checkpoint") -> list[int]:
+def _steps(client: MlflowClient, run_id: str, key: str = CHECKPOINT_METRIC) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -228,8 +229,51 @@ def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, mo
         order = [
             row[0]
             for row in db.execute(
-                "SELECT step FROM metrics WHERE run_uuid = ? AND key = 'dds/checkpoint' ORDER BY rowid",
-                (run_id,),
+                "SELECT step FROM metrics WHERE run_uuid = ? AND key = ? ORDER BY rowid",
+                (run_id, CHECKPOINT_METRIC),
             )
         ]
     assert order == [0, 10, 20, 30, 40]
+
+
+def test_spool_is_replayed_once_the_server_answers_with_no_new_checkpoint(server, sigs, tmp_path):
+    """A retry timer (exponential backoff, capped) replays the spool in the background:
+    after an outage the records arrive within the cap, with no checkpoint to carry them."""
+    watched = tmp_path / "ckpts"
+    watched.mkdir()
+    state = StateDir.for_directory(watched)
+    cap = 2.0
+    sink = MlflowSink(
+        tracking_uri=server.uri,
+        experiment="retry-timer",
+        run_id=None,
+        state=state,
+        plot_interval=3600.0,
+        retry_first=0.25,
+        retry_max=cap,
+    )
+    sink.start(RunInfo(watched, "watch", {"probe_size": "32"}))
+    sink.on_reading(_reading(0, sigs[0], watched), [])
+    run_id = sink.run_id
+    assert run_id is not None
+    server.stop()
+    try:
+        for step in (10, 20):
+            sink.on_reading(_reading(step, sigs[step], watched), [])
+        assert [r["step"] for r in state.spool_pending()] == [10, 20]
+        time.sleep(2 * cap)  # attempts fail meanwhile; the pause grows to the cap
+        assert sink.undelivered_steps() == [10, 20]
+    finally:
+        server.start()
+    answered = time.monotonic()
+    client = MlflowClient(server.uri)
+    deadline = answered + cap + 20
+    while _steps(client, run_id) != [0, 10, 20]:
+        assert time.monotonic() < deadline, f"not replayed: {state.spool_pending()}"
+        time.sleep(0.1)
+    delay = time.monotonic() - answered
+    assert state.spool_pending() == [] and sink.undelivered_steps() == []
+    sink.close()
+    assert not sink._retrier.running  # stopped at close
+    assert _steps(client, run_id) == [0, 10, 20]
+    assert delay < cap + 10, f"replayed {delay:.1f}s after the server answered"

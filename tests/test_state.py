@@ -237,3 +237,50 @@ def test_kill_9_mid_append_leaves_a_clean_prefix(tmp_path):
     assert len(got) - 1 <= len(steps) <= len(got)
     state.spool_append({"i": len(got)})
     assert [r["i"] for r in state.spool_pending()] == list(range(len(got) + 1))
+
+
+# ---------------------------------------------------------------------- a verifiable spool
+def test_a_spool_line_changed_in_place_fails_its_checksum(tmp_path, caplog):
+    state = StateDir(tmp_path / "st")
+    for step in (1, 2, 3):
+        state.spool_append({"kind": "reading", "step": step, "value": 0.5})
+    spool = tmp_path / "st" / "spool.jsonl"
+    lines = spool.read_text().splitlines()
+    assert all(set(json.loads(line)) == {"sum", "record"} for line in lines)
+    lines[1] = lines[1].replace("0.5", "0.6")  # still JSON, still a record: not the one written
+    spool.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="ddsmon.state"):
+        assert [r["step"] for r in state.spool_pending()] == [1, 3]
+    assert "of step 2 fails its checksum" in caplog.text
+    state.spool_ack(1)  # the rewrite keeps the records that check out
+    assert [r["step"] for r in StateDir(tmp_path / "st").spool_pending()] == [3]
+
+
+def test_spool_lines_of_earlier_versions_are_read_as_they_are(tmp_path):
+    root = tmp_path / "st"
+    root.mkdir()
+    (root / "spool.jsonl").write_text('{"kind": "reading", "step": 7}\n')
+    state = StateDir(root)
+    assert state.spool_pending() == [{"kind": "reading", "step": 7}]
+    state.spool_append({"kind": "tags", "tags": {}})
+    assert [r["kind"] for r in state.spool_pending()] == ["reading", "tags"]
+
+
+def test_the_ledger_and_forget(tmp_path):
+    state = StateDir(tmp_path / "st")
+    for step in (10, 20, 30):
+        state.mark_done(f"c{step}.pt", (step, step), step)
+        state.note_spooled(step)
+    state.mark_done("alias.pt", (1, 1), None)
+    assert StateDir(tmp_path / "st").spooled_steps() == {10, 20, 30}
+    state.note_delivered([10, 99])
+    assert state.spooled_steps() == {20, 30}
+    other = StateDir(tmp_path / "st")  # the daemon's own object, its read-set cached
+    assert other.is_done("c20.pt", (20, 20))
+    assert state.forget([20, 30, 40]) == ["c20.pt", "c30.pt"]
+    assert not other.is_done("c20.pt", (20, 20)) and not other.is_done("c30.pt", (30, 30))
+    assert other.is_done("c10.pt", (10, 10)) and other.is_done("alias.pt", (1, 1))
+    assert other.done_steps() == {10}
+    state.note_delivered([20, 30])
+    assert state.spooled_steps() == set() and state.get("spooled_steps") is None
+    assert state.forget([]) == [] and state.forget([77]) == []

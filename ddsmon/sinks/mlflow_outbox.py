@@ -13,8 +13,18 @@ When the store is down
     before :meth:`Outbox.send` returns) and marks the store down for ``retry_interval``
     seconds, during which new records go straight to the spool without trying the
     store. Replay is attempted at the next :meth:`Outbox.send` after that (the next
-    checkpoint, failure or start) and, regardless of the interval, on start and close
-    (``force``). Any other error (a bad request) is raised to the caller.
+    checkpoint, failure or start), regardless of the interval on start and close
+    (``force``), and by a :class:`Retrier` (a background thread, exponential backoff up
+    to a cap) while records wait, so that they arrive once the store answers again even
+    when no checkpoint comes. Any other error (a bad request) is raised to the caller;
+    a :class:`~ddsmon.errors.ConfigError` (the run is another daemon's: the lease) stops
+    the replay and is raised, the records staying spooled.
+The ledger
+    A reading's step is noted (:meth:`StateDir.note_spooled
+    <ddsmon.state.StateDir.note_spooled>`) before its record is spooled, and noted
+    delivered once it was delivered or dropped, so that a record lost from the spool (a
+    garbled line, a spool truncated, emptied or deleted) is known by its step: see
+    :meth:`Outbox.lost_steps`.
 Acknowledgement
     A spooled record is acknowledged (:meth:`StateDir.spool_ack
     <ddsmon.state.StateDir.spool_ack>`, dropped from the spool) once it was delivered,
@@ -39,11 +49,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ddsmon.errors import ConfigError
 from ddsmon.redaction import scrub
 from ddsmon.sinks.mlflow_http import Unreachable
 from ddsmon.sinks.mlflow_record import (
@@ -55,7 +67,7 @@ from ddsmon.sinks.mlflow_record import (
 )
 from ddsmon.state import StateDir
 
-__all__ = ("OUTBOX_FOLDER", "Outbox")
+__all__ = ("OUTBOX_FOLDER", "Outbox", "Retrier")
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +97,10 @@ class Outbox:
         display_uri: str,
         retry_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        on_spooled: Callable[[], None] | None = None,
     ) -> None:
         self.state = state
+        self._on_spooled = on_spooled
         self.retry_interval = float(retry_interval)
         self.display_uri = display_uri
         self._open_run = open_run
@@ -133,6 +147,20 @@ class Outbox:
     def count(self) -> int:
         """Number of lines waiting in the spool."""
         return self.state.spool_count()
+
+    def lost_steps(self, held: Iterable[int] | None) -> tuple[set[int], set[int]]:
+        """Steps the ledger says were spooled and not delivered, that are neither in the
+        spool nor among ``held`` (the run's steps; None when the store cannot say):
+        ``(lost, settled)``: ``lost`` were recorded as read (the read-set) and so will
+        never be sent unless read again; ``settled`` (in the run already, or never
+        recorded as read) only leave the ledger. Reads, changes nothing."""
+        ledger = self.state.spooled_steps()
+        if not ledger:
+            return set(), set()
+        held_set = set(held or ())
+        missing = ledger - self.pending_steps() - held_set
+        lost = missing & self.state.done_steps()
+        return lost, (ledger & held_set) | (missing - lost)
 
     # ------------------------------------------------------------------ files
     def new_folder(self, step: int) -> Path:
@@ -185,7 +213,11 @@ class Outbox:
         self._spool(record)
 
     def _spool(self, record: Record) -> None:
+        if isinstance(record, ReadingRecord):
+            self.state.note_spooled(record.step)  # before: a lost line is known by its step
         self.state.spool_append(record.to_json())
+        if self._on_spooled is not None:
+            self._on_spooled()
         what = f"step {record.step}" if isinstance(record, ReadingRecord) else record.kind
         if not self._announced:
             log.warning(
@@ -213,6 +245,7 @@ class Outbox:
         )
         done = 0
         replayed = 0
+        settled: list[int] = []
         run_id = None
         try:
             run_id, held = self._open_run(directory)
@@ -226,6 +259,7 @@ class Outbox:
                     )
                 elif isinstance(rec, ReadingRecord) and rec.step in held:
                     log.info("spooled step %s is already in the run; dropped", rec.step)
+                    settled.append(rec.step)
                 else:
                     try:
                         self._deliver(rec)
@@ -233,7 +267,8 @@ class Outbox:
                         replayed += 1
                         if isinstance(rec, ReadingRecord):
                             held.add(rec.step)
-                    except Unreachable:
+                            settled.append(rec.step)
+                    except (Unreachable, ConfigError):
                         raise
                     except Exception as exc:
                         log.error(
@@ -241,6 +276,8 @@ class Outbox:
                             rec.kind,
                             scrub(str(exc)),
                         )
+                        if isinstance(rec, ReadingRecord):
+                            settled.append(rec.step)
                 done += 1
         except Unreachable as exc:
             self.mark_down(exc)
@@ -250,7 +287,89 @@ class Outbox:
             for rec in pending[:done]:
                 if not isinstance(rec, RecordFormatError):
                     self.remove_files(rec)
+            self.state.note_delivered(settled)
         if replayed:
             log.warning("replayed %d spooled records into MLflow run %s", replayed, run_id)
         self._back_up()
         return True
+
+
+class Retrier:
+    """A background thread replaying the spool while records wait in it.
+
+    ``attempt()`` replays (True when the spool is empty afterwards); ``pending()`` says
+    whether records wait. The first attempt comes ``first`` seconds after records were
+    found waiting (or :meth:`poke`), each failed one doubles the pause up to ``cap``; a
+    success starts over. Idle, the thread sleeps until poked (and looks again every
+    ``cap`` seconds). A :class:`~ddsmon.errors.ConfigError` from ``attempt`` (the run is
+    another daemon's) ends the thread; any other error counts as a failed attempt.
+    :meth:`stop` ends it and waits for it (an attempt under way finishes first).
+    """
+
+    def __init__(
+        self,
+        attempt: Callable[[], bool],
+        pending: Callable[[], bool],
+        *,
+        first: float = 1.0,
+        cap: float = 30.0,
+        name: str = "ddsmon-mlflow-retry",
+    ) -> None:
+        self.first = max(0.01, min(float(first), float(cap)))
+        self.cap = max(self.first, float(cap))
+        self._attempt = attempt
+        self._pending = pending
+        self._name = name
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: attempts made (for tests and logs)
+        self.attempts = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Records were spooled: look again."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        delay = self.first
+        while not self._stop.is_set():
+            try:
+                waiting = self._pending()
+            except Exception as exc:
+                log.debug("retry: cannot read the spool: %s", exc)
+                waiting = True
+            if not waiting:
+                delay = self.first
+                self._wake.wait(self.cap)
+                self._wake.clear()
+                continue
+            if self._stop.wait(delay):
+                return
+            self.attempts += 1
+            try:
+                ok = self._attempt()
+            except ConfigError as exc:
+                log.error("spooled records are not replayed any more: %s", exc)
+                return
+            except Exception as exc:
+                log.warning("replaying the spool failed: %s", scrub(str(exc)))
+                ok = False
+            delay = self.first if ok else min(delay * 2, self.cap)

@@ -24,8 +24,13 @@ are identical, and MLflow's stores keep one of each.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Iterable, Mapping
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +53,14 @@ if TYPE_CHECKING:
 
     from ddsmon.sinks.mlflow_record import MetricRow, ReadingRecord, StartRecord
 
-__all__ = ("NOTE_HEADER", "MlflowWriter", "run_note")
+__all__ = (
+    "NOTE_HEADER",
+    "STORE_INIT_ATTEMPTS",
+    "MlflowWriter",
+    "open_client",
+    "run_note",
+    "sqlite_path",
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +86,11 @@ class MlflowWriter:
 
     @property
     def client(self) -> MlflowClient:
-        """The client, made on first use; :class:`Unreachable` or :class:`ConfigError`."""
+        """The client, made on first use (:func:`open_client`); :class:`Unreachable` or
+        :class:`ConfigError`."""
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
             try:
-                self._client = MlflowClient(self.tracking_uri)
+                self._client = open_client(self.tracking_uri)
             except Exception as exc:
                 if is_unreachable(exc):
                     raise Unreachable(scrub(str(exc))) from exc
@@ -102,6 +113,9 @@ class MlflowWriter:
 
     def set_terminated(self, run_id: str, status: str) -> None:
         call(self.client.set_terminated, run_id, status=status)
+
+    def delete_run(self, run_id: str) -> None:
+        call(self.client.delete_run, run_id)
 
     # ------------------------------------------------------------------ records
     def write_start(self, run_id: str, record: StartRecord, *, owned: bool) -> None:
@@ -195,6 +209,119 @@ class MlflowWriter:
                 send()
             chunk[kind].append(ent)
         send()
+
+
+# ---------------------------------------------------------------------- opening the store
+#: Attempts at opening a store whose schema another process is creating or migrating.
+STORE_INIT_ATTEMPTS = 6
+_INIT_RACE = (
+    "already exists",
+    "duplicate column",
+    "database is locked",
+    "no such table",
+    "alembic",
+    "migration",
+)
+
+
+def _init_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a concurrent schema creation or migration looks like
+    (``table _alembic_tmp_experiments already exists``, ``database is locked``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__module__.startswith("alembic"):
+            return True
+        if any(m in str(cur).lower() for m in _INIT_RACE):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def sqlite_path(tracking_uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI (None for any other store, or an
+    in-memory one); ``None`` means MLflow's default URI."""
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    if not str(tracking_uri).startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(str(tracking_uri)).database
+    except Exception:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
+@contextlib.contextmanager
+def _init_lock(tracking_uri: str | None, wait: float = 300.0) -> Iterator[None]:
+    """For a SQLite store, an flock on ``<database>.ddsmon-init.lock`` while the store is
+    opened: ddsmon processes on one machine create or migrate its schema one at a time
+    (MLflow's own migration is not safe against a second one running at once: it can
+    leave a ``_alembic_tmp_*`` table behind for good). Other stores: nothing."""
+    db = sqlite_path(tracking_uri)
+    if db is None or not db.parent.is_dir():
+        yield
+        return
+    lock = db.with_name(db.name + ".ddsmon-init.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.debug("cannot open %s (%s); opening the store unlocked", lock, exc)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("%s still locked after %.0fs; opening the store anyway", lock, wait)
+                    break
+                time.sleep(0.05 + random.random() * 0.1)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def open_client(
+    tracking_uri: str | None,
+    *,
+    attempts: int = STORE_INIT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> MlflowClient:
+    """``MlflowClient(tracking_uri)``, which opens the store (for a database: creates or
+    migrates its schema). A SQLite store is opened under :func:`_init_lock`; an error that
+    looks like another process creating or migrating the schema at the same moment is
+    retried, ``attempts`` times in all, after a jittered, growing pause (0.2-0.6 s, then
+    doubling). Anything else is raised at once."""
+    from mlflow.tracking import MlflowClient
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with _init_lock(tracking_uri):
+                return MlflowClient(tracking_uri)
+        except Exception as exc:
+            if attempt >= attempts or is_unreachable(exc) or not _init_race(exc):
+                raise
+            pause = (0.2 + random.random() * 0.4) * 2 ** (attempt - 1)
+            log.info(
+                "opening the MLflow store failed (%s); attempt %d of %d in %.1fs",
+                scrub(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__),
+                attempt + 1,
+                attempts,
+                pause,
+            )
+            sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def run_note(directory: Path) -> str:

@@ -8,10 +8,12 @@ composes; it holds no logic of its own beyond putting these parts together:
 =========================================  ===================================================
 :mod:`ddsmon.sinks.mlflow_run`             which run: ``--run-id``, else one per watched
                                            directory (stored id, directory tag, or new)
+:mod:`ddsmon.sinks.mlflow_lease`           the run's lease: one daemon writes a run
 :mod:`ddsmon.sinks.mlflow_record`          the typed record of one message (start, checkpoint,
                                            tags) and its JSON line in the spool
-:mod:`ddsmon.sinks.mlflow_outbox`          spool when down, replay in order, acknowledgement,
-                                           exactly once per step
+:mod:`ddsmon.sinks.mlflow_outbox`          spool when down, replay in order (also from a
+                                           retry timer), acknowledgement, exactly once
+                                           per step, the spool's ledger
 :mod:`ddsmon.sinks.mlflow_writer`          the MlflowClient calls (batches within MLflow's
                                            limits, artifacts, params, tags, the note)
 :mod:`ddsmon.sinks.mlflow_keys`            metric/param/tag names within MLflow's limits
@@ -45,12 +47,28 @@ Exactly once
     the steps waiting in the spool), so the daemon does not log a step twice after a
     ``kill -9`` between logging and its state write; the sink also skips a step its run
     already holds. Spool, replay and acknowledgement: :mod:`ddsmon.sinks.mlflow_outbox`.
+    Per run, not only per state directory: the run is leased
+    (:mod:`ddsmon.sinks.mlflow_lease`) when it is resolved; a run another live daemon
+    writes refuses this one (:class:`~ddsmon.sinks.mlflow_lease.RunClaimed`, a
+    ConfigError naming its host, pid and state directory), and before every write (one
+    ``get_run`` per record) the lease is checked: a lease taken over raises
+    :class:`~ddsmon.sinks.mlflow_lease.LeaseLost` and nothing more is written.
+A verifiable spool
+    At the first :meth:`MlflowSink.recorded_steps` (or :meth:`MlflowSink.start`), the
+    spool's ledger is checked: a step spooled and recorded as read that is neither in
+    the spool (a garbled line fails its checksum; a spool truncated, emptied or deleted)
+    nor in the run is warned about by step and taken out of the read-set
+    (:meth:`StateDir.forget <ddsmon.state.StateDir.forget>`), so the daemon reads its
+    checkpoint again. After :meth:`MlflowSink.close`, :meth:`MlflowSink.undelivered_steps`
+    lists the readings still spooled.
 
 Tracking server down
     A call failing for a connection-type reason (refused, timeout, 5xx after retries,
     TEMPORARILY_UNAVAILABLE and the like) spools the whole record; records are replayed
     in order before the next send (at most every ``retry_interval`` seconds, and on start
-    and close). Nothing lost, nothing doubled. Any other error (a bad request) is raised
+    and close), and by a background retry timer while records wait (``retry_first``
+    seconds after the failure, doubling up to ``retry_max``), so they arrive once the
+    server answers even when no checkpoint comes. Nothing lost, nothing doubled. Any other error (a bad request) is raised
     to the daemon, which reports it. So that a down server fails in seconds rather than
     minutes, the sink sets :data:`~ddsmon.sinks.mlflow_http.HTTP_ENV_DEFAULTS` unless
     already set in the environment (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``,
@@ -73,7 +91,8 @@ from typing import TYPE_CHECKING, Any
 
 from ddsmon.sinks.history import HistoryEntry, LocalHistory, event_dict
 from ddsmon.sinks.mlflow_http import Unreachable, configure_http_env
-from ddsmon.sinks.mlflow_outbox import Outbox
+from ddsmon.sinks.mlflow_lease import RunLease, RunLeaseError
+from ddsmon.sinks.mlflow_outbox import Outbox, Retrier
 from ddsmon.sinks.mlflow_record import (
     ArtifactFile,
     ReadingRecord,
@@ -119,10 +138,17 @@ class MlflowSink:
         plot_interval: seconds between plot refreshes (plots are also drawn on close).
         retry_interval: after a failed call, seconds during which records go straight
             to the spool without trying the server.
+        retry_first, retry_max: the retry timer's first pause and its cap (seconds): while
+            records wait in the spool, a background thread replays them, the pause
+            doubling after each failure.
+        lease_timeout: seconds without a heartbeat after which the run's lease is taken
+            over (None: ``DDSMON_LEASE_TIMEOUT``, else 60).
 
     No connection is made before the first call that needs one; the constructor only
     sets :data:`~ddsmon.sinks.mlflow_http.HTTP_ENV_DEFAULTS`. Every method may be called
-    from any thread (one lock).
+    from any thread (one lock). Background threads (the retry timer, the lease's
+    heartbeat) run between :meth:`start` (or the first resolution of the run) and
+    :meth:`close`.
     """
 
     def __init__(
@@ -137,6 +163,9 @@ class MlflowSink:
         artifacts: bool = True,
         plot_interval: float = 10.0,
         retry_interval: float = 10.0,
+        retry_first: float = 1.0,
+        retry_max: float = 30.0,
+        lease_timeout: float | None = None,
     ) -> None:
         configure_http_env()
         self.state = state
@@ -144,17 +173,28 @@ class MlflowSink:
         self._lock = threading.RLock()
         self._writer = MlflowWriter(tracking_uri)
         self._run = RunLocator(
-            self._writer, experiment=experiment, run_id=run_id, state=state, run_name=run_name
+            self._writer,
+            experiment=experiment,
+            run_id=run_id,
+            state=state,
+            run_name=run_name,
+            lease_timeout=lease_timeout,
         )
         self._history = LocalHistory(state)
         self._plots = PlotScheduler(self._history, enabled=plots, interval=plot_interval)
+        self._retrier = Retrier(
+            self._retry, lambda: self._outbox.count() > 0, first=retry_first, cap=retry_max
+        )
         self._outbox = Outbox(
             state,
             open_run=self._open_run,
             deliver=self._deliver,
             display_uri=self._writer.display_uri,
             retry_interval=retry_interval,
+            on_spooled=self._retrier.poke,
         )
+        self._spool_checked = False
+        self._closed = False
 
     # ------------------------------------------------------------------ settings, display
     @property
@@ -201,6 +241,15 @@ class MlflowSink:
         return self._writer.client
 
     @property
+    def lease(self) -> RunLease | None:
+        """The run's lease, once resolved (None before)."""
+        return self._run.lease
+
+    @property
+    def retry_max(self) -> float:
+        return self._retrier.cap
+
+    @property
     def display_uri(self) -> str:
         """The tracking URI with any credentials redacted (what ddsmon ever prints)."""
         return self._writer.display_uri
@@ -213,14 +262,26 @@ class MlflowSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def start(self, info: RunInfo) -> None:
-        """Resolve the run, replay any spool, log params and tags (or spool them)."""
+        """Resolve (and lease) the run, check the spool against its ledger, replay it,
+        log params and tags (or spool them); start the retry timer."""
         with self._lock:
             directory = Path(info.directory).resolve()
             self._run.directory = self._plots.directory = directory
             self.state.set("directory", str(directory))
             self._history.load()
             self._outbox.clean()
+            if not self._spool_checked:
+                held: set[int] | None = None
+                try:
+                    self._run.ensure(directory)
+                    held = set(self._run.steps or ())
+                except Unreachable as exc:
+                    self._outbox.mark_down(exc)
+                self._check_spool(held)
             self._outbox.send(start_record(directory, info.params), force=True)
+        self._closed = False
+        self._retrier.start()
+        self._retrier.poke()
 
     def on_queue(self, pending: int) -> None:
         """Nothing to log."""
@@ -252,10 +313,13 @@ class MlflowSink:
             self._outbox.send(failure_record(failure))
 
     def close(self, status: str = "FINISHED") -> None:
-        """Replay the spool, draw the final plots and, for a run ddsmon owns, set its
-        status (``FINISHED``, or e.g. ``KILLED`` on interruption). A run given by id keeps
-        its status. What cannot be delivered stays spooled for the next start."""
+        """Stop the retry timer, replay the spool, draw the final plots and, for a run
+        ddsmon owns, set its status (``FINISHED``, or e.g. ``KILLED`` on interruption);
+        release the run's lease. A run given by id keeps its status. What cannot be
+        delivered stays spooled for the next start (:meth:`undelivered_steps`)."""
+        self._retrier.stop()  # outside the lock: an attempt under way takes it
         with self._lock:
+            self._closed = True
             try:
                 if not self._outbox.flush(force=True):
                     log.warning(
@@ -268,32 +332,78 @@ class MlflowSink:
                     return
                 self._refresh_plots(force=True)
                 if self.owned and self.run_id is not None:
+                    self._run.verify()
                     self._writer.set_terminated(self.run_id, status=status)
             except Unreachable as exc:
                 log.warning("MLflow at %s unreachable on close: %s", self.display_uri, exc)
+            except RunLeaseError as exc:
+                log.error(
+                    "%s; %d records stay spooled in %s", exc, self._outbox.count(), self.state.root
+                )
+            finally:
+                self._run.release(tell_store=not self._outbox.waiting())
+
+    def undelivered_steps(self) -> list[int]:
+        """Steps whose readings wait in the spool, not delivered (after :meth:`close`:
+        what the server did not get this time; sent at the next start)."""
+        with self._lock:
+            return sorted(self._outbox.pending_steps())
 
     # ------------------------------------------------------------------ exactly-once
     def recorded_steps(self) -> set[int]:
         """Steps whose checkpoint the run already holds (history of ``dds/checkpoint``)
         or that wait in the spool to be sent. When the server cannot be reached, only
-        the spooled steps (replay skips steps the run holds, so nothing doubles)."""
+        the spooled steps (replay skips steps the run holds, so nothing doubles).
+
+        The first call (before the daemon reads checkpoints) also checks the spool
+        against its ledger: a step lost from the spool is taken out of the read-set, so
+        its checkpoint is read again. Raises
+        :class:`~ddsmon.sinks.mlflow_lease.RunClaimed` when another daemon writes the
+        run."""
         with self._lock:
-            steps = self._outbox.pending_steps()
+            held: set[int] | None = None
             try:
                 if self.run_id is None:
-                    if self.given_run_id is None and self._run.guess_directory() is None:
-                        return steps
-                    self._run.ensure()
+                    if self.given_run_id is not None or self._run.guess_directory() is not None:
+                        self._run.ensure()
+                        held = set(self._run.steps or ())
                 else:
-                    self._run.refresh_steps()
+                    held = set(self._run.refresh_steps())
             except Unreachable as exc:
                 self._outbox.mark_down(exc)
                 log.warning(
                     "MLflow at %s unreachable; recorded steps known from the spool only",
                     self.display_uri,
                 )
-                return steps
-            return steps | set(self._run.steps or ())
+            if not self._spool_checked:
+                self._check_spool(held)
+            return self._outbox.pending_steps() | (held or set())
+
+    def _check_spool(self, held: set[int] | None) -> None:
+        """The spool against its ledger (see the module docstring): lost steps are
+        warned about and forgotten by the read-set."""
+        self._spool_checked = True
+        lost, settled = self._outbox.lost_steps(held)
+        if settled:
+            self.state.note_delivered(settled)
+        if not lost:
+            return
+        self.state.forget(lost)
+        self.state.note_delivered(lost)
+        where = (
+            f"nor in MLflow run {self.run_id}"
+            if held is not None
+            else "(MLflow unreachable: whether the run holds them is asked when they are sent)"
+        )
+        log.warning(
+            "spool %s lost the records of step%s %s (a garbled line, or a truncated, "
+            "emptied or deleted spool): they are neither in the spool %s; their "
+            "checkpoints are read again",
+            self.state.root / "spool.jsonl",
+            "" if len(lost) == 1 else "s",
+            ", ".join(str(s) for s in sorted(lost)),
+            where,
+        )
 
     # ------------------------------------------------------------------ local history
     def history(self) -> dict[str, list[tuple[int, dict[str, Any]]]]:
@@ -308,17 +418,28 @@ class MlflowSink:
         return run_id, self._run.fetch_steps()
 
     def _deliver(self, record: Record) -> None:
-        """For the outbox: write one record into the run."""
+        """For the outbox: check the lease, then write one record into the run."""
         if isinstance(record, StartRecord):
             run_id = self._run.ensure(Path(record.directory))
+            self._run.verify()
             self._writer.write_start(run_id, record, owned=self.owned)
         elif isinstance(record, ReadingRecord):
             run_id = self._run.ensure()
+            self._run.verify()
             events_file = self._history.events_path if self.artifacts else None
             self._writer.write_reading(run_id, record, events_file=events_file)
             self._run.add_step(record.step)
         else:
-            self._writer.log_batch(self._run.ensure(), tags=record.tags)
+            run_id = self._run.ensure()
+            self._run.verify()
+            self._writer.log_batch(run_id, tags=record.tags)
+
+    def _retry(self) -> bool:
+        """For the retry timer: replay the spool now; True when it is empty."""
+        with self._lock:
+            if self._closed:
+                return True
+            return self._outbox.flush(force=True)
 
     def _refresh_plots(self, force: bool = False) -> None:
         if self.run_id is None:
@@ -328,8 +449,11 @@ class MlflowSink:
     def _upload_plots(self, folder: Path) -> bool:
         assert self.run_id is not None
         try:
+            self._run.verify()
             self._writer.log_artifacts(self.run_id, str(folder), "plots")
         except Unreachable as exc:
             self._outbox.mark_down(exc)
             return False
+        except RunLeaseError:
+            return False  # raised again at the next record
         return True
