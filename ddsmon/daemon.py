@@ -109,6 +109,7 @@ class Daemon:
         self._faults = RepeatedFault()
         self._source = ""
         self._aliased: set[Path] = set()
+        self._read_paths: set[Path] = set()
         #: what a failure is remembered with: the read settings it happened under
         self._settings_id = hashlib.sha256(
             json.dumps(dataclasses.asdict(config.read), sort_keys=True, default=str).encode()
@@ -462,6 +463,7 @@ class Daemon:
                 self._call(sink, "on_reading", reading, events)
         self._recorded.add(step)
         self._remember(digest, step, ref)
+        self._read_paths.add(ref.path)
         self.state.mark_done(str(ref.path), fp, step)
         self.state.set("detector", self.detector.to_state())
         self._detector_step = max(self._detector_step, step)
@@ -536,6 +538,8 @@ class Daemon:
     def _vanished(self, path: Path) -> None:
         """A checkpoint deleted before it could be read (a trainer's rotation,
         ``save_total_limit``): said at the default level, named and counted."""
+        if Path(path) in self._read_paths:  # read before the trainer rotated it away
+            return
         log.warning(
             "%s was deleted before it could be read (rotated away by the trainer?); not logged",
             shown(path),

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,8 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
 ]
 _FOLDER_KINDS = ("hf", "dcp")
+#: A Hugging Face Trainer folder's name, ``checkpoint-<step>``.
+_HF_FOLDER = re.compile(r"^checkpoint-\d+$")
 _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spin
 #: Largest poll interval / quiet period accepted (one day): larger ones are mistakes, and
 #: beyond ``threading.TIMEOUT_MAX`` a wait raises in the observer's or the timer's thread.
@@ -191,6 +194,7 @@ class CheckpointWatcher:
         self._root = Path(os.path.abspath(self.directory))
         self._on_ready = on_ready
         self._on_vanished = on_vanished
+        self._named_gone: set[Path] = set()
         self._on_rejected = on_rejected if on_rejected is not None else log_rejected
         self._lock = threading.Lock()
         self._pending: dict[Path, _Pending] = {}
@@ -297,6 +301,7 @@ class CheckpointWatcher:
         """``path`` was written (or closed / renamed into place when ``settled``)."""
         ref = checkpoint_for(path, self._root)
         if ref is None:
+            self._gone_unseen(path)
             return
         try:
             fp: tuple[int, int] | None = fingerprint(ref)
@@ -315,6 +320,33 @@ class CheckpointWatcher:
             entry.closed_fp = fp if fast else None
             entry.due = now if fast else now + self.quiet
         self._wake.set()
+
+    def _gone_unseen(self, path: Path) -> None:
+        """A write inside a ``checkpoint-N/`` folder that is gone by the time the event
+        is handled (a trainer's rotation, faster than the watcher): the folder cannot be
+        classified any more, but its name says what it was, so it is reported to
+        ``on_vanished`` once rather than never named."""
+        try:
+            rel = path.relative_to(self._root)
+        except ValueError:
+            return
+        if not rel.parts:
+            return
+        folder = self._root / rel.parts[0]
+        if (
+            _HF_FOLDER.match(folder.name) is None
+            or os.path.lexists(folder)
+            or folder in self._named_gone
+        ):
+            return
+        self._named_gone.add(folder)
+        with self._lock:
+            pending = folder in self._pending or folder in self._handed
+        if not pending and self._on_vanished is not None:
+            try:
+                self._on_vanished(folder)
+            except Exception:
+                log.exception("ddsmon watcher: on_vanished(%s) failed", shown(folder))
 
     def _gone(self, path: Path) -> None:
         """``path`` was deleted or moved away: look at every pending checkpoint it
