@@ -6,7 +6,8 @@ and output gradient, then per layer one symmetric eigensolve of the smaller-side
 the output gradients (what lambda_min and logdet need) and one SVD of the outputs (what
 sigma_min and the dead direction need). ddsmon's full activation-side reading does the
 same work plus floors, ranks, u_dead_gain and the bookkeeping; "both" adds the
-parameter-side Gram K per Linear layer.
+parameter-side Gram K per Linear layer; "none" reads X alone from forward passes (no
+loss, no backward pass).
 
     python benchmarks/bench_engine.py [--repeats 7] [--write BENCHMARKS.md]
 
@@ -76,6 +77,8 @@ def main() -> None:
     rows = [
         ("bare minimum: fwd+bwd, eigvalsh(G) per layer", lambda: bare_minimum(model, x, y, True)),
         ("bare minimum: fwd+bwd, eigvalsh(G) + svd(X) per layer", lambda: bare_minimum(model, x, y, False)),
+        ("ddsmon fisher=none (X readings, forward passes only)",
+         lambda: compute_signatures(model, x, y, "ce", layers, "cpu", fisher="none")),
         ("ddsmon fisher=activation (X and G readings)",
          lambda: compute_signatures(model, x, y, "ce", layers, "cpu", fisher="activation")),
         ("ddsmon fisher=both (X, G and K readings)",

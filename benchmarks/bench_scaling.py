@@ -16,9 +16,14 @@ Sweeps (defaults; every size is a flag):
 * layers: L = 1 .. 16 at d = N = 1024;
 * gpt2: a GPT-2-small-shaped transformer (12 blocks, d_model 768, 12 heads, vocab 50257,
   context 128, tied embeddings, ~124M parameters, random init, plain torch), probe
-  32 sequences x 128 tokens (N = 4096 rows per layer): every block output
-  (``blocks\\.\\d+$``) with fisher="activation" and "both"; every Linear/Embedding
-  with fisher="parameter" and "both".
+  32 sequences x 128 tokens (N = 4096 rows per layer), rows chosen by ``--gpt2-configs``
+  (:data:`GPT2_CONFIGS`; default ``activation,parameter,both``): every block output
+  (``blocks\\.\\d+$``) with fisher="activation" as called by default (the probe
+  streamed in micro-batches sized by the memory budget), ``one-pass`` (the whole probe
+  in one pass, ``probe_batch=n``), ``none`` (forward only), and ``floor``, the bare
+  float64 forward and backward to the same outputs (:func:`float64_floor`), also in
+  micro-batches of 4 sequences (``floor-micro``); every
+  Linear/Embedding with fisher="parameter" and "both".
 
 Cost model per layer with N rows (n samples x T positions), width d, input width
 d_in, m = min(N, d): probe pass O(N d d_in) (forward and backward, float64); X side
@@ -29,6 +34,8 @@ the row Grams or O(d_in d (N + n^2)) for per-sample gradients, whichever
 
     python benchmarks/bench_scaling.py [--sweeps width,rows,layers,gpt2] [--device cpu]
         [--budget 150] [--repeats 3] [--write BENCHMARKS.md]
+    python benchmarks/bench_scaling.py --sweeps gpt2 \\
+        --gpt2-configs floor,activation,one-pass,none --repeats 1 --no-breakdown
     python benchmarks/bench_scaling.py --device cuda --write BENCHMARKS.md   # on a GPU
 
 A configuration still running after ``--budget`` seconds is killed and reported as
@@ -287,35 +294,51 @@ def _child(spec: dict[str, Any]) -> None:
         torch.cuda.reset_peak_memory_stats()
     _emit(event="ready", params=params, base=_rss_bytes() if not device.startswith("cuda") else 0)
     fisher = spec["fisher"]
+    probe_batch = x.shape[0] if spec.get("probe_batch") == "all" else spec.get("probe_batch")
+
+    cpu: list[float] = []  # process CPU seconds of each reading (all threads)
 
     def reading() -> tuple[float, Any]:
         _sync(device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
-        result = compute_signatures(model, x, y, loss, layers, device, fisher=fisher)
+        if spec.get("floor"):
+            result: Any = float64_floor(model, x, y, layers, device, spec.get("floor_batch"))
+        else:
+            result = compute_signatures(
+                model, x, y, loss, layers, device, fisher=fisher, probe_batch=probe_batch,
+                memory_budget=spec.get("memory_budget"),
+            )  # fmt: skip
         _sync(device)
+        cpu.append(time.process_time() - c0)
         return time.perf_counter() - t0, result
 
     warm, sig = reading()  # warm-up (also the only reading of a slow configuration)
-    _emit(event="run", i=0, seconds=warm, peak=_peak_bytes(device))
+    _emit(event="run", i=0, seconds=warm, cpu=cpu[-1], peak=_peak_bytes(device))
     times: list[float] = []
     if warm <= spec["single_above"]:
         while len(times) < spec["repeats"] and (not times or sum(times) < spec["time_cap"]):
             seconds, sig = reading()
             times.append(seconds)
-            _emit(event="run", i=len(times), seconds=seconds, peak=_peak_bytes(device))
+            _emit(event="run", i=len(times), seconds=seconds, cpu=cpu[-1], peak=_peak_bytes(device))
     kept = times or [warm]
-    widths = sorted({(s.N, s.d) for s in sig.layers.values()})
-    with_k = sum(1 for s in sig.layers.values() if s.param_rank is not None)
+    if spec.get("floor"):
+        widths, with_k, read = sorted({tuple(g.shape) for g in sig}), 0, len(sig)
+    else:
+        widths = sorted({(s.N, s.d) for s in sig.layers.values()})
+        with_k = sum(1 for s in sig.layers.values() if s.param_rank is not None)
+        read = len(sig.layers)
     _emit(
         event="reading",
         seconds=statistics.median(kept),
+        cpu=statistics.median(cpu[1:] if times else cpu[:1]),
         runs=len(kept),
         peak=_peak_bytes(device),
-        layers=len(sig.layers),
+        layers=read,
         shapes=widths[:4],
         with_k=with_k,
     )
-    if spec.get("breakdown"):
+    if spec.get("breakdown") and not spec.get("floor") and fisher != "none":
         passes: list[dict[str, float]] = []
         started = time.perf_counter()
         while len(passes) < max(1, spec["repeats"]) and (
@@ -324,6 +347,57 @@ def _child(spec: dict[str, Any]) -> None:
             passes.append(_breakdown(model, x, y, loss, layers, device, fisher))
         median = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
         _emit(event="breakdown", passes=len(passes), **median)
+
+
+def float64_floor(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: str | None,
+    device: str,
+    batch: int | None = None,
+) -> list[Tensor]:
+    """The floor of an activation-side reading, written plainly (no ddsmon code): a
+    float64 copy of the model, one forward pass of the whole probe (or of each
+    ``batch`` samples) and one backward pass of the summed per-sample cross-entropy to
+    the selected outputs, with every parameter frozen (no weight gradients are built or
+    computed). Returns those gradients (the last micro-batch's when batched)."""
+    work = copy.deepcopy(model).to(device=torch.device(device), dtype=torch.float64).eval()
+    grads: list[Tensor] = []
+    step = batch or x.shape[0]
+    for start in range(0, x.shape[0], step):
+        part = slice(start, start + step)
+        grads = _floor_pass(work, x[part], y[part], layers, device)
+    return grads
+
+
+def _floor_pass(
+    work: nn.Module, x: Tensor, y: Tensor, layers: str | None, device: str
+) -> list[Tensor]:
+    for p in work.parameters():
+        p.requires_grad_(False)
+    pattern = re.compile(layers or ".")
+    outs: list[Tensor] = []
+
+    def keep(_m: nn.Module, _a: Any, out: Tensor) -> Tensor:
+        if not out.requires_grad:  # the first selected output: a leaf of its own
+            out = out.detach().requires_grad_(True)
+        outs.append(out)
+        return out
+
+    handles = [
+        m.register_forward_hook(keep)
+        for name, m in work.named_modules()
+        if name and pattern.search(name)
+    ]
+    try:
+        logits = work(x.to(device))
+        t = logits.shape[1]
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum") / t
+        return list(torch.autograd.grad(loss, outs))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _breakdown(
@@ -394,6 +468,7 @@ class Row:
     with_k: int | None = None
     breakdown: dict[str, float] | None = None
     note: str = ""
+    cpu: float | None = None  # median process CPU seconds of the kept readings
 
 
 def run_config(row: Row, budget: float) -> Row:
@@ -427,6 +502,7 @@ def run_config(row: Row, budget: float) -> Row:
             row.peak = rec["peak"]
         elif kind == "reading":
             row.seconds, row.runs, row.peak = rec["seconds"], rec["runs"], rec["peak"]
+            row.cpu = rec.get("cpu")
             row.layers, row.with_k = rec["layers"], rec["with_k"]
         elif kind == "breakdown":
             row.breakdown = rec
@@ -440,7 +516,8 @@ def run_config(row: Row, budget: float) -> Row:
         row.note = f"failed (exit {rc}): {tail[0][:160]}"
     elapsed = time.perf_counter() - started
     print(f"  {row.sweep:7s} {row.label:38s} {_fmt_s(row.seconds):>9s} s  peak {_fmt_mb(row.peak):>9s}"
-          f"  ({elapsed:.0f} s wall) {row.note}", file=sys.stderr, flush=True)  # fmt: skip
+          f"  ({elapsed:.0f} s wall, reading CPU {_fmt_s(row.cpu)} s) {row.note}",
+          file=sys.stderr, flush=True)  # fmt: skip
     return row
 
 
@@ -495,23 +572,39 @@ def _mlp_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+_BLOCKS = r"^blocks\.\d+$"
+_LINEARS = r"^(wte|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj)))$"
+#: The GPT-2 rows by ``--gpt2-configs`` key: (label, layers, fisher, extra spec).
+#: Blocks own no parameters themselves (their Linear children do), so at block outputs
+#: fisher="both" does exactly the work of "activation": not run twice. "activation"
+#: is compute_signatures as called by default (the probe streamed in micro-batches
+#: sized by its memory budget); "one-pass" reads the whole probe in one pass
+#: (probe_batch = n); "floor" is :func:`float64_floor` on the same outputs.
+GPT2_CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "floor": ("every block output, bare float64 fwd+bwd (floor)", _BLOCKS, "activation",
+              {"floor": True}),
+    "floor-micro": ("every block output, floor in micro-batches of 4", _BLOCKS, "activation",
+                    {"floor": True, "floor_batch": 4}),
+    "activation": ("every block output, activation", _BLOCKS, "activation", {}),
+    "one-pass": ("every block output, activation, one pass", _BLOCKS, "activation",
+                 {"probe_batch": "all"}),
+    "none": ("every block output, none (forward only)", _BLOCKS, "none", {}),
+    "parameter": ("every Linear + wte, parameter", _LINEARS, "parameter", {}),
+    "both": ("every Linear + wte, both", _LINEARS, "both", {}),
+}  # fmt: skip
+
+
 def _gpt_rows(args: argparse.Namespace) -> list[Row]:
     if "gpt2" not in args.sweeps.split(",") or args.gpt2 == "none":
         return []
     kind = "gpt2" if args.gpt2 == "small" else "gpt2_tiny"
-    blocks = r"^blocks\.\d+$"
-    linears = r"^(wte|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj)))$"
-    # Blocks own no parameters themselves (their Linear children do), so at block
-    # outputs fisher="both" does exactly the work of "activation": not run twice.
-    configs = [
-        ("every block output", blocks, "activation"),
-        ("every Linear + wte", linears, "parameter"),
-        ("every Linear + wte", linears, "both"),
-    ]
-    return [
-        Row("gpt2", f"{what}, {fisher}", {"kind": kind, "layers": layers, "fisher": fisher})
-        for what, layers, fisher in configs
-    ]
+    rows = []
+    for key in args.gpt2_configs.split(","):
+        if key not in GPT2_CONFIGS:
+            raise SystemExit(f"--gpt2-configs: unknown {key!r}; choose from {sorted(GPT2_CONFIGS)}")
+        label, layers, fisher, extra = GPT2_CONFIGS[key]
+        rows.append(Row("gpt2", label, {"kind": kind, "layers": layers, "fisher": fisher, **extra}))
+    return rows
 
 
 def _render(rows: list[Row], args: argparse.Namespace, command: str) -> str:
@@ -567,7 +660,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-layers", type=int, default=2)
     ap.add_argument("--fishers", default="activation,both", help="for the MLP sweeps")
     ap.add_argument("--gpt2", choices=["small", "tiny", "none"], default="small")
+    ap.add_argument(
+        "--gpt2-configs",
+        default="activation,parameter,both",
+        help=f"comma-separated GPT-2 rows, of {','.join(GPT2_CONFIGS)}",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--memory-budget",
+        type=int,
+        default=None,
+        help="compute_signatures' memory_budget in bytes (default: its own)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=5, help="timed readings after the warm-up")
     ap.add_argument(
@@ -606,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             time_cap=args.time_cap,
             threads=args.threads,
             breakdown=not args.no_breakdown,
+            memory_budget=args.memory_budget,
         )
         run_config(row, args.gpt2_budget if row.sweep == "gpt2" else args.budget)
     command = "python benchmarks/bench_scaling.py " + " ".join(

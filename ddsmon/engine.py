@@ -3,6 +3,8 @@
 The engine composes the steps and knows nothing of files, MLflow or terminals::
 
     model copy (float64, eval)  ->  probe pass (X, Delta per layer)      ddsmon.probe
+                                    over micro-batches of samples, each
+                                    layer's running R factors            ddsmon.streaming
                                 ->  spectra of X and G, floors           ddsmon.spectra
                                 ->  K of each module's own parameters    ddsmon.param_gram
                                     (strategy per layer type: its registry)
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ddsmon import streaming
 from ddsmon.errors import ConfigError, ProbeError
 from ddsmon.losses import LossSpec, per_sample_loss_fn
 from ddsmon.options import FISHER_FAMILIES, FORWARD_DTYPES
@@ -51,9 +54,10 @@ from ddsmon.param_gram import (
     param_gram_structured,
     param_grams_functional,
 )
-from ddsmon.probe import LayerCapture, probe_batch_size, run_probe, select_layers
+from ddsmon.probe import probe_batch_size, select_layers
 from ddsmon.signature import LayerSignature, Signatures
 from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
+from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe
 
 __all__ = ("FISHER_FAMILIES", "compute_signatures", "forward_dtype", "resolve_device")
 
@@ -110,6 +114,11 @@ def _matches(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool
     )
 
 
+def _positive_int(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ProbeError(f"{name} must be a positive integer or None, got {value!r}")
+
+
 def compute_signatures(
     model: nn.Module,
     inputs: Any,
@@ -122,28 +131,46 @@ def compute_signatures(
     forward_dtype: torch.dtype = torch.float64,
     ridge: float = 0.0,
     max_probe_rows: int | None = None,
+    probe_batch: int | None = None,
+    memory_budget: int | None = None,
+    factor_budget: int | None = None,
 ) -> Signatures:
     """Read every selected layer's Dead-Direction Signature from one probe pass.
 
     Args:
         model: any ``nn.Module``; it is not modified (the pass runs on a copy in
             ``forward_dtype`` on ``device``, or on the model itself when it already is
-            there, with its train/eval flags restored afterwards).
+            there, with its train/eval and ``requires_grad`` flags restored afterwards).
         inputs: a tensor (n, ...), a tuple of them (``model(*inputs)``) or a dict
             (``model(**inputs)``). Integer tensors (token ids) stay integer.
-        targets: what ``loss`` compares the output with; first axis n.
+        targets: what ``loss`` compares the output with; first axis n (unused, and may
+            be None, with ``fisher="none"``).
         loss: ``"ce"``, ``"mse"`` or ``callable(outputs, targets) -> (n,)``; see
-            :mod:`ddsmon.losses` for the per-sample conventions.
+            :mod:`ddsmon.losses` for the per-sample conventions. A callable must be
+            per-sample (row i from sample i alone): the probe may be read in
+            micro-batches.
         layers: None (every leaf module with a floating output of last dimension
             >= 2, dropout/identity excepted), a list of module names, or a regex.
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``; the spectra are
             computed there, in float64.
-        fisher: ``"activation"`` (X and G), ``"parameter"`` (K) or ``"both"``.
+        fisher: ``"activation"`` (X and G), ``"parameter"`` (K), ``"both"``, or
+            ``"none"``: no Fisher-Gram, X only, from forward passes without a loss, a
+            graph or a backward pass (G and K readings are None).
         forward_dtype: dtype of the probe pass; float64 by default (the paper's recipe).
             With float32 the floors use float32's epsilon.
         ridge: Tikhonov term added to G and K before the eigensolve. Only for the
             recipe ablation of the paper's Figure 7: leave it 0.
         max_probe_rows: refuse (ProbeError) a layer with more rows N than this.
+        probe_batch: samples per micro-batch of the streamed probe pass
+            (:mod:`ddsmon.streaming`); None (default) sizes them from ``memory_budget``.
+            A value of n or more reads the probe in one pass.
+        memory_budget: bytes one micro-batch's autograd graph may hold, as measured on
+            one sample before the pass; None is
+            :data:`~ddsmon.streaming.DEFAULT_MEMORY_BUDGET` (1 GiB). A probe whose
+            graph fits is read in one pass.
+        factor_budget: bytes of A and Delta rows one pass keeps for the parameter-side
+            Gram of structured layers; layers beyond it are read in further passes.
+            None is :data:`~ddsmon.streaming.DEFAULT_FACTOR_BUDGET` (4 GiB).
 
     Returns:
         :class:`~ddsmon.signature.Signatures`; ``.layers[name]`` is a LayerSignature.
@@ -154,7 +181,9 @@ def compute_signatures(
     module's own parameters, built by the strategy registered for the module's type:
     :func:`ddsmon.param_gram.register_param_gram`); floors
     ``floor_x = max(N, d) eps sigma_max`` and ``floor_g = dim eps lambda_max``; readings
-    are the values above the floors.
+    are the values above the floors. A probe read in micro-batches gives the same
+    readings to rounding: X and Delta enter through running R factors with the same
+    ``X^T X`` and ``Delta^T Delta`` (see :mod:`ddsmon.streaming` for why it is exact).
     """
     started = time.perf_counter()
     if fisher not in FISHER_FAMILIES:
@@ -163,6 +192,9 @@ def compute_signatures(
         raise ProbeError(
             f"forward_dtype must be torch.float64 or torch.float32, got {forward_dtype}"
         )
+    _positive_int("probe_batch", probe_batch)
+    _positive_int("memory_budget", memory_budget)
+    _positive_int("factor_budget", factor_budget)
     dev = resolve_device(device)
     n = probe_batch_size(inputs, targets)
     names = select_layers(model, layers)
@@ -170,6 +202,7 @@ def compute_signatures(
     eps = torch.finfo(forward_dtype).eps
     want_activation = fisher in ("both", "activation")
     want_param = fisher in ("both", "parameter")
+    backward = fisher != "none"
 
     flags = {m: m.training for m in model.modules()}
     in_place = _matches(model, dev, forward_dtype)
@@ -179,51 +212,51 @@ def compute_signatures(
         x = _to_reading(inputs, dev, forward_dtype)
         y = _to_reading(targets, dev, forward_dtype)
         strategies = _Strategies(want_param)
-        captures = run_probe(
+        probe = StreamedProbe(
             work,
             x,
             y,
             loss_fn,
-            names,
             n=n,
-            keep_inputs=strategies.keeps_inputs,
             max_rows=max_probe_rows,
+            backward=backward,
+            probe_batch=probe_batch,
+            memory_budget=memory_budget or streaming.DEFAULT_MEMORY_BUDGET,
         )
-        functional: dict[str, Tensor] = {}
-        if want_param:
-            others = {
-                name: cap.module
-                for name, cap in captures.items()
-                if isinstance(strategies.of(cap.module), FunctionalGram)
-            }
-            if others:
-                try:
-                    functional = param_grams_functional(work, others, x, y, loss_fn, n)
-                except Exception as exc:  # torch.func cannot trace every module
-                    log.warning(
-                        "parameter-side Gram via torch.func failed for %s: %s",
-                        sorted(others),
-                        exc,
-                    )
-        readings = {}
-        for name in list(captures):
-            cap = captures.pop(name)
-            readings[name] = _read_layer(
-                cap,
-                n,
-                eps,
-                ridge,
-                want_activation,
-                strategies.of(cap.module),
-                functional.pop(name, None),
+        streams = LayerStreams(
+            n,
+            x=want_activation or not backward,
+            g=want_activation,
+            factors=strategies.keeps_inputs,
+            factor_budget=factor_budget or streaming.DEFAULT_FACTOR_BUDGET,
+        )
+        chosen = probe.run(
+            names, streams, keep_inputs=streams.keeps_inputs, strict=names is not None
+        )
+        fields: dict[str, dict[str, Any]] = {}
+        for name in chosen:
+            stream = streams.layers.pop(name)
+            fields[name] = _read_layer(
+                stream, n, eps, ridge, want_activation, not backward, strategies.of(stream.module)
             )
-            del cap
+            del stream
+        bad = {name for name, f in fields.items() if not f.get("finite", True)}
+        for group in streams.deferred_groups(skip=bad):
+            _read_deferred(probe, group, fields, n, eps, ridge, strategies)
+        if want_param:
+            _read_functional(work, x, y, loss_fn, n, eps, ridge, fields, bad, strategies)
     finally:
         if in_place:
             for module, training in flags.items():
                 module.training = training
+    log.debug(
+        "probe read in %d pass(es), %d micro-batch(es) of up to %s samples",
+        probe.passes,
+        probe.micro_batches,
+        probe.batch,
+    )
     return Signatures(
-        layers=readings,
+        layers={name: LayerSignature(**f) for name, f in fields.items()},
         n=n,
         device=str(dev),
         forward_dtype=str(forward_dtype).removeprefix("torch."),
@@ -253,42 +286,44 @@ class _Strategies:
 
 
 def _read_layer(
-    cap: LayerCapture,
+    stream: LayerStream,
     n: int,
     eps: float,
     ridge: float,
     want_activation: bool,
+    x_only: bool,
     strategy: ParamGramStrategy | None,
-    functional_gram: Tensor | None,
-) -> LayerSignature:
-    """All readings of one layer from its capture (see LayerSignature for each).
+) -> dict[str, Any]:
+    """The LayerSignature fields of one layer from its stream (see LayerSignature).
 
-    ``strategy``: how K is built (None: no parameter-side readings); a functional K
-    comes in as ``functional_gram``, None where ``torch.func`` failed.
+    ``want_activation``: X and G readings; ``x_only``: X readings alone (a forward-only
+    pass). ``strategy``: how K is built (None: no parameter-side readings); K from
+    structure is read here when this pass kept the layer's A and Delta rows, else by a
+    further pass (:func:`_read_deferred`) or ``torch.func`` (:func:`_read_functional`).
     """
-    rows, d = cap.rows, cap.width
-    base: dict[str, Any] = {"name": cap.name, "n": n, "N": rows, "d": d}
-    delta = cap.grad if cap.grad is not None else torch.zeros_like(cap.output)
-    bad = []
-    if not bool(torch.isfinite(cap.output).all()):
-        bad.append("activations")
-    if not bool(torch.isfinite(delta).all()):
-        bad.append("gradients")
-    if bad:
-        return LayerSignature(**base, finite=False, nonfinite=" and ".join(bad) + " not finite")
+    d = stream.width
+    base: dict[str, Any] = {"name": stream.name, "n": n, "N": stream.rows, "d": d}
+    if stream.nonfinite is not None:
+        return {**base, "finite": False, "nonfinite": stream.nonfinite}
     fields: dict[str, Any] = {}
-    if want_activation:
-        xs = read_singular_values(cap.output, eps)
-        gram = read_gram(gram_of_rows(delta.to(torch.float64), n), eps, ridge)
-        gain = None
-        if xs.u_dead is not None:
-            gain = float((delta.to(torch.float64) @ xs.u_dead).pow(2).sum() / n)
+    if want_activation or x_only:
+        xs = read_singular_values(stream.x_matrix(), eps, rows=stream.rows)
         fields.update(
             sigma_min=xs.sigma_min,
             sigma_max=xs.sigma_max,
             x_rank=xs.rank,
             x_dead=d - xs.rank,
             floor_x=xs.floor,
+            x_spectrum=xs.values.cpu().numpy(),
+        )
+    if want_activation:
+        # delta: Delta itself, or M with M^T M = Delta^T Delta (ddsmon.streaming)
+        delta = stream.delta_matrix()
+        gram = read_gram(gram_of_rows(delta, n), eps, ridge)
+        gain = None
+        if xs.u_dead is not None:
+            gain = float((delta @ xs.u_dead).pow(2).sum() / n)
+        fields.update(
             lambda_min=gram.lambda_min,
             lambda_max=gram.lambda_max,
             g_rank=gram.rank,
@@ -297,23 +332,82 @@ def _read_layer(
             logdet=gram.logdet,
             log_volume=gram.log_volume,
             u_dead_gain=gain,
-            x_spectrum=xs.values.cpu().numpy(),
             g_spectrum=gram.values.cpu().numpy(),
         )
-    if strategy is not None:
-        k = functional_gram
-        if isinstance(strategy, StructuredGram) and cap.inputs is not None:
-            k = param_gram_structured(cap, n, strategy=strategy)
-        if k is not None:
-            pr = read_gram(k, eps, ridge)
+    if isinstance(strategy, StructuredGram) and stream.factors:
+        cap = stream.factor_capture()
+        if cap is not None:
             fields.update(
-                param_count=sum(p.numel() for p in cap.module.parameters(recurse=False)),
-                param_lambda_min=pr.lambda_min,
-                param_lambda_max=pr.lambda_max,
-                param_rank=pr.rank,
-                param_floor=pr.floor,
-                param_logdet=pr.logdet,
-                param_log_volume=pr.log_volume,
-                param_spectrum=pr.values.cpu().numpy(),
+                _param_fields(
+                    param_gram_structured(cap, n, strategy=strategy), cap.module, eps, ridge
+                )
             )
-    return LayerSignature(**base, **fields)
+    return {**base, **fields}
+
+
+def _param_fields(k: Tensor, module: nn.Module, eps: float, ridge: float) -> dict[str, Any]:
+    """The ``param_*`` fields from K (n x n)."""
+    pr = read_gram(k, eps, ridge)
+    return {
+        "param_count": sum(p.numel() for p in module.parameters(recurse=False)),
+        "param_lambda_min": pr.lambda_min,
+        "param_lambda_max": pr.lambda_max,
+        "param_rank": pr.rank,
+        "param_floor": pr.floor,
+        "param_logdet": pr.logdet,
+        "param_log_volume": pr.log_volume,
+        "param_spectrum": pr.values.cpu().numpy(),
+    }
+
+
+def _read_deferred(
+    probe: StreamedProbe,
+    group: list[str],
+    fields: dict[str, dict[str, Any]],
+    n: int,
+    eps: float,
+    ridge: float,
+    strategies: _Strategies,
+) -> None:
+    """K of structured layers whose A and Delta rows the first pass could not keep
+    within ``factor_budget``: one more streamed pass keeping this group's rows only."""
+    streams = LayerStreams(n, x=False, g=False, factors=lambda _m: True, factor_budget=None)
+    probe.run(group, streams, keep_inputs=streams.keeps_inputs, strict=True)
+    for name in group:
+        stream = streams.layers.pop(name)
+        strategy = strategies.of(stream.module)
+        cap = stream.factor_capture()
+        if stream.nonfinite is None and isinstance(strategy, StructuredGram) and cap is not None:
+            k = param_gram_structured(cap, n, strategy=strategy)
+            fields[name].update(_param_fields(k, stream.module, eps, ridge))
+        del stream, cap
+
+
+def _read_functional(
+    work: nn.Module,
+    x: Any,
+    y: Any,
+    loss_fn: Any,
+    n: int,
+    eps: float,
+    ridge: float,
+    fields: dict[str, dict[str, Any]],
+    bad: set[str],
+    strategies: _Strategies,
+) -> None:
+    """K by ``torch.func`` for the read layers whose type has no structured strategy."""
+    others = {
+        name: module
+        for name in fields
+        if name not in bad
+        and isinstance(strategies.of(module := work.get_submodule(name)), FunctionalGram)
+    }
+    if not others:
+        return
+    try:
+        grams = param_grams_functional(work, others, x, y, loss_fn, n)
+    except Exception as exc:  # torch.func cannot trace every module
+        log.warning("parameter-side Gram via torch.func failed for %s: %s", sorted(others), exc)
+        return
+    for name, k in grams.items():
+        fields[name].update(_param_fields(k, others[name], eps, ridge))

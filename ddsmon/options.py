@@ -17,8 +17,9 @@ __all__ = (
 )
 
 #: Which Fisher-Gram families a reading computes: activation side (X, G), parameter
-#: side (K), or both.
-FISHER_FAMILIES: tuple[str, ...] = ("both", "activation", "parameter")
+#: side (K), both, or none: then only X's spectrum is read, from forward passes alone
+#: (no loss, no autograd graph, no backward pass; G and K readings are None).
+FISHER_FAMILIES: tuple[str, ...] = ("both", "activation", "parameter", "none")
 #: dtypes of the probe pass, by name (the spectra are always float64).
 FORWARD_DTYPES: tuple[str, ...] = ("float64", "float32")
 #: Per-sample losses built in; anything else is ``MODULE:FUNCTION``.

@@ -10,10 +10,16 @@ For each selected module ``l`` with output ``h_l`` of shape (n, ..., d):
   built from structure (a structured strategy of :mod:`ddsmon.param_gram`: Linear,
   Embedding, Conv1D, or one a user registered); (N,) for integer inputs (token ids).
 
-All layers come from ONE forward and ONE ``torch.autograd.grad`` call over the summed
-per-sample loss; parameters get no ``.grad``. A module that is an output of the
-selection but whose output does not require grad (frozen earlier layers, integer
-inputs) is re-rooted as a fresh leaf so its gradient exists.
+A pass (:class:`ProbePass`) is ONE forward and ONE ``torch.autograd.grad`` call over
+the summed per-sample loss of the samples it is given, with respect to the captured
+outputs only: parameters get no ``.grad``, and the forward pass builds no graph for
+weight gradients (their ``requires_grad`` is off during the pass). Because row block i
+of Delta depends on sample i alone, the probe may be cut into micro-batches of samples
+and each read by its own pass (:mod:`ddsmon.streaming`): the rows are the same. A
+module that is an output of the selection but whose output does not require grad (the
+first layer read, frozen earlier layers, integer inputs) is re-rooted as a fresh leaf
+so its gradient exists (downstream gets a copy, which an in-place op may change).
+``backward=False`` runs a forward pass only, with no graph.
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from torch import Tensor, nn
 
 from ddsmon.errors import ProbeError
 
-__all__ = ("LayerCapture", "model_output", "probe_batch_size", "run_probe", "select_layers")
+__all__ = (
+    "LayerCapture",
+    "PassMode",
+    "ProbePass",
+    "RetryPass",
+    "model_output",
+    "probe_batch_size",
+    "run_probe",
+    "select_layers",
+    "slice_batch",
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +168,18 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def slice_batch(obj: Any, sl: slice) -> Any:
+    """The samples ``sl`` of a probe (tensor, tuple/list or dict of them): every tensor
+    with a batch axis is sliced along it; 0-d tensors and other objects pass through."""
+    if isinstance(obj, Tensor):
+        return obj[sl] if obj.ndim > 0 else obj
+    if isinstance(obj, dict):
+        return {k: slice_batch(v, sl) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_batch(v, sl) for v in obj)
+    return obj
+
+
 def run_probe(
     model: nn.Module,
     inputs: Any,
@@ -163,7 +191,7 @@ def run_probe(
     keep_inputs: Callable[[nn.Module], bool],
     max_rows: int | None = None,
 ) -> dict[str, LayerCapture]:
-    """Run the one forward/backward pass and return a capture per selected layer.
+    """Run the one forward/backward pass over the whole probe; a capture per layer.
 
     ``model`` must already be on the reading device and dtype, in eval mode. ``names``
     None selects by the default rule. ``keep_inputs(module)`` says whether to keep the
@@ -171,43 +199,84 @@ def run_probe(
 
     If a later in-place op (``ReLU(inplace=True)``) overwrote a captured output, the pass
     is run once more handing a copy downstream, so X and Delta are those of the layer.
+    The streamed pass of the engine (:mod:`ddsmon.streaming`) runs the same pass on
+    micro-batches of samples.
     """
-    try:
-        return _probe_pass(model, inputs, targets, loss_fn, names, n, keep_inputs, max_rows, False)
-    except _InPlaceModified as exc:
-        log.debug("re-running the probe pass with copies: %s", exc)
-        return _probe_pass(model, inputs, targets, loss_fn, names, n, keep_inputs, max_rows, True)
+    mode = PassMode()
+    while True:
+        probe = ProbePass(names, n, keep_inputs, max_rows, mode)
+        try:
+            return probe.run(model, inputs, targets, loss_fn)
+        except RetryPass as retry:
+            mode = retry.apply(mode)
 
 
-class _InPlaceModified(Exception):
-    pass
+@dataclass(frozen=True)
+class PassMode:
+    """How a pass runs, learnt from earlier tries (see :class:`RetryPass`).
+
+    copy_downstream: hand each captured output's copy downstream (an in-place op
+    overwrote a captured output). unfrozen: modules whose parameters keep
+    ``requires_grad`` (a tuple output that had to be re-rooted; see ProbePass).
+    """
+
+    copy_downstream: bool = False
+    unfrozen: frozenset[str] = frozenset()
 
 
-def _probe_pass(
-    model: nn.Module,
-    inputs: Any,
-    targets: Any,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    names: list[str] | None,
-    n: int,
-    keep_inputs: Callable[[nn.Module], bool],
-    max_rows: int | None,
-    copy_downstream: bool,
-) -> dict[str, LayerCapture]:
-    """One forward and one backward pass; see :class:`_ProbePass`."""
-    probe = _ProbePass(names, n, keep_inputs, max_rows, copy_downstream)
-    return probe.run(model, inputs, targets, loss_fn)
+class RetryPass(Exception):
+    """The pass must run again, in the mode :meth:`apply` gives; raised before any
+    capture of the failed try is used."""
+
+    def __init__(self, reason: str, *, copy_downstream: bool = False, unfreeze: str = "") -> None:
+        super().__init__(reason)
+        self.copy_downstream = copy_downstream
+        self.unfreeze = unfreeze
+
+    def apply(self, mode: PassMode) -> PassMode:
+        """The mode of the next try; a ProbeError if it would be the same again."""
+        unfrozen = mode.unfrozen | ({self.unfreeze} if self.unfreeze else set())
+        after = PassMode(mode.copy_downstream or self.copy_downstream, frozenset(unfrozen))
+        if after == mode:
+            raise ProbeError(f"the probe pass cannot be run: {self}")
+        log.debug("re-running the probe pass: %s", self)
+        return after
 
 
-class _ProbePass:
-    """The state of one probe pass: a forward hook per selected module, then one backward.
+class _StopForward(BaseException):
+    """Raised by the last wanted hook of a forward-only pass: nothing after it is read.
+    A BaseException, so that a model's own ``except Exception`` does not swallow it."""
 
-    The hook (:meth:`_on_output`) keeps, per layer, the capture (X, and A where
-    ``keep_inputs`` asks), the live output tensor whose gradient is Delta, and that
-    tensor's version counter, to tell when a later in-place op overwrote it.
-    ``names`` None selects by the default rule: leaf modules, pass-throughs excepted,
-    whose output is a floating tensor (n, ..., d >= 2); a module that runs twice in one
-    forward pass is dropped from that selection (an error for an explicit one).
+
+class ProbePass:
+    """The state of one probe pass (all samples, or one micro-batch of them).
+
+    A forward hook per selected module (:meth:`_on_output`) keeps, per layer, the
+    capture (X, and A where ``keep_inputs`` asks), the live output tensor whose
+    gradient is Delta, and that tensor's version counter, to tell when a later in-place
+    op overwrote it. ``names`` None selects by the default rule: leaf modules,
+    pass-throughs excepted, whose output is a floating tensor (n, ..., d >= 2); a
+    module that runs twice in one forward pass is dropped from that selection.
+
+    * ``n``: the samples of this pass; ``total``: those of the whole probe (the rows
+      that ``max_rows`` caps are ``total`` samples' worth), n by default.
+    * ``strict``: named layers that cannot be read, run twice or do not run are a
+      ProbeError (default: when ``names`` is given); else they are left out.
+    * ``backward`` False: a forward pass only, under ``torch.no_grad`` (no loss, no
+      graph; captures have ``grad`` None). ``stop_early``: end the forward pass (by an
+      exception from the hook) once every named layer is captured; forward-only only.
+      ``graph_only``: the forward pass and the loss with their graph, no backward pass
+      and no captures (what :mod:`ddsmon.streaming` measures a sample's graph by).
+
+    Parameters get no ``.grad`` and no graph: during a backward pass every parameter
+    of the model has ``requires_grad`` off (restored after), so the forward pass saves
+    nothing for weight gradients, and ``torch.autograd.grad`` runs only down to the
+    captured outputs. A captured output that then does not require grad (the first
+    layer read, a frozen or integer-fed one) is re-rooted: handed downstream as a fresh
+    leaf, whose gradient is Delta, exactly: nothing upstream of it is differentiated.
+    A module with parameters whose output is a tuple of several tensors cannot be
+    re-rooted faithfully (another element may be computed from the first); the pass
+    then runs again with that module's parameters left as they were (``unfrozen``).
     """
 
     def __init__(
@@ -216,17 +285,29 @@ class _ProbePass:
         n: int,
         keep_inputs: Callable[[nn.Module], bool],
         max_rows: int | None,
-        copy_downstream: bool,
+        mode: PassMode | None = None,
+        *,
+        total: int | None = None,
+        strict: bool | None = None,
+        backward: bool = True,
+        stop_early: bool = False,
+        graph_only: bool = False,
     ) -> None:
         self.names = names
         self.n = n
+        self.total = n if total is None else total
         self.keep_inputs = keep_inputs
         self.max_rows = max_rows
-        self.copy_downstream = copy_downstream
+        self.mode = mode or PassMode()
+        self.strict = names is not None if strict is None else strict
+        self.backward = backward
+        self.stop_early = stop_early and not backward and names is not None
+        self.graph_only = graph_only
         self.captures: dict[str, LayerCapture] = {}
         self.live: dict[str, Tensor] = {}
         self.versions: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self._frozen: set[int] = set()  # ids of the parameters this pass froze
 
     @property
     def explicit(self) -> bool:
@@ -239,26 +320,48 @@ class _ProbePass:
         targets: Any,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
     ) -> dict[str, LayerCapture]:
-        """Forward with the hooks on, ``autograd.grad`` of the summed loss, hooks off."""
+        """Forward with the hooks on, ``autograd.grad`` of the summed loss, hooks off.
+
+        Returns the captures in model order (default selection) or in ``names`` order,
+        less the named layers a non-strict pass left out. Raises RetryPass when the
+        pass must run again in another mode.
+        """
         handles = [
             module.register_forward_hook(functools.partial(self._on_output, name))
             for name, module in self._hooked(model)
         ]
+        order: list[str] = []
+        grads: Sequence[Tensor | None] = []
+        frozen: list[nn.Parameter] = []
         try:
-            with torch.enable_grad():
-                out = model_output(_call(model, inputs))
-                total = loss_fn(out, targets).sum()
-                self._check_in_place()
-                order = [name for name in self.captures if name in self.live]
-                grads: Sequence[Tensor | None] = [None] * len(order)
-                if total.requires_grad and order:
-                    grads = torch.autograd.grad(
-                        total, [self.live[name] for name in order], allow_unused=True
-                    )
+            if self.backward:
+                frozen = self._freeze(model)
+                with torch.enable_grad():
+                    out = model_output(_call(model, inputs))
+                    total = self._loss(loss_fn, out, targets)
+                    if self.graph_only:  # a forward pass with a graph: what it saves
+                        return {}
+                    self._check_in_place()
+                    order = [name for name in self.captures if name in self.live]
+                    grads = [None] * len(order)
+                    if total.requires_grad and order:
+                        grads = torch.autograd.grad(
+                            total, [self.live[name] for name in order], allow_unused=True
+                        )
+            else:
+                with torch.no_grad():
+                    try:
+                        _call(model, inputs)
+                    except _StopForward:
+                        pass
+                    self._check_in_place()
+                order = list(self.captures)
         finally:
             for handle in handles:
                 handle.remove()
-        if self.names is not None:
+            for p in frozen:
+                p.requires_grad_(True)
+        if self.names is not None and self.strict:
             missing = [name for name in self.names if name not in self.captures]
             if missing:
                 raise ProbeError(f"layer(s) {missing} did not run in the model's forward pass")
@@ -268,8 +371,32 @@ class _ProbePass:
                 cap.grad = torch.zeros_like(cap.output)
             else:
                 cap.grad = delta.detach().reshape(cap.output.shape)
-        chosen = order if self.names is None else self.names
+        chosen = order if self.names is None else [x for x in self.names if x in self.captures]
         return {name: self.captures[name] for name in chosen}
+
+    def _loss(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, targets: Any
+    ) -> Tensor:
+        """The summed per-sample loss; a ProbeError from a micro-batch says it was one."""
+        try:
+            return loss_fn(out, targets).sum()
+        except ProbeError as exc:
+            if self.n == self.total:
+                raise
+            raise ProbeError(
+                f"{exc} (in a micro-batch of {self.n} of the probe's {self.total} samples)"
+            ) from exc
+
+    def _freeze(self, model: nn.Module) -> list[nn.Parameter]:
+        """Turn ``requires_grad`` off on every parameter outside ``mode.unfrozen``."""
+        kept = {
+            id(p) for name in self.mode.unfrozen for p in model.get_submodule(name).parameters()
+        }
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in kept]
+        for p in frozen:
+            p.requires_grad_(False)
+        self._frozen = {id(p) for p in frozen}
+        return frozen
 
     def _hooked(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules that get a hook: the named ones, else the default selection's."""
@@ -288,7 +415,7 @@ class _ProbePass:
         if self.calls[name] > 1:
             self.captures.pop(name, None)
             self.live.pop(name, None)
-            if self.explicit:
+            if self.strict:
                 raise ProbeError(
                     f"layer {name!r} runs more than once in one forward pass; "
                     "DDS needs one output per sample"
@@ -300,9 +427,15 @@ class _ProbePass:
         rows = tensor.numel() // tensor.shape[-1]
         self._check_rows(name, rows)
         replaced = None
-        if not tensor.requires_grad:
+        if self.backward and not tensor.requires_grad:
+            if (
+                isinstance(out, (tuple, list))
+                and sum(isinstance(o, Tensor) for o in out) > 1
+                and any(id(p) in self._frozen for p in module.parameters())
+            ):
+                raise RetryPass(f"layer {name!r}: a tuple output to re-root", unfreeze=name)
             tensor = tensor.detach().requires_grad_(True)
-            replaced = tensor
+            replaced = tensor.clone()  # not the leaf: an in-place op downstream may follow
         self.live[name] = tensor
         a = None
         if self.keep_inputs(module) and args and isinstance(args[0], Tensor):
@@ -312,8 +445,10 @@ class _ProbePass:
             name, module, tensor.detach().reshape(rows, tensor.shape[-1]), inputs=a
         )
         self.versions[name] = tensor._version
-        if self.copy_downstream:
+        if self.mode.copy_downstream and replaced is None:
             replaced = tensor.clone()
+        if self.stop_early and self.names is not None and len(self.captures) == len(self.names):
+            raise _StopForward
         if replaced is None:
             return None
         if isinstance(out, Tensor):
@@ -321,7 +456,7 @@ class _ProbePass:
         return (replaced, *out[1:]) if isinstance(out, tuple) else [replaced, *out[1:]]
 
     def _readable(self, name: str, out: Any) -> Tensor | None:
-        """The output tensor (n, ..., d >= 2) to read, else None (a ProbeError if explicit)."""
+        """The output tensor (n, ..., d >= 2) to read, else None (a ProbeError if strict)."""
         n = self.n
         tensor = _first_tensor(out)
         if (
@@ -332,19 +467,21 @@ class _ProbePass:
             and tensor.shape[-1] >= 2
         ):
             return tensor
-        if self.explicit:
+        if self.strict:
             shape = None if tensor is None else tuple(tensor.shape)
+            part = "" if n == self.total else f" (a micro-batch of the probe's {self.total})"
             raise ProbeError(
                 f"layer {name!r} output cannot be read: need a floating tensor of "
-                f"shape (n={n}, ..., d>=2), got {type(out).__name__} {shape}"
+                f"shape (n={n}{part}, ..., d>=2), got {type(out).__name__} {shape}"
             )
         return None
 
     def _check_rows(self, name: str, rows: int) -> None:
-        if self.max_rows is not None and rows > self.max_rows:
+        total_rows = rows // self.n * self.total
+        if self.max_rows is not None and total_rows > self.max_rows:
             positions = rows // self.n
             raise ProbeError(
-                f"layer {name!r} has N={rows} rows ({self.n} samples x {positions} "
+                f"layer {name!r} has N={total_rows} rows ({self.total} samples x {positions} "
                 f"position{'' if positions == 1 else 's'}), above "
                 f"max_probe_rows={self.max_rows}; use a smaller probe or raise the cap"
             )
@@ -353,4 +490,6 @@ class _ProbePass:
         """Detect captured outputs that an in-place op changed after they were captured."""
         for name, tensor in self.live.items():
             if tensor._version != self.versions[name]:
-                raise _InPlaceModified(f"layer {name!r} output was modified in place")
+                raise RetryPass(
+                    f"layer {name!r} output was modified in place", copy_downstream=True
+                )

@@ -117,8 +117,13 @@ def _resolve_eigenvalues(values: Tensor, rel_floor: float) -> GramReading:
     return GramReading(values, floor, rank, float(resolved[-1]), lambda_max, logdet, log_volume)
 
 
-def read_singular_values(x: Tensor, eps: float) -> SingularReading:
+def read_singular_values(x: Tensor, eps: float, *, rows: int | None = None) -> SingularReading:
     """Singular-value readings of ``x`` (N x d) in float64, with the dead direction.
+
+    ``rows``: the N of the floor ``max(N, d) eps sigma_max`` when ``x`` stands for a
+    matrix Z with more rows, ``x^T x = Z^T Z`` (the running R factor of a streamed probe,
+    :mod:`ddsmon.streaming`, has Z's singular values and right singular vectors); by
+    default ``x``'s own row count.
 
     The SVD never runs on more than a ``min(N, d)`` square:
 
@@ -143,7 +148,7 @@ def read_singular_values(x: Tensor, eps: float) -> SingularReading:
         core = torch.linalg.qr(x, mode="r")[1] if n_rows > d else x
     _, values, vh = torch.linalg.svd(core, full_matrices=False)
     top = float(values[0])
-    floor = max(n_rows, d) * eps * top
+    floor = max(n_rows if rows is None else rows, d) * eps * top
     rank = int((values > floor).sum()) if top > 0.0 else 0
     if rank == 0:
         return SingularReading(values, floor, 0, None, None, None)

@@ -13,7 +13,7 @@ from ddsmon.errors import ConfigError
 
 def test_fisher_families_are_the_options_ones() -> None:
     assert FISHER_FAMILIES is options.FISHER_FAMILIES
-    assert engine.FISHER_FAMILIES == ("both", "activation", "parameter")
+    assert engine.FISHER_FAMILIES == ("both", "activation", "parameter", "none")
 
 
 @pytest.mark.parametrize(

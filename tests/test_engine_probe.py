@@ -34,16 +34,28 @@ def _mlp(inplace: bool) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3))
 
 
-def test_an_output_overwritten_in_place_is_read_before_the_overwrite() -> None:
-    """ReLU(inplace=True) overwrites Linear 0's output: X and Delta are still Linear 0's
-    (the pass runs again handing a copy downstream), as with inplace=False."""
+def _deep(inplace: bool) -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3)
+    )
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_an_output_overwritten_in_place_is_read_before_the_overwrite(where: str) -> None:
+    """ReLU(inplace=True) overwrites a Linear's output: X and Delta are still the Linear's,
+    as with inplace=False. The first layer read is re-rooted (parameters are frozen during
+    the pass), so downstream already gets a copy; a later one, whose output requires
+    grad, is caught by its version counter and the pass runs again handing a copy on."""
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
-    layers = ["0", "2"]
-    got = compute_signatures(_mlp(True), x, y, loss="ce", layers=layers, device="cpu")
-    want = compute_signatures(_mlp(False), x, y, loss="ce", layers=layers, device="cpu")
+    make, layers = (_mlp, ["0", "2"]) if where == "first" else (_deep, ["0", "2", "4"])
+    got = compute_signatures(make(True), x, y, loss="ce", layers=layers, device="cpu")
+    want = compute_signatures(make(False), x, y, loss="ce", layers=layers, device="cpu")
     _same_readings(got, want, layers)
-    # pre-activation, an affine map of 4 inputs: rank 5 (after a ReLU it would be 8)
-    assert got.layers["0"].x_rank == want.layers["0"].x_rank == 5
+    if where == "first":  # pre-activation, an affine map of 4 inputs: rank 5 (after a ReLU, 8)
+        assert got.layers["0"].x_rank == want.layers["0"].x_rank == 5
+    else:  # after the ReLU, about half of the entries would be 0: X would differ
+        assert got.layers["2"].x_rank == want.layers["2"].x_rank == 8
 
 
 class Twice(nn.Module):

@@ -79,3 +79,17 @@ def test_gram_of_rows_is_built_on_the_smaller_side_with_one_positive_spectrum(
     assert reading.logdet == pytest.approx(float(np.log(expected).sum()), rel=1e-12)
     log_volume = reading.logdet - reading.rank * math.log(reading.lambda_max)
     assert reading.log_volume == pytest.approx(log_volume, rel=1e-12)
+
+
+def test_rows_sets_the_floor_of_a_factor_that_stands_for_a_taller_matrix() -> None:
+    """R (40 x 40) of a 300 x 40 X has X's singular values; with ``rows=300`` its floor
+    is X's, ``max(N, d) eps sigma_max`` with N = 300, not R's own 40 rows."""
+    x, _ = _matrix(300, 40, [3.0, 2.0, 1.0], seed=7)
+    r = torch.linalg.qr(x, mode="r").R
+    want = read_singular_values(x, EPS)
+    got = read_singular_values(r, EPS, rows=300)
+    assert got.floor == pytest.approx(want.floor, rel=1e-12, abs=0)
+    assert got.floor == pytest.approx(300 * EPS * 3.0, rel=1e-12, abs=0)
+    assert got.rank == want.rank == 3
+    assert read_singular_values(r, EPS).floor == pytest.approx(40 * EPS * 3.0, rel=1e-12, abs=0)
+    np.testing.assert_allclose(got.values.numpy(), want.values.numpy(), rtol=0, atol=1e-14)

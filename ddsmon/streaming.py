@@ -1,0 +1,513 @@
+"""The streamed probe pass: micro-batches of samples, a running factor per layer.
+
+The probe pass (:mod:`ddsmon.probe`) of a whole probe holds its float64 autograd graph
+at once: 13 GiB for a GPT-2-small-shaped model on 32 x 128 tokens. Here the probe is cut
+into micro-batches of samples, each read by its own pass, and every layer keeps only
+what its readings need, so the memory of a reading no longer grows with the probe.
+
+**Why it is exact.** In eval mode sample i's forward pass does not depend on the other
+samples, and ``loss_i`` depends on sample i alone, so for j in a micro-batch B::
+
+    d (sum_{i in B} loss_i) / d h_j  =  d loss_j / d h_j
+
+the same rows of Delta whatever else B holds (BatchNorm in eval mode uses its running
+statistics; dropout is off). X's rows are the layer's outputs, equally per sample.
+The rows of X, Delta and A arrive in sample order, a micro-batch at a time; what
+differs from a whole-probe pass is rounding only (GEMMs over fewer rows).
+
+**X and Delta: a running R factor (TSQR).** For a matrix Z (N x d) whose rows arrive in
+blocks Z_1, Z_2, ..., :class:`RowFactor` holds M with ``M^T M = Z^T Z``:
+
+* while at most d rows have arrived, M is the rows themselves (M = Z, nothing folded);
+* after that, rows are buffered, and when the buffer passes ``fold_rows`` (a few d,
+  within ``FOLD_BYTES``) it is folded: ``[M; buffer] = Q R`` (Householder QR, R only,
+  d x d) and M <- R. Since ``Q^T Q = I``, ``R^T R = M^T M + buffer^T buffer``;
+
+so M (at most ``d + fold_rows`` rows) has Z's singular values and right singular
+vectors, and ``u^T Z^T Z u = ||M u||^2``, exactly in exact arithmetic. Householder QR
+is backward stable (the computed R is the exact R of a matrix within about eps ||Z|| of
+the stacked one), so each fold moves a singular value by about eps sigma_max, far
+below the trust floor ``max(N, d) eps sigma_max``, where N is the total number of rows
+(:func:`ddsmon.spectra.read_singular_values` takes it as ``rows``). For Delta the same
+factor gives ``G = Delta^T Delta / n = M^T M / n`` (d x d; formed and eigensolved as
+the whole-probe pass forms Delta^T Delta) and the dead-direction gain
+``u^T G u = ||M u||^2 / n``, which keeps the accuracy of ``||Delta u||^2``: a sum of
+accumulated ``Delta_k^T Delta_k`` would give ``u^T G u`` only to about
+``d eps lambda_max`` (it can come out negative), too coarse for a gain that falls
+by many decades at a dead direction.
+
+**N < d.** When the whole probe has no more than d rows, nothing is folded: M is X
+(or Delta) itself, N x d, and the readings are those of the whole-probe pass: G's
+spectrum comes from the N x N row Gram ``Delta Delta^T / n`` (which cannot be built
+from a d x d accumulation), X's from the QR of X^T. Such a layer's rows are small
+(N d < d^2).
+
+**The parameter-side Gram K** (n x n, :mod:`ddsmon.param_gram`) couples every pair of
+samples, ``K_ij = <J_i, J_j> / n``, so it needs all samples' A and Delta rows of a layer
+at once: ``N (d_in + d_out)`` numbers per structured layer (A is N token ids for an
+Embedding). They are kept, in the forward dtype, for at most ``factor_budget`` bytes
+in one pass; the layers beyond it are read in further passes, as many as it takes,
+each keeping the next group's rows (a layer whose rows alone exceed the budget gets
+a pass of its own). Every extra pass is a full forward/backward (exact: the same
+rows again). ``torch.func`` K (modules without a structured strategy) is computed
+after the passes, as before (its J is n x p per module, chunked by samples).
+
+**The micro-batch size.** ``probe_batch`` samples if given; else the most samples
+whose graph fits ``memory_budget`` bytes. That is measured before the probe pass, by
+the forward pass and loss of one sample with the probe pass's hooks (no backward): the
+bytes of the tensors its graph saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters and
+buffers excepted), plus three times the largest output of any module (what the
+backward pass holds beside the graph: the gradients of that output and of the ops next
+to it, the logits' and the log-softmax's for a language model). On a GPT-2-small-shaped
+model (32 x 128 tokens, float64) that is 281 MB a sample, and peak RSS grew by about
+300 MB a sample of the micro-batch.
+When the whole probe fits, it is read in one pass, exactly as without streaming.
+Otherwise the first micro-batch has at least 2 samples (a module whose output does
+not follow the batch, a broadcast (1, T, d) position embedding, is then not mistaken
+for a per-sample one) and fixes the default layer selection for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from itertools import chain
+from types import TracebackType
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ddsmon.probe import LayerCapture, PassMode, ProbePass, RetryPass, slice_batch
+
+__all__ = (
+    "DEFAULT_FACTOR_BUDGET",
+    "DEFAULT_MEMORY_BUDGET",
+    "FOLD_BYTES",
+    "LayerStream",
+    "LayerStreams",
+    "RowFactor",
+    "StreamedProbe",
+    "micro_batch_sizes",
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes of one micro-batch's graph (``memory_budget`` of compute_signatures): 1 GiB.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: Bytes of A and Delta rows one pass keeps for the parameter-side Gram: 4 GiB.
+DEFAULT_FACTOR_BUDGET = 4 << 30
+#: A :class:`RowFactor` folds its buffer once it holds ``4 d`` rows or this many
+#: bytes, whichever is fewer (but never fewer than d rows).
+FOLD_BYTES = 64 << 20
+
+
+def _own(t: Tensor) -> Tensor:
+    """``t`` itself when it owns its storage, else a compact copy: a kept row block must
+    not keep alive the larger tensor it is a view of."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class RowFactor:
+    """M with ``M^T M = Z^T Z`` for the rows of Z (N x ``width``) added block by block.
+
+    See the module docstring: M is Z itself until more than ``width`` rows arrived,
+    then ``[R; buffer]`` with R the d x d factor of the folded rows. float64.
+    """
+
+    def __init__(self, width: int, *, fold_rows: int | None = None) -> None:
+        self.width = width
+        self.rows = 0  # rows added in all
+        if fold_rows is None:
+            fold_rows = min(4 * width, FOLD_BYTES // (8 * max(1, width)))
+        self.fold_rows = max(width, fold_rows)
+        self.folds = 0
+        self._parts: list[Tensor] = []  # [R (if folded), buffered blocks...]
+        self._held = 0  # rows in _parts
+
+    def add(self, block: Tensor) -> None:
+        """Add rows (k x width); a fold runs first when the held rows are at least
+        ``width`` and would pass ``fold_rows``."""
+        block = _own(block.to(torch.float64))
+        if self._held >= self.width and self._held + block.shape[0] > self.fold_rows:
+            r = torch.linalg.qr(_cat(self._parts), mode="r").R
+            self._parts, self._held = [r], r.shape[0]
+            self.folds += 1
+        self._parts.append(block)
+        self._held += block.shape[0]
+        self.rows += block.shape[0]
+
+    def matrix(self) -> Tensor:
+        """M (at most ``width + fold_rows`` rows; Z itself when nothing was folded)."""
+        if not self._parts:
+            return torch.zeros(0, self.width, dtype=torch.float64)
+        return _cat(self._parts)
+
+
+class LayerStream:
+    """What the streamed probe keeps of one layer (see the module docstring).
+
+    ``x``: keep X's factor; ``g``: Delta's (its rows themselves where ``factors``).
+    ``factors``: keep every row of A and Delta (for K from structure). Finiteness of X and Delta is
+    checked on every block; once a block is not finite nothing more is kept.
+    """
+
+    def __init__(self, cap: LayerCapture, *, x: bool, g: bool, factors: bool) -> None:
+        self.name = cap.name
+        self.module = cap.module
+        self.width = cap.width
+        self.rows = 0
+        self.bad_x = False
+        self.bad_g = False
+        self.factors = factors
+        self.x = RowFactor(self.width) if x else None
+        self.delta = RowFactor(self.width) if g and not factors else None
+        self._inputs: list[Tensor] = []
+        self._grads: list[Tensor] = []
+
+    @property
+    def nonfinite(self) -> str | None:
+        """ "activations", "gradients", both, or None."""
+        bad = [w for w, b in (("activations", self.bad_x), ("gradients", self.bad_g)) if b]
+        return " and ".join(bad) + " not finite" if bad else None
+
+    def add(self, cap: LayerCapture) -> None:
+        self.rows += cap.rows
+        self.bad_x = self.bad_x or not bool(torch.isfinite(cap.output).all())
+        if cap.grad is not None:
+            self.bad_g = self.bad_g or not bool(torch.isfinite(cap.grad).all())
+        if self.bad_x or self.bad_g:
+            self.x = self.delta = None
+            self._inputs, self._grads = [], []
+            return
+        if self.x is not None:
+            self.x.add(cap.output)
+        if self.delta is not None and cap.grad is not None:
+            self.delta.add(cap.grad)
+        if self.factors and cap.inputs is not None and cap.grad is not None:
+            self._inputs.append(_own(cap.inputs))
+            self._grads.append(_own(cap.grad))
+
+    def x_matrix(self) -> Tensor:
+        """M with ``M^T M = X^T X`` (X itself for at most d rows), float64."""
+        assert self.x is not None
+        return self.x.matrix()
+
+    def delta_matrix(self) -> Tensor:
+        """Delta itself (when its rows are kept for K) or its running factor, float64."""
+        if self.factors:
+            return _cat(self._grads).to(torch.float64)
+        assert self.delta is not None
+        return self.delta.matrix()
+
+    def factor_capture(self) -> LayerCapture | None:
+        """A capture with every row of A and Delta (X not kept: an N x 0 placeholder)
+        for :func:`ddsmon.param_gram.param_gram_structured`; None without them."""
+        if not self._grads:
+            return None
+        grad = _cat(self._grads)
+        return LayerCapture(
+            self.name, self.module, grad.new_empty(grad.shape[0], 0), grad, _cat(self._inputs)
+        )
+
+
+class BatchSink(Protocol):
+    """What :meth:`StreamedProbe.run` hands each micro-batch's captures to."""
+
+    def add(self, caps: dict[str, LayerCapture], size: int) -> None: ...
+    def drop(self, name: str) -> None: ...
+    def reset(self) -> None: ...
+
+
+class LayerStreams:
+    """The :class:`LayerStream` of every layer of one streamed pass (a BatchSink).
+
+    ``x``, ``g``: keep X's and Delta's factors (the activation side). ``factors(module)``:
+    whether the module's K is built from structure (A and Delta kept). Which such layers this pass keeps is decided at the first micro-batch, from
+    their rows' projected bytes (``n / size`` times the micro-batch's), first fit
+    within ``factor_budget`` (None: no limit); the rest are :attr:`deferred`.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        x: bool,
+        g: bool,
+        factors: Callable[[nn.Module], bool],
+        factor_budget: int | None,
+    ) -> None:
+        self.n = n
+        self.x = x
+        self.g = g
+        self.factor_budget = factor_budget
+        self._factors = factors
+        self.layers: dict[str, LayerStream] = {}
+        self.deferred: list[str] = []
+        self.factor_bytes: dict[str, int] = {}
+        self._keep: dict[int, bool] | None = None  # by id(module), once decided
+
+    def keeps_inputs(self, module: nn.Module) -> bool:
+        """The probe pass's ``keep_inputs``: A of the layers whose rows this pass keeps."""
+        if self._keep is None:
+            return self._factors(module)
+        return self._keep.get(id(module), False)
+
+    def add(self, caps: dict[str, LayerCapture], size: int) -> None:
+        if self._keep is None:
+            self._start(caps, size)
+        for name, cap in caps.items():
+            self.layers[name].add(cap)
+
+    def _start(self, caps: dict[str, LayerCapture], size: int) -> None:
+        left = self.factor_budget
+        self._keep = {}
+        for name, cap in caps.items():
+            keep = False
+            if self._factors(cap.module) and cap.inputs is not None and cap.grad is not None:
+                per_block = cap.inputs.numel() * cap.inputs.element_size()
+                per_block += cap.grad.numel() * cap.grad.element_size()
+                need = per_block * self.n // size
+                self.factor_bytes[name] = need
+                if left is None or need <= left:
+                    keep = True
+                    left = None if left is None else left - need
+                else:
+                    self.deferred.append(name)
+            self._keep[id(cap.module)] = keep
+            self.layers[name] = LayerStream(cap, x=self.x, g=self.g, factors=keep)
+        if self.deferred:
+            log.info(
+                "parameter-side rows of %d layer(s) exceed factor_budget=%s bytes in one "
+                "pass: read in further passes",
+                len(self.deferred),
+                self.factor_budget,
+            )
+
+    def drop(self, name: str) -> None:
+        self.layers.pop(name, None)
+        if name in self.deferred:
+            self.deferred.remove(name)
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self.deferred.clear()
+        self.factor_bytes.clear()
+        self._keep = None
+
+    def deferred_groups(self, skip: set[str] | frozenset[str] = frozenset()) -> list[list[str]]:
+        """The deferred layers (less ``skip``) in passes of at most ``factor_budget``
+        bytes each, in model order (a layer over the budget alone in its pass)."""
+        groups: list[list[str]] = []
+        current: list[str] = []
+        used = 0
+        for name in self.deferred:
+            if name in skip:
+                continue
+            need = self.factor_bytes[name]
+            budget = self.factor_budget
+            if current and budget is not None and used + need > budget:
+                groups.append(current)
+                current, used = [], 0
+            current.append(name)
+            used += need
+        if current:
+            groups.append(current)
+        return groups
+
+
+def micro_batch_sizes(n: int, batch: int) -> list[int]:
+    """Sizes of the micro-batches of n samples, ``batch`` each: ``[n]`` when it fits;
+    else the first has at least 2 samples (see the module docstring)."""
+    if batch >= n:
+        return [n]
+    first = min(n, max(2, batch))
+    rest = n - first
+    return [first] + [batch] * (rest // batch) + ([rest % batch] if rest % batch else [])
+
+
+class _GraphMeter:
+    """Bytes a forward pass's graph saves (each storage once, parameters and buffers
+    excepted) and the largest output of any module, while active; :attr:`bytes` is the
+    first plus three times the second."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.exclude = {
+            t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers())
+        }
+        self.saved: dict[int, int] = {}
+        self.largest_output = 0
+        self._handles: list[Any] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.saved.values()) + 3 * self.largest_output
+
+    def _pack(self, t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse, nested: not counted
+            return t
+        if ptr not in self.exclude:
+            self.saved[ptr] = max(self.saved.get(ptr, 0), size)
+        return t
+
+    def _on_output(self, _module: nn.Module, _args: Any, out: Any) -> None:
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(t, Tensor):
+            self.largest_output = max(self.largest_output, t.numel() * t.element_size())
+
+    def __enter__(self) -> _GraphMeter:
+        self._handles = [m.register_forward_hook(self._on_output) for m in self.model.modules()]
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._hooks.__exit__(exc_type, exc, tb)
+        for handle in self._handles:
+            handle.remove()
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+class StreamedProbe:
+    """Probe passes over micro-batches of samples (see the module docstring).
+
+    ``backward`` False: forward passes only (no loss, no graph). ``probe_batch``:
+    samples per micro-batch, or None to size them from ``memory_budget`` (bytes) on
+    the first :meth:`run`; later runs (the further passes of deferred K layers) use
+    the same sizes and the mode (:class:`~ddsmon.probe.PassMode`) the first learnt.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        n: int,
+        max_rows: int | None,
+        backward: bool,
+        probe_batch: int | None,
+        memory_budget: int,
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.targets = targets
+        self.loss_fn = loss_fn
+        self.n = n
+        self.max_rows = max_rows
+        self.backward = backward
+        self.batch = probe_batch
+        self.memory_budget = memory_budget
+        self.mode = PassMode()
+        self.sample_bytes: int | None = None  # measured graph bytes of one sample
+        self.passes = 0
+        self.micro_batches = 0
+
+    def sizes(self, names: list[str] | None) -> list[int]:
+        """The micro-batch sizes (measuring one sample's graph the first time)."""
+        if self.batch is None:
+            self.batch = self._measure(names)
+        return micro_batch_sizes(self.n, self.batch)
+
+    def _measure(self, names: list[str] | None) -> int:
+        if self.n == 1:
+            return 1
+        one = slice(0, 1)
+        while True:
+            meter = _GraphMeter(self.model)
+            probe = ProbePass(
+                names, 1, lambda _m: False, None, self.mode, total=self.n, strict=False,
+                backward=self.backward, graph_only=True,
+            )  # fmt: skip
+            try:
+                with meter:
+                    probe.run(
+                        self.model,
+                        slice_batch(self.inputs, one),
+                        slice_batch(self.targets, one),
+                        self.loss_fn,
+                    )
+            except RetryPass as retry:
+                self.mode = retry.apply(self.mode)
+                continue
+            except Exception as exc:  # the whole-probe pass will say what is wrong
+                log.debug("one-sample graph measurement failed (%s): one pass", exc)
+                return self.n
+            break
+        self.sample_bytes = meter.bytes
+        batch = self.memory_budget // max(1, meter.bytes)
+        return int(max(1, min(self.n, batch)))
+
+    def run(
+        self,
+        names: list[str] | None,
+        sink: BatchSink,
+        *,
+        keep_inputs: Callable[[nn.Module], bool],
+        strict: bool,
+    ) -> list[str]:
+        """Every micro-batch through a probe pass, its captures to ``sink``; returns the
+        layers read, in order (a default-selected layer that a later micro-batch cannot
+        read is dropped from them and from the sink)."""
+        while True:
+            try:
+                return self._run(names, sink, keep_inputs, strict)
+            except RetryPass as retry:
+                self.mode = retry.apply(self.mode)
+                sink.reset()
+
+    def _run(
+        self,
+        names: list[str] | None,
+        sink: BatchSink,
+        keep_inputs: Callable[[nn.Module], bool],
+        strict: bool,
+    ) -> list[str]:
+        chosen: list[str] | None = None
+        start = 0
+        self.passes += 1
+        for size in self.sizes(names):
+            part = slice(start, start + size)
+            start += size
+            probe = ProbePass(
+                names if chosen is None else chosen, size, keep_inputs, self.max_rows,
+                self.mode, total=self.n, strict=strict, backward=self.backward,
+                stop_early=chosen is not None,
+            )  # fmt: skip
+            caps = probe.run(
+                self.model,
+                slice_batch(self.inputs, part),
+                slice_batch(self.targets, part),
+                self.loss_fn,
+            )
+            self.micro_batches += 1
+            if chosen is None:
+                chosen = list(caps)
+            else:
+                for name in [c for c in chosen if c not in caps]:
+                    log.debug("layer %r is not per-sample in every micro-batch: left out", name)
+                    chosen.remove(name)
+                    sink.drop(name)
+            sink.add(caps, size)
+            del caps, probe
+        return chosen or []
