@@ -124,14 +124,16 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
         if mode == "watch":
             try:
                 if not wait_for_directory(directory):
-                    return None
+                    return None, []
             except KeyboardInterrupt:  # stopped while waiting: nothing was started
                 ctx.exit(0)
         daemon = Daemon.from_config(config)
     except DDSError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from exc
     try:
-        return run_until_signalled(daemon, mode)
+        summary = run_until_signalled(daemon, mode)
+        tracking = daemon.tracking
+        return summary, (tracking.undelivered_steps() if tracking is not None else [])
     except StateError as exc:  # a state file swapped for a directory, a full disk
         if not daemon.reading_started:  # found at the claim: a setting to fix, like the others
             click.echo(f"error: {exc}", err=True)
@@ -163,7 +165,7 @@ def watch(ctx: click.Context, directory: Path, **flags: Any) -> None:
 @click.pass_context
 def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
     """Read the checkpoints in DIRECTORY now (backfill, CI), then exit."""
-    summary = _run_daemon(ctx, "scan", directory.resolve(), flags)
+    summary, undelivered = _run_daemon(ctx, "scan", directory.resolve(), flags)
     kinds = ctx.params.get("fail_on_event") or ()
     hits = summary.flagged(kinds)
     extra = "".join(
@@ -180,6 +182,14 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
         f"{len(summary.events)} events{extra}",
         err=True,
     )
+    if undelivered:
+        click.echo(
+            f"scan: {len(undelivered)} reading(s) not delivered to MLflow (steps "
+            f"{', '.join(map(str, undelivered))}); they wait in the spool and are sent by the "
+            "next run",
+            err=True,
+        )
+        ctx.exit(EXIT_UNDELIVERED)
     if hits:
         click.echo(
             f"scan: {len(hits)} event(s) of kind {', '.join(sorted(set(kinds)))} flagged", err=True

@@ -41,6 +41,7 @@ from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.redaction import redact_uri
 from ddsmon.shown import shown
 from ddsmon.sinks import RunInfo, Sink
+from ddsmon.sinks.mlflow_lease import RunLeaseError
 from ddsmon.state import StateDir, StateError
 
 __all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled", "wait_for_directory")
@@ -183,6 +184,9 @@ class Daemon:
         if self.tracking is not None:
             try:
                 self._recorded = set(self.tracking.recorded_steps())
+            except RunLeaseError:  # another daemon writes this run: refused, exit 2
+                self.state.release()
+                raise
             except Exception as exc:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
         info = RunInfo(directory=self.config.directory, mode=mode, params=self.params())
@@ -190,7 +194,7 @@ class Daemon:
             if sink is self.tracking:
                 try:
                     sink.start(info)
-                except StateError:
+                except (StateError, RunLeaseError):
                     self.state.release()
                     raise
                 except Exception as exc:  # refused credentials, a bad URI: stop before reading
@@ -451,8 +455,10 @@ class Daemon:
         elif self.tracking is not None:
             try:
                 self.tracking.on_reading(reading, events)
-            except StateError:
-                raise  # the state directory (its spool) cannot be written: stop, nothing lost
+            except (StateError, RunLeaseError):
+                # the state directory (its spool) cannot be written, or another daemon took
+                # the run over: stop; nothing is lost (the new holder reads this checkpoint)
+                raise
             except Exception as exc:
                 # not recorded (the sink spools what it cannot send; this is anything else):
                 # not marked done, so a restart reads it again

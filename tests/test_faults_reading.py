@@ -214,3 +214,33 @@ def test_two_sigints_during_a_long_reading_stay_two(tmp_path: Path, probe: Path)
     assert "finishing the current checkpoint" in err
     done = ckpts / ".ddsmon" / "done.jsonl"
     assert not done.exists() or "step_000000" not in done.read_text()
+
+
+def test_scan_with_readings_left_in_the_spool_exits_3_naming_the_steps(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A real ``mlflow server`` stopped between two scans: the second scan reads the new
+    checkpoint, cannot deliver it, says which steps wait in the spool and exits 3; with the
+    server back, a third scan delivers them, each step once."""
+    from test_mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    server.start()
+    try:
+        first = _scan(ckpts, probe, server.uri, model=FACTORY)
+        assert first.returncode == 0, first.stderr
+        server.stop()
+        write_run(tmp_path / "more", [20])
+        os.replace(tmp_path / "more" / "step_000020.pt", ckpts / "step_000020.pt")
+        down = _scan(ckpts, probe, server.uri, model=FACTORY)
+        assert down.returncode == 3, down.stderr
+        assert "not delivered to MLflow (steps 20)" in down.stderr
+        server.start()
+        up = _scan(ckpts, probe, server.uri, model=FACTORY)
+        assert up.returncode == 0, up.stderr
+        assert _steps(server.uri) == [0, 10, 20]
+    finally:
+        server.stop()
