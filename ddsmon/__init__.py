@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = (
+    "FUNCTIONAL",
     "Config",
     "LayerSignature",
     "Reader",
     "Signatures",
+    "StructuredGram",
     "__version__",
     "compute_signatures",
     "dying_directions",
-    "FUNCTIONAL",
-    "StructuredGram",
     "register_param_gram",
 )
 

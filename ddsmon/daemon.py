@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
-import json
 import itertools
+import json
 import logging
 import signal
 import threading

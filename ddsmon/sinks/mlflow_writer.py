@@ -38,7 +38,7 @@ from ddsmon.errors import ConfigError
 from ddsmon.redaction import redact_uri, scrub
 from ddsmon.sinks.mlflow_http import Unreachable, call, is_unreachable
 from ddsmon.sinks.mlflow_keys import (
-    CHECKPOINT_METRIC,
+    CHECKPOINT_METRICS,
     DIRECTORY_ID_TAG,
     DIRECTORY_TAG,
     LIMITS,
@@ -101,9 +101,12 @@ class MlflowWriter:
 
     # ------------------------------------------------------------------ single calls
     def checkpoint_steps(self, run_id: str) -> set[int]:
-        """Steps the run holds a checkpoint of (the history of ``dds/checkpoint``)."""
-        history = call(self.client.get_metric_history, run_id, CHECKPOINT_METRIC)
-        return {int(m.step) for m in history}
+        """Steps the run holds a checkpoint of: the histories of its marker under every
+        name it has had (``ddsmon/checkpoint``, and ``dds/checkpoint`` of older runs)."""
+        steps: set[int] = set()
+        for key in CHECKPOINT_METRICS:
+            steps |= {int(m.step) for m in call(self.client.get_metric_history, run_id, key)}
+        return steps
 
     def log_artifact(self, run_id: str, local: str, artifact_dir: str | None = None) -> None:
         call(self.client.log_artifact, run_id, local, artifact_dir)
