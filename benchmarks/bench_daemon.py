@@ -8,8 +8,8 @@ example's 256-pair probe; checkpoints are its initial weights plus a little nois
 
 1. Latency: ``ddsmon watch DIR`` runs; one checkpoint at a time is renamed into DIR and
    the clock runs from ``os.replace`` returning until the checkpoint's ``--metric``
-   (default ``dds/checkpoint``) at its step is readable through ``MlflowClient``
-   (polled every ``--poll-ms``). Median over ``--latency-checkpoints``.
+   (default ``ddsmon/checkpoint``, the checkpoint marker) at its step is readable
+   through ``MlflowClient`` (polled every ``--poll-ms``). Median over ``--latency-checkpoints``.
 2. Throughput: ``ddsmon scan DIR`` over ``--scan-checkpoints`` checkpoints (a backfill),
    wall time of the whole command and checkpoints per minute; the same command on an
    empty directory gives the fixed start-up cost, reported beside it.
@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scaling import machine_lines, write_section
+
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "modular_addition"
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-baseline", action="store_true", help="skip the scan of an empty directory"
     )
     ap.add_argument(
-        "--metric", default="dds/checkpoint", help="the metric whose arrival ends the clock"
+        "--metric", default=CHECKPOINT_METRIC, help="the metric whose arrival ends the clock"
     )
     ap.add_argument("--poll-ms", type=float, default=25.0)
     ap.add_argument(

@@ -21,6 +21,8 @@ sys.path.insert(0, str(BENCH))
 from bench_daemon import count_requests  # noqa: E402
 from bench_scaling import write_section  # noqa: E402
 
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC  # noqa: E402
+
 
 def _run(script: str, tmp_path: Path, *args: str, timeout: float = 120) -> tuple[str, str]:
     out = tmp_path / "BENCHMARKS.md"
@@ -95,7 +97,7 @@ def test_daemon_tiny(tmp_path: Path) -> None:
     assert "<!-- BEGIN bench_daemon -->" in md
     assert "median of 1" in md, md
     assert "backfill `ddsmon scan` of 2 checkpoints" in md, md
-    assert "| steps of `dds/checkpoint` found in the run afterwards | 2 |" in md, md
+    assert f"| steps of `{CHECKPOINT_METRIC}` found in the run afterwards | 2 |" in md, md
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from ddsmon.cli import main
-from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC, metric_key, reading_metric_key
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
@@ -77,7 +77,7 @@ def test_scan_logs_every_step_once_and_reads_back(tmp_path: Path, probe: Path) -
     assert result.returncode == 0, result.stderr
     assert "4 read" in result.stderr
     client, run = run_of(uri)
-    history = client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+    history = client.get_metric_history(run.info.run_id, reading_metric_key("0", "lambda_min"))
     assert sorted(m.step for m in history) == [0, 10, 20, 30]
     assert run.data.params["probe_size"] == "32"
     assert run.data.params["ddsmon_version"]
@@ -88,7 +88,7 @@ def test_scan_logs_every_step_once_and_reads_back(tmp_path: Path, probe: Path) -
     )
     assert again.returncode == 0, again.stderr
     assert "0 read" in again.stderr
-    history = client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+    history = client.get_metric_history(run.info.run_id, reading_metric_key("0", "lambda_min"))
     assert sorted(m.step for m in history) == [0, 10, 20, 30]
 
 
@@ -104,9 +104,12 @@ def test_nonfinite_layer_is_an_event_and_fail_on_event_exits_1(tmp_path: Path, p
     nonfinite = [e for e in lines if e["kind"] == "nonfinite"]
     assert nonfinite and nonfinite[0]["step"] == 20 and nonfinite[0]["layer"] == "0"
     client, run = run_of(uri)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "dds/events/nonfinite")] == [
-        20
-    ]
+    assert [
+        m.step
+        for m in client.get_metric_history(
+            run.info.run_id, metric_key("dds", "events", "nonfinite")
+        )
+    ] == [20]
 
 
 def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe: Path) -> None:
@@ -127,7 +130,8 @@ def test_bad_checkpoints_are_reported_and_the_scan_goes_on(tmp_path: Path, probe
     assert "step_000007.pt" in out and "nope.weight" in out
     client, run = run_of(uri)
     assert sorted(
-        m.step for m in client.get_metric_history(run.info.run_id, "dds/0/lambda_min")
+        m.step
+        for m in client.get_metric_history(run.info.run_id, reading_metric_key("0", "lambda_min"))
     ) == [0, 10]
 
 

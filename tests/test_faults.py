@@ -18,6 +18,8 @@ import psutil
 import pytest
 from test_cli import FACTORY, REPO, _steps, _wait, ddsmon, run_of, write_run
 
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC, reading_metric_key
+
 
 def _spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
@@ -51,7 +53,11 @@ def test_kill_9_mid_scan_then_restart_reads_each_step_exactly_once(
     result = ddsmon("scan", str(ckpts), *common)  # the claim died with the killed process
     assert result.returncode == 0, result.stderr
     client, run = run_of(uri)
-    for key in ("dds/checkpoint", "dds/0/lambda_min", "dds/2/g_rank"):
+    for key in (
+        CHECKPOINT_METRIC,
+        reading_metric_key("0", "lambda_min"),
+        reading_metric_key("2", "g_rank"),
+    ):
         logged = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(logged) == steps, f"{key}: {sorted(logged)}"
 

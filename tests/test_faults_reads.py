@@ -33,6 +33,7 @@ from test_loading import Ref, dcp_save, hf_folder, same_weights
 from ddsmon.checkpoints import CheckpointRef, check_complete
 from ddsmon.errors import CheckpointError
 from ddsmon.loading import load_checkpoint
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -559,7 +560,7 @@ def test_watch_with_a_fifo_checkpoint_stops_on_sigterm(tmp_path: Path, probe: Pa
                 exp = client.get_experiment_by_name("ddsmon")
                 runs = client.search_runs([exp.experiment_id]) if exp else []
                 if runs:
-                    history = client.get_metric_history(runs[0].info.run_id, "dds/checkpoint")
+                    history = client.get_metric_history(runs[0].info.run_id, CHECKPOINT_METRIC)
                     steps = [m.step for m in history]
             except Exception:
                 continue

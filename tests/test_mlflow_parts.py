@@ -15,12 +15,19 @@ import numpy as np
 import pytest
 
 from ddsmon.events import Event
-from ddsmon.readings import SCALAR_READINGS
+from ddsmon.readings import HEADLINE_READINGS, SCALAR_READINGS
 from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.signature import LayerSignature, Signatures
 from ddsmon.sinks.history import HistoryEntry, LocalHistory
 from ddsmon.sinks.mlflow_http import Unreachable
-from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC, LIMITS
+from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
+    LIMITS,
+    event_tag_key,
+    event_tag_value,
+    metric_key,
+    reading_metric_key,
+)
 from ddsmon.sinks.mlflow_outbox import Outbox
 from ddsmon.sinks.mlflow_record import (
     FLOOR_READINGS,
@@ -37,7 +44,7 @@ from ddsmon.sinks.mlflow_record import (
     write_spectra,
 )
 from ddsmon.sinks.mlflow_writer import MlflowWriter
-from ddsmon.sinks.plot_schedule import PlotScheduler
+from ddsmon.sinks.plot_schedule import DASHBOARD_FILE, HEATMAP_FOLDER, PlotScheduler
 from ddsmon.state import StateDir
 
 
@@ -91,25 +98,50 @@ def test_reading_record_rows_in_order_with_the_marker_last():
     ]
     rec = reading_record(reading, events, entry=HistoryEntry.of(reading), timestamp=42)
     keys = [m.key for m in rec.metrics]
-    values = reading.signatures.layers["l0"].to_dict()
-    per_layer = ["dds/l0/finite"] + [
-        f"dds/l0/{r}" for r in SCALAR_READINGS if values[r] is not None and np.isfinite(values[r])
+    layers = {n: ls.to_dict() for n, ls in reading.signatures.layers.items()}
+
+    def finite_readings(name: str, readings: tuple[str, ...]) -> list[str]:
+        values = layers[name]
+        return [
+            reading_metric_key(name, r)
+            for r in readings
+            if values[r] is not None and np.isfinite(values[r])
+        ]
+
+    headline = [k for n in layers for k in finite_readings(n, HEADLINE_READINGS)]
+    detail_readings = tuple(r for r in SCALAR_READINGS if r not in HEADLINE_READINGS)
+    details = [
+        k
+        for n in layers
+        for k in (reading_metric_key(n, "finite"), *finite_readings(n, detail_readings))
     ]
-    assert keys[: len(per_layer)] == per_layer  # the table's order
-    assert "dds/l0/sigma_min" not in keys  # NaN: not a metric
-    assert keys[-4:] == [
+    assert reading_metric_key("l0", "lambda_ratio") in headline  # a headline reading
+    assert reading_metric_key("l0", "g_dominance") in details  # a detail
+    events_rows = [
+        metric_key("dds", "events", "collapse"),
+        metric_key("dds", "events", "nonfinite"),
+    ]
+    # headline readings, events, train, details, ddsmon's own, the marker: the table's order
+    assert keys == [
+        *headline,
+        *events_rows,
+        "train/val_acc",  # train/bad is NaN: left out
+        *details,
         "ddsmon/load_seconds",  # read_seconds is inf: left out
-        "dds/events/collapse",
-        "dds/events/nonfinite",
         CHECKPOINT_METRIC,
     ]
-    assert keys.index("train/val_acc") < keys.index("ddsmon/load_seconds")
-    assert "train/bad" not in keys
+    assert reading_metric_key("l0", "sigma_min") not in keys  # NaN: not a metric
     by_key = {m.key: m for m in rec.metrics}
     assert by_key["dds/events/collapse"].value == 3.0  # the largest magnitude of the kind
     assert by_key["dds/events/nonfinite"].value == 1.0  # no finite magnitude
     assert {(m.step, m.timestamp) for m in rec.metrics} == {(7, 42)}
-    assert rec.tags["dds.event.7.l1.nonfinite"] == "x" * (LIMITS["tag_value"] - 3) + "..."
+    tag = rec.tags[event_tag_key(7, "l1", "nonfinite")]
+    assert tag == event_tag_value(7, "l1", "nonfinite", "lambda_min", None, events[2].message)
+    assert tag.startswith("nonfinite of lambda_min | step 7 | layer l1 | xxx")  # no magnitude
+    assert len(tag) == LIMITS["tag_value"] and tag.endswith("x...")  # cut to MLflow's length
+    assert rec.tags[event_tag_key(7, "l0", "collapse")] == (
+        "collapse of lambda_ratio | step 7 | layer l0 | magnitude 3 decades | fell"
+    )
     assert rec.events == 3
 
 
@@ -541,7 +573,9 @@ def drawn(monkeypatch) -> list[str]:
 
 def test_plots_are_drawn_when_dirty_and_due_and_kept_dirty_until_uploaded(tmp_path, drawn):
     clock = Clock()
-    plots = PlotScheduler(LocalHistory(StateDir(tmp_path / "st")), interval=10.0, clock=clock)
+    plots = PlotScheduler(
+        LocalHistory(StateDir(tmp_path / "st")), interval=10.0, heavy_interval=10.0, clock=clock
+    )
     uploads: list[set[str]] = []
     answer = [True]
 
@@ -553,7 +587,8 @@ def test_plots_are_drawn_when_dirty_and_due_and_kept_dirty_until_uploaded(tmp_pa
     assert uploads == []  # nothing noted yet: not dirty
     plots.note(1, _signatures())
     plots.refresh(upload)
-    assert uploads == [{"trajectories.png", "spectra.png"}] and not plots.dirty
+    assert uploads == [{"trajectories.png", "spectra.png", HEATMAP_FOLDER, DASHBOARD_FILE}]
+    assert not plots.dirty
     plots.note(2, _signatures())
     plots.refresh(upload)  # within the interval
     clock.now += 11
@@ -581,6 +616,14 @@ def test_a_plot_that_cannot_be_drawn_is_skipped_until_the_next_checkpoint(
     monkeypatch.setattr(ddsmon.plots, "plot_trajectories", broken)
     plots = PlotScheduler(LocalHistory(StateDir(tmp_path / "st")), interval=0.0)
     plots.note(1, _signatures())
+    uploads: list[set[str]] = []
+
+    def upload(folder: Path) -> bool:
+        uploads.append({p.name for p in folder.iterdir()})
+        return True
+
     with caplog.at_level(logging.ERROR, logger="ddsmon.sinks"):
-        plots.refresh(lambda folder: pytest.fail("nothing to upload"))
+        plots.refresh(upload)
     assert "could not draw the plots" in caplog.text and not plots.dirty
+    assert len(uploads) == 1 and "trajectories.png" not in uploads[0]  # the others went
+    assert "spectra.png" in uploads[0]

@@ -26,7 +26,14 @@ from ddsmon.events import Event
 from ddsmon.records import CheckpointReading
 from ddsmon.signature import Signatures
 from ddsmon.sinks import RunInfo
-from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
+from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
+    event_tag_key,
+    event_tag_value,
+    metric_key,
+    reading_metric_key,
+)
+from ddsmon.sinks.plot_schedule import DASHBOARD_FILE
 from ddsmon.sinks.tracking import MlflowSink
 from ddsmon.state import StateDir
 
@@ -161,12 +168,15 @@ def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["probe_size"] == "32"
-    assert run.data.tags["dds.event.10.2.collapse"] == "fell"
+    assert run.data.tags[event_tag_key(10, "2", "collapse")] == event_tag_value(
+        10, "2", "collapse", "lambda_ratio", 3.0, "fell"
+    )
     assert _steps(client, run_id) == [0, 10]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "dds/2/lambda_min")] == [
-        (s, sigs[s].layers["2"].lambda_min) for s in (0, 10)
-    ]
-    assert _steps(client, run_id, "dds/events/collapse") == [10]
+    assert [
+        (m.step, m.value)
+        for m in client.get_metric_history(run_id, reading_metric_key("2", "lambda_min"))
+    ] == [(s, sigs[s].layers["2"].lambda_min) for s in (0, 10)]
+    assert _steps(client, run_id, metric_key("dds", "events", "collapse")) == [10]
     names = {f.path for f in client.list_artifacts(run_id)}
     assert {"spectra", "plots", "events.jsonl"} <= names
     # the artifacts went through the server's proxy into its artifact destination
@@ -177,6 +187,7 @@ def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
         "events.jsonl",
         "trajectories.png",
         "spectra.png",
+        DASHBOARD_FILE,
     } <= stored
 
 
@@ -218,7 +229,7 @@ def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, mo
 
     client = MlflowClient(server.uri)
     assert _steps(client, run_id) == [0, 10, 20, 30, 40]  # each step exactly once
-    assert _steps(client, run_id, "dds/0/g_rank") == [0, 10, 20, 30, 40]
+    assert _steps(client, run_id, reading_metric_key("0", "g_rank")) == [0, 10, 20, 30, 40]
     assert _steps(client, run_id, "train/val_acc") == [0, 10, 20, 30, 40]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {f.path for f in client.list_artifacts(run_id, "spectra")} == {

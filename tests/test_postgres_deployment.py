@@ -6,7 +6,8 @@ directory (``--serve-artifacts``, as the compose file does into MinIO). ``ddsmon
 runs as its own process against ``http://127.0.0.1:PORT``, exactly as a watcher on a GPU
 node would, and the results are read back with ``MlflowClient``:
 
-* one run; every ``dds/<layer>/<reading>`` history holds each checkpoint's step exactly
+* one run; every per-layer reading's history (``dds/<reading>/<layer>`` for a headline
+  reading, ``dds_detail/<reading>/<layer>`` for the others) holds each checkpoint's step exactly
   once, with the value the engine computes in this process;
 * params and the per-checkpoint spectra artifacts (npz) are there, and the artifacts
   went through the server into its artifact destination;
@@ -38,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddsmon.sinks.mlflow_keys import reading_metric_key
 from tests.fixtures_models import mlp, mlp_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +145,8 @@ def _write_checkpoints(root: Path) -> tuple[Path, Path, dict[int, dict[str, torc
 
 
 def _expected_readings(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[int, float]]:
-    """What the engine reads in this process: ``dds/<layer>/<reading>`` -> {step: value}."""
+    """What the engine reads in this process: the reading's metric key
+    (:func:`~ddsmon.sinks.mlflow_keys.reading_metric_key`) -> {step: value}."""
     from ddsmon.engine import compute_signatures
 
     inputs, targets = mlp_probe()
@@ -157,7 +160,7 @@ def _expected_readings(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, 
             for reading in READINGS:
                 value = values.get(reading)
                 if value is not None and math.isfinite(value):
-                    expected.setdefault(f"dds/{layer}/{reading}", {})[step] = float(value)
+                    expected.setdefault(reading_metric_key(layer, reading), {})[step] = float(value)
     return expected
 
 
@@ -340,7 +343,7 @@ def test_authenticated_server_admits_the_environment_credentials(
     admin = _client(url, monkeypatch, "admin", auth_server.admin_password)
     run = _only_run(admin, experiment)
     for layer in LAYERS:
-        history = admin.get_metric_history(run.info.run_id, f"dds/{layer}/lambda_min")
+        history = admin.get_metric_history(run.info.run_id, reading_metric_key(layer, "lambda_min"))
         assert sorted(m.step for m in history) == list(STEPS)
     assert [a for a in _all_artifacts(admin, run.info.run_id) if a.endswith(".npz")]
     for name, value in {**run.data.params, **run.data.tags}.items():
@@ -382,9 +385,10 @@ def test_refused_credentials_fail_loudly_and_lose_nothing(
     assert result.returncode == 0, f"ddsmon scan exited {result.returncode}:\n{output[-6000:]}"
     run = _only_run(admin, experiment)
     for layer in LAYERS:
-        history = admin.get_metric_history(run.info.run_id, f"dds/{layer}/lambda_min")
+        key = reading_metric_key(layer, "lambda_min")
+        history = admin.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(STEPS), (
-            f"dds/{layer}/lambda_min after a refused scan and the fixed one: steps "
+            f"{key} after a refused scan and the fixed one: steps "
             f"{sorted(m.step for m in history)}, expected {list(STEPS)}\n"
             f"refused scan:\n{denied_output[-2500:]}\nfixed scan:\n{output[-1500:]}"
         )

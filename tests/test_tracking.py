@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,15 @@ from ddsmon.redaction import scrub
 from ddsmon.signature import LayerSignature, Signatures
 from ddsmon.sinks import RunInfo
 from ddsmon.sinks.mlflow_http import HTTP_ENV_DEFAULTS, configure_http_env, is_unreachable
-from ddsmon.sinks.mlflow_keys import LIMITS, event_tag_key, metric_key
+from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
+    LIMITS,
+    event_tag_key,
+    event_tag_value,
+    metric_key,
+    reading_metric_key,
+)
+from ddsmon.sinks.plot_schedule import DASHBOARD_FILE, HEATMAP_FOLDER
 from ddsmon.sinks.tracking import MlflowSink
 from ddsmon.state import StateDir
 
@@ -81,6 +90,13 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _tag(event: Event) -> str:
+    """The value of ``event``'s tag: its kind, reading, step, layer, magnitude, message."""
+    return event_tag_value(
+        event.step, event.layer, event.kind, event.reading, event.magnitude, event.message
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,9 +131,11 @@ def test_run_holds_metrics_events_params_and_artifacts(store, sigs, tmp_path):
     tags = run.data.tags
     assert tags["ddsmon.directory"] == str(watched.resolve())
     assert tags["ddsmon.version"] == __version__
-    assert "dds/<layer>/<reading>" in tags["mlflow.note.content"]
-    assert tags[f"dds.event.20.{layer}.collapse"] == "lambda_ratio fell 3 decades"
-    assert tags["dds.event.20.0.rank_change"] == "g_rank 4 -> 3"
+    assert "dds/<reading>/<layer>" in tags["mlflow.note.content"]
+    assert tags[event_tag_key(20, layer, "collapse")] == _tag(collapse)
+    assert tags[event_tag_key(20, "0", "rank_change")] == _tag(rank)
+    assert _tag(collapse).startswith("collapse of lambda_ratio | step 20 | layer 2 | magnitude 3")
+    assert _tag(collapse).endswith("| lambda_ratio fell 3 decades")
     assert tags["ddsmon.failure.ckpt_30.pt"] == "truncated zip: no end record"
 
     # every finite scalar reading of every layer, at each checkpoint's step
@@ -126,16 +144,20 @@ def test_run_holds_metrics_events_params_and_artifacts(store, sigs, tmp_path):
             values = ls.to_dict()
             for reading in SCALAR_READINGS:
                 value = values[reading]
-                hist = dict(_history(client, run_id, f"dds/{name}/{reading}"))
+                hist = dict(_history(client, run_id, reading_metric_key(name, reading)))
                 if value is None or not math.isfinite(value):
                     assert step not in hist, (name, reading)
                 else:
                     assert hist[step] == pytest.approx(value, rel=1e-12), (name, reading, step)
-    assert _history(client, run_id, "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert _history(client, run_id, CHECKPOINT_METRIC) == [(0, 1.0), (10, 1.0), (20, 1.0)]
     assert _history(client, run_id, "train/val_acc") == [(0, 0.1), (10, 0.5), (20, 0.9)]
     assert _history(client, run_id, "dds/events/collapse") == [(20, 3.0)]
     assert _history(client, run_id, "dds/events/rank_change") == [(20, 1.0)]
-    assert _history(client, run_id, "dds/0/finite") == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert _history(client, run_id, reading_metric_key("0", "finite")) == [
+        (0, 1.0),
+        (10, 1.0),
+        (20, 1.0),
+    ]
 
     # artifacts
     listed = {f.path for f in client.list_artifacts(run_id)}
@@ -146,6 +168,8 @@ def test_run_holds_metrics_events_params_and_artifacts(store, sigs, tmp_path):
     assert {f.path for f in client.list_artifacts(run_id, "plots")} == {
         "plots/trajectories.png",
         "plots/spectra.png",
+        f"plots/{HEATMAP_FOLDER}",
+        f"plots/{DASHBOARD_FILE}",
     }
     local = Path(
         mlflow.artifacts.download_artifacts(
@@ -201,8 +225,12 @@ def test_restart_reuses_the_run_and_logs_each_step_once(store, sigs, tmp_path, c
     run = client.get_run(run_id)
     assert run.data.params["probe_size"] == "32"  # params are immutable: the first stays
     assert run.info.status == "KILLED"
-    assert [s for s, _ in _history(client, run_id, "dds/checkpoint")] == [0, 10, 20]
-    assert [s for s, _ in _history(client, run_id, "dds/0/lambda_min")] == [0, 10, 20]
+    assert [s for s, _ in _history(client, run_id, CHECKPOINT_METRIC)] == [0, 10, 20]
+    assert [s for s, _ in _history(client, run_id, reading_metric_key("0", "lambda_min"))] == [
+        0,
+        10,
+        20,
+    ]
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -223,8 +251,8 @@ def test_given_run_keeps_its_status_and_note(store, sigs, tmp_path):
     run = client.get_run(training.info.run_id)
     assert run.info.status == "FINISHED"  # untouched by ddsmon
     assert run.data.tags["mlflow.note.content"] == "my training run"
-    assert "dds/checkpoint" in run.data.tags["ddsmon.note"]
-    assert _history(client, training.info.run_id, "dds/checkpoint") == [(0, 1.0)]
+    assert CHECKPOINT_METRIC in run.data.tags["ddsmon.note"]
+    assert _history(client, training.info.run_id, CHECKPOINT_METRIC) == [(0, 1.0)]
     assert client.get_experiment_by_name("ignored") is None
 
 
@@ -242,21 +270,27 @@ def test_bad_run_id_and_deleted_experiment_are_config_errors(store, tmp_path):
 
 
 def test_batches_respect_mlflow_limits(store, tmp_path):
-    """60 layers x 22 metrics > 1000 per batch, and > 100 event tags: all land."""
+    """60 layers x 25 metrics > 1000 per batch, and > 100 event tags: all land."""
     d = 4
+    stored = {f.name for f in dataclasses.fields(LayerSignature)}
 
-    def fields(i: int) -> dict[str, Any]:  # every reading a field holds (the ratios are properties)
-        return {
-            r: float(i + 1) for r in SCALAR_READINGS if r not in ("lambda_ratio", "sigma_ratio")
-        }
+    def fields(i: int) -> dict[str, Any]:  # every reading a field holds (the rest are properties)
+        return {r: float(i + 1) for r in SCALAR_READINGS if r in stored}
 
+    # flat spectra above the floors (i + 1): x_entropy 1, g_dominance 1/d, both finite
     layers = {
         f"block{i}.mlp": LayerSignature(
             name=f"block{i}.mlp", n=8, N=8, d=d, **fields(i),
-            x_spectrum=np.ones(d), g_spectrum=np.ones(d),
+            x_spectrum=np.full(d, i + 2.0), g_spectrum=np.full(d, i + 2.0),
         )
         for i in range(60)
     }  # fmt: skip
+    assert all(
+        v is not None
+        for ls in layers.values()
+        for r, v in ls.to_dict().items()
+        if r in SCALAR_READINGS
+    )
     sig = Signatures(
         layers=layers, n=8, device="cpu", forward_dtype="float64", fisher="both", loss="ce"
     )
@@ -273,22 +307,29 @@ def test_batches_respect_mlflow_limits(store, tmp_path):
     sink.close()
     client = MlflowClient(store)
     run = client.get_run(_run_id(sink))
-    assert len([k for k in run.data.metrics if k.startswith("dds/block")]) == 60 * (
-        len(SCALAR_READINGS) + 1
+    per_layer = [k for k in run.data.metrics if k.rsplit("/", 1)[-1].startswith("block")]
+    assert len(per_layer) == 60 * (len(SCALAR_READINGS) + 1)  # every reading and finite
+    assert {reading_metric_key(n, r) for n in layers for r in (*SCALAR_READINGS, "finite")} == set(
+        per_layer
     )
     assert len([k for k in run.data.tags if k.startswith("dds.event.5.")]) == 120
-    assert run.data.metrics["dds/block59.mlp/lambda_ratio"] == 1.0  # 60/60
+    assert reading_metric_key("block59.mlp", "lambda_ratio") == "dds/lambda_ratio/block59.mlp"
+    assert run.data.metrics["dds/lambda_ratio/block59.mlp"] == 1.0  # 60/60
     assert _history(client, _run_id(sink), "dds/events/collapse") == [(5, 4.0)]
-    assert _history(client, _run_id(sink), "dds/checkpoint") == [(5, 1.0)]
+    assert _history(client, _run_id(sink), CHECKPOINT_METRIC) == [(5, 1.0)]
 
 
 def test_names_are_sanitised_to_mlflow_characters(store, tmp_path):
-    assert metric_key("dds", "enc/attn:q", "lambda_min") == "dds/enc_attn_q/lambda_min"
-    assert metric_key("dds", "", "x_rank") == "dds/model/x_rank"
-    assert metric_key("dds", "..", "x_rank") == "dds/_../x_rank"
+    assert reading_metric_key("enc/attn:q", "lambda_min") == "dds_detail/lambda_min/enc_attn_q"
+    assert reading_metric_key("", "x_rank") == "dds_detail/x_rank/model"
+    assert reading_metric_key("..", "x_rank") == "dds_detail/x_rank/_.."
+    assert reading_metric_key("0", "finite") == "dds_detail/finite/0"
+    assert reading_metric_key("a:b", "log_volume") == "dds/log_volume/a_b"  # a headline one
+    assert metric_key("dds", "events", "collapse") == "dds/events/collapse"
     assert event_tag_key(7, "0,blocks.2", "transition") == "dds.event.7.0_blocks.2.transition"
-    long = metric_key("dds", "L" * 400, "lambda_min")
-    assert len(long) == LIMITS["key"] and long != metric_key("dds", "L" * 401, "lambda_min")
+    long = reading_metric_key("L" * 400, "lambda_min")
+    assert len(long) == LIMITS["key"] and long != reading_metric_key("L" * 401, "lambda_min")
+    assert long.startswith("dds_detail/lambda_min/LLL")  # cut at the end: the section kept
     names = ["enc/attn:q", "", "a b", "ü.1", "x" * 300]
     layers = {n: LayerSignature(name=n, n=2, N=2, d=2, lambda_min=0.5, x_rank=2) for n in names}
     sig = Signatures(
@@ -297,18 +338,20 @@ def test_names_are_sanitised_to_mlflow_characters(store, tmp_path):
     watched = tmp_path / "w"
     watched.mkdir()
     sink = _sink(store, StateDir.for_directory(watched), "names", plots=False, artifacts=False)
+    event = Event(1, "enc/attn:q,a b", "transition", "lambda_ratio", None, None, 2.0, "t")
     sink.start(RunInfo(watched, "scan", {"odd/param:key": "v"}))
     sink.on_reading(
         _reading(1, sig, watched, **{"val acc/top-1": 0.5}),
-        [Event(1, "enc/attn:q,a b", "transition", "lambda_ratio", None, None, 2.0, "t")],
+        [event],
     )
     sink.close()
     run = MlflowClient(store).get_run(_run_id(sink))
-    assert run.data.metrics["dds/enc_attn_q/lambda_min"] == 0.5
-    assert run.data.metrics["dds/a b/x_rank"] == 2.0
-    assert run.data.metrics["dds/ü.1/lambda_min"] == 0.5
+    assert run.data.metrics["dds_detail/lambda_min/enc_attn_q"] == 0.5
+    assert run.data.metrics["dds_detail/x_rank/a b"] == 2.0
+    assert run.data.metrics["dds_detail/lambda_min/ü.1"] == 0.5
+    assert run.data.metrics[reading_metric_key("x" * 300, "lambda_min")] == 0.5
     assert run.data.metrics["train/val acc_top-1"] == 0.5
-    assert run.data.tags["dds.event.1.enc_attn_q_a b.transition"] == "t"
+    assert run.data.tags["dds.event.1.enc_attn_q_a b.transition"] == _tag(event)
     assert run.data.params["odd_param_key"] == "v"
 
 
@@ -344,8 +387,12 @@ def test_unreachable_server_spools_then_replays_in_order(store, sigs, tmp_path, 
     up.on_reading(_reading(20, sigs[20], watched), [])
     up.close()
     client = MlflowClient(store)
-    assert _history(client, _run_id(up), "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
-    assert [s for s, _ in _history(client, _run_id(up), "dds/2/lambda_min")] == [0, 10, 20]
+    assert _history(client, _run_id(up), CHECKPOINT_METRIC) == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert [s for s, _ in _history(client, _run_id(up), reading_metric_key("2", "lambda_min"))] == [
+        0,
+        10,
+        20,
+    ]
     assert client.get_run(_run_id(up)).data.params["probe_size"] == "32"
     assert state.spool_pending() == []
     assert {f.path for f in client.list_artifacts(_run_id(up), "spectra")} == {
@@ -358,8 +405,12 @@ def test_unreachable_server_spools_then_replays_in_order(store, sigs, tmp_path, 
     again.start(RunInfo(watched, "watch", {"probe_size": "32"}))
     again.close()
     assert state.spool_pending() == []
-    assert _history(client, _run_id(up), "dds/checkpoint") == [(0, 1.0), (10, 1.0), (20, 1.0)]
-    assert [s for s, _ in _history(client, _run_id(up), "dds/2/lambda_min")] == [0, 10, 20]
+    assert _history(client, _run_id(up), CHECKPOINT_METRIC) == [(0, 1.0), (10, 1.0), (20, 1.0)]
+    assert [s for s, _ in _history(client, _run_id(up), reading_metric_key("2", "lambda_min"))] == [
+        0,
+        10,
+        20,
+    ]
 
 
 def test_credentials_are_never_logged(tmp_path, sigs, caplog, monkeypatch):

@@ -34,10 +34,11 @@ Acknowledgement
     down again part-way), for the records handled so far; the rest stay spooled, in
     order, for the next replay.
 Exactly once per step
-    Before a replay the run is resolved and asked which steps it holds
-    (``dds/checkpoint``); a spooled reading of a step it holds is acknowledged without
-    being sent. A crash between delivery and acknowledgement therefore leaves a record
-    that the next replay drops, and a reading cut off part-way (the checkpoint marker is
+    Before a replay the run is resolved and asked which steps it holds (the history of
+    its checkpoint marker, ``ddsmon/checkpoint``, and of ``dds/checkpoint`` in older
+    runs); a spooled reading of a step it holds is acknowledged without being sent. A
+    crash between delivery and acknowledgement therefore leaves a record that the next
+    replay drops, and a reading cut off part-way (the checkpoint marker is
     its last metric) is sent again whole, its rows identical (fixed timestamps).
 Files
     A reading's artifact files live in ``<state>/outbox/<step>-<random>/`` from the time

@@ -37,7 +37,8 @@ The experiment
     opens it in its model-training view rather than the GenAI one.
 
 On resolving, :attr:`RunLocator.steps` is fetched: the steps whose checkpoint the run
-holds (``dds/checkpoint``), what the exactly-once checks of the sink and the outbox
+holds (the histories of the checkpoint marker, ``ddsmon/checkpoint``, and of its older
+name ``dds/checkpoint``), what the exactly-once checks of the sink and the outbox
 compare against; the sink adds each step it delivers. A store that does not answer
 raises :class:`~ddsmon.sinks.mlflow_http.Unreachable` and leaves the run unresolved, to
 be tried again.
