@@ -27,13 +27,17 @@ What a run holds (also written into the run's note, ``mlflow.note.content``)
     * params: the daemon's settings (:class:`~ddsmon.sinks.RunInfo` ``params``), values
       cut to MLflow's length limit; params are immutable, so on a restart equal ones are
       skipped and a changed one is reported (warning), not logged.
-    * metrics at each checkpoint's ``step``: ``dds/<layer>/<reading>`` for every finite
-      number among :data:`~ddsmon.readings.SCALAR_READINGS` (plus ``dds/<layer>/finite``
-      = 0/1), ``dds/checkpoint`` = 1 (the marker of a checkpoint fully logged, sent last),
+    * metrics at each checkpoint's ``step`` (named by :mod:`ddsmon.sinks.mlflow_keys`):
+      every finite number among :data:`~ddsmon.readings.SCALAR_READINGS`, as
+      ``dds/<reading>/<layer>`` for a headline reading and ``dds_detail/<reading>/<layer>``
+      for the others (plus ``dds_detail/finite/<layer>`` = 0/1), ``ddsmon/checkpoint`` = 1
+      (the marker of a checkpoint fully logged, sent last; ``dds/checkpoint`` in runs of
+      earlier versions),
       ``train/<key>`` for the trainer's scalars from the checkpoint, and
       ``ddsmon/load_seconds`` / ``ddsmon/read_seconds``. Sent with ``log_batch`` in
       chunks within MLflow's batch limits: a constant number of calls per checkpoint.
-    * events: tag ``dds.event.<step>.<layer>.<kind>`` = the event's message, metric
+    * events: tag ``dds.event.<step>.<layer>.<kind>`` = its kind, reading, step, layer,
+      magnitude and message (:func:`~ddsmon.sinks.mlflow_keys.event_tag_value`), metric
       ``dds/events/<kind>`` = the largest magnitude of that kind at that step, and one
       JSON line each in the artifact ``events.jsonl``.
     * artifacts: ``spectra/step_<step>.npz`` (``<layer>/x_spectrum``, ``g_spectrum``,
@@ -43,8 +47,9 @@ What a run holds (also written into the run's note, ``mlflow.note.content``)
     * a checkpoint that could not be read: tag ``ddsmon.failure.<file>`` = the reason.
 
 Exactly once
-    :meth:`MlflowSink.recorded_steps` reads the run's history of ``dds/checkpoint`` (plus
-    the steps waiting in the spool), so the daemon does not log a step twice after a
+    :meth:`MlflowSink.recorded_steps` reads the run's history of the checkpoint marker
+    (``ddsmon/checkpoint``, and ``dds/checkpoint`` of older runs) plus the steps waiting
+    in the spool, so the daemon does not log a step twice after a
     ``kill -9`` between logging and its state write; the sink also skips a step its run
     already holds. Spool, replay and acknowledgement: :mod:`ddsmon.sinks.mlflow_outbox`.
     Per run, not only per state directory: the run is leased
@@ -351,7 +356,7 @@ class MlflowSink:
 
     # ------------------------------------------------------------------ exactly-once
     def recorded_steps(self) -> set[int]:
-        """Steps whose checkpoint the run already holds (history of ``dds/checkpoint``)
+        """Steps whose checkpoint the run already holds (its checkpoint marker's history)
         or that wait in the spool to be sent. When the server cannot be reached, only
         the spooled steps (replay skips steps the run holds, so nothing doubles).
 
