@@ -45,7 +45,13 @@ from torch import Tensor, nn
 from ddsmon import streaming
 from ddsmon.errors import ConfigError, ProbeError
 from ddsmon.losses import LossSpec, per_sample_loss_fn
-from ddsmon.options import FISHER_FAMILIES, FORWARD_DTYPES
+from ddsmon.options import (
+    DEFAULT_FISHER,
+    DEFAULT_LOSS,
+    DEVICE_AUTO,
+    FISHER_FAMILIES,
+    FORWARD_DTYPES,
+)
 from ddsmon.param_gram import (
     FunctionalGram,
     ParamGramStrategy,
@@ -76,9 +82,9 @@ def forward_dtype(name: str) -> torch.dtype:
     return _FORWARD_DTYPES[name]
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = DEVICE_AUTO) -> torch.device:
     """``"auto"`` is CUDA when torch sees it, else CPU; asking for absent CUDA is an error."""
-    if isinstance(device, str) and device == "auto":
+    if isinstance(device, str) and device == DEVICE_AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -123,11 +129,11 @@ def compute_signatures(
     model: nn.Module,
     inputs: Any,
     targets: Any,
-    loss: LossSpec = "ce",
+    loss: LossSpec = DEFAULT_LOSS,
     layers: str | Sequence[str] | None = None,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEVICE_AUTO,
     *,
-    fisher: str = "both",
+    fisher: str = DEFAULT_FISHER,
     forward_dtype: torch.dtype = torch.float64,
     ridge: float = 0.0,
     max_probe_rows: int | None = None,

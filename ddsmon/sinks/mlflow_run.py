@@ -57,7 +57,7 @@ from ddsmon.sinks.mlflow_http import Unreachable, call
 from ddsmon.sinks.mlflow_keys import DIRECTORY_ID_TAG, DIRECTORY_TAG, OWNED_TAG, directory_id
 from ddsmon.sinks.mlflow_lease import LeaseLost, RunClaimed, RunGone, RunLease
 from ddsmon.sinks.mlflow_writer import MlflowWriter
-from ddsmon.state import StateDir
+from ddsmon.state import DEFAULT_STATE_NAME, StateDir
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
@@ -148,7 +148,7 @@ class RunLocator:
         stored = self.state.get("directory")
         if stored:
             return Path(stored)
-        if self.state.root.name == ".ddsmon":
+        if self.state.root.name == DEFAULT_STATE_NAME:
             return self.state.root.parent.resolve()
         return None
 
