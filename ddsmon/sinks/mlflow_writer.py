@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsmon.errors import ConfigError
+from ddsmon.events import EVENT_KINDS
 from ddsmon.redaction import redact_uri, scrub
 from ddsmon.sinks.mlflow_http import Unreachable, call, is_unreachable
 from ddsmon.sinks.mlflow_keys import (
+    CHECKPOINT_METRIC,
     CHECKPOINT_METRICS,
     DIRECTORY_ID_TAG,
     DIRECTORY_TAG,
@@ -333,17 +335,20 @@ def run_note(directory: Path) -> str:
         f"{NOTE_HEADER}\n\n"
         f"Checkpoints of `{directory}` read by ddsmon, one probe pass each, "
         "logged at each checkpoint's training step.\n\n"
-        "* **Plots** (Artifacts): `plots/trajectories.png`, every layer's scale-free "
-        "readings over steps with events as vertical lines (red: transition); "
-        "`plots/spectra.png`, the latest checkpoint's spectra with their trust floors.\n"
-        "* **Metrics** `dds/<layer>/<reading>`: `lambda_ratio` = lambda_min/lambda_max of the "
-        "per-sample-gradient Fisher-Gram G, `sigma_ratio` = sigma_min/sigma_max of the layer "
-        "outputs X, `log_volume` = log det+(G) - rank * log lambda_max, `g_rank`/`x_rank` "
-        "(values above the trust floor) and `g_dead`/`x_dead`, `param_*` for the "
-        "parameter-side Gram. `dds/checkpoint` = 1 marks each checkpoint read; "
-        "`train/*` are the trainer's own scalars.\n"
-        "* **Events** (collapse, revival, rank_change, transition, nonfinite): metric "
-        "`dds/events/<kind>` (magnitude), tags `dds.event.<step>.<layer>.<kind>` (message), "
-        "artifact `events.jsonl`.\n"
+        "* **Plots** (Artifacts): `plots/dashboard.html`, an interactive dashboard (readings "
+        "per layer over steps, a checkpoint's spectra with their floors, the events, the "
+        "trainer's scalars); `plots/heatmaps/<reading>.png`, a layer x step heatmap per "
+        "headline reading with events marked; `plots/trajectories.png` and "
+        "`plots/spectra.png`.\n"
+        "* **Metrics** `dds/<reading>/<layer>`, the headline readings: `lambda_ratio` = "
+        "lambda_min/lambda_max of the per-sample-gradient Fisher-Gram G, `sigma_ratio` = "
+        "sigma_min/sigma_max of the layer outputs X, `log_volume` = log det+(G) - rank * log "
+        "lambda_max, `g_dead`/`x_dead`, `dying_directions`; `dds_detail/<reading>/<layer>`, "
+        "every other reading and the trust floors. `"
+        + CHECKPOINT_METRIC
+        + "` = 1 marks each checkpoint read; `train/*` are the trainer's own scalars.\n"
+        "* **Events** (" + ", ".join(EVENT_KINDS) + "): metric `dds/events/<kind>` "
+        "(magnitude), tags `dds.event.<step>.<layer>.<kind>` whose value says the kind, "
+        "reading, step, layer, magnitude and message; artifact `events.jsonl`.\n"
         "* **Spectra** of every checkpoint: artifact `spectra/step_<step>.npz`.\n"
     )
