@@ -174,6 +174,7 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
             (summary.aliases, "aliases of a step read (not logged again)"),
             (summary.unstepped, "without a step (not logged)"),
             (summary.vanished, "deleted before they could be read"),
+            (summary.duplicates, "with a step the run already had (not logged)"),
         )
         if items
     )

@@ -13,9 +13,11 @@ truthy string.
 The trust boundary
 ------------------
 A ``ddsmon.toml`` found in the watched directory can be written by whoever can write
-checkpoints there (a shared run folder, a synced bucket). Settings that run code or
-loosen loading (:attr:`Setting.runs_code`: ``trust_checkpoints``, ``on_event``, and
-``model``/``probe``/``loss`` given as ``MODULE:NAME`` or ``file.py:NAME``) are taken only
+checkpoints there (a shared run folder, a synced bucket). Settings that run code,
+loosen loading, write files elsewhere or send the readings elsewhere
+(:attr:`Setting.runs_code`: ``trust_checkpoints``, ``on_event``, ``model``/``probe``/
+``loss`` given as ``MODULE:NAME`` or ``file.py:NAME``, ``events_json``, ``state_dir``,
+``tracking_uri``, ``run_id``) are taken only
 from the command line, from a file the user named with ``--config``, or from a directory
 file the user allowed with ``ddsmon allow FILE`` (as direnv's ``allow``: the allowance
 holds the file's path and a hash of its content, so an edit revokes it). Otherwise they
@@ -100,8 +102,14 @@ def _code_spec(value: Any) -> bool:
 
 
 def _probe_runs_code(value: Any) -> bool:
-    """A probe file is read with ``weights_only``; a probe *function* is imported."""
-    return _code_spec(value) and not Path(str(value)).expanduser().is_file()
+    """A probe file is read with ``weights_only``; a probe *function* is imported. Any
+    value with a ``:`` counts as a function, even where a file of that name exists now:
+    the file could be gone by the time the probe is loaded (a check-then-use race)."""
+    return _code_spec(value)
+
+
+def _given(value: Any) -> bool:
+    return value is not None
 
 
 def _loss_runs_code(value: Any) -> bool:
@@ -120,8 +128,9 @@ class Setting:
     flag: the command group that has it as a flag: ``read`` (watch, scan, report),
         ``daemon`` (watch, scan), ``watch``, ``scan``, or None (files only).
     minimum: the least value of an ``int``/``float`` (inclusive; ``above`` makes it strict).
-    runs_code: for keys that run code or loosen loading, a predicate on the value; such
-        values are never taken from an unallowed directory file.
+    runs_code: for keys that run code, loosen loading, write files outside the watched
+        directory or send the readings elsewhere, a predicate on the value; such values
+        are never taken from an unallowed directory file.
     """
 
     name: str
@@ -175,22 +184,22 @@ SETTINGS: dict[str, Setting] = {
                 help="Allow full unpickling of checkpoints. UNSAFE for files from others: a pickle can run code."),
         # where readings go
         Setting("tracking_uri", "str", DEFAULT_TRACKING_URI, "tracking", flag="daemon",
-                envvar="MLFLOW_TRACKING_URI",
+                envvar="MLFLOW_TRACKING_URI", runs_code=_given,
                 help="MLflow tracking URI (env MLFLOW_TRACKING_URI); credentials from MLFLOW_TRACKING_USERNAME/PASSWORD."),
         Setting("experiment", "str", "ddsmon", "tracking", flag="daemon", help="MLflow experiment name."),
-        Setting("run_id", "str", None, "tracking", flag="daemon",
+        Setting("run_id", "str", None, "tracking", flag="daemon", runs_code=_given,
                 help="Log into this existing MLflow run (e.g. the training run); its status is left alone."),
         Setting("run_name", "str", None, "tracking", flag="daemon", help="Name of the run ddsmon creates."),
         Setting("plots", "bool", True, "tracking", flag="daemon", help="Render PNG plots into MLflow (--no-plots: do not)."),
         # alerts
-        Setting("events_json", "path", None, "alerts", flag="daemon",
+        Setting("events_json", "path", None, "alerts", flag="daemon", runs_code=_given,
                 help="Append one JSON object per event to this file."),
         Setting("on_event", "str", None, "alerts", flag="daemon", metavar="COMMAND", runs_code=lambda v: bool(v),
                 help="Shell command run per event, with DDSMON_EVENT_* environment variables."),
         Setting("fail_on_event", "kinds", (), "alerts", flag="scan",
                 help="Exit with status 1 when an event of this kind was flagged (repeatable)."),
         # the watched directory
-        Setting("state_dir", "path", None, "watch", flag="daemon",
+        Setting("state_dir", "path", None, "watch", flag="daemon", runs_code=_given,
                 help=f"Restart state, claim lock and spool (default DIR/{DEFAULT_STATE_NAME})."),
         Setting("poll", "float", None, "watch", flag="watch", minimum=0.05, metavar="SECONDS",
                 help="Use a polling observer (NFS, bind mounts, where inotify is silent)."),
@@ -369,12 +378,20 @@ def load_config_file(path: Path) -> dict[str, Any]:
     """Read a ``ddsmon.toml``: every key known and checked against its type, paths made
     absolute relative to the file, ``[events]`` kept as a table (parsed by
     :func:`resolve_config`). Errors name the file and the key."""
+    return _parse_config_file(path)[0]
+
+
+def _parse_config_file(path: Path) -> tuple[dict[str, Any], str]:
+    """:func:`load_config_file`'s values and the hash of the very bytes parsed (so an
+    allowance is checked against what was read, not against a second read)."""
     try:
         if not path.is_file():
             what = "is not a regular file" if path.exists() else "does not exist"
             raise ConfigError(f"config file {path} {what}")
         with open(path, "rb") as fh:
-            raw = tomllib.loads(fh.read(1 << 20).decode("utf-8"))
+            data = fh.read(1 << 20)
+        digest = hashlib.sha256(data).hexdigest()
+        raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except OSError as exc:
@@ -394,7 +411,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
             known = ", ".join(sorted([*SETTINGS, "events"]))
             raise ConfigError(f"config file {path}: unknown key {key!r} (known: {known})")
         out[name] = _check(SETTINGS[name], value, f"config file {path}", path.parent)
-    return out
+    return out, digest
 
 
 def _allow_list() -> Path:
@@ -415,10 +432,11 @@ def _read_allowed() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def is_allowed(path: Path) -> bool:
-    """True when ``ddsmon allow`` recorded this file with its present content."""
+def is_allowed(path: Path, digest: str | None = None) -> bool:
+    """True when ``ddsmon allow`` recorded this file with its present content (or with
+    the content whose hash is ``digest``, the bytes a caller parsed)."""
     try:
-        return _read_allowed().get(str(path.resolve())) == _digest(path)
+        return _read_allowed().get(str(path.resolve())) == (digest or _digest(path))
     except OSError:
         return False
 
@@ -438,17 +456,20 @@ def allow_file(path: Path) -> Path:
     return target
 
 
-def _untrusted(path: Path, values: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _untrusted(
+    path: Path, values: dict[str, Any], digest: str
+) -> tuple[dict[str, Any], tuple[str, ...]]:
     """``values`` of the directory file ``path`` less the code-running ones, unless allowed."""
     risky = [
         k
         for k, v in values.items()
         if k in SETTINGS and SETTINGS[k].runs_code is not None and SETTINGS[k].runs_code(v)  # type: ignore[misc]
     ]
-    if not risky or is_allowed(path):
+    if not risky or is_allowed(path, digest):
         return values, ()
     log.warning(
-        "%s: ignored %s: settings that run code or loosen loading are taken from a "
+        "%s: ignored %s: settings that run code, loosen loading, write elsewhere or send "
+        "the readings elsewhere are taken from a "
         "ddsmon.toml beside the checkpoints only once you allow that file "
         "(`ddsmon allow %s`), or give them on the command line or with --config FILE",
         path,
@@ -479,7 +500,7 @@ def resolve_config(
     ignored: tuple[str, ...] = ()
     found = (search_dir or directory or Path("/nonexistent")) / CONFIG_FILENAME
     if (search_dir or directory) is not None and found.is_file():
-        dir_values, ignored = _untrusted(found, load_config_file(found))
+        dir_values, ignored = _untrusted(found, *_parse_config_file(found))
         values.update(dir_values)
     if config_file is not None:
         named = load_config_file(config_file)

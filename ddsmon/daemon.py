@@ -67,6 +67,8 @@ class Summary:
     unstepped: list[Path] = field(default_factory=list)
     #: checkpoints deleted before they could be read (a trainer's rotation)
     vanished: list[Path] = field(default_factory=list)
+    #: checkpoints holding other weights at a step the run already has: (path, step)
+    duplicates: list[tuple[Path, int]] = field(default_factory=list)
 
     def flagged(self, kinds: Iterable[str]) -> list[Event]:
         wanted = set(kinds)
@@ -371,6 +373,10 @@ class Daemon:
             loaded = self.reader.load(ref)
         except CheckpointError as exc:
             return exc
+        except ConfigError as exc:  # the model factory raised or returned no module
+            return _SettingFault(ref.path, str(exc))
+        except SystemExit as exc:  # user code called sys.exit: a failure, not our exit
+            return _SettingFault(ref.path, f"the model factory called sys.exit({exc.code!r})")
         except Exception as exc:  # a factory or format we did not foresee: still a report
             return CheckpointError(ref.path, f"{type(exc).__name__}: {exc}")
         loaded.meta["_load_seconds"] = time.perf_counter() - started
@@ -395,6 +401,9 @@ class Daemon:
                 shown(earlier),
             )
             self.summary.skipped += 1
+            return
+        if isinstance(loaded, _SettingFault):  # fails on every checkpoint: said once, stop
+            self._reading_failed(ref, fp, loaded.reason, ref.name_step)
             return
         if isinstance(loaded, CheckpointError):
             if loaded.reason == VANISHED:
@@ -482,12 +491,17 @@ class Daemon:
         signals are handled at once even during a long eigensolve (two SIGINTs 0.2 s
         apart stay two: the second abandons the checkpoint)."""
         if threading.current_thread() is not threading.main_thread():
-            return self.reader.read(model)
+            try:
+                return self.reader.read(model)
+            except SystemExit as exc:
+                raise RuntimeError(f"sys.exit({exc.code!r}) called during the reading") from None
         box: dict[str, Any] = {}
 
         def work() -> None:
             try:
                 box["value"] = self.reader.read(model)
+            except SystemExit as exc:  # the user's model or loss called sys.exit
+                box["error"] = RuntimeError(f"sys.exit({exc.code!r}) called during the reading")
             except BaseException as exc:
                 box["error"] = exc
 
@@ -512,8 +526,8 @@ class Daemon:
             raise ConfigError(
                 f"the same error ended the reading of {len(paths)} checkpoints in a row "
                 f"({', '.join(shown(Path(p).name) for p in paths)}), and none was read: the "
-                f"probe, the loss or the layer selection is at fault, not the checkpoints: "
-                f"{shown(reason)}"
+                f"probe, the loss or the layer selection is at fault (or the model factory), "
+                f"not the checkpoints: {shown(reason)}"
             )
 
     def _mark_failed(self, ref: CheckpointRef, fp: tuple[int, int], reason: str) -> None:
@@ -575,6 +589,15 @@ class Daemon:
             )
             self.summary.aliases.append((ref.path, step))
             return
+        if known is None:  # other weights at a step the run holds: a duplicate step
+            log.warning(
+                "%s holds step %d, which the run already has from another checkpoint with "
+                "other weights: not logged again (two checkpoints saved with one step?)",
+                shown(ref.path),
+                step,
+            )
+            self.summary.duplicates.append((ref.path, step))
+            return
         log.info(
             "step %d (%s) is already in the MLflow run; not logged again", step, shown(ref.path)
         )
@@ -622,6 +645,10 @@ class Daemon:
         except Exception as exc:
             log.warning("sink %s.%s failed: %s", type(sink).__name__, method, shown(exc))
             log.debug("sink %s.%s failed", type(sink).__name__, method, exc_info=True)
+
+
+class _SettingFault(CheckpointError):
+    """A load that failed because of a setting (the model factory), not the file."""
 
 
 def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> bool:

@@ -20,6 +20,8 @@ __all__ = (
     "StrictMLP",
     "TiedMLP",
     "broken_factory",
+    "exiting_factory",
+    "exiting_loss",
     "mlp",
     "mlp_probe",
     "not_a_module",
@@ -117,3 +119,13 @@ def slow_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     while time.monotonic() < deadline:
         torch.linalg.eigvalsh(a)
     return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def exiting_factory() -> nn.Module:
+    """A model factory that calls sys.exit (user code must not end the daemon)."""
+    raise SystemExit(0)
+
+
+def exiting_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A per-sample loss that calls sys.exit."""
+    raise SystemExit(0)

@@ -225,6 +225,35 @@ def test_a_directory_toml_cannot_set_code_running_keys(
     assert len(config.ignored) == 5
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        'events_json = "/tmp/elsewhere/.bashrc"',
+        'state_dir = "/tmp/elsewhere"',
+        'tracking_uri = "http://collector.invalid:5000"',
+        'run_id = "0123456789abcdef"',
+    ],
+)
+def test_a_directory_toml_cannot_write_or_send_elsewhere(tmp_path: Path, line: str) -> None:
+    """Files written outside the directory (events_json, state_dir) and where the readings
+    go (tracking_uri, run_id) are refused from a directory file, like code."""
+    (tmp_path / "ddsmon.toml").write_text(line + "\n")
+    config = _config([str(tmp_path)])
+    key = line.split(" = ")[0]
+    assert config.ignored == (f"{tmp_path / 'ddsmon.toml'}: {key}",)
+    assert config.alerts.events_json is None and config.tracking.run_id is None
+    assert config.tracking.tracking_uri == "sqlite:///mlflow.db"
+    assert config.watch is not None and config.watch.state_dir == tmp_path / ".ddsmon"
+
+
+def test_a_probe_spec_with_a_colon_is_code_even_when_such_a_file_exists(tmp_path: Path) -> None:
+    """A file literally named ``evil.py:probe`` could be deleted between the check and the
+    load: the spec counts as a function whatever is on disk."""
+    (tmp_path / "evil.py:probe").write_bytes(b"")
+    (tmp_path / "ddsmon.toml").write_text(f'probe = "{tmp_path / "evil.py:probe"}"\n')
+    assert _config([str(tmp_path)]).read.probe is None
+
+
 def test_a_probe_file_and_builtin_loss_are_not_code(tmp_path: Path) -> None:
     (tmp_path / "p.pt").write_bytes(b"")
     (tmp_path / "ddsmon.toml").write_text(f'probe = "{tmp_path / "p.pt"}"\nloss = "mse"\n')

@@ -244,3 +244,56 @@ def test_scan_with_readings_left_in_the_spool_exits_3_naming_the_steps(
         assert _steps(server.uri) == [0, 10, 20]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("model", "loss", "expected"),
+    [
+        ("broken_factory", None, "the factory is broken on purpose"),
+        ("not_a_module", None, "expected torch.nn.Module"),
+        ("exiting_factory", None, "sys.exit(0)"),
+        ("mlp", "exiting_loss", "sys.exit(0)"),
+    ],
+)
+def test_user_code_that_fails_everywhere_or_exits_stops_with_exit_2(
+    tmp_path: Path, probe: Path, model: str, loss: str | None, expected: str
+) -> None:
+    """A factory that raises or returns no module, and user code calling sys.exit, fail
+    each checkpoint (never a silent exit 0 with nothing read), then stop with exit 2."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20, 30])
+    fixtures = REPO / "tests" / "fixtures_models.py"
+    extra = ["--loss", f"{fixtures}:{loss}"] if loss else []
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, *extra, model=f"{fixtures}:{model}")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "is at fault" in result.stderr
+    assert result.stderr.count("cannot read") == 3
+
+
+def test_two_checkpoints_with_one_step_are_said_at_the_default_level(
+    tmp_path: Path, probe: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    _save(ckpts / "a.pt", mlp(seed=1), step=100)
+    _save(ckpts / "b.pt", mlp(seed=2), step=100)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, model=FACTORY)
+    assert result.returncode == 0, result.stderr
+    assert "holds step 100, which the run already has from another checkpoint" in result.stderr
+    assert "1 with a step the run already had" in result.stderr
+    assert _steps(uri) == [100]
+
+
+def test_file_names_cannot_forge_lines_on_stdout(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    os.replace(ckpts / "step_000000.pt", ckpts / "step_1\nFORGED LINE\x1b[2J.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _scan(ckpts, probe, uri, model=FACTORY)
+    assert result.returncode == 0, result.stderr
+    for stream in (result.stdout, result.stderr):
+        assert not any(line.startswith("FORGED LINE") for line in stream.splitlines())
+        assert "\x1b[2J" not in stream
+    assert "\\nFORGED LINE" in result.stdout

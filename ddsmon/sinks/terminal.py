@@ -47,6 +47,7 @@ from rich.text import Text
 from ddsmon.readings import READINGS, Reading
 from ddsmon.readings import reading as _row
 from ddsmon.records import CheckpointFailure, CheckpointReading
+from ddsmon.shown import shown as escaped
 from ddsmon.signature import LayerSignature, Signatures
 
 if TYPE_CHECKING:
@@ -346,7 +347,7 @@ def _event_cells(event: Event) -> tuple[Text, Text, Text]:
 
 def _failure_cells(failure: CheckpointFailure) -> tuple[Text, Text, Text]:
     step = "" if failure.step is None else f"step {failure.step}"
-    detail = Text(f"{failure.path}: ", style="red")
+    detail = Text(f"{escaped(failure.path)}: ", style="red")
     detail.append(failure.reason)
     return Text(step, style="dim"), Text("FAILED", style="bold red"), detail
 
@@ -407,7 +408,7 @@ def render_dashboard(state: DashboardState, *, max_events: int | None = None) ->
     if latest is None:
         parts.append(Text("no checkpoint read yet", style="dim"))
     else:
-        title = f"step {latest.step}  {latest.path}"
+        title = f"step {latest.step}  {escaped(latest.path)}"
         if latest.meta:
             title += "  " + "  ".join(f"{k}={_num(v, '.4g')}" for k, v in latest.meta.items())
         title += f"  (read in {latest.read_seconds:.2f}s)"
@@ -571,7 +572,7 @@ class TerminalSink:
             if self.live:
                 self._start_live()
             else:
-                self._line(f"FAILED {failure.path}: {failure.reason}")
+                self._line(f"FAILED {escaped(failure.path)}: {escaped(failure.reason)}")
 
     def close(self) -> None:
         """Stop the Live view (leaving its last frame on screen); idempotent."""
@@ -615,7 +616,7 @@ class TerminalSink:
     @staticmethod
     def _reading_line(reading: CheckpointReading) -> str:
         layers = reading.signatures.layers
-        parts = [f"step {reading.step}", f"ckpt={reading.path}", f"layers={len(layers)}"]
+        parts = [f"step {reading.step}", f"ckpt={escaped(reading.path)}", f"layers={len(layers)}"]
         worst = _most_degenerate(layers.values())
         if worst is not None:
             parts.append(f"lambda_min[{worst.name}]={_num(worst.lambda_min, '.4g')}")
