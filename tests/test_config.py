@@ -85,10 +85,12 @@ def test_every_default_comes_from_the_table(tmp_path: Path) -> None:
 
 
 def test_env_tracking_uri_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "ddsmon.toml").write_text('tracking_uri = "sqlite:///a.db"\n')
-    assert _config([str(tmp_path)]).tracking.tracking_uri == "sqlite:///a.db"
+    named = tmp_path / "mine.toml"
+    named.write_text('tracking_uri = "sqlite:///a.db"\n')
+    args = [str(tmp_path), "--config", str(named)]
+    assert _config(args).tracking.tracking_uri == "sqlite:///a.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///b.db")
-    assert _config([str(tmp_path)]).tracking.tracking_uri == "sqlite:///b.db"
+    assert _config(args).tracking.tracking_uri == "sqlite:///b.db"
 
 
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:

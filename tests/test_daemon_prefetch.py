@@ -44,6 +44,8 @@ class Overlap:
         return mlp()
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if len(targets) == 1:  # the streamed pass sizing its micro-batches on one sample
+            return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
         k = len(self.seen)
         with self._cond:
             if k + 1 < self.total:
@@ -69,7 +71,7 @@ def _scan(tmp_path: Path, probe: Path, helper: Overlap, *, prefetch: bool, wait:
     )
     summary = Daemon(config, sinks=[], reader=reader).scan()
     assert summary.read == 4, summary
-    assert len(helper.seen) == 4, "one loss call per checkpoint (one probe pass each)"
+    assert len(helper.seen) == 4, "one whole-probe loss call per checkpoint (one probe pass each)"
 
 
 def test_next_checkpoint_loads_while_the_current_one_is_read(
