@@ -49,6 +49,11 @@ def saved_steps(manifest: Path) -> list[int]:
     return [json.loads(line)["step"] for line in manifest.read_text().splitlines() if line]
 
 
+@pytest.mark.xfail(
+    reason="issue 13, open: the MLflow sink does not yet log each trainer_log entry at its "
+    "own step (train/* still at the checkpoint's step)",
+    strict=False,
+)
 @pytest.mark.parametrize("pace", ["live", "frozen"])
 def test_trainer_watched_live_from_before_its_output_folder_exists(
     tmp_path: Path, pace: str
