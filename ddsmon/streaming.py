@@ -346,21 +346,24 @@ class _GraphMeter:
         self.saved: dict[int, int] = {}
         self.largest_output = 0
         self._handles: list[Any] = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     @property
     def bytes(self) -> int:
         return sum(self.saved.values()) + 3 * self.largest_output
 
     def _pack(self, t: Tensor) -> Tensor:
+        """Count ``t``'s storage; keep a detached alias. (Keeping ``t`` itself would tie
+        a saved output to its own grad_fn, a cycle through C++ that Python's garbage
+        collector cannot see: the graph, the model copy and this meter would leak.)"""
         try:
             storage = t.untyped_storage()
             ptr, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # sparse, nested: not counted
-            return t
+            return t.detach()
         if ptr not in self.exclude:
             self.saved[ptr] = max(self.saved.get(ptr, 0), size)
-        return t
+        return t.detach()
 
     def _on_output(self, _module: nn.Module, _args: Any, out: Any) -> None:
         t = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -369,6 +372,7 @@ class _GraphMeter:
 
     def __enter__(self) -> _GraphMeter:
         self._handles = [m.register_forward_hook(self._on_output) for m in self.model.modules()]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         return self
 
@@ -378,9 +382,11 @@ class _GraphMeter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._hooks.__exit__(exc_type, exc, tb)
+        if self._hooks is not None:
+            self._hooks.__exit__(exc_type, exc, tb)
         for handle in self._handles:
             handle.remove()
+        self._hooks, self._handles = None, []  # no cycle left through the bound hooks
 
 
 def _unpack(t: Tensor) -> Tensor:
@@ -448,6 +454,7 @@ class StreamedProbe:
                         self.loss_fn,
                     )
             except RetryPass as retry:
+                retry.__traceback__ = None  # its frames hold the model: free it now
                 self.mode = retry.apply(self.mode)
                 continue
             except Exception as exc:  # the whole-probe pass will say what is wrong
@@ -473,6 +480,7 @@ class StreamedProbe:
             try:
                 return self._run(names, sink, keep_inputs, strict)
             except RetryPass as retry:
+                retry.__traceback__ = None
                 self.mode = retry.apply(self.mode)
                 sink.reset()
 
