@@ -49,11 +49,6 @@ def saved_steps(manifest: Path) -> list[int]:
     return [json.loads(line)["step"] for line in manifest.read_text().splitlines() if line]
 
 
-@pytest.mark.xfail(
-    reason="issue 13, open: the MLflow sink does not yet log each trainer_log entry at its "
-    "own step (train/* still at the checkpoint's step)",
-    strict=False,
-)
 @pytest.mark.parametrize("pace", ["live", "frozen"])
 def test_trainer_watched_live_from_before_its_output_folder_exists(
     tmp_path: Path, pace: str
@@ -122,7 +117,6 @@ def test_trainer_watched_live_from_before_its_output_folder_exists(
 
     # What the trainer logged, from the last checkpoint's trainer_state.json (it repeats
     # the whole history): every entry at its own step, each once.
-    # NEEDS the MLflow sink to log CheckpointReading.trainer_log (item 1).
     history = json.loads((out / "checkpoint-40" / "trainer_state.json").read_text())
     expected: dict[str, list[tuple[int, float]]] = {}
     for entry in history["log_history"]:
@@ -140,13 +134,13 @@ def test_trainer_watched_live_from_before_its_output_folder_exists(
         steps = steps_of(uri, key)
         assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
 
-    # Rotation: every checkpoint saved and not read is named, at the default log level.
-    # NEEDS the daemon to say a vanished checkpoint at WARNING (today: INFO, not shown);
-    # "frozen" also NEEDS the watcher to name a checkpoint-N/ folder it hears of only
-    # after it is gone (today checkpoint_for() ignores a folder that no longer exists).
+    # Rotation: every checkpoint saved and not read is named, at the default log level
+    # ("<folder> was deleted before it could be read (rotated away by the trainer?)"),
+    # in "frozen" too, where the watcher hears of a checkpoint-N/ folder only once it is
+    # gone.
     lines = watcher.lines()
     for step in sorted(set(saved) - set(read)):
         name = f"checkpoint-{step}"
-        assert any(name in line and "before it was read" in line for line in lines), (
+        assert any(name in line and "before it could be read" in line for line in lines), (
             f"{name} was deleted unread and not named:\n{output}"
         )

@@ -12,7 +12,9 @@ spooled (:mod:`ddsmon.sinks.mlflow_outbox`) and sent later, identical:
     events it raised. The timestamps are fixed when the record is built, so a record
     sent twice (a crash between delivery and acknowledgement) stores identical metric
     rows. :data:`~ddsmon.sinks.mlflow_keys.CHECKPOINT_METRIC` is the last row: a step is
-    in the run only once its whole record is.
+    in the run only once its whole record is. The readings are at the checkpoint's step;
+    the trainer's log (``train/<name>``, :func:`trainer_rows`) at the steps it was logged
+    at, only the rows the run does not hold yet.
 :class:`TagsRecord`
     Tags only (a checkpoint that could not be read: ``ddsmon.failure.<file>``).
 
@@ -64,6 +66,7 @@ __all__ = (
     "reading_record",
     "record_from_json",
     "start_record",
+    "trainer_rows",
     "write_spectra",
 )
 
@@ -184,6 +187,60 @@ def start_record(directory: Path, params: Mapping[Any, Any]) -> StartRecord:
     return StartRecord(directory=str(directory), params={str(k): str(v) for k, v in params.items()})
 
 
+def trainer_rows(
+    reading: CheckpointReading,
+    meta: Mapping[str, float],
+    logged: Mapping[str, int] | None = None,
+) -> list[tuple[str, float, int]]:
+    """``(key, value, step)`` of the trainer's finite scalars of one checkpoint that the
+    run does not hold yet, in step order, keys ``train/<name>``
+    (:func:`~ddsmon.sinks.mlflow_keys.metric_key`):
+
+    * every entry of ``reading.trainer_log`` at its own step, unless its key was logged
+      up to that step already (``logged``: key -> the highest step the run holds or will
+      hold, of the rows sent or spooled). A trainer's log grows by appending, and every
+      checkpoint repeats all of it: the entries of a key at steps up to the highest one
+      logged were all logged, by an earlier checkpoint.
+    * ``meta`` (the checkpoint's own scalars, finite) at ``reading.step``, except the
+      names the trainer's log holds at that step (its values win: what an earlier
+      checkpoint's log logged there). The others (``epoch`` of the trainer's state,
+      ``best_metric``, or any checkpoint without a log) are logged whatever ``logged``
+      says: the step is not in the run yet (a step the run holds is not logged again),
+      so no earlier checkpoint put them there.
+
+    One row per (key, step), whatever names sanitise to the same key."""
+    step = int(reading.step)
+    marks = logged or {}
+    by_step: dict[int, dict[str, float]] = {}
+    for entry_step, numbers in reading.trainer_log:
+        row = by_step.setdefault(int(entry_step), {})
+        for name, value in numbers.items():
+            v = finite(value)
+            if v is not None:
+                row[str(name)] = v
+    out: list[tuple[str, float, int]] = []
+    seen: set[tuple[str, int]] = set()
+
+    def add(key: str, value: float, at: int) -> None:
+        if (key, at) not in seen:
+            seen.add((key, at))
+            out.append((key, value, at))
+
+    for at in sorted(set(by_step) | {step}):
+        numbers = by_step.get(at, {})
+        for name, value in numbers.items():
+            key = metric_key("train", name)
+            if key not in marks or at > marks[key]:
+                add(key, value, at)
+            else:
+                seen.add((key, at))  # in the run already: not from meta either
+        if at == step:
+            for name, value in meta.items():
+                if name not in numbers:
+                    add(metric_key("train", name), value, at)
+    return out
+
+
 def reading_record(
     reading: CheckpointReading,
     events: Sequence[Event],
@@ -191,20 +248,25 @@ def reading_record(
     entry: HistoryEntry,
     timestamp: int,
     files: Iterable[ArtifactFile] = (),
+    logged: Mapping[str, int] | None = None,
 ) -> ReadingRecord:
     """The record of one checkpoint, its metric rows in the order a reviewer reads them
     (MLflow's run overview lists a run's metrics as first logged): every layer's finite
     headline readings (``dds/<reading>/<layer>``, :data:`HEADLINE_READINGS` order),
     ``dds/events/<kind>`` (the largest magnitude of each kind, 1 where none is finite),
-    ``train/<key>``, then every layer's ``dds_detail/finite/<layer>`` and its other
-    finite readings (``dds_detail/<reading>/<layer>``, :data:`SCALAR_READINGS` order),
+    ``train/<name>`` (:func:`trainer_rows` of ``entry.train`` and ``logged``: the
+    trainer's log at its own steps, the checkpoint's scalars at its step; the only rows
+    at other steps than the checkpoint's), then every layer's
+    ``dds_detail/finite/<layer>`` and its other finite readings
+    (``dds_detail/<reading>/<layer>``, :data:`SCALAR_READINGS` order),
     ``ddsmon/load_seconds`` / ``read_seconds``, and last
     :data:`~ddsmon.sinks.mlflow_keys.CHECKPOINT_METRIC` (``ddsmon/checkpoint``) = 1.
     The names are :func:`~ddsmon.sinks.mlflow_keys.reading_metric_key`'s. An event's tag
     (:func:`~ddsmon.sinks.mlflow_keys.event_tag_key`) says its kind, reading, step,
     layer and magnitude, then its message
     (:func:`~ddsmon.sinks.mlflow_keys.event_tag_value`). ``entry`` is the checkpoint's
-    :meth:`HistoryEntry.of`; ``timestamp`` (ms) is that of every row."""
+    :meth:`HistoryEntry.of`; ``timestamp`` (ms) is that of every row; ``logged``: each
+    ``train/*`` key's highest step already sent or spooled (None: none)."""
     step = int(reading.step)
     ts = int(timestamp)
     metrics: list[MetricRow] = []
@@ -228,8 +290,8 @@ def reading_record(
         by_kind[event.kind] = max(by_kind.get(event.kind, -math.inf), mag)
     for kind, mag in by_kind.items():
         add(metric_key("dds", "events", kind), mag)
-    for key, scalar in entry.train.items():
-        add(metric_key("train", key), scalar)
+    for key, scalar, at in trainer_rows(reading, entry.train, logged):
+        metrics.append(MetricRow(key, scalar, at, ts))
     for name, values in entry.layers.items():
         add(reading_metric_key(name, "finite"), float(values["finite"]))
         for reading_name in SCALAR_READINGS:

@@ -35,7 +35,12 @@ What a run holds (also written into the run's note, ``mlflow.note.content``)
       earlier versions),
       ``train/<key>`` for the trainer's scalars from the checkpoint, and
       ``ddsmon/load_seconds`` / ``ddsmon/read_seconds``. Sent with ``log_batch`` in
-      chunks within MLflow's batch limits: a constant number of calls per checkpoint.
+      chunks within MLflow's batch limits: a constant number of calls per checkpoint
+      (plus one per 1000 rows of the trainer's log new to the run).
+    * the trainer's log (:attr:`CheckpointReading.trainer_log
+      <ddsmon.records.CheckpointReading.trainer_log>`, a Hugging Face
+      ``log_history``): ``train/<name>`` at the step each entry was logged at, each
+      (name, step) once (see "The trainer's log" below).
     * events: tag ``dds.event.<step>.<layer>.<kind>`` = its kind, reading, step, layer,
       magnitude and message (:func:`~ddsmon.sinks.mlflow_keys.event_tag_value`), metric
       ``dds/events/<kind>`` = the largest magnitude of that kind at that step, and one
@@ -58,6 +63,21 @@ Exactly once
     ConfigError naming its host, pid and state directory), and before every write (one
     ``get_run`` per record) the lease is checked: a lease taken over raises
     :class:`~ddsmon.sinks.mlflow_lease.LeaseLost` and nothing more is written.
+The trainer's log
+    Every checkpoint repeats the trainer's whole log, so a record holds only the rows the
+    run does not (:func:`~ddsmon.sinks.mlflow_record.trainer_rows`): per ``train/<name>``
+    key the sink knows the highest step sent or spooled, and an entry of the log at or
+    below it is left out (the checkpoint's own scalars at its step: see there). That
+    knowledge is rebuilt at each start (once the spool is replayed) from the run (the
+    highest step of each ``train/*`` history) and the spool's records, so a ``kill -9``
+    anywhere neither doubles nor loses a row. It is kept in the state directory too
+    (``state.json``, key :data:`TRAINER_LOG_KEY`, written after each record is sent or
+    spooled) for a start while the server cannot be reached, then synced with the run
+    (never lowered) once it answers; only a ``kill -9`` between a record's delivery and
+    that write, followed by such a start, can send rows again. A replayed record holds
+    the same rows as when it was built (fixed timestamps: re-sent rows are identical),
+    and no later record holds them again. A checkpoint read after a later one (out of
+    order) adds only its own scalars at its step: its log is in the later one's.
 A verifiable spool
     At the first :meth:`MlflowSink.recorded_steps` (or :meth:`MlflowSink.start`), the
     spool's ledger is checked: a step spooled and recorded as read that is neither in
@@ -91,15 +111,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsmon.sinks.history import HistoryEntry, LocalHistory, event_dict
-from ddsmon.sinks.mlflow_http import Unreachable, configure_http_env
+from ddsmon.sinks.mlflow_http import Unreachable, call, configure_http_env
 from ddsmon.sinks.mlflow_lease import RunLease, RunLeaseError
 from ddsmon.sinks.mlflow_outbox import Outbox, Retrier
 from ddsmon.sinks.mlflow_record import (
     ArtifactFile,
+    MetricRow,
     ReadingRecord,
     Record,
     StartRecord,
@@ -120,9 +142,14 @@ if TYPE_CHECKING:
     from ddsmon.records import CheckpointFailure, CheckpointReading
     from ddsmon.sinks import RunInfo
 
-__all__ = ("MlflowSink",)
+__all__ = ("TRAINER_LOG_KEY", "MlflowSink")
 
 log = logging.getLogger(__name__)
+
+#: The state directory's key of ``{"run_id": ..., "steps": {train/<name>: highest step
+#: sent or spooled}}``: what the trainer's log left to send, across a restart while the
+#: server cannot be reached.
+TRAINER_LOG_KEY = "mlflow_trainer_log"
 
 
 class MlflowSink:
@@ -200,6 +227,8 @@ class MlflowSink:
         )
         self._spool_checked = False
         self._closed = False
+        self._trainer_marks: dict[str, int] | None = None  # train/<name> -> highest step
+        self._trainer_synced = False  # the marks include the run's histories
 
     # ------------------------------------------------------------------ settings, display
     @property
@@ -268,7 +297,8 @@ class MlflowSink:
     # ------------------------------------------------------------------ Sink protocol
     def start(self, info: RunInfo) -> None:
         """Resolve (and lease) the run, check the spool against its ledger, replay it,
-        log params and tags (or spool them); start the retry timer."""
+        log params and tags (or spool them), learn which steps of the trainer's log the
+        run holds; start the retry timer."""
         with self._lock:
             directory = Path(info.directory).resolve()
             self._run.directory = self._plots.directory = directory
@@ -284,6 +314,7 @@ class MlflowSink:
                     self._outbox.mark_down(exc)
                 self._check_spool(held)
             self._outbox.send(start_record(directory, info.params), force=True)
+            self._trainer_log_marks()  # the spool replayed: the run and what is left
         self._closed = False
         self._retrier.start()
         self._retrier.poke()
@@ -306,10 +337,14 @@ class MlflowSink:
                 npz = self._outbox.new_folder(step) / f"step_{step}.npz"
                 write_spectra(reading.signatures, npz)
                 files.append(ArtifactFile(str(npz), "spectra"))
-            record = reading_record(reading, events, entry=entry, timestamp=timestamp, files=files)
+            marks = self._trainer_log_marks()
+            record = reading_record(
+                reading, events, entry=entry, timestamp=timestamp, files=files, logged=marks
+            )
             self._history.append(entry, [event_dict(e) for e in events])
             self._plots.note(step, reading.signatures)
             self._outbox.send(record)
+            self._note_trainer_rows(record)
             self._refresh_plots()
 
     def on_failure(self, failure: CheckpointFailure) -> None:
@@ -410,6 +445,76 @@ class MlflowSink:
             where,
         )
 
+    # ------------------------------------------------------------------ the trainer's log
+    def _trainer_log_marks(self) -> dict[str, int]:
+        """``train/<name>`` -> the highest step sent or spooled (see the module docstring,
+        "The trainer's log"). Built on first use from the spool's records and the run's
+        histories, or, while the server cannot be reached, from the spool and the state
+        directory; synced with the run (never lowered) once it answers."""
+        if self._trainer_marks is None:
+            spooled: dict[str, int] = {}
+            for rec in self._outbox.pending():
+                if isinstance(rec, ReadingRecord):
+                    _raise_marks(spooled, rec.metrics)
+            held = self._run_trainer_steps()
+            if held is not None:
+                self._trainer_synced = True
+                base = held
+            else:
+                base = self._stored_trainer_marks()
+            _merge_marks(base, spooled)
+            self._trainer_marks = base
+        elif not self._trainer_synced:
+            held = self._run_trainer_steps()
+            if held is not None:
+                self._trainer_synced = True
+                _merge_marks(self._trainer_marks, held)
+        return self._trainer_marks
+
+    def _run_trainer_steps(self) -> dict[str, int] | None:
+        """The highest step of each ``train/*`` history of the run; None while the run is
+        not resolved or the server does not answer."""
+        if self.run_id is None or self._outbox.waiting():
+            return None
+        run_id = self.run_id
+        client = self._writer.client
+        try:
+            keys = [k for k in call(client.get_run, run_id).data.metrics if k.startswith("train/")]
+            out: dict[str, int] = {}
+            for key in keys:
+                steps = [int(m.step) for m in call(client.get_metric_history, run_id, key)]
+                if steps:
+                    out[key] = max(steps)
+        except Unreachable as exc:
+            self._outbox.mark_down(exc)
+            return None
+        return out
+
+    def _stored_trainer_marks(self) -> dict[str, int]:
+        """The marks kept in the state directory, when they are this run's (or the run is
+        not known yet)."""
+        stored = self.state.get(TRAINER_LOG_KEY)
+        if not isinstance(stored, dict) or not isinstance(stored.get("steps"), dict):
+            return {}
+        run_id = stored.get("run_id")
+        if run_id is not None and self.run_id is not None and run_id != self.run_id:
+            return {}
+        out: dict[str, int] = {}
+        for key, step in stored["steps"].items():
+            if isinstance(key, str) and isinstance(step, int) and not isinstance(step, bool):
+                out[key] = step
+        return out
+
+    def _note_trainer_rows(self, record: ReadingRecord) -> None:
+        """``record`` was sent or spooled: its ``train/*`` rows are the run's now."""
+        assert self._trainer_marks is not None
+        before = dict(self._trainer_marks)
+        _raise_marks(self._trainer_marks, record.metrics)
+        if self._trainer_marks != before:
+            self.state.set(
+                TRAINER_LOG_KEY, {"run_id": self.run_id, "steps": dict(self._trainer_marks)}
+            )
+
     # ------------------------------------------------------------------ local history
     def history(self) -> dict[str, list[tuple[int, dict[str, Any]]]]:
         """Every layer's readings over steps, from the local copy (for plots)."""
@@ -462,3 +567,16 @@ class MlflowSink:
         except RunLeaseError:
             return False  # raised again at the next record
         return True
+
+
+def _raise_marks(marks: dict[str, int], rows: Iterable[MetricRow]) -> None:
+    """Raise each ``train/*`` key's mark to the highest step among ``rows``."""
+    for row in rows:
+        if row.key.startswith("train/") and row.step > marks.get(row.key, row.step - 1):
+            marks[row.key] = row.step
+
+
+def _merge_marks(marks: dict[str, int], other: dict[str, int]) -> None:
+    for key, step in other.items():
+        if step > marks.get(key, step - 1):
+            marks[key] = step

@@ -123,17 +123,27 @@ class Watcher:
         return self.proc.returncode
 
 
+def _client(uri: str) -> Any:
+    """A client of the store at ``uri``, opened as ddsmon opens it
+    (:func:`ddsmon.sinks.mlflow_writer.open_client`: a SQLite store under the flock that
+    serialises schema creation). A plain ``MlflowClient(uri)`` creates or migrates the
+    schema unlocked, and racing the watcher's first open it can leave a
+    ``_alembic_tmp_*`` table behind: the store is broken for good (neither side can
+    open it again) and the watcher never logs a checkpoint."""
+    from ddsmon.sinks.mlflow_writer import open_client
+
+    return open_client(uri)
+
+
 def only_run(uri: str, experiment: str = "ddsmon") -> Any:
     """The one run of ``experiment`` in the store at ``uri`` (None while there is none).
 
     Read while the watcher writes: a store being created or locked, and the warnings
     MLflow's database layer gives meanwhile, count as nothing there yet."""
-    from mlflow.tracking import MlflowClient
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            client = MlflowClient(uri)
+            client = _client(uri)
             exp = client.get_experiment_by_name(experiment)
             runs = client.search_runs([exp.experiment_id]) if exp is not None else []
     except Exception:
@@ -144,15 +154,13 @@ def only_run(uri: str, experiment: str = "ddsmon") -> Any:
 
 def metric_history(uri: str, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of every value logged for ``key`` in the only run, in step order."""
-    from mlflow.tracking import MlflowClient
-
     run = only_run(uri)
     if run is None:
         return []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            history = MlflowClient(uri).get_metric_history(run.info.run_id, key)
+            history = _client(uri).get_metric_history(run.info.run_id, key)
     except Exception:
         return []
     return sorted((m.step, m.value) for m in history)
