@@ -618,13 +618,15 @@ def _render(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         f"{args.repeats} timed readings after one warm-up (fewer once they took "
         f"{args.time_cap:g} s; the warm-up alone when it took over {args.single_above:g} s; "
         f"the number of readings in brackets); budget {args.budget:g} s per MLP and "
-        f"{args.gpt2_budget:g} s per GPT-2 configuration, breakdown included",
+        f"{args.gpt2_budget:g} s per GPT-2 configuration, "
+        + ("no breakdown (--no-breakdown)" if args.no_breakdown else "breakdown included"),
         f"- {mem} is the whole process's (model, probe, reading); `base` is the RSS "
         "before the reading (the user's float32 model and the probe)",
         "",
         "Breakdown (ddsmon's own steps run one after another on the same captures; median "
         "per term of up to as many passes as readings, within half the time cap): probe = float64 "
-        "copy + forward + backward; X = QR/SVD of the outputs; G = form + eigensolve the "
+        "copy + forward + backward of the whole probe in one pass (ddsmon.probe.run_probe; "
+        "the reading itself may stream it in micro-batches); X = QR/SVD of the outputs; G = form + eigensolve the "
         "smaller-side Gram of the output gradients; K = form + eigensolve the n x n "
         "parameter-side Gram.",
         "",

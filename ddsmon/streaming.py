@@ -1,7 +1,7 @@
 """The streamed probe pass: micro-batches of samples, a running factor per layer.
 
 The probe pass (:mod:`ddsmon.probe`) of a whole probe holds its float64 autograd graph
-at once: 13 GiB for a GPT-2-small-shaped model on 32 x 128 tokens. Here the probe is cut
+at once: 11-13 GiB for a GPT-2-small-shaped model on 32 x 128 tokens. Here the probe is cut
 into micro-batches of samples, each read by its own pass, and every layer keeps only
 what its readings need, so the memory of a reading no longer grows with the probe.
 
@@ -60,8 +60,9 @@ bytes of the tensors its graph saves for backward
 buffers excepted), plus three times the largest output of any module (what the
 backward pass holds beside the graph: the gradients of that output and of the ops next
 to it, the logits' and the log-softmax's for a language model). On a GPT-2-small-shaped
-model (32 x 128 tokens, float64) that is 281 MB a sample, and peak RSS grew by about
-300 MB a sample of the micro-batch.
+model (128 tokens a sample, float64) that is about 280 MiB a sample, and peak RSS grew
+by about 300 MiB a sample of the micro-batch (3.4 GiB in all at the default budget,
+against 11.5 GiB for the whole probe of 32 in one pass).
 When the whole probe fits, it is read in one pass, exactly as without streaming.
 Otherwise the first micro-batch has at least 2 samples (a module whose output does
 not follow the batch, a broadcast (1, T, d) position embedding, is then not mistaken
