@@ -25,7 +25,7 @@ from fault_helpers import (
     write_checkpoints,
 )
 from mlflow.tracking import MlflowClient
-from test_mlflow_server import MlflowServer
+from mlflow_server import MlflowServer
 
 from ddsmon.sinks.mlflow_lease import LEASE_TIMEOUT_ENV, RunClaimed
 from ddsmon.sinks.mlflow_run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG

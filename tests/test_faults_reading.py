@@ -222,7 +222,7 @@ def test_scan_with_readings_left_in_the_spool_exits_3_naming_the_steps(
     """A real ``mlflow server`` stopped between two scans: the second scan reads the new
     checkpoint, cannot deliver it, says which steps wait in the spool and exits 3; with the
     server back, a third scan delivers them, each step once."""
-    from test_mlflow_server import MlflowServer
+    from mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path / "server")
     (tmp_path / "server").mkdir()

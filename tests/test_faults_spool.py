@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fault_helpers import cli_args, finish, logged_steps, spawn, write_checkpoints
 from mlflow.tracking import MlflowClient
-from test_mlflow_server import MlflowServer
+from mlflow_server import MlflowServer
 
 from ddsmon.sinks.mlflow_keys import DIRECTORY_TAG
 

@@ -26,13 +26,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -41,6 +38,7 @@ from typing import Any
 
 import pytest
 import torch
+from mlflow_server import MlflowServer
 
 from ddsmon.readings import HEADLINE_READINGS, SCALAR_READINGS
 from ddsmon.sinks.mlflow_keys import (
@@ -56,7 +54,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
 EXPERIMENT = "review"
-START_DEADLINE_S = 120.0
 #: Chromium's own deadline for one command-line page load.
 CLI_TIMEOUT_S = 120
 SECTION_HEADER = "experiment-view-compare-runs-section-header"
@@ -69,73 +66,6 @@ def _chromium() -> str:
             pytest.fail("chromium is not installed (apt-get install -y chromium)")
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     return exe
-
-
-# ---------------------------------------------------------------------- the server
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1:<free port>, SQLite store, proxied artifacts; in its
-    own process group, stopped whole."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = open(self.root / "server.log", "wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server",
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"),
-            ],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"mlflow server not healthy:\n{self.log_tail()}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        pgid = os.getpgid(proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        os.killpg(pgid, signal.SIGKILL)
-
-    def log_tail(self) -> str:
-        path = self.root / "server.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
 # ---------------------------------------------------------------------- the browser
