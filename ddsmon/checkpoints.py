@@ -81,6 +81,7 @@ __all__ = (
     "compressed_member",
     "discover",
     "fingerprint",
+    "is_hf_folder_name",
     "is_temporary",
     "open_regular",
     "read_regular",
@@ -148,6 +149,11 @@ class CheckpointRef:
 # --------------------------------------------------------------------------- names
 
 
+def is_hf_folder_name(name: str) -> bool:
+    """True for a Hugging Face Trainer folder's name, ``checkpoint-<step>``."""
+    return _HF_NAME.match(name) is not None
+
+
 def step_from_name(path: Path | str) -> int | None:
     """The training step written in a checkpoint's name, or None.
 
@@ -183,7 +189,7 @@ def _folder_kind(path: Path) -> Kind | None:
     makes a dcp folder, so that the completeness check reports it."""
     if os.path.lexists(path / ".metadata"):
         return "dcp"
-    if _HF_NAME.match(path.name):
+    if is_hf_folder_name(path.name):
         return "hf"
     return None
 

@@ -30,7 +30,13 @@ from typing import Any
 
 from ddsmon import __version__
 from ddsmon.aliases import MAX_STEP, weights_digest
-from ddsmon.checkpoints import CheckpointRef, check_complete, discover, fingerprint
+from ddsmon.checkpoints import (
+    CheckpointRef,
+    check_complete,
+    discover,
+    fingerprint,
+    is_hf_folder_name,
+)
 from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
 from ddsmon.events import Event, EventDetector
@@ -480,9 +486,10 @@ class Daemon:
         self._remember(digest, step, ref)
         self._read_paths.add(ref.path)
         self.state.mark_done(str(ref.path), fp, step)
-        self.state.set("detector", self.detector.to_state())
         self._detector_step = max(self._detector_step, step)
-        self.state.set("detector_step", self._detector_step)
+        self.state.update(
+            {"detector": self.detector.to_state(), "detector_step": self._detector_step}
+        )
         self.summary.read += 1
         self.summary.events.extend(events)
 
@@ -672,7 +679,7 @@ def has_hf_folders(directory: Path) -> bool:
     """True when ``directory`` holds a Hugging Face ``checkpoint-N/`` folder (built from
     its ``config.json``, so no model factory is needed)."""
     try:
-        return any(p.is_dir() and p.name.startswith("checkpoint-") for p in directory.iterdir())
+        return any(p.is_dir() and is_hf_folder_name(p.name) for p in directory.iterdir())
     except OSError:
         return False
 

@@ -73,7 +73,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -424,13 +424,18 @@ class StateDir:
     def set(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable ``value`` under ``key`` (atomic, durable; other keys,
         possibly written by another ``StateDir`` object, are kept)."""
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"state value for {key!r} is not JSON-serialisable: {exc}") from exc
+        self.update({key: value})
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """:meth:`set` for several keys at once: one atomic, durable write of all of them."""
+        for key, value in values.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"state value for {key!r} is not JSON-serialisable: {exc}") from exc
         with self._mutex, self._flocked(_KV + ".lock"):
             data = self._read_kv()
-            data[key] = value
+            data.update(values)
             _atomic_write(self.root / _KV, json.dumps(data, sort_keys=True).encode())
 
     def delete(self, key: str) -> None:
@@ -582,27 +587,24 @@ def _kind(mode: int) -> str:
 def _not_a_file(path: Path) -> str | None:
     """What is wrong with ``path`` as a state file ("is a directory, expected a file"),
     or None when it is a regular file (through symbolic links) or absent."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "is a dangling symbolic link, expected a file" if os.path.islink(path) else None
-    except OSError as exc:
-        return f"cannot be examined ({_strerror(exc)})"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    return f"is {_kind(st.st_mode)}, expected a file"
+    return _wrong_kind(path, stat.S_ISREG, "a file")
 
 
 def _not_a_folder(path: Path) -> str | None:
+    """The same for a state folder: None when it is a directory or absent."""
+    return _wrong_kind(path, stat.S_ISDIR, "a directory")
+
+
+def _wrong_kind(path: Path, is_expected: Callable[[int], bool], expected: str) -> str | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "is a dangling symbolic link, expected a directory" if os.path.islink(path) else None
+        return f"is a dangling symbolic link, expected {expected}" if os.path.islink(path) else None
     except OSError as exc:
         return f"cannot be examined ({_strerror(exc)})"
-    if stat.S_ISDIR(st.st_mode):
+    if is_expected(st.st_mode):
         return None
-    return f"is {_kind(st.st_mode)}, expected a directory"
+    return f"is {_kind(st.st_mode)}, expected {expected}"
 
 
 def _state_error(exc: OSError, path: Path, doing: str) -> StateError:

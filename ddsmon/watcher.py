@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +68,7 @@ from ddsmon.checkpoints import (
     checkpoint_for,
     classify,
     fingerprint,
+    is_hf_folder_name,
 )
 from ddsmon.errors import ConfigError
 from ddsmon.shown import shown
@@ -88,8 +88,7 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
 ]
 _FOLDER_KINDS = ("hf", "dcp")
-#: A Hugging Face Trainer folder's name, ``checkpoint-<step>``.
-_HF_FOLDER = re.compile(r"^checkpoint-\d+$")
+
 _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spin
 #: Largest poll interval / quiet period accepted (one day): larger ones are mistakes, and
 #: beyond ``threading.TIMEOUT_MAX`` a wait raises in the observer's or the timer's thread.
@@ -334,7 +333,7 @@ class CheckpointWatcher:
             return
         folder = self._root / rel.parts[0]
         if (
-            _HF_FOLDER.match(folder.name) is None
+            not is_hf_folder_name(folder.name)
             or os.path.lexists(folder)
             or folder in self._named_gone
         ):
