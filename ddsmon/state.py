@@ -92,6 +92,8 @@ __all__ = (
 )
 
 log = logging.getLogger(__name__)
+# (state directory, sha256 of a damaged state.json) already warned of in this process
+_KV_WARNED: set[tuple[str, str]] = set()
 
 #: Name of the state directory inside a watched directory.
 DEFAULT_STATE_NAME = ".ddsmon"
@@ -453,14 +455,25 @@ class StateDir:
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            log.warning(
-                "state file %s is not JSON (%s); starting from an empty one", shown(path), exc
+            self._warn_kv_once(
+                raw, "state file %s is not JSON (%s); starting from an empty one", shown(path), exc
             )
             return {}
         if not isinstance(data, dict):
-            log.warning("state file %s does not hold a JSON object; ignored", shown(path))
+            self._warn_kv_once(
+                raw, "state file %s does not hold a JSON object; ignored", shown(path)
+            )
             return {}
         return data
+
+    def _warn_kv_once(self, raw: bytes, message: str, *args: object) -> None:
+        """Say a damaged ``state.json`` once per content, not once per read of it (a start
+        reads it for several keys, through more than one StateDir, before the first write
+        replaces it): once per process, state directory and content."""
+        said = (str(self.root), hashlib.sha256(raw).hexdigest())
+        if said not in _KV_WARNED:
+            _KV_WARNED.add(said)
+            log.warning(message, *args)
 
     @contextlib.contextmanager
     def _flocked(self, name: str) -> Iterator[None]:

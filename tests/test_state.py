@@ -181,6 +181,22 @@ def test_corrupt_state_file_starts_empty_with_warning(tmp_path, caplog):
     assert StateDir(root).get("x") == 1
 
 
+def test_a_damaged_state_file_is_said_once_per_content(tmp_path, caplog):
+    """A start reads state.json for several keys before its first write: one warning, and
+    a new warning when the content is damaged anew."""
+    root = tmp_path / "st"
+    root.mkdir()
+    (root / "state.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="ddsmon.state"):
+        for key in ("detector", "detector_step", "trainer_log_steps"):
+            assert StateDir(root).get(key) is None  # the daemon and its sinks: two objects
+        assert caplog.text.count("is not JSON") == 1
+        (root / "state.json").write_text("[1, 2]")
+        StateDir(root).get("x")
+        StateDir(root).get("y")
+        assert caplog.text.count("does not hold a JSON object") == 1
+
+
 # ---------------------------------------------------------------------- spool
 def test_spool_order_ack_and_torn_tail(tmp_path):
     state = StateDir(tmp_path / "st")
