@@ -61,7 +61,7 @@ from ddsmon.param_gram import (
     param_grams_functional,
 )
 from ddsmon.probe import probe_batch_size, select_layers
-from ddsmon.signature import LayerSignature, Signatures
+from ddsmon.signature import LayerSignature, Signatures, loss_spread
 from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
 from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe
 
@@ -179,7 +179,11 @@ def compute_signatures(
             None is :data:`~ddsmon.streaming.DEFAULT_FACTOR_BUDGET` (4 GiB).
 
     Returns:
-        :class:`~ddsmon.signature.Signatures`; ``.layers[name]`` is a LayerSignature.
+        :class:`~ddsmon.signature.Signatures`; ``.layers[name]`` is a LayerSignature,
+        ``.sample_losses`` the per-sample losses the pass differentiated (n,) and
+        ``.output_layer`` the layer carrying ``loss_spread`` (their spread,
+        :func:`ddsmon.signature.loss_spread`), the last layer read to run in the forward
+        pass.
 
     Definitions, for layer l (see :mod:`ddsmon.signature`): ``X`` (N x d) outputs,
     ``Delta`` (N x d) per-sample output gradients, ``G = Delta^T Delta / n`` (built on
@@ -251,6 +255,10 @@ def compute_signatures(
             _read_deferred(probe, group, fields, n, eps, ridge, strategies)
         if want_param:
             _read_functional(work, x, y, loss_fn, n, eps, ridge, fields, bad, strategies)
+        losses = None if probe.losses is None else probe.losses.to(torch.float64).cpu().numpy()
+        output = probe.output_layer if probe.output_layer in fields else None
+        if losses is not None and output is not None and output not in bad:
+            fields[output]["loss_spread"] = loss_spread(losses, eps)
     finally:
         if in_place:
             for module, training in flags.items():
@@ -269,6 +277,8 @@ def compute_signatures(
         fisher=fisher,
         loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
         seconds=time.perf_counter() - started,
+        sample_losses=losses,
+        output_layer=output,
     )
 
 

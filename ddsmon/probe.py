@@ -20,6 +20,12 @@ module that is an output of the selection but whose output does not require grad
 first layer read, frozen earlier layers, integer inputs) is re-rooted as a fresh leaf
 so its gradient exists (downstream gets a copy, which an in-place op may change).
 ``backward=False`` runs a forward pass only, with no graph.
+
+The pass keeps the per-sample losses it differentiates, ``loss_i`` (n,) detached
+(:attr:`ProbePass.losses`; :class:`ProbeRun` of :func:`run_probe_pass`), and the
+*output layer*: the last selected module to run in the forward pass, the one nearest
+the loss (the logits' Linear of a plain model), which carries the model-level
+readings made of the losses (``loss_spread``, :func:`ddsmon.signature.loss_spread`).
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ __all__ = (
     "LayerCapture",
     "PassMode",
     "ProbePass",
+    "ProbeRun",
     "RetryPass",
     "model_output",
     "probe_batch_size",
     "run_probe",
+    "run_probe_pass",
     "select_layers",
     "slice_batch",
 )
@@ -180,6 +188,18 @@ def slice_batch(obj: Any, sl: slice) -> Any:
     return obj
 
 
+@dataclass
+class ProbeRun:
+    """What one whole-probe pass read: the captures per layer, the per-sample losses
+    ``loss_i`` (n,) it differentiated (detached, in the forward dtype; None for a
+    forward-only pass) and the output layer (the last selected module to run in the
+    forward pass; None when none was read)."""
+
+    captures: dict[str, LayerCapture]
+    losses: Tensor | None
+    output_layer: str | None
+
+
 def run_probe(
     model: nn.Module,
     inputs: Any,
@@ -191,7 +211,26 @@ def run_probe(
     keep_inputs: Callable[[nn.Module], bool],
     max_rows: int | None = None,
 ) -> dict[str, LayerCapture]:
-    """Run the one forward/backward pass over the whole probe; a capture per layer.
+    """The captures of :func:`run_probe_pass` (one forward/backward pass over the whole
+    probe), a capture per layer."""
+    return run_probe_pass(
+        model, inputs, targets, loss_fn, names, n=n, keep_inputs=keep_inputs, max_rows=max_rows
+    ).captures
+
+
+def run_probe_pass(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    names: list[str] | None,
+    *,
+    n: int,
+    keep_inputs: Callable[[nn.Module], bool],
+    max_rows: int | None = None,
+) -> ProbeRun:
+    """Run the one forward/backward pass over the whole probe: a capture per layer, the
+    per-sample losses and the output layer (:class:`ProbeRun`).
 
     ``model`` must already be on the reading device and dtype, in eval mode. ``names``
     None selects by the default rule. ``keep_inputs(module)`` says whether to keep the
@@ -206,9 +245,11 @@ def run_probe(
     while True:
         probe = ProbePass(names, n, keep_inputs, max_rows, mode)
         try:
-            return probe.run(model, inputs, targets, loss_fn)
+            captures = probe.run(model, inputs, targets, loss_fn)
         except RetryPass as retry:
             mode = retry.apply(mode)
+            continue
+        return ProbeRun(captures, probe.losses, probe.output_layer)
 
 
 @dataclass(frozen=True)
@@ -277,6 +318,11 @@ class ProbePass:
     A module with parameters whose output is a tuple of several tensors cannot be
     re-rooted faithfully (another element may be computed from the first); the pass
     then runs again with that module's parameters left as they were (``unfrozen``).
+
+    After :meth:`run`: ``losses`` holds the per-sample losses ``loss_i`` (n,) of this
+    pass's samples, detached, in the forward dtype (None for a forward-only pass),
+    ``forward_order`` the returned layers in the order they ran (the hooks fire in
+    forward order), and ``output_layer`` the last of them (None when none was read).
     """
 
     def __init__(
@@ -308,6 +354,13 @@ class ProbePass:
         self.versions: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self._frozen: set[int] = set()  # ids of the parameters this pass froze
+        self.losses: Tensor | None = None
+        self.forward_order: list[str] = []
+
+    @property
+    def output_layer(self) -> str | None:
+        """The last layer read to run in the forward pass (None when none was read)."""
+        return self.forward_order[-1] if self.forward_order else None
 
     @property
     def explicit(self) -> bool:
@@ -372,14 +425,19 @@ class ProbePass:
             else:
                 cap.grad = delta.detach().reshape(cap.output.shape)
         chosen = order if self.names is None else [x for x in self.names if x in self.captures]
+        returned = set(chosen)
+        self.forward_order = [name for name in self.captures if name in returned]
         return {name: self.captures[name] for name in chosen}
 
     def _loss(
         self, loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, targets: Any
     ) -> Tensor:
-        """The summed per-sample loss; a ProbeError from a micro-batch says it was one."""
+        """The summed per-sample loss (the per-sample losses kept in :attr:`losses`); a
+        ProbeError from a micro-batch says it was one."""
         try:
-            return loss_fn(out, targets).sum()
+            values = loss_fn(out, targets)
+            self.losses = values.detach()
+            return values.sum()
         except ProbeError as exc:
             if self.n == self.total:
                 raise

@@ -28,6 +28,14 @@ Units, and how a change is measured in decades (:meth:`Reading.decades`):
 * ``"fraction"``: a number in [0, 1] (a normalised entropy, a share): compared as it
   is, a change being a difference (:meth:`Reading.level`), never in decades.
 
+A *model-level* reading (``loss_spread``, the spread of the per-sample losses) is not a
+property of one layer: the table has no model-level rows, so it is carried by the
+*output layer*, the last layer read to run in the forward pass (the module nearest the
+loss, whose Delta rows are the loss's own gradients) and is ``None`` on every other
+layer: the sinks log it under that layer (``dds_detail/loss_spread/<output layer>``).
+Its side is ``"G"``: it is what the Fisher side's resolved rank follows near zero loss
+(:func:`ddsmon.signature.loss_spread`).
+
 A *derived* reading (``derived=True``) is not a property of one checkpoint's spectra but
 of two consecutive checkpoints of a layer: :class:`ddsmon.events.EventDetector` computes
 it as it is fed (``EventDetector.last_derived``) and
@@ -207,6 +215,10 @@ READINGS: tuple[Reading, ...] = (
     Reading("g_dominance", "G", "fraction", None, "top share", False,
             "lambda_max / sum of the resolved eigenvalues of G: the share of the per-sample "
             "gradient energy in its top direction"),
+    Reading("loss_spread", "G", "ratio", None, "spread", False,
+            "model-level, on the output layer only: 90th / 10th percentile of the probe's "
+            "per-sample losses (log10: the decades they span), which G's resolved rank "
+            "follows near zero loss", heading="loss"),
     Reading("dying_directions", "G", "count", None, "dying", True,
             "d log det+(G) / d log lambda_min between this checkpoint and the previous one, "
             "where lambda_min fell: directions dying at the rate of the smallest (paper "

@@ -37,12 +37,18 @@ from ddsmon.readings import DERIVED_READINGS, SCALAR_READINGS
 
 __all__ = (
     "DERIVED_READINGS",
+    "LOSS_QUANTILES",
     "SCALAR_READINGS",
     "LayerSignature",
     "Signatures",
     "dying_directions",
+    "loss_spread",
     "spectral_entropy",
 )
+
+#: The quantiles of the per-sample losses whose ratio is :func:`loss_spread`: the
+#: 90th over the 10th percentile (the middle 80% of the probe's samples).
+LOSS_QUANTILES: tuple[float, float] = (0.1, 0.9)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,16 @@ class LayerSignature:
             the per-sample gradient energy ``trace G = mean_i |delta_i|^2`` along its
             top direction (1/g_rank when spread evenly, 1 when every sample's gradient
             points one way).
+
+    Model-level reading (on the output layer only, ``None`` on every other layer):
+        loss_spread: :func:`loss_spread` of the probe's per-sample losses ``loss_i``, the
+            ratio of their 90th to their 10th percentile (``log10`` of it: the decades
+            the middle 80% of the samples span). It belongs to the model, not to one
+            layer; it is carried by the *output layer*, the last layer read to run in the
+            forward pass (the logits' module of a plain model), because that layer's
+            Delta rows are ``d loss_i / d logits_i``, whose sizes follow ``loss_i``
+            (for cross-entropy near zero loss ``|delta_i| ~ sqrt(2) loss_i``). ``None``
+            without a backward pass (``fisher="none"``).
 
     Derived reading (between two checkpoints; ``None`` from the engine):
         dying_directions: :func:`dying_directions` between the layer's previous
@@ -120,6 +136,8 @@ class LayerSignature:
     param_floor: float | None = None
     param_logdet: float | None = None
     param_log_volume: float | None = None
+    # model-level, on the output layer only
+    loss_spread: float | None = None
     # derived between checkpoints (the event detector's; None from the engine)
     dying_directions: float | None = None
     # health
@@ -186,6 +204,10 @@ class Signatures:
     ``layers`` keeps the model's module order. ``n`` is the probe size, ``device``
     where the reading ran, ``forward_dtype`` the probe pass's dtype (``"float64"`` by
     default), ``fisher`` the families read, ``seconds`` the wall time of the call.
+    ``sample_losses``: the per-sample losses ``loss_i`` (n,) the probe pass
+    differentiated, float64, in probe order (None without a backward pass);
+    ``output_layer``: the layer that carries the model-level readings made of them
+    (``loss_spread``), the last layer read to run in the forward pass.
     """
 
     layers: dict[str, LayerSignature]
@@ -195,6 +217,8 @@ class Signatures:
     fisher: str
     loss: str
     seconds: float = 0.0
+    sample_losses: np.ndarray | None = field(default=None, repr=False)
+    output_layer: str | None = None
 
     def with_derived(self, derived: Mapping[str, Mapping[str, Any]]) -> Signatures:
         """These signatures with the derived readings filled in: ``derived`` maps a layer
@@ -250,6 +274,33 @@ def spectral_entropy(values: np.ndarray, floor: float) -> float | None:
     p = p[p > 0.0]
     h = float(-np.sum(p * np.log(p)) / math.log(s.size))
     return min(max(h, 0.0), 1.0)
+
+
+def loss_spread(losses: np.ndarray, eps: float = float(np.finfo(np.float64).eps)) -> float | None:
+    """The spread of the per-sample losses: ``q_hi / max(q_lo, eps * q_hi)``.
+
+    ``losses`` (n,): the probe's per-sample losses ``loss_i`` (non-negative);
+    ``q_lo, q_hi``: their :data:`LOSS_QUANTILES` (10th and 90th percentiles, linear
+    interpolation between order statistics, ``numpy.quantile``'s default). ``log10`` of
+    the result is the number of decades the middle 80% of the samples span; it is at
+    most ``1 / eps`` (``eps`` of the forward dtype), losses below ``eps * q_hi`` being
+    read as that (a loss of exactly 0, or one rounded to it, has no resolved size).
+
+    Why it matters: at the output layer ``Delta`` has rows ``d loss_i / d logits_i``,
+    whose norms follow ``loss_i`` near zero loss, and ``G = Delta^T Delta / n`` weighs
+    sample i by ``|delta_i|^2``: a spread of s decades in the losses puts the samples'
+    gradient energies ~2s decades apart, so past ``s ~ -log10(d eps) / 2`` (about 7
+    decades in float64) the well-fitted samples' directions fall under the trust floor
+    ``floor_g = d eps lambda_max`` and ``g_rank`` follows the loss's dynamic range, not
+    the structure. Returns None when a loss is negative or not finite, or ``q_hi`` is 0.
+    """
+    values = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0.0):
+        return None
+    q_lo, q_hi = (float(q) for q in np.quantile(values, LOSS_QUANTILES))
+    if not q_hi > 0.0:
+        return None
+    return q_hi / max(q_lo, eps * q_hi)
 
 
 def _get(reading: LayerSignature | Mapping[str, Any], key: str) -> Any:

@@ -67,6 +67,11 @@ When the whole probe fits, it is read in one pass, exactly as without streaming.
 Otherwise the first micro-batch has at least 2 samples (a module whose output does
 not follow the batch, a broadcast (1, T, d) position embedding, is then not mistaken
 for a per-sample one) and fixes the default layer selection for the rest.
+
+**Per-sample losses.** Each micro-batch's pass keeps its samples' losses ``loss_i``
+(:attr:`ddsmon.probe.ProbePass.losses`); :attr:`StreamedProbe.losses` is them in
+sample order, (n,), exactly those of a whole-probe pass (row i from sample i alone).
+:attr:`StreamedProbe.output_layer` is the last layer read to run in the forward pass.
 """
 
 from __future__ import annotations
@@ -429,6 +434,10 @@ class StreamedProbe:
         self.sample_bytes: int | None = None  # measured graph bytes of one sample
         self.passes = 0
         self.micro_batches = 0
+        #: the per-sample losses (n,) of the last completed backward run, sample order
+        self.losses: Tensor | None = None
+        #: the last layer read to run in the forward pass (of the last completed run)
+        self.output_layer: str | None = None
 
     def sizes(self, names: list[str] | None) -> list[int]:
         """The micro-batch sizes (measuring one sample's graph the first time)."""
@@ -493,6 +502,8 @@ class StreamedProbe:
         strict: bool,
     ) -> list[str]:
         chosen: list[str] | None = None
+        forward_order: list[str] = []
+        losses: list[Tensor] = []
         start = 0
         self.passes += 1
         for size in self.sizes(names):
@@ -510,8 +521,11 @@ class StreamedProbe:
                 self.loss_fn,
             )
             self.micro_batches += 1
+            if probe.losses is not None:
+                losses.append(probe.losses)
             if chosen is None:
                 chosen = list(caps)
+                forward_order = list(probe.forward_order)
             else:
                 for name in [c for c in chosen if c not in caps]:
                     log.debug("layer %r is not per-sample in every micro-batch: left out", name)
@@ -519,4 +533,8 @@ class StreamedProbe:
                     sink.drop(name)
             sink.add(caps, size)
             del caps, probe
+        kept = [name for name in forward_order if name in set(chosen or [])]
+        self.output_layer = kept[-1] if kept else None
+        if losses and sum(t.shape[0] for t in losses) == self.n:
+            self.losses = _cat(losses)
         return chosen or []
