@@ -19,7 +19,11 @@ and the same probe (the example's 256 pairs):
   batches per draw).
 
 Then the same for the hidden width of the family (``ModularAdditionMLP(d_hidden=w)``),
-each width trained briefly with the example's recipe and read from its checkpoint.
+each width trained briefly with the example's recipe and read from its checkpoint on
+the example's probe; and for other shapes of the family (``--shapes``, each
+``d_embed x d_hidden x probe pairs``, default ``128x256x512``: embedding 128, hidden
+256, a probe of 512 pairs from ``train.make_probe``, both methods on that probe),
+trained the same way.
 Medians of ``--repeats`` ddsmon readings (after a warm-up) and ``--llc-repeats`` LLC
 calls (after a small warm-up call that imports and compiles what LLC needs).
 
@@ -28,6 +32,9 @@ Needs devinterp, which ddsmon does not depend on; run it from a separate environ
     python3 -m venv /tmp/llcvenv && /tmp/llcvenv/bin/pip install torch==2.13.0
     /tmp/llcvenv/bin/pip install -e . devinterp==2.0.1
     /tmp/llcvenv/bin/python benchmarks/bench_llc.py --write BENCHMARKS.md
+
+``--write`` takes any markdown file (its ``bench_llc`` block is replaced or appended);
+``--no-example --widths ''`` times the ``--shapes`` rows alone.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from bench_scaling import machine_lines, median_seconds, write_section
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "modular_addition"
 sys.path.insert(0, str(EXAMPLE))
-from model import ModularAdditionMLP  # noqa: E402
+from model import D_EMBED, ModularAdditionMLP  # noqa: E402
 
 __all__ = ("LLC_SETTINGS", "LlcRow", "main", "time_ddsmon", "time_llc")
 
@@ -75,6 +82,7 @@ class LlcRow:
 
     label: str
     params: int
+    probe: int
     ddsmon_both: float
     ddsmon_activation: float
     llc: float | None = None
@@ -140,13 +148,14 @@ def time_llc(
     return statistics.median(times), calls[0], f"{mean:.1f} ± {std:.1f}"
 
 
-def _train_width(width: int, steps: int, path: Path, p: int = 53) -> None:
-    """The example's recipe (full batch AdamW, lr 1e-2, wd 1.0, betas 0.9/0.98) at ``width``."""
+def _train_width(width: int, steps: int, path: Path, p: int = 53, d_embed: int = D_EMBED) -> None:
+    """The example's recipe (full batch AdamW, lr 1e-2, wd 1.0, betas 0.9/0.98) at
+    ``d_hidden = width`` and ``d_embed``."""
     from train import make_split
 
     x_tr, y_tr, _, _ = make_split(p, 0.5, 0)
     torch.manual_seed(0)
-    model = ModularAdditionMLP(p=p, d_hidden=width)
+    model = ModularAdditionMLP(p=p, d_embed=d_embed, d_hidden=width)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1.0, betas=(0.9, 0.98))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -155,8 +164,8 @@ def _train_width(width: int, steps: int, path: Path, p: int = 53) -> None:
     torch.save({"model": model.state_dict(), "step": steps}, path)
 
 
-def _load(path: Path, width: int) -> nn.Module:
-    model = ModularAdditionMLP(d_hidden=width)
+def _load(path: Path, width: int, d_embed: int = D_EMBED) -> nn.Module:
+    model = ModularAdditionMLP(d_embed=d_embed, d_hidden=width)
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     return model
 
@@ -173,6 +182,7 @@ def _measure(
     row = LlcRow(
         label=label,
         params=sum(p.numel() for p in model.parameters()),
+        probe=int(x.shape[0]),
         ddsmon_both=time_ddsmon(model, x, y, "both", args.repeats),
         ddsmon_activation=time_ddsmon(model, x, y, "activation", args.repeats),
     )
@@ -205,7 +215,8 @@ def _render(
         f"- {dv}; LLC budget {args.chains} chains x {args.draws} draws, batch 32, "
         f"lr {LLC_SETTINGS['lr']:g}, n_beta {LLC_SETTINGS['n_beta']:g}, localization "
         f"{LLC_SETTINGS['localization']:g}; ddsmon fisher=both, float64, every default layer",
-        f"- checkpoint: {ckpt}; probe: the example's 256 pairs for both methods",
+        f"- checkpoint: {ckpt}; probe: the example's pairs (train.make_probe) for both "
+        "methods, as many as the probe column says",
         f"- seconds: ddsmon median of {args.repeats} after a warm-up; LLC median of "
         f"{args.llc_repeats} call(s) after a small warm-up call; both in this one process",
         "",
@@ -214,17 +225,28 @@ def _render(
         lines += [f"**LLC not measured: {llc_error}**", ""]
     lines += [
         "| checkpoint | params | ddsmon both s | ddsmon activation s | LLC s | LLC / ddsmon both | "
-        "LLC forward batches | LLC estimate (mean ± std over chains) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "LLC forward batches | LLC estimate (mean ± std over chains) | probe pairs | "
+        "LLC / ddsmon activation |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         ratio = f"**{r.llc / r.ddsmon_both:,.0f}x**" if r.llc else "-"
+        ratio_act = f"{r.llc / r.ddsmon_activation:,.0f}x" if r.llc else "-"
         lines.append(
             f"| {r.label} | {r.params:,} | {r.ddsmon_both:.4f} | {r.ddsmon_activation:.4f} | "
             f"{f'{r.llc:.2f}' if r.llc else '-'} | {ratio} | {r.llc_forwards or '-'} | "
-            f"{r.llc_value or r.note or '-'} |"
+            f"{r.llc_value or r.note or '-'} | {r.probe} | {ratio_act} |"
         )
     return "\n".join(lines)
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    """``"128x256x512"`` -> (d_embed, d_hidden, probe pairs)."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--shapes: {text!r} is not d_embed x d_hidden x probe (e.g. 128x256x512)")
+    d_embed, width, pairs = (int(p) for p in parts)
+    return d_embed, width, pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         "--widths", default="128,512,2048,8192", help="hidden widths of the family ('' for none)"
     )
     ap.add_argument("--width-steps", type=int, default=300, help="training steps per width")
+    ap.add_argument(
+        "--shapes",
+        default="128x256x512",
+        help="other shapes, d_embed x d_hidden x probe pairs, comma-separated ('' for none)",
+    )
+    ap.add_argument(
+        "--no-example", action="store_true", help="skip the example checkpoint's two rows"
+    )
     ap.add_argument("--chains", type=int, default=4, help="LLC chains (devinterp default 4)")
     ap.add_argument(
         "--draws", type=int, default=200, help="LLC draws per chain (devinterp default 200)"
@@ -257,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--write", default=None, help="put the table into this markdown file")
     args = ap.parse_args(argv)  # fmt: skip
+    shapes = [_parse_shape(s) for s in args.shapes.split(",") if s.strip()]
     command = "python benchmarks/bench_llc.py " + " ".join(
         a if re.fullmatch(r"[\w.,:=/+-]+", a) else repr(a)
         for a in (argv if argv is not None else sys.argv[1:])
@@ -273,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_llc_") as tmp:
         work = Path(tmp)
         ckpt, probe = args.checkpoint, args.probe
-        if ckpt is None:
+        if args.no_example:
+            ckpt_label = "-"
+            probe = None
+        elif ckpt is None:
             subprocess.run(
                 [sys.executable, str(EXAMPLE / "train.py"), "--out", str(work / "ckpts"),
                  "--steps", str(args.steps), "--every", str(args.steps)],
@@ -285,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             ckpt_label = str(ckpt)
-        if probe is None:
+        if probe is None and not args.no_example:
             raise SystemExit("--probe is needed with --checkpoint")
-        probe_data = torch.load(probe, weights_only=True)
+        from train import make_probe
+
+        probe_data = torch.load(probe, weights_only=True) if probe is not None else make_probe(53)
         x, y = probe_data["inputs"], probe_data["targets"]
         if not args.skip_llc:  # warm-up: imports, zarr, dataset formatting
             time_llc(
@@ -300,20 +336,43 @@ def main(argv: list[str] | None = None) -> int:
                 num_chains=1,
                 num_draws=2,
             )
-        model = ModularAdditionMLP()
-        model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
-        width0 = model.hidden.out_features
-        rows = [
-            _measure(
-                f"example, d_hidden {width0}, observables={{}}", model, x, y, args, work, False
-            ),
-            _measure(f"example, d_hidden {width0}, 1 observable", model, x, y, args, work, True),
-        ]
+        rows = []
+        if not args.no_example:
+            model = ModularAdditionMLP()
+            model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+            width0 = model.hidden.out_features
+            rows += [
+                _measure(
+                    f"example, d_hidden {width0}, observables={{}}", model, x, y, args, work, False
+                ),
+                _measure(
+                    f"example, d_hidden {width0}, 1 observable", model, x, y, args, work, True
+                ),
+            ]
         for width in [int(w) for w in args.widths.split(",") if w.strip()]:
             path = work / f"width_{width}.pt"
             _train_width(width, args.width_steps, path)
             label = f"d_hidden {width} ({args.width_steps} steps), observables={{}}"
             rows.append(_measure(label, _load(path, width), x, y, args, work, False))
+        for d_embed, width, pairs in shapes:
+            path = work / f"shape_{d_embed}_{width}.pt"
+            _train_width(width, args.width_steps, path, d_embed=d_embed)
+            shape_probe = make_probe(53, pairs)
+            label = (
+                f"d_embed {d_embed}, d_hidden {width} ({args.width_steps} steps), "
+                f"probe {pairs}, observables={{}}"
+            )
+            rows.append(
+                _measure(
+                    label,
+                    _load(path, width, d_embed),
+                    shape_probe["inputs"],
+                    shape_probe["targets"],
+                    args,
+                    work,
+                    False,
+                )
+            )
     text = _render(rows, args, command.strip(), ckpt_label, llc_error)
     print(text)
     if args.write:
