@@ -30,6 +30,7 @@ import click
 from ddsmon import __version__
 from ddsmon.config import CONFIG_FILENAME, SETTINGS, Setting, resolve_config
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
+from ddsmon.shown import shown
 from ddsmon.state import StateError
 
 __all__ = ("EXIT_EVENT", "EXIT_SETTINGS", "EXIT_STATE", "EXIT_UNDELIVERED", "main")
@@ -230,8 +231,11 @@ def report(
         reader = Reader.from_settings(config.read)
     except DDSError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from exc
+    from ddsmon.daemon import checkpoint_step
+
     try:
         loaded = reader.load(ref)
+        step = checkpoint_step(ref, loaded)  # the rule scan and watch log it under
         sig = reader.read(loaded.model)
     except CheckpointError as exc:
         click.echo(f"error: {exc.path}: {exc.reason}", err=True)
@@ -242,18 +246,32 @@ def report(
     if as_json:
         out = {
             "checkpoint": str(checkpoint),
-            "step": loaded.step,
+            "step": step,
             "meta": loaded.meta,
             **sig.to_dict(spectra=spectra),
         }
         click.echo(json.dumps(out, indent=2, default=_json_default))
         return
+    from ddsmon.sinks.terminal import SignaturesView
+
+    stepped = f"step {step}" if step is not None else "no step (none in its content or name)"
+    title = f"{shown(checkpoint.name)}  {stepped}  n={sig.n}  {sig.device}  {sig.seconds:.2f}s"
+    view = SignaturesView(sig, title=title)
+    _report_console(view.natural_width).print(view)
+
+
+def _report_console(natural_width: int) -> Any:
+    """The console ``report`` prints on: the terminal's width on a terminal, or the
+    width ``COLUMNS`` gives; piped or redirected without ``COLUMNS``, the table's own
+    width (rich would guess one from whatever terminal stdin or stderr is on, and a log
+    file has no width to fit)."""
+    import os
+
     from rich.console import Console
 
-    from ddsmon.sinks.terminal import render_signatures_table
-
-    title = f"{checkpoint.name}  step {loaded.step}  n={sig.n}  {sig.device}  {sig.seconds:.2f}s"
-    Console().print(render_signatures_table(sig, title=title))
+    if sys.stdout.isatty() or (os.environ.get("COLUMNS") or "").isdigit():
+        return Console()
+    return Console(width=natural_width)
 
 
 @main.command()

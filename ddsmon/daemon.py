@@ -50,7 +50,14 @@ from ddsmon.sinks import RunInfo, Sink
 from ddsmon.sinks.mlflow_lease import RunLeaseError
 from ddsmon.state import StateDir, StateError
 
-__all__ = ("Daemon", "Summary", "has_hf_folders", "run_until_signalled", "wait_for_directory")
+__all__ = (
+    "Daemon",
+    "Summary",
+    "checkpoint_step",
+    "has_hf_folders",
+    "run_until_signalled",
+    "wait_for_directory",
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,10 @@ class Daemon:
         self.detector = EventDetector(config.events)
         self._queue: list[tuple[float, int, CheckpointRef]] = []
         self._queued: set[tuple[str, tuple[int, int]]] = set()
+        #: checkpoints taken off the queue (the one read, the one loading ahead) and not
+        #: yet done with: still pending for the sinks' progress count
+        self._in_hand = 0
+        self._unsettled = False
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._stop = threading.Event()
@@ -241,8 +252,21 @@ class Daemon:
             heapq.heappush(
                 self._queue, (float("inf") if step is None else step, next(self._seq), ref)
             )
-            pending = len(self._queue)
+            pending = len(self._queue) + self._in_hand
             self._cond.notify_all()
+        for sink in self.sinks:
+            self._call(sink, "on_queue", pending)
+
+    def _settle(self) -> None:
+        """The checkpoint being processed is done with (read, failed or skipped): one
+        fewer pending, told to the sinks before its reading or failure is, so that a
+        progress display never counts it twice (read and still queued)."""
+        if not self._unsettled:
+            return
+        self._unsettled = False
+        with self._cond:
+            self._in_hand -= 1
+            pending = len(self._queue) + self._in_hand
         for sink in self.sinks:
             self._call(sink, "on_queue", pending)
 
@@ -256,6 +280,7 @@ class Daemon:
                     break
                 self._cond.wait(timeout=0.5)
             if self._queue:
+                self._in_hand += 1
                 return heapq.heappop(self._queue)[2]
         return self._next(block)
 
@@ -352,7 +377,11 @@ class Daemon:
                 upcoming = self._next(False) if self.watching.prefetch else None
                 loaded = future.result() if future is not None else None
                 future = self._submit(pool, upcoming)
-                self._process(current, loaded)
+                self._unsettled = True
+                try:
+                    self._process(current, loaded)
+                finally:
+                    self._settle()
                 if upcoming is None:
                     upcoming = self._next(block)
                     future = self._submit(pool, upcoming)
@@ -417,7 +446,7 @@ class Daemon:
                 return
             self._fail(ref, loaded.reason)
             return
-        step = loaded.step if loaded.step is not None else ref.name_step
+        step = checkpoint_step(ref, loaded)
         digest = weights_digest(loaded.model)
         if step is None:
             self._unstepped(ref, fp, digest)
@@ -479,6 +508,7 @@ class Daemon:
                 # not marked done, so a restart reads it again
                 self._fail(ref, f"readings not recorded in MLflow: {exc}", step)
                 return
+        self._settle()
         for sink in self.sinks:
             if sink is not self.tracking:
                 self._call(sink, "on_reading", reading, events)
@@ -642,6 +672,7 @@ class Daemon:
         log.warning("cannot read %s%s: %s", shown(path), where, shown(reason))
         self.summary.failed += 1
         self.summary.failures.append(failure)
+        self._settle()  # a failure of the checkpoint in hand (a no-op for a rejection)
         for sink in self.sinks:
             self._call(sink, "on_failure", failure)
 
@@ -656,6 +687,14 @@ class Daemon:
 
 class _SettingFault(CheckpointError):
     """A load that failed because of a setting (the model factory), not the file."""
+
+
+def checkpoint_step(ref: CheckpointRef, loaded: LoadedCheckpoint) -> int | None:
+    """The training step of a loaded checkpoint, one rule for scan, watch and report: the
+    step its content holds (``step``, ``global_step`` or ``iteration``, see
+    :mod:`ddsmon.loading.step_and_meta`), else the one in its name
+    (:func:`ddsmon.checkpoints.step_from_name`: ``step_100.pt`` -> 100), else None."""
+    return loaded.step if loaded.step is not None else ref.name_step
 
 
 def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> bool:

@@ -257,7 +257,7 @@ def test_dashboard_shows_progress_events_failures_and_latest_table() -> None:
     collapse = next(i for i, ln in enumerate(lines) if "COLLAPSE" in ln)
     assert failed < collapse  # newest first
     assert "ckpts/step_300.pt: bad zip" in lines[failed]
-    assert "fc1 lambda_min 0.001 → 1e-07" in lines[collapse]
+    assert "'fc1' lambda_min 0.001 → 1e-07" in lines[collapse]  # the layer quoted
     assert "lambda_min fell 2.3 decades" in lines[collapse]
     assert "step 200  ckpts/step_200.pt" in out
     assert "1e-05↓" in row(out, "fc1")  # arrows against the previous checkpoint
@@ -440,3 +440,77 @@ def test_a_transition_line_says_its_label_and_dying_directions(tmp_path: Path) -
     assert "EVENT transition step=1200" in text and "generalising: val_acc 0.02" in text
     assert "about 3 directions dying at 'fc1'" in text
     assert "EVENT dying step=1200 layer=fc1 reading=dying_directions" in text
+
+
+# ------------------------------------------------------------------- narrow terminals
+
+
+_GPT_NAMES = [f"transformer.h.{i}.{p}" for i in (0, 11) for p in ("attn.c_attn", "mlp.c_proj")]
+
+
+def _long_named() -> Signatures:
+    """GPT-2-like layer names, every reading column (the parameter side's too)."""
+    return sigs(
+        *(
+            layer(
+                name,
+                sigma_min=5.6123e-05 * (k + 1),
+                lambda_min=None,
+                floor_g=3.3e-16,
+                lambda_max=0.123456,
+                logdet=-123.456,
+                log_volume=-45.6789,
+                u_dead_gain=1.2345e-07,
+                x_spectrum=None,
+                param_count=4160,
+                param_lambda_min=2.5e-09,
+                param_floor=1e-20,
+                param_rank=4096,
+            )
+            for k, name in enumerate(_GPT_NAMES)
+        )
+    )
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_the_live_view_at_a_narrow_terminal_cuts_no_name_and_no_value(width: int) -> None:
+    """The dashboard at 80 (and 60) columns: every layer's name on its rows, each value
+    whole (``5.61e-05``, never ``5.61e…``), no line wider than the terminal; the table is
+    split over several tables, each led by the layer column."""
+    from rich.cells import cell_len
+
+    sink = _dashboard_sink(console(width=width))
+    sink.on_queue(0)
+    sink.on_reading(reading(375, _long_named(), meta={"val_acc": 0.97}), [event(375)])
+    out = text_of(sink.renderable(), width=width)
+    lines = out.splitlines()
+    assert max(cell_len(ln) for ln in lines) <= width, out
+    assert "…" not in out
+    for k, name in enumerate(_GPT_NAMES):
+        rows = [ln.split()[1:] for ln in lines if ln.split()[:1] == [name]]
+        assert len(rows) > 1, out  # one row per table
+        cells = [c for r in rows for c in r]
+        for value in (format(5.6123e-05 * (k + 1), ".3g"), "<3.3e-16", "0.123", "-123",
+                      "-45.7", "1.23e-07", "2.5e-09", "4096", "7/1", "8/0"):  # fmt: skip
+            assert value in cells, (name, value, rows)
+    # 200 columns wide, the same readings are one table, one row per layer
+    wide = text_of(render_dashboard(sink.snapshot()), width=200)
+    assert (
+        len([ln for ln in wide.splitlines() if ln.startswith("transformer.h.0.attn.c_attn")]) == 1
+    )
+
+
+def test_a_layer_name_wider_than_half_the_terminal_folds_whole() -> None:
+    """A name longer than half the width wraps onto further lines of the layer column,
+    broken after a dot: every character is there, in order; no value is cut."""
+    from ddsmon.sinks.terminal import SignaturesView
+
+    name = "model.encoder.layers.23.self_attention.output_projection.lora_B"
+    out = text_of(SignaturesView(sigs(layer(name, sigma_min=1.2345e-05), layer("fc2"))), width=80)
+    lines = out.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("model."))
+    assert lines[first].split()[0] == "model.encoder.layers.23.self_attention."
+    assert lines[first + 1].strip() == "output_projection.lora_B"  # nothing else on it
+    assert lines[first + 2].split()[0] == "fc2"
+    assert "1.23e-05" in lines[first].split() and "…" not in out

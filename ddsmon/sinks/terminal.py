@@ -1,10 +1,14 @@
 """The terminal view: a rich Live dashboard, or plain log lines when stdout is no terminal.
 
 :func:`render_signatures_table` turns one :class:`~ddsmon.signature.Signatures` into a
-rich table, one row per layer (also what ``ddsmon report`` prints).
-:func:`render_dashboard` composes the whole live view from a :class:`DashboardState`;
-:class:`TerminalSink` keeps that state up to date from the daemon (from any thread) and
-shows it, and :func:`export_svg` writes any renderable as an SVG picture.
+rich table, one row per layer, at its natural width; :class:`SignaturesView` lays the
+same table out for the width it is printed at (what ``ddsmon report`` prints and the live
+view shows): split over several tables, each led by the layer column, when it is wider
+than the terminal, so that every layer name and every value is shown whole at 80
+columns too. :func:`render_dashboard` composes the whole live view from a
+:class:`DashboardState`; :class:`TerminalSink` keeps that state up to date from the
+daemon (from any thread) and shows it, and :func:`export_svg` writes any renderable as
+an SVG picture.
 
 How readings are shown:
 
@@ -38,8 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -58,6 +63,7 @@ __all__ = (
     "EVENT_STYLES",
     "TREND_RTOL",
     "DashboardState",
+    "SignaturesView",
     "TerminalSink",
     "export_svg",
     "render_dashboard",
@@ -188,61 +194,56 @@ def _has_param_side(signatures: Signatures) -> bool:
     )
 
 
-def render_signatures_table(
-    signatures: Signatures,
-    previous: Signatures | None = None,
-    *,
-    title: str | None = None,
-    rtol: float = TREND_RTOL,
-) -> Table:
-    """One row per layer of ``signatures``, with trend arrows against ``previous``.
+@dataclass
+class _TableParts:
+    """A signatures table taken apart: each layer's name and row style, each value
+    column's header and cells (in row order), and the caption under the table."""
 
-    Columns: layer, d (output width), N (rows of X), then the readings marked
-    ``terminal`` in :data:`ddsmon.readings.READINGS`: for X: σ_min (or ``<floor_x``) and
-    rank/dead (``x_rank / x_dead``, ``x_dead = d - x_rank``); for the Fisher-Gram G:
-    λ_min and λ_max (or ``<floor_g``), rank/dead, ``log det+ G``,
-    ``log vol = log det+ G - g_rank log λ_max``, and the dead gain ``u^T G u`` at X's
-    weakest direction ``u``; and, when the parameter side was read, for K: λ_min (or
-    ``<param_floor``) and rank.
-    See the module docstring for the arrows and the floors.
-    """
+    names: list[Text]
+    styles: list[str | None]
+    headers: list[str]
+    columns: list[list[Text]]
+    caption: Text | None
+
+    def natural_widths(self) -> tuple[int, list[int]]:
+        """The width of the layer column and of each value column with nothing folded
+        or cut: the longest cell, header line included (cells measured as the terminal
+        shows them, so ``σ``, ``λ``, ``—`` count one column each)."""
+        layer = max([5, *(n.cell_len for n in self.names)])
+        values = [
+            max([*(Text(line).cell_len for line in header.split("\n")),
+                 *(c.cell_len for c in cells)])
+            for header, cells in zip(self.headers, self.columns, strict=True)
+        ]  # fmt: skip
+        return layer, values
+
+
+def _signatures_parts(
+    signatures: Signatures, previous: Signatures | None, rtol: float
+) -> _TableParts:
     params = _has_param_side(signatures)
-    table = Table(
-        title=title,
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-        caption_justify="left",
-        title_justify="left",
-    )
-    # Only the layer column may wrap (long module paths fold); numbers never do.
-    table.add_column("\nlayer", overflow="fold", min_width=5)
     columns = _columns(params)
-    for header in ("\nd", "\nN", *(_header(r) for r in columns)):
-        table.add_column(header, justify="right", no_wrap=True)
-
+    headers = ["\nd", "\nN", *(_header(r) for r in columns)]
+    cells: list[list[Text]] = [[] for _ in headers]
+    names: list[Text] = []
+    styles: list[str | None] = []
     prev_layers = previous.layers if previous is not None else {}
     notes: list[Text] = []
     unresolved = False
     for name, sig in signatures.layers.items():
         if not sig.finite:
-            n_blank = len(table.columns) - 4
-            table.add_row(
-                Text(name),
-                str(sig.d),
-                str(sig.N),
-                Text("non-finite", style="bold"),
-                *([Text("—")] * n_blank),
-                style="red",
-            )
+            row: list[Text] = [Text(str(sig.d)), Text(str(sig.N)), Text("non-finite", style="bold")]
+            row += [Text("—") for _ in headers[3:]]
             reason = sig.nonfinite or "activations or gradients not finite"
             notes.append(Text(f"{name}: {reason}", style="red"))
-            continue
-        row, floored = _layer_row(sig, prev_layers.get(name), columns, rtol=rtol)
-        unresolved = unresolved or floored
-        table.add_row(*row)
+            styles.append("red")
+        else:
+            row, floored = _layer_row(sig, prev_layers.get(name), columns, rtol=rtol)
+            unresolved = unresolved or floored
+            styles.append(None)
+        names.append(Text(name))
+        for column, cell in zip(cells, row, strict=True):
+            column.append(cell)
 
     legend: list[str] = []
     if unresolved:
@@ -258,9 +259,178 @@ def render_signatures_table(
         if notes:
             caption.append("\n")
         caption.append("\n".join(legend), style="dim")
-    if caption.plain:
-        table.caption = caption
+    return _TableParts(names, styles, headers, cells, caption if caption.plain else None)
+
+
+def _table(
+    parts: _TableParts,
+    chosen: Iterable[int],
+    *,
+    title: str | None,
+    caption: bool,
+    layer_width: int | None = None,
+) -> Table:
+    """The rich table of the layer column and the value columns ``chosen`` (indices into
+    ``parts.columns``). Only the layer column may fold (at ``layer_width`` when given);
+    numbers never wrap."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        caption_justify="left",
+        title_justify="left",
+    )
+    table.add_column("\nlayer", overflow="fold", min_width=5, max_width=layer_width)
+    chosen = list(chosen)
+    for i in chosen:
+        table.add_column(parts.headers[i], justify="right", no_wrap=True)
+    for r, (name, style) in enumerate(zip(parts.names, parts.styles, strict=True)):
+        if layer_width is not None and name.cell_len > layer_width:
+            name = Text(_break_at_dots(name.plain, layer_width), style=name.style)
+        table.add_row(name, *(parts.columns[i][r] for i in chosen), style=style)
+    if caption and parts.caption is not None:
+        table.caption = parts.caption
     return table
+
+
+def render_signatures_table(
+    signatures: Signatures,
+    previous: Signatures | None = None,
+    *,
+    title: str | None = None,
+    rtol: float = TREND_RTOL,
+) -> Table:
+    """One row per layer of ``signatures``, with trend arrows against ``previous``: the
+    whole table at its natural width (:class:`SignaturesView` splits it to fit a
+    narrower terminal).
+
+    Columns: layer, d (output width), N (rows of X), then the readings marked
+    ``terminal`` in :data:`ddsmon.readings.READINGS`: for X: σ_min (or ``<floor_x``) and
+    rank/dead (``x_rank / x_dead``, ``x_dead = d - x_rank``); for the Fisher-Gram G:
+    λ_min and λ_max (or ``<floor_g``), rank/dead, ``log det+ G``,
+    ``log vol = log det+ G - g_rank log λ_max``, and the dead gain ``u^T G u`` at X's
+    weakest direction ``u``; and, when the parameter side was read, for K: λ_min (or
+    ``<param_floor``) and rank.
+    See the module docstring for the arrows and the floors.
+    """
+    parts = _signatures_parts(signatures, previous, rtol)
+    return _table(parts, range(len(parts.columns)), title=title, caption=True)
+
+
+def _break_at_dots(name: str, width: int) -> str:
+    """``name`` with line breaks after dots so that each line is at most ``width`` long
+    where a dot allows it (``transformer.h.11.`` / ``mlp.c_proj``); a part longer than
+    ``width`` is left for the column to fold. Joining the lines gives ``name`` back."""
+    lines: list[str] = []
+    line = ""
+    for part in name.split(".")[:-1]:
+        piece = part + "."
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+    last = name.rsplit(".", 1)[-1] if "." in name else name
+    if line and len(line) + len(last) > width:
+        lines.append(line)
+        line = ""
+    lines.append(line + last)
+    return "\n".join(lines)
+
+
+#: Columns between two cells of a table row: the right padding and the column divider
+#: (``padding=(0, 1)``, ``collapse_padding``, no edge, :data:`rich.box.SIMPLE_HEAD`).
+_GAP = 2
+
+
+def _split_columns(layer: int, values: list[int], width: int) -> tuple[int, list[list[int]]]:
+    """How the table fits in ``width`` columns: the layer column's width and the groups
+    of value columns (indices, in order), one table each.
+
+    With ``layer`` the longest layer name and ``values`` the value columns' natural
+    widths, a table of the layer column and the value columns ``g`` is
+    ``layer + sum(values[i] + _GAP for i in g)`` wide. One group when the whole table
+    fits. Otherwise the layer column keeps its natural width when that is at most half
+    of ``width`` (else it folds at half, names wrapping onto a second line rather than
+    being cut), and the value columns fill groups greedily in table order, each group
+    as many as fit beside the layer column (at least one, so a column wider than the
+    terminal still shows whole, on a line of its own width).
+    """
+    if layer + sum(v + _GAP for v in values) <= width:
+        return layer, [list(range(len(values)))]
+    layer = min(layer, max(5, width // 2))
+    groups: list[list[int]] = [[]]
+    used = layer
+    for i, w in enumerate(values):
+        if groups[-1] and used + w + _GAP > width:
+            groups.append([])
+            used = layer
+        groups[-1].append(i)
+        used += w + _GAP
+    return layer, groups
+
+
+class SignaturesView:
+    """The readings table, laid out for the width it is printed at: what ``ddsmon
+    report`` prints and the live view shows.
+
+    Every layer name and every value is shown whole at any width: when the whole table
+    (:func:`render_signatures_table`) is wider than the terminal, its value columns are
+    split over several tables, each led by the layer column, the title above the first
+    and the caption under the last (:func:`_split_columns` says how). A layer name
+    longer than half the width folds onto further lines; a number never wraps and is
+    never cut. :attr:`natural_width` is the width of the whole table, for output that
+    has no width of its own (a pipe, a log file).
+    """
+
+    def __init__(
+        self,
+        signatures: Signatures,
+        previous: Signatures | None = None,
+        *,
+        title: str | None = None,
+        rtol: float = TREND_RTOL,
+    ) -> None:
+        self.title = title
+        self._parts = _signatures_parts(signatures, previous, rtol)
+        self._layer, self._values = self._parts.natural_widths()
+
+    @property
+    def natural_width(self) -> int:
+        """Columns of the whole table, nothing folded, one row per layer."""
+        widths = [self._layer + sum(v + _GAP for v in self._values)]
+        if self.title:
+            widths += [Text(line).cell_len for line in self.title.splitlines()]
+        return max(widths)
+
+    def tables(self, width: int) -> list[Table]:
+        """The table(s) that show every layer and value within ``width`` columns (the
+        caption under the last; the title is not in them)."""
+        layer, groups = _split_columns(self._layer, self._values, width)
+        last = len(groups) - 1
+        return [
+            _table(
+                self._parts,
+                group,
+                title=None,
+                caption=i == last,
+                layer_width=layer if last else None,
+            )
+            for i, group in enumerate(groups)
+        ]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.title:  # a line of its own: wrapped when long, never padded out
+            yield Text(self.title)
+        for i, table in enumerate(self.tables(options.max_width)):
+            if i:
+                yield Text("")
+            yield table
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(self._layer, options.max_width), self.natural_width)
 
 
 def _layer_row(
@@ -269,8 +439,9 @@ def _layer_row(
     columns: tuple[Reading, ...],
     *,
     rtol: float,
-) -> tuple[list[RenderableType], bool]:
-    """The cells of one finite layer's row, and whether any showed a floor."""
+) -> tuple[list[Text], bool]:
+    """The value cells of one finite layer's row (d, N, then ``columns``), and whether
+    any showed a floor."""
     has_prev = prev is not None and prev.finite
     floored_any = False
 
@@ -294,7 +465,7 @@ def _layer_row(
     # a layer without the parameter side (no parameters, or not read) shows dashes there
     param_counts = [r.name for r in columns if r.side == _PARAM_SIDE and r.is_count]
     no_params = sig.param_count is None and all(getattr(sig, n) is None for n in param_counts)
-    row: list[RenderableType] = [Text(sig.name), str(sig.d), str(sig.N)]
+    row: list[Text] = [Text(str(sig.d)), Text(str(sig.N))]
     for r in columns:
         if r.side == _PARAM_SIDE and no_params:
             row.append(Text("—", style="dim"))
@@ -336,7 +507,7 @@ def _run_label(params: Mapping[str, str]) -> str | None:
 
 def _event_cells(event: Event) -> tuple[Text, Text, Text]:
     style = EVENT_STYLES.get(event.kind, "bold")
-    detail = Text(f"{event.layer} {event.reading} ")
+    detail = Text(f"'{escaped(event.layer)}' {event.reading} ")  # quoted: a layer "1" is no count
     if event.before is not None or event.after is not None:
         detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
     detail.append(f" (magnitude {_num(event.magnitude)})", style="dim")
@@ -412,7 +583,7 @@ def render_dashboard(state: DashboardState, *, max_events: int | None = None) ->
         if latest.meta:
             title += "  " + "  ".join(f"{k}={_num(v, '.4g')}" for k, v in latest.meta.items())
         title += f"  (read in {latest.read_seconds:.2f}s)"
-        parts.append(render_signatures_table(latest.signatures, state.previous, title=title))
+        parts.append(SignaturesView(latest.signatures, state.previous, title=title))
     return Group(*parts)
 
 
