@@ -40,8 +40,9 @@ pairs of such rows that share a token: ``K_ij = sum_{p in i, q in j, u_p = u_q} 
 With ``c_u <= n`` rows holding token u that is ``P = sum_u c_u^2`` dot products of length
 d_out against the ``N^2`` of the row Grams: P ~ N for 4096 uniformly random GPT-2 ids,
 more for natural text, whose frequent tokens occur in most samples. A token held by
-many rows is one dense ``S_u S_u^T`` product; the rest are gathered dot products, a
-batch of pairs at a time within ``chunk_bytes``.
+many rows is one dense ``S_u S_u^T`` product; the rest are grouped by their block size
+rounded up to a power of two, each group one batched product and one ``index_add_``
+into K (at most 4x the P products; a slice of tokens at a time within ``chunk_bytes``).
 
 Every other module with parameters goes through ``torch.func``: ``vmap(grad(loss_i))``
 over samples, chunked, with one pass serving all such modules at once.
@@ -400,7 +401,7 @@ def _embedding_gram(
     if method == "per_sample" or (method == "auto" and rows > n):
         tokens = _token_rows(ids, n, module.num_embeddings)
         if method == "auto":
-            method = cheaper_gram_method(rows, n, 0, d_out, pairs=tokens.pairs)
+            method = cheaper_gram_method(rows, n, 0, d_out, pairs=tokens.block_pairs)
         if method == "per_sample":
             return _embedding_gram_per_sample(delta, tokens, n, chunk_bytes) / n
     dd = delta @ delta.T
@@ -449,12 +450,16 @@ register_param_gram("Conv1D", TRANSPOSED_LINEAR_GRAM)  # transformers.pytorch_ut
 
 
 #: How many times slower, per multiply-add, the per-sample paths ran than the row Grams'
-#: GEMMs on the benchmark machine (2-core EPYC CPU, float64): the batched products with a
-#: T-long inner dimension and the writes of J are memory-bound (measured 27 against 69
-#: GFLOP/s), and the embedding's gathered dot products more so. Measured on CPU only;
-#: CUDA uses the same weights, unmeasured (no GPU was available to us).
+#: GEMMs on the benchmark machine (2-core EPYC CPU, float64). Linear: the batched
+#: products with a T-long inner dimension and the writes of J are memory-bound (measured
+#: 27 against 69 GFLOP/s). Embedding, per product of its blocks (``block_pairs``) against
+#: the row Grams' ``N^2 (d_out + 1)`` (which also pay for the N x N mask and blocksum):
+#: 0.5x to 3.3x, measured on one thread over vocabularies of 3 to 50257 ids, T of 2 to
+#: 128, d_out of 32 to 768, 3.3x for the modular-addition example's embedding (T = 2, 53
+#: ids). Measured on CPU only; CUDA uses the same weights, unmeasured (no GPU was
+#: available to us).
 LINEAR_PER_SAMPLE_PENALTY = 2.5
-EMBEDDING_PAIR_PENALTY = 8.0
+EMBEDDING_PAIR_PENALTY = 4.0
 
 
 def cheaper_gram_method(
@@ -464,8 +469,9 @@ def cheaper_gram_method(
 
     Linear (``pairs`` None): ``row_gram`` costs ``N^2 (d_in + d_out + 1)`` multiply-adds,
     ``per_sample`` ``d_in d_out (N + n^2)``, weighted by ``LINEAR_PER_SAMPLE_PENALTY``.
-    Embedding (``pairs`` = P rows of S sharing a token, ``d_in`` unused):
-    ``N^2 (d_out + 1)`` against ``P d_out`` weighted by ``EMBEDDING_PAIR_PENALTY``.
+    Embedding (``pairs``: the products of rows of S the per-sample path computes,
+    ``_TokenRows.block_pairs``; ``d_in`` unused): ``N^2 (d_out + 1)`` against
+    ``pairs d_out`` weighted by ``EMBEDDING_PAIR_PENALTY``.
     One sample per row (N = n) always takes ``row_gram``.
     """
     if pairs is None:
@@ -496,6 +502,20 @@ def _linear_gram_per_sample(a: Tensor, delta: Tensor, n: int, chunk_bytes: int) 
     return gram
 
 
+#: Tokens held by at least this many rows of S are one dense ``S_u S_u^T`` product each.
+DENSE_TOKEN_ROWS = 32
+#: How many times cheaper, per product, such a token's block ran than the batched
+#: blocks of the others (measured 12 against 190 ns per product at d_out 128, one thread).
+DENSE_PAIR_DISCOUNT = 8
+
+
+def _padded_token_rows(counts: Tensor) -> Tensor:
+    """The block size of each token's rows of S: the next power of two >= its count."""
+    return torch.where(
+        counts > 1, torch.pow(2, torch.ceil(torch.log2(counts.to(torch.float64)))), 1
+    ).to(counts.dtype)
+
+
 @dataclass(frozen=True)
 class _TokenRows:
     """The rows of S (one per distinct (sample, token) pair of the probe), grouped by token.
@@ -503,6 +523,12 @@ class _TokenRows:
     index (N,): the row of S each position adds into. owner (M,): the sample of each
     row. order (M,): the rows sorted by token; counts: rows per token, in that order.
     pairs: ``P = sum_u counts_u^2``, the ordered pairs of rows sharing a token.
+    block_pairs: the products :func:`_embedding_gram_per_sample` computes for the
+    tokens of fewer than ``DENSE_TOKEN_ROWS`` rows, ``w_u^2`` each (``w_u`` the count
+    rounded up to a power of two, :func:`_padded_token_rows`; at most 4x their pairs),
+    plus ``counts_u^2 / DENSE_PAIR_DISCOUNT`` for each denser token (one GEMM and one
+    scatter of its block, cheaper per product): the per-sample path's cost in
+    :func:`cheaper_gram_method`'s units.
     """
 
     index: Tensor
@@ -510,6 +536,7 @@ class _TokenRows:
     order: Tensor
     counts: Tensor
     pairs: int
+    block_pairs: int
 
 
 def _token_rows(ids: Tensor, n: int, vocab: int) -> _TokenRows:
@@ -520,52 +547,66 @@ def _token_rows(ids: Tensor, n: int, vocab: int) -> _TokenRows:
     owner, token = keys // vocab, keys % vocab
     order = torch.argsort(token, stable=True)
     _, counts = torch.unique_consecutive(token[order], return_counts=True)
-    return _TokenRows(index, owner, order, counts, int((counts * counts).sum()))
-
-
-#: Tokens held by at least this many rows of S are one dense ``S_u S_u^T`` product.
-DENSE_TOKEN_ROWS = 32
+    dense = counts >= DENSE_TOKEN_ROWS
+    small = _padded_token_rows(counts[~dense])
+    block_pairs = (
+        int((small * small).sum()) + int((counts[dense] ** 2).sum()) // DENSE_PAIR_DISCOUNT
+    )
+    return _TokenRows(index, owner, order, counts, int((counts * counts).sum()), block_pairs)
 
 
 def _embedding_gram_per_sample(
     delta: Tensor, tokens: _TokenRows, n: int, chunk_bytes: int
 ) -> Tensor:
-    """Unscaled n x n Gram of an Embedding's weight gradients from the rows of S."""
+    """Unscaled n x n Gram of an Embedding's weight gradients from the rows of S.
+
+    ``K_ij = sum_u sum_{p in i, q in j, u_p = u_q = u} S_p . S_q``: token u's rows of S
+    (c_u of them, each of a distinct sample) give the c_u x c_u block ``S_u S_u^T``,
+    added at (owner_p, owner_q). A token held by ``DENSE_TOKEN_ROWS`` rows or more is
+    one product of its own; the others are grouped by block size (c_u rounded up to a
+    power of two, :func:`_padded_token_rows`, padding rows pointing at a zero row of S,
+    so a padded entry adds an exact 0.0 to K) and each group is one batched product
+    ``bmm(S_g, S_g^T)`` and one ``index_add_`` into K, a slice of tokens at a time
+    within ``chunk_bytes``. Rounding up costs at most 4x the ``sum_u c_u^2`` products
+    of the tokens' exact blocks. On CPU ``index_add_`` adds in index order, so K is
+    the same from run to run.
+    """
     d_out = delta.shape[1]
-    summed = delta.new_zeros(tokens.owner.numel(), d_out).index_add_(0, tokens.index, delta)
-    gram = delta.new_zeros(n, n)
+    m = tokens.owner.numel()
+    # S with a zero row appended (row m): what a padding slot of a token's block reads
+    summed = delta.new_zeros(m + 1, d_out).index_add_(0, tokens.index, delta)
+    owner = torch.cat([tokens.owner, tokens.owner.new_zeros(1)])
+    order = torch.cat([tokens.order, tokens.order.new_full((1,), m)])  # order[m] = zero row
     counts = tokens.counts
     starts = torch.cumsum(counts, 0) - counts
+    gram = delta.new_zeros(n, n)
     dense = counts >= DENSE_TOKEN_ROWS
     for start, count in zip(starts[dense].tolist(), counts[dense].tolist(), strict=True):
-        rows = tokens.order[start : start + count]
-        who = tokens.owner[rows]  # distinct samples: one row of S per (sample, token)
+        rows = order[start : start + count]
+        who = owner[rows]  # distinct samples: one row of S per (sample, token)
         block = summed[rows] @ summed[rows].T
         where = (who[:, None].expand_as(block), who[None, :].expand_as(block))
         gram.index_put_(where, block, accumulate=True)
-    # the other tokens: gathered dot products, batches of whole tokens within chunk_bytes
+    flat = gram.view(-1)
     small = (~dense).nonzero().flatten()
-    sizes = counts[small] ** 2
-    budget = max(DENSE_TOKEN_ROWS**2, chunk_bytes // (3 * d_out * delta.element_size()))
-    batch = (torch.cumsum(sizes, 0) - sizes) // budget
-    for b in torch.unique(batch).tolist():
-        groups = small[batch == b]
-        first, second = _pairs_within(starts[groups], counts[groups])
-        first, second = tokens.order[first], tokens.order[second]
-        dots = (summed[first] * summed[second]).sum(dim=1)
-        gram.index_put_((tokens.owner[first], tokens.owner[second]), dots, accumulate=True)
+    width = _padded_token_rows(counts[small])
+    itemsize = delta.element_size()
+    for w in torch.unique(width).tolist():
+        group = small[width == w]
+        slot = torch.arange(w, device=delta.device)
+        per_token = w * d_out * itemsize + w * w * (itemsize + 8)  # block, products, indices
+        step = max(1, chunk_bytes // per_token)
+        for lo in range(0, group.numel(), step):
+            g = group[lo : lo + step]
+            at = torch.where(slot < counts[g, None], starts[g, None] + slot, m)  # k x w
+            rows = order[at]
+            block = summed[rows]  # k x w x d_out
+            who = owner[rows]
+            target = who[:, :, None] * n + who[:, None, :]
+            flat.index_add_(
+                0, target.reshape(-1), torch.bmm(block, block.transpose(1, 2)).reshape(-1)
+            )
     return gram
-
-
-def _pairs_within(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Every ordered pair (start + a, start + b), a, b < count, of each group."""
-    sizes = counts * counts
-    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), sizes)
-    offset = torch.arange(int(sizes.sum()), device=counts.device)
-    offset = offset - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    width = counts[group]
-    base = starts[group]
-    return base + torch.div(offset, width, rounding_mode="floor"), base + offset % width
 
 
 def param_grams_functional(

@@ -24,8 +24,10 @@ from torch import nn
 from ddsmon import compute_signatures
 from ddsmon.losses import per_sample_loss_fn
 from ddsmon.param_gram import (
+    DENSE_PAIR_DISCOUNT,
     DENSE_TOKEN_ROWS,
     GRAM_METHODS,
+    _padded_token_rows,
     _token_rows,
     cheaper_gram_method,
     is_structured,
@@ -283,7 +285,8 @@ def test_auto_gram_method_takes_the_per_sample_path_for_long_sequences() -> None
     [
         (4096, 32, 768, 3072, None, "per_sample"),  # GPT-2 MLP, 32 x 128 tokens: ~5x fewer
         (4096, 32, 0, 768, 4200, "per_sample"),  # GPT-2 wte, random ids: few shared tokens
-        (4096, 1024, 0, 32, 4096**2 // 4, "row_gram"),  # 4 ids: a quarter of row pairs share
+        (4096, 1024, 0, 32, 4096**2 // 3, "row_gram"),  # a third of row pairs in small blocks
+        (4096, 1024, 0, 32, 4096**2 // 8, "per_sample"),  # 4 ids each in half the samples
         (256, 256, 128, 128, None, "row_gram"),  # one row per sample: J is never cheaper
         (256, 256, 0, 128, 256, "row_gram"),
         (128, 2, 3, 4, None, "per_sample"),
@@ -305,6 +308,20 @@ def test_token_rows_group_the_probe_by_sample_and_token() -> None:
     assert tokens.owner.tolist() == [0, 0, 1, 1, 1]
     assert tokens.counts.tolist() == [2, 1, 1, 1]  # ids 2, 5, 7, 9
     assert tokens.pairs == 4 + 1 + 1 + 1
+    assert tokens.block_pairs == 4 + 1 + 1 + 1  # blocks of 2, 1, 1, 1 rows
+
+
+def test_token_blocks_round_counts_up_to_powers_of_two() -> None:
+    counts = torch.tensor([1, 2, 3, 4, 5, 8, 9, 17, 31, 32, 100])
+    want = [1 << (c - 1).bit_length() for c in counts.tolist()]  # the next power of two
+    assert _padded_token_rows(counts).tolist() == want == [1, 2, 4, 4, 8, 8, 16, 32, 32, 32, 128]
+    # 3 samples hold id 4 (a block of 4 rows), 40 hold id 0 (dense: its exact 40 x 40)
+    ids = torch.tensor([[0, 4]] * 3 + [[0, 1]] * 37).flatten()
+    tokens = _token_rows(ids, n=40, vocab=5)
+    assert tokens.counts.tolist() == [40, 37, 3]  # ids 0, 1, 4
+    assert DENSE_TOKEN_ROWS <= 37
+    assert tokens.pairs == 40**2 + 37**2 + 3**2
+    assert tokens.block_pairs == (40**2 + 37**2) // DENSE_PAIR_DISCOUNT + 4**2
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 28, 1], ids=["one-batch", "batch-per-token"])
@@ -313,7 +330,8 @@ def test_embedding_per_sample_gram_equals_the_explicit_gradients(
     vocab: int, chunk_bytes: int
 ) -> None:
     """K from the rows of S against J built explicitly (n x vocab*d): frequent tokens take
-    the dense product (a token in >= DENSE_TOKEN_ROWS samples), rare ones the gathered pairs;
+    the dense product (a token in >= DENSE_TOKEN_ROWS samples), rare ones the batched
+    blocks, padded to powers of two (several block sizes, most counts not powers of two);
     padding positions contribute nothing."""
     gen = torch.Generator().manual_seed(vocab)
     n, t, d = 40, 7, 3
@@ -335,7 +353,13 @@ def test_embedding_per_sample_gram_equals_the_explicit_gradients(
     assert samples[1] == n and samples[1] >= DENSE_TOKEN_ROWS
     samples[1] = 0
     assert bool((samples >= DENSE_TOKEN_ROWS).any()) == (vocab == 3)
-    assert _token_rows(ids, n, vocab).counts.max() == n
+    tokens = _token_rows(ids, n, vocab)
+    assert tokens.counts.max() == n
+    small = tokens.counts[tokens.counts < DENSE_TOKEN_ROWS]
+    blocks = _padded_token_rows(small)
+    # block sizes 1, 2, 4, 8 (mixed; 28 tokens padded), 1, 2 (sparse), none (all dense)
+    assert len(set(blocks.tolist())) == {3: 0, 50: 4, 10_000: 2}[vocab], blocks.unique()
+    assert bool((blocks != small).any()) == (vocab == 50)  # padded slots are read
     for method in ("row_gram", "per_sample"):
         k = param_gram_structured(cap, n, method=method, chunk_bytes=chunk_bytes).numpy()
         what = f"vocab {vocab}, {method}"
