@@ -61,7 +61,7 @@ from ddsmon.param_gram import (
     param_grams_functional,
 )
 from ddsmon.probe import probe_batch_size, select_layers
-from ddsmon.signature import LayerSignature, Signatures, loss_spread
+from ddsmon.signature import LayerSignature, Signatures, loss_spread, resolved_samples
 from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
 from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe
 
@@ -259,6 +259,7 @@ def compute_signatures(
         output = probe.output_layer if probe.output_layer in fields else None
         if losses is not None and output is not None and output not in bad:
             fields[output]["loss_spread"] = loss_spread(losses, eps)
+            fields[output]["samples_resolved"] = resolved_samples(losses, fields[output]["d"], eps)
     finally:
         if in_place:
             for module, training in flags.items():

@@ -28,13 +28,13 @@ Units, and how a change is measured in decades (:meth:`Reading.decades`):
 * ``"fraction"``: a number in [0, 1] (a normalised entropy, a share): compared as it
   is, a change being a difference (:meth:`Reading.level`), never in decades.
 
-A *model-level* reading (``loss_spread``, the spread of the per-sample losses) is not a
-property of one layer: the table has no model-level rows, so it is carried by the
+A *model-level* reading (``loss_spread``, the spread of the per-sample losses, and
+``samples_resolved``, how many samples G can still see) is not a property of one layer: the table has no model-level rows, so it is carried by the
 *output layer*, the last layer read to run in the forward pass (the module nearest the
 loss, whose Delta rows are the loss's own gradients) and is ``None`` on every other
 layer: the sinks log it under that layer (``dds_detail/loss_spread/<output layer>``).
 Its side is ``"G"``: it is what the Fisher side's resolved rank follows near zero loss
-(:func:`ddsmon.signature.loss_spread`).
+(:func:`ddsmon.signature.loss_spread`, :func:`ddsmon.signature.resolved_samples`).
 
 A *derived* reading (``derived=True``) is not a property of one checkpoint's spectra but
 of two consecutive checkpoints of a layer: :class:`ddsmon.events.EventDetector` computes
@@ -219,6 +219,10 @@ READINGS: tuple[Reading, ...] = (
             "model-level, on the output layer only: 90th / 10th percentile of the probe's "
             "per-sample losses (log10: the decades they span), which G's resolved rank "
             "follows near zero loss", heading="loss"),
+    Reading("samples_resolved", "G", "count", None, "resolved", False,
+            "model-level, on the output layer only: probe samples whose loss is within "
+            "sqrt(d eps) of the largest, those G can resolve above its floor near zero loss",
+            heading="samples"),
     Reading("dying_directions", "G", "count", None, "dying", True,
             "d log det+(G) / d log lambda_min between this checkpoint and the previous one, "
             "where lambda_min fell: directions dying at the rate of the smallest (paper "

@@ -43,6 +43,7 @@ __all__ = (
     "Signatures",
     "dying_directions",
     "loss_spread",
+    "resolved_samples",
     "spectral_entropy",
 )
 
@@ -95,6 +96,9 @@ class LayerSignature:
             Delta rows are ``d loss_i / d logits_i``, whose sizes follow ``loss_i``
             (for cross-entropy near zero loss ``|delta_i| ~ sqrt(2) loss_i``). ``None``
             without a backward pass (``fisher="none"``).
+        samples_resolved: :func:`resolved_samples`, on the output layer likewise: how
+            many probe samples have a loss within ``sqrt(d eps)`` of the largest, the
+            samples whose gradients G can still resolve above its trust floor.
 
     Derived reading (between two checkpoints; ``None`` from the engine):
         dying_directions: :func:`dying_directions` between the layer's previous
@@ -138,6 +142,7 @@ class LayerSignature:
     param_log_volume: float | None = None
     # model-level, on the output layer only
     loss_spread: float | None = None
+    samples_resolved: int | None = None
     # derived between checkpoints (the event detector's; None from the engine)
     dying_directions: float | None = None
     # health
@@ -301,6 +306,29 @@ def loss_spread(losses: np.ndarray, eps: float = float(np.finfo(np.float64).eps)
     if not q_hi > 0.0:
         return None
     return q_hi / max(q_lo, eps * q_hi)
+
+
+def resolved_samples(
+    losses: np.ndarray, d: int, eps: float = float(np.finfo(np.float64).eps)
+) -> int | None:
+    """How many per-sample losses are at least ``sqrt(d eps) * max_i loss_i``.
+
+    ``losses`` (n,) non-negative; ``d`` the width of the output layer; ``eps`` that of
+    the forward dtype. Near zero loss sample i's output gradient has norm ~ ``loss_i``
+    and enters ``G = Delta^T Delta / n`` with weight ``|delta_i|^2``, against a trust
+    floor of ``d eps lambda_max``: a sample more than ``-log10(d eps) / 2`` decades
+    (about 7 in float64) below the largest loss is under the floor, and ``g_rank`` of a
+    layer fed by the output gradient can count no more directions than this many
+    samples span. An estimate: ``lambda_max`` also depends on how the large gradients
+    align. None when a loss is negative or not finite, or there are none.
+    """
+    values = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0.0):
+        return None
+    top = float(np.max(values))
+    if not top > 0.0:
+        return 0
+    return int(np.sum(values >= top * math.sqrt(d * eps)))
 
 
 def _get(reading: LayerSignature | Mapping[str, Any], key: str) -> Any:

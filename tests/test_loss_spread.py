@@ -20,7 +20,7 @@ from torch import nn
 from ddsmon import compute_signatures
 from ddsmon.losses import per_sample_loss_fn
 from ddsmon.probe import run_probe_pass
-from ddsmon.signature import LOSS_QUANTILES, loss_spread
+from ddsmon.signature import LOSS_QUANTILES, loss_spread, resolved_samples
 
 REL = 1e-12
 EPS64 = float(np.finfo(np.float64).eps)
@@ -113,6 +113,9 @@ def test_loss_spread_is_carried_by_the_output_layer_alone(probe_batch: int | Non
             model, x, y, loss=loss, device="cpu", layers=layers, probe_batch=probe_batch
         )
         assert sig.output_layer == "head", layers
+        seen = sum(1 for v in want if v >= max(want) * math.sqrt(7 * EPS64))  # head: d = 7
+        assert sig.layers["head"].samples_resolved == seen == x.shape[0]
+        assert all(s.samples_resolved is None for n, s in sig.layers.items() if n != "head")
         spread = {name: s.loss_spread for name, s in sig.layers.items()}
         assert spread["head"] == pytest.approx(hi / lo, rel=1e-10), spread
         assert all(v is None for name, v in spread.items() if name != "head"), spread
@@ -143,3 +146,14 @@ def test_loss_spread_by_hand() -> None:
     assert loss_spread(np.array([0.1, -0.2, 0.3])) is None
     assert loss_spread(np.array([0.1, np.nan])) is None
     assert loss_spread(np.zeros(0)) is None
+
+
+def test_resolved_samples_by_hand() -> None:
+    """Losses within sqrt(d eps) of the largest (here 1e-7 at d eps = 1e-14) count."""
+    eps = 1e-14 / 64
+    losses = np.array([3.0, 1.0, 3.0e-7 * 1.0001, 3.0e-7 * 0.9999, 1e-12, 0.0])
+    assert resolved_samples(losses, 64, eps) == 3
+    assert resolved_samples(losses, 64, eps * 1e-4) == 4  # 2 decades finer: 1e-9 of the top
+    assert resolved_samples(np.zeros(4), 64) == 0
+    assert resolved_samples(np.array([1.0, -1.0]), 64) is None
+    assert resolved_samples(np.zeros(0), 64) is None
