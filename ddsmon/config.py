@@ -81,6 +81,7 @@ __all__ = (
     "allow_file",
     "is_allowed",
     "load_config_file",
+    "parse_size",
     "redact_uri",
     "resolve_config",
 )
@@ -122,7 +123,8 @@ class Setting:
 
     name: the key (``--name-with-dashes`` on the command line).
     kind: ``str``, ``int``, ``float``, ``bool``, ``path``, ``choice``, ``layers`` (a
-        string, or a list of module names joined by commas) or ``kinds`` (event kinds).
+        string, or a list of module names joined by commas), ``kinds`` (event kinds) or
+        ``size`` (bytes: a whole number, or a string with a unit, :func:`parse_size`).
     default: the one default of the key.
     section: the typed sub-config it lands in: ``read``, ``tracking``, ``alerts``, ``watch``.
     flag: the command group that has it as a flag: ``read`` (watch, scan, report),
@@ -179,7 +181,18 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_probe_rows", "int", None, "read", minimum=1,
                 help="Refuse layers with more probe rows (samples x positions) than this."),
         Setting("threads", "int", None, "read", minimum=1, metavar="N",
-                help="torch intra-op CPU threads (default: torch's, one per core); fewer when training shares the machine."),
+                help="torch intra-op CPU threads of a reading. Default: per reading, the cores not busy with other work "
+                     "(1-minute load average less ddsmon's own share, and the tasks runnable now), at least 1, "
+                     "at most torch's default (one per core); the ddsmon command also sets OMP_WAIT_POLICY=PASSIVE "
+                     "unless it is set."),
+        Setting("probe_batch", "int", None, "read", minimum=1, metavar="N",
+                help="Samples per micro-batch of the probe pass (default: as many as fit --memory-budget); "
+                     "the readings are the same to rounding."),
+        Setting("memory_budget", "size", None, "read", metavar="SIZE",
+                help="Bytes one micro-batch's autograd graph may hold, e.g. 512MiB, 4GiB (default 1GiB)."),
+        Setting("factor_budget", "size", None, "read", metavar="SIZE",
+                help="Bytes of layer inputs and output gradients kept at once for the parameter-side Gram; "
+                     "layers beyond it are read in further probe passes (default 4GiB)."),
         Setting("trust_checkpoints", "bool", False, "read", runs_code=lambda v: v is True,
                 help="Allow full unpickling of checkpoints. UNSAFE for files from others: a pickle can run code."),
         # where readings go
@@ -232,6 +245,9 @@ class ReadSettings:
     forward_dtype: str = _default("forward_dtype")
     max_probe_rows: int | None = _default("max_probe_rows")
     threads: int | None = _default("threads")
+    probe_batch: int | None = _default("probe_batch")
+    memory_budget: int | None = _default("memory_budget")
+    factor_budget: int | None = _default("factor_budget")
     trust_checkpoints: bool = _default("trust_checkpoints")
 
 
@@ -362,6 +378,11 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
         if not isinstance(value, str) or not value:
             raise bad("module names (a string, comma-separated, or a list) or a regex")
         return value
+    if kind == "size":
+        size = parse_size(value)
+        if size is None:
+            raise bad("a size in bytes: a whole number, or with a unit (512MiB, 4GiB, 2GB)")
+        return size
     if kind == "kinds":
         kinds = _event_kinds()
         items = [value] if isinstance(value, str) else value
@@ -369,6 +390,39 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
             raise bad(f"event kinds among {', '.join(kinds)}")
         return tuple(items)
     raise AssertionError(f"setting {key}: unknown kind {kind}")  # pragma: no cover
+
+
+#: Units of a size: decimal (kB, MB, ...: powers of 1000) and binary (KiB, MiB, ...:
+#: powers of 1024), case-insensitive, with ``B`` or without (``4G`` is ``4GB``).
+SIZE_UNITS: dict[str, int] = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
+    "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from ``value``: a whole number >= 1, or a string ``NUMBER[ ]UNIT``
+    (``"512MiB"`` = 512 * 2**20, ``"1.5GiB"``, ``"2GB"`` = 2 * 10**9, ``"1073741824"``).
+    None when it is not one (the caller names the key); a fraction of a byte rounds down,
+    and less than one byte is not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 1 else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip().replace("_", "")
+    digits = len(text) - len(text.lstrip("0123456789."))
+    number, unit = text[:digits], text[digits:].strip().lower()
+    if unit not in SIZE_UNITS or not number or number.count(".") > 1 or number == ".":
+        return None
+    whole, _, frac = number.partition(".")
+    # exact: whole and fractional digits as integers, no float rounding
+    scale = 10 ** len(frac)
+    size = (int(whole or "0") * scale + int(frac or "0")) * SIZE_UNITS[unit] // scale
+    return size if size >= 1 else None
 
 
 # ------------------------------------------------------------------------ files

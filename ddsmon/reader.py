@@ -4,9 +4,10 @@
 
     ReadSettings (specs: "pkg:make", "probe.pt", "ce")
         -> Reader: factory, probe (inputs, targets, n), loss callable, device, dtype,
-                   threads, layer spec, recipe
+                   thread policy, layer spec, recipe, streaming budgets
         -> reader.load(ref)  -> LoadedCheckpoint          ddsmon.loading
         -> reader.read(model) -> Signatures               ddsmon.engine.compute_signatures
+                                 on the policy's threads  ddsmon.threads
 
 Everything that can be checked before the first checkpoint is checked at construction
 (factory importable, probe readable and batch-consistent, loss known, device present,
@@ -18,6 +19,7 @@ callable) to :meth:`Reader.from_parts` instead of ``MODULE:NAME`` strings.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,8 @@ from ddsmon.loading import resolve_factory as _resolve_factory
 from ddsmon.options import BUILTIN_LOSSES
 from ddsmon.probe import probe_batch_size
 from ddsmon.signature import Signatures
+from ddsmon.streaming import DEFAULT_FACTOR_BUDGET, DEFAULT_MEMORY_BUDGET
+from ddsmon.threads import ThreadPolicy, check_threads
 
 __all__ = ("Reader", "limit_threads", "resolve_layers", "resolve_loss")
 
@@ -52,6 +56,8 @@ class Reader:
         theirs from ``config.json``; a checkpoint of another kind then fails to load).
     inputs / targets: the probe batch, ``n`` samples.
     loss: ``"ce"``, ``"mse"`` or a per-sample loss callable ``(outputs, targets) -> (n,)``.
+    threads: the thread policy of each reading (:mod:`ddsmon.threads`), from the
+        ``threads`` setting; ``last_threads`` is the count the last reading ran on.
     """
 
     settings: ReadSettings
@@ -62,10 +68,12 @@ class Reader:
     device: torch.device
     dtype: torch.dtype
     n: int = field(init=False)
+    threads: ThreadPolicy = field(init=False)
+    last_threads: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.n = probe_batch_size(self.inputs, self.targets)
-        limit_threads(self.settings.threads)
+        self.threads = ThreadPolicy.from_setting(self.settings.threads)
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -104,19 +112,25 @@ class Reader:
         return load_checkpoint(ref, self.factory, trust=self.settings.trust_checkpoints)
 
     def read(self, model: nn.Module) -> Signatures:
-        """Every selected layer's readings of ``model`` on the probe (one probe pass)."""
+        """Every selected layer's readings of ``model`` on the probe (one probe pass, in
+        micro-batches when the settings' budgets say so), on the policy's threads."""
         s = self.settings
-        return compute_signatures(
-            model,
-            self.inputs,
-            self.targets,
-            loss=self.loss,
-            layers=resolve_layers(model, s.layers),
-            device=self.device,
-            fisher=s.fisher,
-            forward_dtype=self.dtype,
-            max_probe_rows=s.max_probe_rows,
-        )
+        with self.threads.reading() as threads:
+            self.last_threads = threads
+            return compute_signatures(
+                model,
+                self.inputs,
+                self.targets,
+                loss=self.loss,
+                layers=resolve_layers(model, s.layers),
+                device=self.device,
+                fisher=s.fisher,
+                forward_dtype=self.dtype,
+                max_probe_rows=s.max_probe_rows,
+                probe_batch=s.probe_batch,
+                memory_budget=s.memory_budget,
+                factor_budget=s.factor_budget,
+            )
 
     def params(self) -> dict[str, str]:
         """The settings of the reading, as MLflow params."""
@@ -131,8 +145,18 @@ class Reader:
             "fisher": s.fisher,
             "recipe": RECIPE.format(dtype=s.forward_dtype),
             "device": str(self.device),
-            "torch_threads": str(torch.get_num_threads()),
+            "torch_threads": str(self.threads.threads or self.threads.threads_for_reading()[0]),
+            "threads_policy": self.threads.description,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)"),
+            "probe_batch": str(s.probe_batch or "auto (from memory_budget)"),
+            "memory_budget": _bytes(s.memory_budget, DEFAULT_MEMORY_BUDGET),
+            "factor_budget": _bytes(s.factor_budget, DEFAULT_FACTOR_BUDGET),
         }
+
+
+def _bytes(value: int | None, default: int) -> str:
+    """A byte budget as recorded: ``1073741824`` or ``1073741824 (default)``."""
+    return f"{default} (default)" if value is None else str(value)
 
 
 def _device(spec: str) -> torch.device:
@@ -145,12 +169,11 @@ def _device(spec: str) -> torch.device:
 def limit_threads(threads: int | None) -> None:
     """``--threads N`` / ``threads = N``: torch's intra-op CPU threads for this process
     (``torch.set_num_threads``; the eigensolvers and matrix products run on these).
-    None leaves torch's default: ``OMP_NUM_THREADS`` if set, else the physical cores."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
-    torch.set_num_threads(threads)
+    None leaves the process as it is (each reading then picks its own count:
+    :class:`ddsmon.threads.ThreadPolicy`)."""
+    threads = check_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def resolve_loss(spec: str) -> str | Callable[..., Any]:

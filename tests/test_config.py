@@ -19,6 +19,7 @@ from ddsmon.config import (
     allow_file,
     is_allowed,
     load_config_file,
+    parse_size,
     resolve_config,
 )
 from ddsmon.errors import ConfigError
@@ -101,7 +102,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "1.5", '"4"', "true"])
-@pytest.mark.parametrize("key", ["threads", "max_probe_rows"])
+@pytest.mark.parametrize("key", ["threads", "max_probe_rows", "probe_batch"])
 def test_counts_that_are_not_whole_numbers_name_file_and_key(
     tmp_path: Path, key: str, value: str
 ) -> None:
@@ -135,6 +136,11 @@ def test_counts_that_are_not_whole_numbers_name_file_and_key(
         ('fisher = "all"', "fisher"),
         ('forward_dtype = "float16"', "forward_dtype"),
         ('experiment = ""', "experiment"),
+        ('memory_budget = "lots"', "memory_budget"),
+        ("memory_budget = 0", "memory_budget"),
+        ("memory_budget = 1.5", "memory_budget"),
+        ('factor_budget = "4 XiB"', "factor_budget"),
+        ("factor_budget = true", "factor_budget"),
     ],
 )
 def test_every_value_is_checked_against_its_type(tmp_path: Path, line: str, key: str) -> None:
@@ -144,6 +150,65 @@ def test_every_value_is_checked_against_its_type(tmp_path: Path, line: str, key:
     bad.write_text(line + "\n")
     with pytest.raises(ConfigError, match=rf"ddsmon.toml: {key} must be "):
         load_config_file(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("512MiB", 512 * 2**20),
+        ("4GiB", 4 * 2**30),
+        ("4gib", 4 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        (" 64 KiB ", 64 * 1024),
+        ("2GB", 2 * 10**9),
+        ("2G", 2 * 10**9),
+        ("10kB", 10_000),
+        ("1073741824", 2**30),
+        ("1_000_000", 10**6),
+        ("100B", 100),
+        ("0.5KiB", 512),
+        ("1.0000001KiB", 1024),  # a fraction of a byte rounds down
+        (1073741824, 2**30),
+    ],
+)
+def test_sizes_are_bytes_with_or_without_a_unit(text: object, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "lots", "GiB", "4 XiB", "1.2.3GiB", ".", "-1GiB", "0", "0.4B", 0, -5, 1.5, True, None],
+)
+def test_what_is_not_a_size(text: object) -> None:
+    assert parse_size(text) is None
+
+
+def test_streaming_budgets_from_toml_and_flags(tmp_path: Path) -> None:
+    (tmp_path / "ddsmon.toml").write_text(
+        'memory_budget = "512MiB"\nfactor-budget = 4294967296\nprobe_batch = 8\n'
+    )
+    read = _config([str(tmp_path)]).read
+    assert (read.memory_budget, read.factor_budget, read.probe_batch) == (512 << 20, 4 << 30, 8)
+    read = _config([str(tmp_path), "--memory-budget", "2GiB", "--probe-batch", "3"]).read
+    assert (read.memory_budget, read.factor_budget, read.probe_batch) == (2 << 30, 4 << 30, 3)
+    with pytest.raises(
+        ConfigError, match=r"--factor-budget: factor_budget must be a size in bytes.*'4 gigs'"
+    ):
+        _config([str(tmp_path), "--factor-budget", "4 gigs"])
+    with pytest.raises(ConfigError, match=r"ddsmon.toml: memory_budget must be a size"):
+        (tmp_path / "ddsmon.toml").write_text('memory_budget = "-1GiB"\n')
+        _config([str(tmp_path)])
+
+
+def test_a_bad_size_on_the_command_line_exits_2_naming_the_flag(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(tmp_path), "--memory-budget", "big",
+         "--probe", "p.pt"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--memory-budget: memory_budget must be a size in bytes" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_layers_may_be_a_list(tmp_path: Path) -> None:
