@@ -454,10 +454,11 @@ register_param_gram("Conv1D", TRANSPOSED_LINEAR_GRAM)  # transformers.pytorch_ut
 #: products with a T-long inner dimension and the writes of J are memory-bound (measured
 #: 27 against 69 GFLOP/s). Embedding, per product of its blocks (``block_pairs``) against
 #: the row Grams' ``N^2 (d_out + 1)`` (which also pay for the N x N mask and blocksum):
-#: 0.5x to 3.3x, measured on one thread over vocabularies of 3 to 50257 ids, T of 2 to
-#: 128, d_out of 32 to 768, 3.3x for the modular-addition example's embedding (T = 2, 53
-#: ids). Measured on CPU only; CUDA uses the same weights, unmeasured (no GPU was
-#: available to us).
+#: 1.9x to 4.4x where the small tokens' blocks dominate, 0.5x where dense tokens do
+#: (thread CPU time on one thread; vocabularies of 3 to 50257 ids, T of 2 to 16, d_out
+#: of 32 to 256; 2.6x for a modular-addition embedding, T = 2, 53 ids, d_out 128); the
+#: per-sample path was the faster in every case measured with T > 1. Measured on CPU
+#: only; CUDA uses the same weights, unmeasured (no GPU was available to us).
 LINEAR_PER_SAMPLE_PENALTY = 2.5
 EMBEDDING_PAIR_PENALTY = 4.0
 
@@ -505,8 +506,8 @@ def _linear_gram_per_sample(a: Tensor, delta: Tensor, n: int, chunk_bytes: int) 
 #: Tokens held by at least this many rows of S are one dense ``S_u S_u^T`` product each.
 DENSE_TOKEN_ROWS = 32
 #: How many times cheaper, per product, such a token's block ran than the batched
-#: blocks of the others (measured 12 against 190 ns per product at d_out 128, one thread).
-DENSE_PAIR_DISCOUNT = 8
+#: blocks of the others (16 against 79 ns per product at d_out 128, one thread).
+DENSE_PAIR_DISCOUNT = 5
 
 
 def _padded_token_rows(counts: Tensor) -> Tensor:
