@@ -16,12 +16,17 @@ transition, dying) is a number of steps, set in one of three ways (per window):
   ``cadence_checkpoints`` checkpoints (the old checkpoint counts keep this meaning);
 * neither (the default): a fixed fraction of the run's *age*, the steps since the first
   checkpoint read (:data:`AGE_FRACTIONS`: the reference is the half of the run before
-  the last fifth, a transition's collapses fall within half of it), except the
-  confirmation, one checkpoint.
+  the last fifth, a transition's collapses fall within half of it and are held for 3%
+  of it, but at least one checkpoint).
 
 Windows that do not depend on the cadence give the same events whether a run is
 checkpointed every 100 or every 500 steps: a change is seen up to one (coarser) cadence
-late, and confirmed a checkpoint later. :class:`EventWindows` is what is in force
+late, and confirmed after the same number of steps (rounded up to a checkpoint). With a
+confirmation of one checkpoint at either cadence, the coarse run reported a transition
+up to two coarse cadences after the fine one; held for a fraction of the age, the fine
+run waits about as long as the coarse one (``bench_events.py``'s tuning seeds: the
+entropy signature's cadence pairs agreed in 3 of 3 instead of 1 of 3, DDS's in 3 of 3
+either way, at 100-200 steps of lead in the fine run). :class:`EventWindows` is what is in force
 (:attr:`EventDetector.windows`).
 
 Kinds (every :class:`Event` has step, layer, kind, reading, before, after, magnitude,
@@ -282,7 +287,7 @@ class EventConfig:
     transition_window / transition_window_steps: the span within which the collapses of
         one transition fall (default: half the age).
     confirm / confirm_steps: how long a collapse must hold, unrevived, to count toward a
-        transition (default: one checkpoint).
+        transition (default: 3% of the age, at least one checkpoint).
     dying_window / dying_window_steps: how long ``dying_directions`` must hold at or
         above ``dying_min`` for a ``dying`` event (default: a tenth of the age, at least
         two checkpoints).
@@ -338,7 +343,7 @@ class EventConfig:
     transition_window: int | None = None
     transition_window_steps: int | None = None
     min_collapses: int = 2
-    confirm: int = 1
+    confirm: int | None = None
     confirm_steps: int | None = None
     dying_min: float = 1.0
     dying_decades: float = 0.5
@@ -424,6 +429,8 @@ class EventConfig:
                 spans[count] = AGE_FRACTIONS[count] * age
         if self.dying_window is None and self.dying_window_steps is None:
             spans["dying_window"] = max(spans["dying_window"], 2.0 * cadence)
+        if self.confirm is None and self.confirm_steps is None:
+            spans["confirm"] = max(spans["confirm"], cadence)
         if by_age:
             least = self.min_reference  # the window grows with the run; the lag holds it back
         else:
@@ -443,12 +450,13 @@ class EventConfig:
 
 #: The windows' defaults where neither ``X`` nor ``X_steps`` is set: a fraction of the
 #: run's age (steps since the first checkpoint read), so that the same run checkpointed
-#: at any cadence has the same windows. ``confirm`` defaults to one checkpoint, and the
-#: dying window is at least two checkpoints.
+#: at any cadence has the same windows. The confirmation is at least one checkpoint, and
+#: the dying window at least two.
 AGE_FRACTIONS: dict[str, float] = {
     "reference_window": 0.5,
     "reference_lag": 0.2,
     "transition_window": 0.5,
+    "confirm": 0.03,
     "dying_window": 0.1,
 }
 
@@ -506,7 +514,6 @@ _KINDS: dict[str, str] = {
     "rank_readings": "names",
     **{count: "count" for count, _ in _WINDOWS},
     **{steps: "steps" for _, steps in _WINDOWS},
-    "confirm": "int",
     "cadence_steps": "steps",
 }
 

@@ -25,7 +25,13 @@ from ddsmon.signature import LayerSignature
 
 #: The windows counted in checkpoints (at the run's cadence), as they were before they
 #: were given in steps: these tests place events checkpoint by checkpoint.
-COUNTS = {"reference_window": 8, "reference_lag": 3, "transition_window": 8, "dying_window": 3}
+COUNTS = {
+    "reference_window": 8,
+    "reference_lag": 3,
+    "transition_window": 8,
+    "dying_window": 3,
+    "confirm": 1,
+}
 CFG = EventConfig(**COUNTS)
 WARM = CFG.min_reference + 3  # checkpoints before anything is decided (min_reference + lag)
 WINDOW = 8  # the transition window, in checkpoints
