@@ -1,7 +1,8 @@
 """Scorecard of the event detector on training runs it was not tuned on.
 
-Every run is the modular-addition MLP of ``examples/modular_addition`` (trained here by
-the example's own ``train``, one torch thread), read checkpoint by checkpoint with
+The first four runs are the modular-addition MLP of ``examples/modular_addition``
+(trained here by the example's own ``train``, one torch thread), the last three the
+tasks of ``benchmarks/event_tasks.py``; every run is read checkpoint by checkpoint with
 ``ddsmon.compute_signatures`` and fed to ``ddsmon.events.EventDetector`` in-process, with
 each checkpoint's scalars as ``meta`` (so transitions carry their label):
 
@@ -18,6 +19,18 @@ each checkpoint's scalars as ``meta`` (so transitions carry their label):
     One slower grokking run (lr 1e-3, 10000 steps) read at checkpoints every 100 and
     every 500 steps: the same run at two cadences must give the same transitions,
     within one cadence.
+``parity``
+    Barak-style sparse parity (40 bits, k = 3, online SGD of a width-256 MLP, 8000
+    steps, a checkpoint every 50): a plateau at chance for thousands of steps, then a
+    sudden transition.
+``transformer``
+    A Nanda-style one-layer transformer on ``a + b mod 53`` (AdamW, weight decay 1.0,
+    half the pairs to train on), a checkpoint every 100 steps, on the first seed of
+    each set only (:data:`TRANSFORMER_SEEDS`: it is the costly run).
+``schedule``
+    An ordinary task (a 10-class Gaussian mixture, a 2-layer MLP) trained with a linear
+    warm-up and a step decay of the learning rate: it learns smoothly and at once, so
+    no transition should fire, and the schedule's steps must not be taken for one.
 
 Two detectors side by side: DDS (the default ``EventConfig``: collapses of
 ``lambda_ratio``, ``sigma_ratio`` and ``log_volume``) and the spectral-entropy signature
@@ -25,13 +38,17 @@ Two detectors side by side: DDS (the default ``EventConfig``: collapses of
 activations, arXiv 2604.13123, through the same windows and transition logic, its
 thresholds tuned on the tuning seeds). Per run
 the table gives every transition's step and label, the validation window (the steps
-where validation accuracy first passes 10%, 50% and 95%), the lead time of the first
+where validation accuracy first passes 10%, 50% and 95% of the way from chance to 1:
+chance is 1/p for modular addition, 1/2 for parity), the lead time of the first
 transition before the 50% crossing (positive: before it), the false transitions (those
 labelled "not generalising", and any in a run that never generalises), and the first
 ``dying`` event. The defaults were tuned on the ``--tune-seeds``; the scorecard reports
-the ``--seeds``.
+the ``--seeds``. For the control runs it also tabulates the near-zero-loss regime: the
+spread of the per-sample losses (``loss_spread``), the samples G can still resolve
+(``samples_resolved``) and each layer's ``g_rank`` (:func:`regime`).
 
     python benchmarks/bench_events.py [--seeds 3,4,5] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
+    python benchmarks/bench_events.py --runs parity,schedule   # some of the run kinds
     python benchmarks/bench_events.py --quick        # a smoke test, well under a minute
 
 Runs and readings are cached under ``--workdir`` (default: a temporary directory), so a
@@ -44,6 +61,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import re
 import sys
 import tempfile
@@ -64,6 +82,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "modular_addition"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scaling import machine_lines, write_section  # noqa: E402
+from event_tasks import TASKS  # noqa: E402
 
 #: The spectral-entropy signature's thresholds, tuned on the tuning seeds (a change of
 #: 0.01 in normalised entropy, or 5 robust sigmas of its reference window).
@@ -78,7 +97,13 @@ THRESHOLDS = (0.10, 0.50, 0.95)
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: its kind, its settings, and the cadences it is read at."""
+    """One training run: its kind, its settings, and the cadences it is read at.
+
+    generalises: a grokking run, where a generalising transition is expected (in every
+    other run any transition is a false one). task: ``"modadd"`` (the example's MLP,
+    ``lr`` and ``weight_decay`` its settings) or a task of :data:`event_tasks.TASKS`
+    (its own recipe). seeds: how many of the given seeds it is run on (None: all).
+    """
 
     kind: str
     lr: float
@@ -88,6 +113,8 @@ class RunSpec:
     generalises: bool
     init_from: str | None = None  # the kind whose final checkpoint it starts from
     read_every: tuple[int, ...] = ()  # sub-cadences read from the same checkpoints
+    task: str = "modadd"
+    seeds: int | None = None
 
 
 def specs(quick: bool) -> list[RunSpec]:
@@ -102,7 +129,19 @@ def specs(quick: bool) -> list[RunSpec]:
         RunSpec("control", 1e-2, 0.0, 3000, 25, False),
         RunSpec("steady", 1e-4, 1.0, 1000, 25, False, init_from="grok"),
         RunSpec("slow", 1e-3, 1.0, 10000, 100, True, read_every=(100, 500)),
-    ]
+        RunSpec("parity", 0.0, 0.0, 8000, 50, True, task="parity"),
+        RunSpec("transformer", 0.0, 0.0, TRANSFORMER_STEPS, 100, True, task="transformer",
+                seeds=TRANSFORMER_SEEDS),
+        RunSpec("schedule", 0.0, 0.0, 3000, 50, False, task="schedule"),
+    ]  # fmt: skip
+
+
+#: The one-layer transformer's length and how many seeds of each set it is run on (it
+#: is the costly run: about 0.05 s a step on one core).
+TRANSFORMER_STEPS = 5000
+TRANSFORMER_SEEDS = 1
+#: Every run kind of the full suite, for ``--runs``.
+RUN_KINDS = ("grok", "control", "steady", "slow", "parity", "transformer", "schedule")
 
 
 def _example_module(name: str) -> ModuleType:
@@ -126,6 +165,12 @@ def train_run(spec: RunSpec, seed: int, work: Path) -> tuple[Path, float]:
     done = run / "trained.json"
     if done.exists():
         return run, 0.0
+    if spec.task != "modadd":
+        started = time.perf_counter()
+        TASKS[spec.task].train(run / "ckpts", spec.steps, spec.every, seed)
+        seconds = time.perf_counter() - started
+        done.write_text(json.dumps({"seconds": seconds}))
+        return run, seconds
     train = _example_module("train").train
     init = None
     if spec.init_from is not None:
@@ -150,18 +195,18 @@ def train_run(spec: RunSpec, seed: int, work: Path) -> tuple[Path, float]:
 Reading = tuple[int, dict[str, float], dict[str, dict[str, Any]]]
 
 
-def read_run(run: Path) -> tuple[list[Reading], float]:
+def read_run(run: Path, task: str = "modadd") -> tuple[list[Reading], float]:
     """Every checkpoint's (step, scalars, {layer: LayerSignature.to_dict()}), cached."""
     cache = run / "readings.json"
     if cache.exists():
         return [(int(s), m, r) for s, m, r in json.loads(cache.read_text())], 0.0
-    make_model = _example_module("model").make_model
+    factory = _example_module("model").make_model if task == "modadd" else TASKS[task].make_model
     probe = torch.load(run / "probe.pt", weights_only=True)
     started = time.perf_counter()
     rows: list[Reading] = []
     for path in sorted((run / "ckpts").glob("step_*.pt")):
         ck = torch.load(path, weights_only=True)
-        model = make_model()
+        model = factory()
         model.load_state_dict(ck["model"])
         sig = compute_signatures(model, probe["inputs"], probe["targets"], loss="ce", device="cpu")
         meta = {k: float(v) for k, v in ck.items() if k not in ("model", "step")}
@@ -207,11 +252,25 @@ def detect(rows: Sequence[Reading], cfg: EventConfig, every: int | None) -> Scor
     return score
 
 
-def crossings(rows: Sequence[Reading], every: int | None) -> dict[float, int | None]:
-    """The step where validation accuracy first passes each threshold."""
+def chance(task: str) -> float:
+    """Validation accuracy at chance: 1/p for modular addition, 1/2 for parity..."""
+    if task == "modadd":
+        return 1.0 / _example_module("model").P
+    return TASKS[task].chance
+
+
+def crossings(
+    rows: Sequence[Reading], every: int | None, at_chance: float = 0.0
+) -> dict[float, int | None]:
+    """The step where validation accuracy first passes each threshold of the way from
+    chance to 1 (``chance + thr * (1 - chance)``)."""
     kept = [(s, m) for s, m, _ in rows if every is None or s % every == 0]
     return {
-        thr: next((s for s, m in kept if m.get("val_acc", 0.0) > thr), None) for thr in THRESHOLDS
+        thr: next(
+            (s for s, m in kept if m.get("val_acc", 0.0) > at_chance + thr * (1 - at_chance)),
+            None,
+        )
+        for thr in THRESHOLDS
     }
 
 
@@ -285,14 +344,31 @@ def table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def on_goal(score: Score, cross: Mapping[float, int | None]) -> bool:
+    """The issue's goal for a grokking run: a generalising transition inside the
+    validation window (from the 10% to the 95% crossing, or the run's end) and no
+    transition before the window."""
+    lo, hi = cross[0.10], cross[0.95]
+    if lo is None:
+        return False
+    steps = [e.step for e in score.transitions]
+    inside = [
+        e.step for e in score.transitions
+        if e.label == "generalising" and lo <= e.step and (hi is None or e.step <= hi)
+    ]  # fmt: skip
+    return bool(inside) and all(s >= lo for s in steps)
+
+
 def summary(rows: Sequence[Row]) -> list[str]:
-    """Per detector: grokking runs with a generalising transition before 95%, median lead,
-    false transitions, and how far the two cadences of one run disagree."""
+    """Per detector: grokking runs with a generalising transition before 95% and those
+    on the goal (:func:`on_goal`), median lead, false transitions, generalising ones in
+    the runs that do not grok, and how far the two cadences of one run disagree."""
     lines = [
-        "| signature | grokking runs caught (a generalising transition by 95%) | median lead (steps) "
-        "| false transitions (all runs) | cadence pairs: transitions within one cadence "
-        "| onsets within one cadence |",
-        "|---|---|---|---|---|---|",
+        "| signature | grokking runs caught (a generalising transition by 95%) "
+        "| on goal (in the 10-95% window, none before) | median lead (steps) "
+        "| false transitions (all runs) | generalising transitions in runs that do not grok "
+        "| cadence pairs: transitions within one cadence | onsets within one cadence |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in DETECTORS:
         grok = [r for r in rows if r.generalises]
@@ -306,14 +382,22 @@ def summary(rows: Sequence[Row]) -> list[str]:
             value = lead(r.scores[name], r.cross)
             if value is not None:
                 leads.append(value)
+        goal = sum(1 for r in grok if on_goal(r.scores[name], r.cross))
         false = sum(false_transitions(r.scores[name], r.generalises) for r in rows)
+        wrong = sum(
+            1
+            for r in rows
+            if not r.generalises
+            for e in r.scores[name].transitions
+            if e.label == "generalising"
+        )
         pairs = cadence_pairs(rows)
         ok = sum(1 for p in pairs if p.within(name, 1))
         onset = sum(1 for p in pairs if p.onsets_within(name))
         lines.append(
-            f"| {name} | {caught} / {len(grok)} | "
-            f"{'—' if not leads else f'{median(leads):+.0f}'} | {false} | {ok} / {len(pairs)} "
-            f"| {onset} / {len(pairs)} |"
+            f"| {name} | {caught} / {len(grok)} | {goal} / {len(grok)} | "
+            f"{'—' if not leads else f'{median(leads):+.0f}'} | {false} | {wrong} "
+            f"| {ok} / {len(pairs)} | {onset} / {len(pairs)} |"
         )
     return lines
 
@@ -389,15 +473,25 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
 
 
 def run_all(
-    seeds: Sequence[int], quick: bool, work: Path, extra: Mapping[str, Any], log_: Any
+    seeds: Sequence[int],
+    quick: bool,
+    work: Path,
+    extra: Mapping[str, Any],
+    log_: Any,
+    kinds: Sequence[str] = RUN_KINDS,
+    regimes: list[str] | None = None,
 ) -> tuple[list[Row], dict[str, float]]:
+    """Train, read and detect every run of ``kinds`` on ``seeds``; the tables of the
+    control runs' near-zero-loss regime (:func:`regime`) are appended to ``regimes``."""
     rows: list[Row] = []
     seconds = {"train": 0.0, "read": 0.0, "detect": 0.0}
     configs = {name: make(extra) for name, make in DETECTORS.items()}
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         for spec in specs(quick):
+            if spec.kind not in kinds or (spec.seeds is not None and i >= spec.seeds):
+                continue
             run, t_train = train_run(spec, seed, work)
-            readings, t_read = read_run(run)
+            readings, t_read = read_run(run, spec.task)
             seconds["train"] += t_train
             seconds["read"] += t_read
             started = time.perf_counter()
@@ -405,12 +499,98 @@ def run_all(
                 sub = None if every == spec.every else every
                 scores = {name: detect(readings, cfg, sub) for name, cfg in configs.items()}
                 n = sum(1 for s, _, _ in readings if sub is None or s % sub == 0)
-                cross = crossings(readings, sub)
+                cross = crossings(readings, sub, chance(spec.task))
                 paired = len(spec.read_every) > 1
                 rows.append(Row(spec.kind, seed, every, n, spec.generalises, cross, scores, paired))
             seconds["detect"] += time.perf_counter() - started
+            if regimes is not None and spec.kind == "control":
+                regimes += [*regime(spec.kind, seed, readings), ""]
             log_(f"{spec.kind} seed {seed}: trained {t_train:.1f} s, read {t_read:.1f} s")
     return rows, seconds
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties at their mean rank); None if either is constant."""
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    if len(a) < 3:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return None if va == 0 or vb == 0 else cov / (va * vb)
+
+
+def regime(
+    kind: str,
+    seed: int,
+    rows: Sequence[Reading],
+    points: int = 7,
+) -> list[str]:
+    """The near-zero-loss regime of one run: at ``points`` checkpoints spread over it, the
+    training loss, the per-sample loss spread (``loss_spread`` of the output layer, in
+    decades), the probe samples G can resolve (``samples_resolved``) and every
+    layer's ``g_rank``; then, over every checkpoint, Spearman's correlation of each
+    layer's ``g_rank`` with the spread and with the resolvable samples."""
+    layers = list(rows[0][2]) if rows else []
+    spread = [
+        next((v["loss_spread"] for v in r.values() if v.get("loss_spread") is not None), None)
+        for _, _, r in rows
+    ]
+    dec = [None if v is None else math.log10(v) for v in spread]
+    seen_all = [
+        next((v["samples_resolved"] for v in r.values() if v.get("loss_spread") is not None), None)
+        for _, _, r in rows
+    ]
+    picks = sorted({round(i * (len(rows) - 1) / (points - 1)) for i in range(points)})
+    head = " | ".join(f"{name} g_rank" for name in layers)
+    lines = [
+        f"| {kind} seed {seed}: step | train loss | loss spread (decades) "
+        f"| samples resolvable | {head} |",
+        "|---|---|---|---|" + "---|" * len(layers),
+    ]
+    for i in picks:
+        step, meta, r = rows[i]
+        ranks = " | ".join(str(r[name].get("g_rank")) for name in layers)
+        loss = meta.get("loss")
+        seen = seen_all[i]
+        lines.append(
+            f"| {step} | {'—' if loss is None else f'{loss:.1e}'} | "
+            f"{'—' if dec[i] is None else f'{dec[i]:.1f}'} | {'—' if seen is None else seen} "
+            f"| {ranks} |"
+        )
+
+    def rho(xs: Sequence[float | int | None], name: str) -> str:
+        pairs = [
+            (float(x), float(r[name]["g_rank"]))
+            for x, (_, _, r) in zip(xs, rows)
+            if x is not None and r[name].get("g_rank") is not None
+        ]
+        value = _spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        return "—" if value is None else f"{value:+.2f}"
+
+    by_spread = ", ".join(f"{name} {rho(dec, name)}" for name in layers)
+    by_seen = ", ".join(f"{name} {rho(seen_all, name)}" for name in layers)
+    lines += [
+        "",
+        f"Spearman's correlation with each layer's g_rank over {len(rows)} checkpoints: "
+        f"of the loss spread: {by_spread}; of the resolvable samples: {by_seen}",
+    ]
+    return lines
 
 
 def _seeds(text: str) -> list[int]:
@@ -427,7 +607,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="cache of runs and readings")
     ap.add_argument("--events", default="{}", help="extra [events] keys, as JSON")
     ap.add_argument("--write", default=None, help="put the tables into this markdown file")
+    ap.add_argument(
+        "--runs",
+        type=lambda t: [k.strip() for k in t.split(",") if k.strip()],
+        default=list(RUN_KINDS),
+        help=f"run kinds to run, comma-separated (default: all of {','.join(RUN_KINDS)})",
+    )
     args = ap.parse_args(argv)
+    unknown = [k for k in args.runs if k not in RUN_KINDS]
+    if unknown:
+        ap.error(f"--runs: unknown run kind(s) {unknown}; known: {', '.join(RUN_KINDS)}")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # Adam's tiny late updates crawl as subnormal floats
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -442,8 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         def say(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        tuned, t_tune = run_all(args.tune_seeds, args.quick, work, extra, say)
-        report, t_report = run_all(args.seeds, args.quick, work, extra, say)
+        regimes: list[str] = []
+        tuned, t_tune = run_all(args.tune_seeds, args.quick, work, extra, say, args.runs)
+        report, t_report = run_all(args.seeds, args.quick, work, extra, say, args.runs, regimes)
     total = time.perf_counter() - started
     command = "python benchmarks/bench_events.py " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if a
@@ -469,6 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *summary(report),
     ]
+    if regimes:
+        lines += [
+            "",
+            "The control's near-zero-loss regime (report seeds): the spread of the per-sample "
+            "losses and G's resolved rank:",
+            "",
+            *regimes[:-1],
+        ]
     if tuned:
         lines += [
             "",

@@ -48,3 +48,30 @@ def test_quick_scorecard(tmp_path: Path) -> None:
     assert rows["steady"][8] == "0 / 0" and rows["steady"][9] == "none", rows
     assert "| DDS |" in text and "| entropy |" in text
     assert seconds < 90, f"--quick took {seconds:.0f} s"
+
+
+def test_event_tasks_write_checkpoints_ddsmon_reads(tmp_path: Path) -> None:
+    """Each task of benchmarks/event_tasks.py, a few steps long: checkpoints at its cadence
+    with the trainer's scalars, a probe, and a model ddsmon reads with its per-sample
+    losses (the output layer carries loss_spread)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from event_tasks import TASKS
+
+    from ddsmon import compute_signatures
+
+    for name, task in TASKS.items():
+        run = tmp_path / name
+        task.train(run / "ckpts", 20, 10, 0)
+        paths = sorted((run / "ckpts").glob("step_*.pt"))
+        assert [p.name for p in paths] == [f"step_{s:06d}.pt" for s in (0, 10, 20)], name
+        ck = torch.load(paths[-1], weights_only=True)
+        assert {"train_acc", "val_acc", "loss", "val_loss", "lr"} <= set(ck), name
+        assert 0.0 <= ck["val_acc"] <= 1.0 and ck["step"] == 20, name
+        probe = torch.load(run / "probe.pt", weights_only=True)
+        model = task.make_model()
+        model.load_state_dict(ck["model"])
+        sig = compute_signatures(model, probe["inputs"], probe["targets"], loss="ce", device="cpu")
+        assert sig.output_layer is not None and sig.sample_losses is not None, name
+        assert sig.layers[sig.output_layer].loss_spread is not None, name
