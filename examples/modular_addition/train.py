@@ -160,8 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint (weights and step)"
     )
+    ap.add_argument(
+        "--probe-only", action="store_true",
+        help="write the probe and exit (to start the watcher, which needs it, before training)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.probe_only:
+        probe_path = args.probe_out or args.out.parent / "probe.pt"
+        probe_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(make_probe(args.p, args.probe_size), probe_path)
+        log.info("probe: %s", probe_path)
+        return 0
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     hist = train(
