@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import platform
 import re
@@ -57,6 +58,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,10 @@ from torch import Tensor, nn
 
 __all__ = (
     "GPT",
+    "Builder",
     "GPTConfig",
     "Row",
+    "float64_floor",
     "machine_lines",
     "main",
     "make_mlp",
@@ -281,14 +285,37 @@ def _emit(**record: Any) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _child(spec: dict[str, Any]) -> None:
+#: What builds a configuration's model and probe: ``spec -> (model, inputs, targets,
+#: layers, loss)``; :func:`_build` here, bench_transformers' for Hugging Face models.
+Builder = Callable[[dict[str, Any]], tuple[nn.Module, Tensor, Tensor, str | None, str]]
+
+
+class _MicroBatches(logging.Handler):
+    """Keeps what ``compute_signatures`` logs at DEBUG about its probe pass: passes,
+    micro-batches and samples per micro-batch (None before a reading)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last: tuple[int, int, int] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("probe read in") and isinstance(record.args, tuple):
+            passes, batches, size = record.args
+            self.last = (int(passes), int(batches), int(size))
+
+
+def _child(spec: dict[str, Any], build: Builder | None = None) -> None:
     """Measure one configuration and print JSON lines (a partial record survives a kill)."""
     from ddsmon import compute_signatures
 
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    model, x, y, layers, loss = _build(spec)
+    micro = _MicroBatches()
+    engine_log = logging.getLogger("ddsmon.engine")
+    engine_log.addHandler(micro)
+    engine_log.setLevel(logging.DEBUG)
+    model, x, y, layers, loss = (build or _build)(spec)
     params = sum(p.numel() for p in model.parameters())
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -303,7 +330,10 @@ def _child(spec: dict[str, Any]) -> None:
         c0 = time.process_time()
         t0 = time.perf_counter()
         if spec.get("floor"):
-            result: Any = float64_floor(model, x, y, layers, device, spec.get("floor_batch"))
+            result: Any = float64_floor(
+                model, x, y, layers, device, spec.get("floor_batch"),
+                forward_only=bool(spec.get("floor_forward")),
+            )  # fmt: skip
         else:
             result = compute_signatures(
                 model, x, y, loss, layers, device, fisher=fisher, probe_batch=probe_batch,
@@ -337,6 +367,7 @@ def _child(spec: dict[str, Any]) -> None:
         layers=read,
         shapes=widths[:4],
         with_k=with_k,
+        micro=micro.last,
     )
     if spec.get("breakdown") and not spec.get("floor") and fisher != "none":
         passes: list[dict[str, float]] = []
@@ -356,42 +387,91 @@ def float64_floor(
     layers: str | None,
     device: str,
     batch: int | None = None,
+    *,
+    forward_only: bool = False,
 ) -> list[Tensor]:
     """The floor of an activation-side reading, written plainly (no ddsmon code): a
-    float64 copy of the model, one forward pass of the whole probe (or of each
-    ``batch`` samples) and one backward pass of the summed per-sample cross-entropy to
-    the selected outputs, with every parameter frozen (no weight gradients are built or
-    computed). Returns those gradients (the last micro-batch's when batched)."""
-    work = copy.deepcopy(model).to(device=torch.device(device), dtype=torch.float64).eval()
-    grads: list[Tensor] = []
-    step = batch or x.shape[0]
-    for start in range(0, x.shape[0], step):
-        part = slice(start, start + step)
-        grads = _floor_pass(work, x[part], y[part], layers, device)
-    return grads
+    float64 copy of the model (none when every parameter and buffer already is float64
+    on ``device``: the model itself, as ``compute_signatures`` reads it in place), one
+    forward pass of the whole probe (or of each ``batch`` samples) and one backward pass
+    of the summed per-sample cross-entropy to the selected outputs, with every parameter
+    frozen (no weight gradients are built or computed). Returns those gradients (the
+    last micro-batch's when batched).
+
+    ``forward_only``: the floor of ``fisher="none"``: the forward pass alone, without a
+    graph (``torch.no_grad``), stopped at the last selected output (no head, no loss);
+    returns those outputs as meta tensors (their shapes; nothing is kept).
+
+    The model's output may be a tensor, a tuple (its first element) or an object with
+    ``.logits`` (a Hugging Face ModelOutput); a selected module's output may be a tuple
+    (its first element is the layer's output).
+    """
+    dev = torch.device(device)
+    in_place = all(
+        t.device.type == dev.type and (not t.is_floating_point() or t.dtype == torch.float64)
+        for t in chain(model.parameters(), model.buffers())
+    )
+    work = model if in_place else copy.deepcopy(model).to(device=dev, dtype=torch.float64)
+    flags = [(p, p.requires_grad) for p in work.parameters()]
+    training = {m: m.training for m in work.modules()}
+    work.eval()
+    try:
+        grads: list[Tensor] = []
+        step = batch or x.shape[0]
+        for start in range(0, x.shape[0], step):
+            part = slice(start, start + step)
+            grads = _floor_pass(work, x[part], y[part], layers, device, forward_only)
+        return grads
+    finally:
+        for p, wanted in flags:
+            p.requires_grad_(wanted)
+        for m, mode in training.items():
+            m.training = mode
+
+
+class _StopForward(Exception):
+    """Raised by the forward-only floor's hook after the last selected output."""
 
 
 def _floor_pass(
-    work: nn.Module, x: Tensor, y: Tensor, layers: str | None, device: str
+    work: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: str | None,
+    device: str,
+    forward_only: bool = False,
 ) -> list[Tensor]:
     for p in work.parameters():
         p.requires_grad_(False)
     pattern = re.compile(layers or ".")
     outs: list[Tensor] = []
+    selected = [m for name, m in work.named_modules() if name and pattern.search(name)]
 
-    def keep(_m: nn.Module, _a: Any, out: Tensor) -> Tensor:
-        if not out.requires_grad:  # the first selected output: a leaf of its own
-            out = out.detach().requires_grad_(True)
-        outs.append(out)
-        return out
+    def keep(_m: nn.Module, _a: Any, out: Any) -> Any:
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if forward_only:
+            outs.append(first.to("meta"))
+            if len(outs) == len(selected):
+                raise _StopForward
+            return out
+        if not first.requires_grad:  # the first selected output: a leaf of its own
+            first = first.detach().requires_grad_(True)
+        outs.append(first)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
 
-    handles = [
-        m.register_forward_hook(keep)
-        for name, m in work.named_modules()
-        if name and pattern.search(name)
-    ]
+    handles = [m.register_forward_hook(keep) for m in selected]
     try:
-        logits = work(x.to(device))
+        if forward_only:
+            with torch.no_grad():
+                try:
+                    work(x.to(device))
+                except _StopForward:
+                    pass
+            return outs
+        out = work(x.to(device))
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            logits = out[0] if isinstance(out, (tuple, list)) else out
         t = logits.shape[1]
         loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum") / t
         return list(torch.autograd.grad(loss, outs))
@@ -469,11 +549,16 @@ class Row:
     breakdown: dict[str, float] | None = None
     note: str = ""
     cpu: float | None = None  # median process CPU seconds of the kept readings
+    micro: tuple[int, int, int] | None = None  # passes, micro-batches, samples per batch
 
 
-def run_config(row: Row, budget: float) -> Row:
-    """Run ``row.spec`` in a fresh interpreter, at most ``budget`` seconds; fill ``row``."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(row.spec)]
+def run_config(row: Row, budget: float, script: str | Path | None = None) -> Row:
+    """Run ``row.spec`` in a fresh interpreter, at most ``budget`` seconds; fill ``row``.
+
+    The child is ``script --child SPEC`` (this file by default; another benchmark that
+    passes its own builder to :func:`_child`)."""
+    path = os.path.abspath(script or __file__)
+    cmd = [sys.executable, path, "--child", json.dumps(row.spec)]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(
@@ -504,6 +589,7 @@ def run_config(row: Row, budget: float) -> Row:
             row.seconds, row.runs, row.peak = rec["seconds"], rec["runs"], rec["peak"]
             row.cpu = rec.get("cpu")
             row.layers, row.with_k = rec["layers"], rec["with_k"]
+            row.micro = tuple(rec["micro"]) if rec.get("micro") else None  # type: ignore[assignment]
         elif kind == "breakdown":
             row.breakdown = rec
     if rc is None:

@@ -8,18 +8,22 @@ landed in its own block of the markdown file. Timings are not checked.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from bench_daemon import count_requests  # noqa: E402
-from bench_scaling import write_section  # noqa: E402
+from bench_scaling import float64_floor, write_section  # noqa: E402
+from bench_transformers import MODELS, build, parse_configs  # noqa: E402
 
 from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC  # noqa: E402
 
@@ -64,6 +68,97 @@ def test_scaling_tiny(tmp_path: Path) -> None:
         assert float(cells[2].split()[0]) > 0  # seconds per checkpoint
         assert cells[3].endswith("MiB")  # peak RSS
         assert cells[5] != "-", cells  # the breakdown ran (ddsmon's internal steps exist)
+
+
+def test_transformers_tiny(tmp_path: Path) -> None:
+    """Both model families, a streamed reading and the floor beside it, the forward-only
+    floor, and a model built in float64 (read in place), through the real script."""
+    _, md = _run(
+        "bench_transformers.py", tmp_path,
+        "--models", "gpt2-tiny,pythia-tiny", "--seqs", "4", "--context", "8",
+        "--configs", "gpt2-tiny:activation,gpt2-tiny:floor-micro,"
+        "pythia-tiny:none@float64,pythia-tiny:floor-forward",
+        "--budget", "120", timeout=300,  # four children of ~5 s each; more on a busy machine
+    )  # fmt: skip
+    assert md.count("<!-- BEGIN bench_transformers -->") == 1
+    rows = _table_rows(md, "GPT-2-tiny") + _table_rows(md, "Pythia-tiny")
+    assert [(r[3].split(",")[0], r[4]) for r in rows] == [
+        ("activation", "float32"),
+        ("floor: float64 fwd+bwd", "float32"),
+        ('`fisher="none"` (forward only)', "float64"),
+        ("floor: float64 forward only", "float32"),
+    ], md
+    for cells in rows:
+        assert cells[-1] == "", cells  # no note: not killed, not failed
+        assert float(cells[5].split()[0]) > 0 and float(cells[6]) > 0, cells  # wall, CPU s
+        assert cells[7].endswith("MiB") and cells[8].endswith("MiB"), cells  # peak, base
+    # the activation row's micro-batch size (from ddsmon's log) sized the floor beside it
+    size = rows[0][10].rsplit(" ", 1)[-1]
+    assert rows[0][10].startswith("1 x ") and rows[1][3].endswith(f"micro-batches of {size}"), md
+
+
+def test_parse_configs_scopes_entries_to_models() -> None:
+    plan = parse_configs(
+        "activation,gpt2:floor,pythia-1b:activation@float64", ["gpt2", "pythia-1b"]
+    )
+    assert plan == [
+        ("gpt2", "activation", "float32"),
+        ("gpt2", "floor", "float32"),
+        ("pythia-1b", "activation", "float32"),
+        ("pythia-1b", "activation", "float64"),
+    ]
+    with pytest.raises(SystemExit, match="cannot read 'actvation'"):
+        parse_configs("actvation", ["gpt2"])
+    with pytest.raises(SystemExit, match="unknown model 'gpt3'"):
+        parse_configs("gpt3:floor", ["gpt2"])
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny"])
+def test_float64_floor_against_autograd_on_the_whole_model(name: str) -> None:
+    """The floor's output gradients are d(sum_i loss_i)/d(block output), checked against
+    torch.autograd on a float64 model whose block outputs are taken with retain_grad;
+    in micro-batches its rows are the last batch's; in place it leaves the model's
+    flags as they were; forward-only it stops at the last block (the head never runs)."""
+    spec = {"model": name, "dtype": "float64", "seqs": 3, "context": 6}
+    model, x, y, layers, _ = build(spec)
+    blocks = [m for n, m in model.named_modules() if re.search(layers, n)]
+    outs: list[torch.Tensor] = []
+
+    def keep(_m: nn.Module, _a: object, out: object) -> None:
+        t = out[0] if isinstance(out, tuple) else out
+        assert isinstance(t, torch.Tensor)
+        t.retain_grad()
+        outs.append(t)
+
+    handles = [b.register_forward_hook(keep) for b in blocks]
+    logits = model(x).logits
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    (loss / x.shape[1]).backward()
+    for h in handles:
+        h.remove()
+    want = [o.grad for o in outs]
+    model.zero_grad(set_to_none=True)
+    model.train()
+
+    got = float64_floor(model, x, y, layers, "cpu")
+    assert len(got) == len(blocks) == 2
+    for g, w in zip(got, want, strict=True):
+        assert w is not None
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+    last = float64_floor(model, x, y, layers, "cpu", batch=2)  # batches of 2, 1
+    for g, w in zip(last, want, strict=True):
+        assert w is not None
+        torch.testing.assert_close(g, w[2:], rtol=1e-10, atol=1e-14)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+    head = model.get_output_embeddings()
+    calls: list[int] = []
+    hook = head.register_forward_hook(lambda *_: calls.append(1))
+    shapes = float64_floor(model, x, y, layers, "cpu", forward_only=True)
+    hook.remove()
+    assert calls == [] and [s.shape for s in shapes] == [o.shape for o in outs]
+    assert all(s.is_meta for s in shapes)
+    assert MODELS[name].layers == layers
 
 
 def test_llc_tiny(tmp_path: Path) -> None:
