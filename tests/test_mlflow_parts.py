@@ -605,6 +605,45 @@ def test_plots_are_drawn_when_dirty_and_due_and_kept_dirty_until_uploaded(tmp_pa
     assert len(uploads) == 3
 
 
+def test_the_interval_counts_from_the_end_of_a_drawing(tmp_path, monkeypatch):
+    """A drawing slower than the interval (a busy machine) must still leave ``interval``
+    seconds for reading before the next one, not draw again after every checkpoint."""
+    import ddsmon.plots
+
+    clock = Clock()
+
+    def slow(name: str):
+        def draw(data: Any, path: Path, *args: Any, **kwargs: Any) -> Path:
+            clock.now += 15  # longer than the 10 s interval
+            Path(path).write_bytes(b"png")
+            return Path(path)
+
+        return draw
+
+    monkeypatch.setattr(ddsmon.plots, "plot_trajectories", slow("trajectories"))
+    monkeypatch.setattr(ddsmon.plots, "plot_spectra", slow("spectra"))
+    plots = PlotScheduler(
+        LocalHistory(StateDir(tmp_path / "st")), interval=10.0, heavy_interval=1e9, clock=clock
+    )
+    uploads: list[float] = []
+
+    def upload(folder: Path) -> bool:
+        uploads.append(clock.now)
+        return True
+
+    plots.note(1, _signatures())
+    plots.refresh(upload)  # the first drawing: 30 s (two figures)
+    assert len(uploads) == 1
+    for step in range(2, 6):  # checkpoints read 1 s apart after it
+        clock.now += 1
+        plots.note(step, _signatures())
+        plots.refresh(upload)
+    assert len(uploads) == 1  # 4 s of reading since the drawing ended: not due
+    clock.now += 6
+    plots.refresh(upload)
+    assert len(uploads) == 2
+
+
 def test_a_plot_that_cannot_be_drawn_is_skipped_until_the_next_checkpoint(
     tmp_path, monkeypatch, caplog
 ):

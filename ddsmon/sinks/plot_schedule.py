@@ -7,7 +7,7 @@ Contract of :class:`PlotScheduler`:
   spectra are kept in the local history for the dashboard
   (:meth:`~ddsmon.sinks.history.LocalHistory.keep_spectra`);
 * :meth:`~PlotScheduler.refresh` draws them, when dirty, at most every ``interval``
-  seconds and not while the tracking store is known to be down (both unless forced, as
+  seconds (counted from the end of the last drawing) and not while the tracking store is known to be down (both unless forced, as
   on close), into a temporary folder handed to ``upload`` (the folder's files ->
   ``plots/`` of the run):
 
@@ -134,6 +134,13 @@ class PlotScheduler:
             if heavy:
                 drawn += self._draw(f"{HEATMAP_FOLDER}/", lambda: self._heatmaps(folder))
                 drawn += self._draw(DASHBOARD_FILE, lambda: self._dashboard(folder))
+            # The intervals count from the end of a drawing, so that at least ``interval``
+            # seconds of reading pass between two drawings even when a drawing takes longer
+            # than that (a busy machine: one drawing per checkpoint otherwise).
+            end = self._clock()
+            self._last = end
+            if heavy:
+                self._heavy_last = end
             if not drawn:  # every figure failed: given up until the next checkpoint
                 self._dirty = self._dirty and not light
                 self._heavy_dirty = self._heavy_dirty and not heavy
