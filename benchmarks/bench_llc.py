@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         ckpt, probe = args.checkpoint, args.probe
         if args.no_example:
-            ckpt_label = "-"
+            ckpt_label = "each row's own, trained here with the example's recipe (--no-example)"
             probe = None
         elif ckpt is None:
             subprocess.run(
