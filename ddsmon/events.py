@@ -16,7 +16,7 @@ transition, dying) is a number of steps, set in one of three ways (per window):
   ``cadence_checkpoints`` checkpoints (the old checkpoint counts keep this meaning);
 * neither (the default): a fixed fraction of the run's *age*, the steps since the first
   checkpoint read (:data:`AGE_FRACTIONS`: the reference is the half of the run before
-  the last fifth, a transition's collapses fall within half of it and are held for 3%
+  the last fifth, a transition's collapses fall within half of it and are held for 2%
   of it, but at least one checkpoint).
 
 Windows that do not depend on the cadence give the same events whether a run is
@@ -24,10 +24,10 @@ checkpointed every 100 or every 500 steps: a change is seen up to one (coarser) 
 late, and confirmed after the same number of steps (rounded up to a checkpoint). With a
 confirmation of one checkpoint at either cadence, the coarse run reported a transition
 up to two coarse cadences after the fine one; held for a fraction of the age, the fine
-run waits about as long as the coarse one (``bench_events.py``'s tuning seeds: the
+run waits about as long as the coarse one (``bench_events.py``'s tuning seeds 0-2: the
 entropy signature's cadence pairs agreed in 3 of 3 instead of 1 of 3, DDS's in 3 of 3
-either way, at 100-200 steps of lead in the fine run). :class:`EventWindows` is what is in force
-(:attr:`EventDetector.windows`).
+either way, grokking runs caught unchanged; 3% lost a DDS catch of the parity run).
+:class:`EventWindows` is what is in force (:attr:`EventDetector.windows`).
 
 Kinds (every :class:`Event` has step, layer, kind, reading, before, after, magnitude,
 message; some carry more, see :meth:`Event.to_dict`):
@@ -287,7 +287,7 @@ class EventConfig:
     transition_window / transition_window_steps: the span within which the collapses of
         one transition fall (default: half the age).
     confirm / confirm_steps: how long a collapse must hold, unrevived, to count toward a
-        transition (default: 3% of the age, at least one checkpoint).
+        transition (default: 2% of the age, at least one checkpoint).
     dying_window / dying_window_steps: how long ``dying_directions`` must hold at or
         above ``dying_min`` for a ``dying`` event (default: a tenth of the age, at least
         two checkpoints).
@@ -456,7 +456,7 @@ AGE_FRACTIONS: dict[str, float] = {
     "reference_window": 0.5,
     "reference_lag": 0.2,
     "transition_window": 0.5,
-    "confirm": 0.03,
+    "confirm": 0.02,
     "dying_window": 0.1,
 }
 

@@ -67,7 +67,7 @@ def test_default_windows_grow_with_the_run_and_counts_follow_its_cadence() -> No
         det.update(step, {"fc": reading(1e-2, -20.0)})
     win = det.windows
     assert win is not None and det.cadence == 100 and win.age == 400
-    # fractions of the age (steps since the first checkpoint); the confirmation (3% of the
+    # fractions of the age (steps since the first checkpoint); the confirmation (2% of the
     # age) and the dying window are at least one and two checkpoints
     assert (win.reference_window, win.reference_lag, win.transition_window) == (200, 80, 200)
     assert win.confirm == 100 and win.dying_window == 200
@@ -76,7 +76,7 @@ def test_default_windows_grow_with_the_run_and_counts_follow_its_cadence() -> No
     win = det.windows
     assert win is not None and det.cadence == 100  # the median gap of the first 5 stays
     assert (win.reference_window, win.reference_lag, win.dying_window) == (2500, 1000, 500)
-    assert win.confirm == 150  # 3% of the age, past one checkpoint
+    assert EventConfig().windows(100, age=10000).confirm == 200  # 2% of the age, past one
     # the old keys count checkpoints at the cadence
     counts = EventConfig(
         reference_window=8, reference_lag=3, transition_window=8, dying_window=3, confirm=1
