@@ -120,8 +120,7 @@ def worker_main(spec: dict[str, Any]) -> None:
     model = next(iter(readers.values())).load(ref).model
     out: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "threads": []} for k in readers}
     labels = list(readers)
-    for label in labels:  # warm-up, untimed
-        readers[label].read(model)
+    readers[labels[0]].read(model)  # warm-up, untimed (the first reading allocates)
     for rep in range(spec["repeats"]):
         turn = labels[rep % len(labels) :] + labels[: rep % len(labels)]
         for label in turn:
@@ -155,6 +154,15 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    def progress(self) -> str:
+        """One line for stderr while the benchmark runs (a run cut short keeps these)."""
+        ks = "/".join(str(int(k)) for k in sorted(set(self.used))) or "?"
+        times = " ".join(f"{t:.3f}" for t in self.seconds)
+        return (
+            f"# {self.reader} | {self.setup} | {self.threads} | {self.trainers} trainer(s) "
+            f"| k {ks} | median {self.median:.3f} s | {times}"
+        )
 
 
 def _env(changes: dict[str, str | None]) -> dict[str, str]:
@@ -315,12 +323,14 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Row], int]:
                 result = _in_process(inputs, setup, threads, args)
                 for label, r in result.items():
                     rows.append(Row("in-process", setup, label, level, busy, load, others, r["seconds"], r["threads"]))  # fmt: skip
+                    print(rows[-1].progress(), file=sys.stderr, flush=True)
             for setup in args.cli_setups:
                 seconds, used = _scan(inputs, work, setup, f"{level}-{len(rows)}")
                 label = "policy" if "--threads" not in setup else setup.split()[-1]
                 if label != "policy":
                     used = [float(label)] * len(seconds)
                 rows.append(Row("scan", setup, label, level, busy, load, others, seconds, used))
+                print(rows[-1].progress(), file=sys.stderr, flush=True)
         finally:
             _stop(procs)
     return rows, default
