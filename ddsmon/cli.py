@@ -113,6 +113,9 @@ def _setup_logging(verbose: int) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """ddsmon: per-layer Dead-Direction Signatures of every checkpoint, logged to MLflow."""
+    from ddsmon.threads import prepare_process_environment
+
+    prepare_process_environment()  # OMP_WAIT_POLICY=PASSIVE unless set: before torch loads
     _setup_logging(verbose)
 
 

@@ -399,3 +399,28 @@ def test_watch_reports_each_bad_file_written_live_once(tmp_path: Path, probe: Pa
         reports = [line for line in lines if name in line and "cannot read" in line]
         assert len(reports) == 1, (name, err)
         assert "WARNING" in reports[0] and "incomplete" in reports[0]
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_command_reads_with_the_passive_wait_policy_unless_the_user_set_one(
+    tmp_path: Path, probe: Path, given: str | None
+) -> None:
+    """The ``ddsmon`` command sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (a
+    spinning pool thread burns the slice its partner needs beside a trainer); a policy the
+    user set is kept. Read back from the run's params in a real store."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    result = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts), "--model", FACTORY,
+         "--probe", str(probe), "--tracking-uri", uri, "--no-plots"],
+        capture_output=True, text=True, timeout=240,
+        env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _, run = run_of(uri)
+    assert run.data.params["omp_wait_policy"] == (given or "PASSIVE")
+    assert run.data.params["threads_policy"].startswith("auto")
