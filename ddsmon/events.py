@@ -94,6 +94,13 @@ message; some carry more, see :meth:`Event.to_dict`):
     itself), ``"not generalising"`` when one is carried at both ends and none did,
     ``"unknown"`` when none is. The message says it too.
 
+    Near zero training loss G resolves only the samples whose losses are within about 7
+    decades of the largest (``samples_resolved``, carried by the output layer); when a
+    transition's collapses are all G-side and that count moved by at least
+    :data:`SAMPLES_MOVED` of itself across the window, the message says the collapses may
+    be the loss's dynamic range rather than structure (``bench_events.py``'s long
+    controls: Adam's loss spikes bring 30-40 training samples back into G's view).
+
 ``dying``
     A layer's ``dying_directions`` (the count of directions dying at the rate of the
     smallest, :func:`ddsmon.signature.dying_directions`, between each checkpoint and the
@@ -1240,6 +1247,63 @@ class _Trainer:
             self.points.append((int(s), {str(k): float(v) for k, v in p.items()}))
 
 
+class _ResolvedSamples:
+    """``samples_resolved`` of the recent checkpoints (the output layer's, the first layer
+    that carries one), for a transition's note on the loss's dynamic range."""
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[int, int]] = deque(maxlen=_MAX_BUFFER)
+
+    def push(
+        self, step: int, readings: Mapping[str, Mapping[str, Any]], win: EventWindows | None
+    ) -> None:
+        for reading in readings.values():
+            value = reading.get("samples_resolved")
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.points.append((step, round(float(value))))
+                break
+        if win is not None:
+            start = step - win.transition_window
+            while len(self.points) >= 2 and self.points[1][0] <= start:
+                self.points.popleft()
+        _thin(self.points)
+
+    def window(self, step: int, span: float) -> tuple[int, int] | None:
+        """The count at the start of ``[step - span, step]`` (the last at or before it,
+        else the first in it) and at its end; None without two of them."""
+        kept = [(s, v) for s, v in self.points if s <= step]
+        if len(kept) < 2:
+            return None
+        before = [v for s, v in kept if s <= step - span]
+        return (before[-1] if before else kept[0][1]), kept[-1][1]
+
+    def to_state(self) -> list[list[int]]:
+        return [[s, v] for s, v in self.points]
+
+    def load(self, state: Sequence[Any]) -> None:
+        self.points.clear()
+        self.points.extend((int(s), int(v)) for s, v in state)
+
+
+#: A transition whose collapses are all on the Fisher side, across a window in which the
+#: output layer's ``samples_resolved`` moved by at least this fraction (and 2 samples),
+#: says that its collapses may be the loss's dynamic range (see the module docstring).
+SAMPLES_MOVED = 0.1
+
+
+def _samples_note(picked: Sequence[Mapping[str, Any]], counts: tuple[int, int] | None) -> str:
+    """The note of a transition made of G-side collapses while G's samples moved."""
+    if counts is None or not all(_row(e["reading"]).side == "G" for e in picked):
+        return ""
+    a, b = counts
+    if abs(b - a) < max(2.0, SAMPLES_MOVED * max(a, 1)):
+        return ""
+    return (
+        f"; G-side collapses only, while the samples G resolves moved {a} -> {b}: "
+        "the loss's dynamic range, not necessarily structure"
+    )
+
+
 class _TransitionScanner:
     """Groups collapses across readings and layers into transitions.
 
@@ -1259,6 +1323,7 @@ class _TransitionScanner:
         events: Sequence[Event],
         win: EventWindows | None,
         trainer: _Trainer | None = None,
+        samples: _ResolvedSamples | None = None,
     ) -> list[Event]:
         for ev in events:
             if ev.kind == "collapse":
@@ -1316,6 +1381,7 @@ class _TransitionScanner:
         )
         if said:
             msg += "; " + ", ".join(said)
+        msg += _samples_note(picked, None if samples is None else samples.window(step, span))
         if label == "unknown":
             msg += "; validation: unknown (the checkpoints carry no validation metric)"
         else:
@@ -1560,6 +1626,7 @@ class EventDetector:
         self._transitions = _TransitionScanner(config)
         self._cadence = _Cadence(config)
         self._trainer = _Trainer()
+        self._samples = _ResolvedSamples()
         self._last_step: int | None = None
         self._derived: dict[str, dict[str, float | None]] = {}
         self._said_windows = False
@@ -1633,6 +1700,7 @@ class EventDetector:
             self._said_windows = True
             log.info("event detector: %s", win.describe())
         self._trainer.push(step, meta, win)
+        self._samples.push(step, readings, win)
         events: list[Event] = []
         derived: dict[str, dict[str, float | None]] = {}
         for name, reading in readings.items():
@@ -1650,7 +1718,7 @@ class EventDetector:
                 found += [sc.push(step, point.get(r), win, count) for r, sc in st.levels.items()]
                 found.append(dying)
             events.extend(ev for ev in found if ev is not None)
-        events.extend(self._transitions.push(step, events, win, self._trainer))
+        events.extend(self._transitions.push(step, events, win, self._trainer, self._samples))
         self._last_step = step
         self._derived = derived
         for ev in events:
@@ -1680,6 +1748,7 @@ class EventDetector:
             "last_step": self._last_step,
             "cadence": self._cadence.to_state(),
             "trainer": self._trainer.to_state(),
+            "samples_resolved": self._samples.to_state(),
             "transitions": self._transitions.to_state(),
             "derived": self._derived,
             "layers": layers,
@@ -1711,6 +1780,7 @@ class EventDetector:
             det._cadence.load(state["cadence"])
             det._said_windows = det._cadence.frozen
             det._trainer.load(state["trainer"])
+            det._samples.load(state.get("samples_resolved", []))
             det._transitions.load(state["transitions"])
             det._derived = {
                 str(k): {str(r): None if v is None else float(v) for r, v in d.items()}

@@ -443,3 +443,24 @@ def test_units_and_thresholds_follow_the_table_of_readings() -> None:
     assert kinds(events) == [(150, "collapse", "fc", "logdet")]
     assert events[0].magnitude == pytest.approx(5.0)
     assert "(-20 -> -31.51)" in events[0].message
+
+
+def test_a_g_side_transition_says_when_the_samples_g_resolves_moved() -> None:
+    """Two layers' lambda_ratio collapse together (G side only). Where the output layer's
+    samples_resolved jumps 126 -> 165 at the collapse, the transition's message says the
+    collapses may be the loss's dynamic range; where it holds, it does not."""
+
+    def run(jump: bool) -> Event:
+        det = EventDetector(CFG)
+        found = []
+        for i in range(30):
+            low = i >= 18
+            a = point("a", lam=1e-6 if low else 1e-2)
+            b = point("b", lam=1e-6 if low else 1e-2)
+            b["samples_resolved"] = 165 if (jump and low) else 126
+            found += det.update(i * 10, {"a": a, "b": b})
+        (tr,) = [e for e in found if e.kind == "transition"]
+        return tr
+
+    assert "samples G resolves moved 126 -> 165" in run(jump=True).message
+    assert "samples G resolves" not in run(jump=False).message
