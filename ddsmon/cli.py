@@ -113,14 +113,14 @@ def _setup_logging(verbose: int) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """ddsmon: per-layer Dead-Direction Signatures of every checkpoint, logged to MLflow."""
-    from ddsmon.threads import prepare_process_environment
-
-    prepare_process_environment()  # OMP_WAIT_POLICY=PASSIVE unless set: before torch loads
     _setup_logging(verbose)
 
 
 def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str, Any]) -> Any:
     config_file = flags.pop("config_file", None)
+    from ddsmon.threads import keep_this_thread_single
+
+    keep_this_thread_single()  # before any parallel region: only the reading thread has a team
     try:
         config = resolve_config(directory, _given(ctx, flags), config_file=config_file)
         from ddsmon.daemon import Daemon, run_until_signalled, wait_for_directory

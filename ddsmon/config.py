@@ -183,8 +183,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("threads", "int", None, "read", minimum=1, metavar="N",
                 help="torch intra-op CPU threads of a reading. Default: per reading, the cores not busy with other work "
                      "(1-minute load average less ddsmon's own share, and the tasks runnable now), at least 1, "
-                     "at most torch's default (one per core); the ddsmon command also sets OMP_WAIT_POLICY=PASSIVE "
-                     "unless it is set."),
+                     "at most torch's default (one per core)."),
         Setting("probe_batch", "int", None, "read", minimum=1, metavar="N",
                 help="Samples per micro-batch of the probe pass (default: as many as fit --memory-budget); "
                      "the readings are the same to rounding."),

@@ -49,6 +49,7 @@ from ddsmon.shown import shown
 from ddsmon.sinks import RunInfo, Sink
 from ddsmon.sinks.mlflow_lease import RunLeaseError
 from ddsmon.state import StateDir, StateError
+from ddsmon.threads import keep_this_thread_single
 
 __all__ = (
     "Daemon",
@@ -370,7 +371,9 @@ class Daemon:
     # ------------------------------------------------------------------ reading
     def _drain(self, block: bool) -> None:
         """Read queued checkpoints; load the next one while reading the current one."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsmon-load") as pool:
+        with ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ddsmon-load", initializer=keep_this_thread_single
+        ) as pool:
             current = self._next(block)
             future = self._submit(pool, current)
             while current is not None and not self._stop.is_set():

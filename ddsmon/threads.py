@@ -45,16 +45,15 @@ and the previous count is restored afterwards.
 
 The OpenMP wait policy
 ----------------------
-GNU OpenMP (torch's CPU builds) reads ``OMP_WAIT_POLICY`` once, when the library is
-loaded, i.e. at ``import torch``; setting it later has no effect, and there is no call
-to change it at run time. :func:`prepare_process_environment` sets
-``OMP_WAIT_POLICY=PASSIVE`` (pool threads sleep at a barrier instead of spinning)
-unless the user set it; the ddsmon command calls it before anything imports torch. A
-Python caller that wants it sets the variable before importing torch. It matters only
-when a reading runs on more than one thread: then, on a shared machine, a spinning
-thread burns the slice its partner needs (``benchmarks/bench_contention.py``, 2 cores,
-other work runnable: 2 threads took 4.2-6.2 s a reading under the default policy and
-0.3-1.0 s under PASSIVE; 1 thread 0.3-0.8 s under either).
+Left as the user has it (``OMP_WAIT_POLICY``; GNU OpenMP reads it once, at ``import
+torch``). ``PASSIVE`` (pool threads sleep at a barrier instead of spinning) was tried as
+the default and measured against the default policy (``benchmarks/bench_contention.py``,
+2 cores, BENCHMARKS.md section 8): it saves a reading that runs on 2 threads *beside*
+busy trainers (0.29 s against 9.2 s), but costs one on an idle machine 4.5x (0.59 s
+against 0.13 s), because every one of a reading's many small parallel regions then
+wakes a sleeping thread. The policy above already gives a reading beside busy trainers
+1 thread, where the wait policy does not matter (no barrier), so the default policy is
+kept; a user who pins ``--threads`` above the free cores can set ``PASSIVE`` themselves.
 
 Inter-op threads
 ----------------
@@ -72,30 +71,27 @@ import logging
 import math
 import os
 import statistics
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ddsmon.errors import ConfigError
 
 __all__ = (
-    "WAIT_POLICY",
     "Load",
     "OwnShare",
     "ThreadPolicy",
     "auto_threads",
     "check_threads",
+    "default_threads",
+    "keep_this_thread_single",
     "measure_load",
-    "prepare_process_environment",
     "usable_cores",
 )
 
 log = logging.getLogger(__name__)
 
-#: The OpenMP wait policy ddsmon's own processes use unless the user set one.
-WAIT_POLICY = "PASSIVE"
 #: The kernel's 1-minute load average time constant, seconds.
 LOAD_TIME_CONSTANT = 60.0
 #: Looks at /proc/loadavg per reading, and the pause between two.
@@ -110,24 +106,6 @@ def check_threads(threads: object) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
     return threads
-
-
-def prepare_process_environment(
-    environ: MutableMapping[str, str] | None = None,
-) -> dict[str, str]:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` (default ``os.environ``) unless
-    the user set it; returns what was set. For ``os.environ`` it must run before
-    ``import torch`` (GNU OpenMP reads the variable once, when torch loads it); once torch
-    is imported it sets nothing (too late for this process, and child processes, such as
-    ``--on-event`` commands, keep the user's environment)."""
-    env = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in env:
-        return {}
-    if environ is None and "torch" in sys.modules:
-        log.debug("torch already imported: OMP_WAIT_POLICY left unset")
-        return {}
-    env["OMP_WAIT_POLICY"] = WAIT_POLICY
-    return {"OMP_WAIT_POLICY": WAIT_POLICY}
 
 
 # ------------------------------------------------------------------------ measuring
@@ -274,6 +252,39 @@ def auto_threads(cores: int, busy: float, default: int) -> int:
 
 # ------------------------------------------------------------------------ applying
 
+_DEFAULT_THREADS: list[int] = []
+
+
+def default_threads() -> int:
+    """D: torch's intra-op thread count of this process before ddsmon changed any
+    (``OMP_NUM_THREADS``, else one per core), read once."""
+    if not _DEFAULT_THREADS:
+        import torch
+
+        _DEFAULT_THREADS.append(torch.get_num_threads())
+    return _DEFAULT_THREADS[0]
+
+
+def keep_this_thread_single() -> None:
+    """One torch thread for the calling thread: the daemon's main and loading threads,
+    so that the reading thread's OpenMP team is the only one in the process with more
+    than one thread.
+
+    Why: GNU OpenMP keeps a pool of threads for every thread that has run a parallel
+    region, and once it manages more threads than there are cores it all but stops
+    spinning at barriers (its throttled spin count), so every one of a reading's many
+    small parallel regions then waits for a sleeping thread to wake. Measured on 2
+    cores: a 2-thread reading in a worker thread took 0.45-0.60 s once the main thread
+    had run one 2-thread region, and 0.10 s when it had not (0.12 s on 1 thread);
+    ``ddsmon scan --threads 2`` read at 0.44 s a checkpoint against 0.12 s at
+    ``--threads 1``. It must run before this thread's first parallel region: a pool,
+    once made, stays.
+    """
+    import torch
+
+    default_threads()
+    torch.set_num_threads(1)
+
 
 @dataclass(frozen=True)
 class ThreadPolicy:
@@ -288,15 +299,10 @@ class ThreadPolicy:
 
     @classmethod
     def from_setting(cls, threads: int | None) -> ThreadPolicy:
-        """The policy of the ``threads`` setting. An explicit count is applied to the
-        process at once (``torch.set_num_threads``), as ``--threads`` always was."""
-        import torch
-
-        threads = check_threads(threads)
-        default = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        return cls(threads=threads, default=default)
+        """The policy of the ``threads`` setting. An explicit count, like an automatic
+        one, is set by :meth:`reading` in the thread that reads (not process-wide: the
+        daemon keeps its other threads to one, :func:`keep_this_thread_single`)."""
+        return cls(threads=check_threads(threads), default=default_threads())
 
     @property
     def description(self) -> str:
@@ -316,7 +322,7 @@ class ThreadPolicy:
     @contextlib.contextmanager
     def reading(self) -> Iterator[int]:
         """Run a reading on :meth:`threads_for_reading` threads (this thread's torch
-        intra-op count); an automatic count is undone afterwards."""
+        intra-op count); an automatic count is undone afterwards, a given one stays."""
         import torch
 
         threads, load = self.threads_for_reading()

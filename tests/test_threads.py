@@ -1,6 +1,6 @@
 """The thread policy (ddsmon.threads): the free-core rule, what it measures (real busy
 processes, this process's own threads and CPU share), an explicit count winning, the
-per-reading count undone afterwards, and OMP_WAIT_POLICY set only when the user did not.
+per-reading count undone afterwards.
 No timings are asserted."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,11 @@ from ddsmon.config import ReadSettings
 from ddsmon.errors import ConfigError
 from ddsmon.reader import Reader
 from ddsmon.threads import (
-    WAIT_POLICY,
     Load,
     OwnShare,
     ThreadPolicy,
     auto_threads,
     measure_load,
-    prepare_process_environment,
     usable_cores,
 )
 
@@ -161,12 +158,12 @@ def restore_threads() -> Iterator[int]:
     torch.set_num_threads(before)
 
 
-def test_an_explicit_count_is_applied_at_once_and_wins_over_the_load(
+def test_an_explicit_count_is_applied_by_the_reading_and_wins_over_the_load(
     restore_threads: int, busy_processes: int
 ) -> None:
     explicit = restore_threads + 1  # not the default, whatever the machine
     policy = ThreadPolicy.from_setting(explicit)
-    assert torch.get_num_threads() == explicit  # as --threads always did
+    assert torch.get_num_threads() == restore_threads  # not process-wide at construction
     with policy.reading() as threads:
         assert threads == explicit == torch.get_num_threads()  # busy cores or not
     assert torch.get_num_threads() == explicit
@@ -208,60 +205,43 @@ def test_reader_reads_on_the_policy_threads_and_records_them(restore_threads: in
     assert 1 <= int(auto.params()["torch_threads"]) <= auto.threads.default
 
 
-# ------------------------------------------------------------------------ the wait policy
-
-
-def test_wait_policy_is_set_only_when_the_user_did_not() -> None:
-    env: dict[str, str] = {}
-    assert prepare_process_environment(env) == {"OMP_WAIT_POLICY": WAIT_POLICY}
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert prepare_process_environment(mine) == {}
-    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}
-
-
-#: After a parallel region, how many of this process's threads are runnable: OpenMP's
-#: pool threads spin (runnable) under ACTIVE and sleep under PASSIVE.
-_SPINNERS = textwrap.dedent(
-    """
-    import glob, sys, time
-    from ddsmon.threads import prepare_process_environment
-    prepare_process_environment()
-    import os, torch
+#: In a fresh process: the daemon's way (main thread kept to one torch thread before any
+#: parallel region, the reading in a worker thread on 2) against a main thread that ran a
+#: 2-thread region first. Prints how many OpenMP pool threads the process holds: GNU
+#: OpenMP keeps one pool per thread that ran a parallel region.
+_POOLS = """
+import sys, threading, torch
+from ddsmon.threads import keep_this_thread_single
+if sys.argv[1] == "kept":
+    keep_this_thread_single()
+a = torch.randn(400, 400, dtype=torch.float64)
+(a @ a).sum()  # the main thread's own torch work (the daemon: MLflow, digests, events)
+def read():
     torch.set_num_threads(2)
-    a = torch.randn(512, 512, dtype=torch.float64)
-    for _ in range(20):
-        a @ a
-    time.sleep(0.2)
-    states = []
-    for path in glob.glob("/proc/self/task/*/stat"):
-        text = open(path).read()
-        states.append(text[text.rindex(")") + 2])
-    print(os.environ.get("OMP_WAIT_POLICY"), states.count("R"))
-    """
-)
+    for _ in range(3):
+        torch.linalg.eigvalsh(a @ a.T)
+worker = threading.Thread(target=read)
+worker.start()
+worker.join()
+print(threading.active_count(), len(__import__("os").listdir("/proc/self/task")))
+"""
 
 
 @pytest.mark.skipif(not LINUX_PROC, reason="reads /proc/self/task")
-@pytest.mark.parametrize(("given_policy", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_wait_policy_reaches_openmp_before_torch_loads(
-    given_policy: str | None, expected: str
-) -> None:
-    """In a fresh process, set before ``import torch``: PASSIVE (ours, or the user's)
-    pool threads sleep after a parallel region; the user's ACTIVE is kept, and spins."""
+def test_the_main_thread_kept_single_holds_no_openmp_pool() -> None:
+    """keep_this_thread_single before any parallel region: the main thread makes no pool,
+    so the reading thread's team is the process's only one (a second pool made GNU
+    OpenMP throttle its spinning: 2-thread readings 4x slower, see its docstring)."""
     if "OpenMP" not in torch.__config__.parallel_info() or usable_cores() < 2:
         pytest.skip("needs torch's OpenMP backend and two cores")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["PYTHONPATH"] = str(REPO)
-    if given_policy is not None:
-        env["OMP_WAIT_POLICY"] = given_policy
-    out = subprocess.run(
-        [sys.executable, "-c", _SPINNERS], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    policy, runnable = out.stdout.split()
-    assert policy == expected
-    if expected == "PASSIVE":
-        assert int(runnable) == 1  # only the main thread: the pool sleeps
-    else:
-        assert int(runnable) >= 2  # the pool thread spins at its barrier
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    counts = {}
+    for mode in ("kept", "not kept"):
+        out = subprocess.run(
+            [sys.executable, "-c", _POOLS, mode], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        python_threads, os_threads = map(int, out.stdout.split())
+        counts[mode] = os_threads - python_threads  # threads Python did not start
+    assert counts["kept"] < counts["not kept"], counts  # the main thread's pool is not there
