@@ -70,9 +70,11 @@ def test_scaling_tiny(tmp_path: Path) -> None:
         assert cells[5] != "-", cells  # the breakdown ran (ddsmon's internal steps exist)
 
 
+@pytest.mark.slow  # needs the hf extra, which the slow suite installs
 def test_transformers_tiny(tmp_path: Path) -> None:
     """Both model families, a streamed reading and the floor beside it, the forward-only
     floor, and a model built in float64 (read in place), through the real script."""
+    pytest.importorskip("transformers")
     _, md = _run(
         "bench_transformers.py", tmp_path,
         "--models", "gpt2-tiny,pythia-tiny", "--seqs", "4", "--context", "8",
@@ -113,12 +115,14 @@ def test_parse_configs_scopes_entries_to_models() -> None:
         parse_configs("gpt3:floor", ["gpt2"])
 
 
+@pytest.mark.slow  # needs the hf extra, which the slow suite installs
 @pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny"])
 def test_float64_floor_against_autograd_on_the_whole_model(name: str) -> None:
     """The floor's output gradients are d(sum_i loss_i)/d(block output), checked against
     torch.autograd on a float64 model whose block outputs are taken with retain_grad;
     in micro-batches its rows are the last batch's; in place it leaves the model's
     flags as they were; forward-only it stops at the last block (the head never runs)."""
+    pytest.importorskip("transformers")
     spec = {"model": name, "dtype": "float64", "seqs": 3, "context": 6}
     model, x, y, layers, _ = build(spec)
     blocks = [m for n, m in model.named_modules() if re.search(layers, n)]
