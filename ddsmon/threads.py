@@ -55,6 +55,13 @@ wakes a sleeping thread. The policy above already gives a reading beside busy tr
 1 thread, where the wait policy does not matter (no barrier), so the default policy is
 kept; a user who pins ``--threads`` above the free cores can set ``PASSIVE`` themselves.
 
+The process's other threads
+---------------------------
+The daemon reads in a worker thread. Its main and loading threads keep to one torch
+thread (:func:`keep_this_thread_single`, called by the CLI before any parallel region
+and by the loading thread's start), so that the reading thread's OpenMP team is the
+only one with more than one thread: see that function for the 4x it cost otherwise.
+
 Inter-op threads
 ----------------
 torch's inter-op pool runs only ``torch.jit.fork``/``at::launch`` work, which a reading
