@@ -30,3 +30,20 @@ def probe(tmp_path):
     path = tmp_path / "probe.pt"
     torch.save({"inputs": x, "targets": y}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store per test module (creating one costs seconds), its URI;
+    MLflow's default artifact root (./mlruns) lands in a temporary working directory."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        uri = f"sqlite:///{root}/mlflow.db"
+        MlflowClient(uri).search_experiments()  # create the schema once
+        yield uri
+    finally:
+        os.chdir(old)

@@ -36,19 +36,6 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    old = os.getcwd()
-    os.chdir(root)  # MLflow's default artifact root (./mlruns) lands here
-    try:
-        uri = f"sqlite:///{root}/mlflow.db"
-        MlflowClient(uri).search_experiments()
-        yield uri
-    finally:
-        os.chdir(old)
-
-
-@pytest.fixture(scope="module")
 def sig() -> Signatures:
     inputs, targets = mlp_probe()
     return compute_signatures(mlp(), inputs, targets)

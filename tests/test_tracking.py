@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,6 @@ from ddsmon.sinks.mlflow_keys import (
 from ddsmon.sinks.plot_schedule import DASHBOARD_FILE, HEATMAP_FOLDER
 from ddsmon.sinks.tracking import MlflowSink
 from ddsmon.state import StateDir
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module (creating one costs seconds); MLflow's default
-    artifact root (./mlruns) lands in a temporary working directory."""
-    root = tmp_path_factory.mktemp("mlflow")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        uri = f"sqlite:///{root}/mlflow.db"
-        MlflowClient(uri).search_experiments()  # create the schema once
-        yield uri
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ A real SQLite store, read back with MlflowClient."""
 from __future__ import annotations
 
 import math
-import os
 import socket
 from pathlib import Path
 
@@ -24,20 +23,6 @@ from ddsmon.sinks.tracking import TRAINER_LOG_KEY, MlflowSink
 from ddsmon.state import StateDir
 
 LOGGING, EVAL, EPOCH = 3, 10, 40
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module; MLflow's default artifact root in a temporary cwd."""
-    root = tmp_path_factory.mktemp("mlflow")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        uri = f"sqlite:///{root}/mlflow.db"
-        MlflowClient(uri).search_experiments()  # create the schema once
-        yield uri
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(scope="module")
