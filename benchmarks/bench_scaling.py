@@ -4,7 +4,7 @@ Every configuration runs in a fresh subprocess (so its peak RSS is its own), rep
 the median seconds of the reading (one checkpoint: float64 copy, probe pass, spectra),
 the process's peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; on
 CUDA ``torch.cuda.max_memory_allocated``), and a breakdown of where the time goes,
-measured with ddsmon's own steps (``ddsmon.probe.run_probe``, ``ddsmon.spectra``,
+measured with ddsmon's own steps (``ddsmon.probe.run_probe_pass``, ``ddsmon.spectra``,
 ``ddsmon.param_gram``) one after another on the same captures.
 
 Sweeps (defaults; every size is a flag):
@@ -486,7 +486,7 @@ def _breakdown(
     """Seconds of each step of a reading, with ddsmon's own functions, run once each."""
     from ddsmon.losses import per_sample_loss_fn
     from ddsmon.param_gram import is_structured, param_gram_structured
-    from ddsmon.probe import run_probe, select_layers
+    from ddsmon.probe import run_probe_pass, select_layers
     from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
 
     dev = torch.device(device)
@@ -512,10 +512,10 @@ def _breakdown(
     owns = lambda m: next(m.parameters(recurse=False), None) is not None  # noqa: E731
     caps = clock(
         "probe",
-        lambda: run_probe(
+        lambda: run_probe_pass(
             work, xd, yd, per_sample_loss_fn(loss), names, n=x.shape[0],
             keep_inputs=lambda m: want_k and is_structured(m) and owns(m),
-        ),
+        ).captures,
     )  # fmt: skip
     n = x.shape[0]
     for cap in caps.values():
@@ -711,7 +711,7 @@ def _render(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         "",
         "Breakdown (ddsmon's own steps run one after another on the same captures; median "
         "per term of up to as many passes as readings, within half the time cap): probe = float64 "
-        "copy + forward + backward of the whole probe in one pass (ddsmon.probe.run_probe; "
+        "copy + forward + backward of the whole probe in one pass (ddsmon.probe.run_probe_pass; "
         "the reading itself may stream it in micro-batches); X = QR/SVD of the outputs; G = form + eigensolve the "
         "smaller-side Gram of the output gradients; K = form + eigensolve the n x n "
         "parameter-side Gram.",

@@ -50,7 +50,6 @@ __all__ = (
     "RetryPass",
     "model_output",
     "probe_batch_size",
-    "run_probe",
     "run_probe_pass",
     "select_layers",
     "slice_batch",
@@ -198,24 +197,6 @@ class ProbeRun:
     captures: dict[str, LayerCapture]
     losses: Tensor | None
     output_layer: str | None
-
-
-def run_probe(
-    model: nn.Module,
-    inputs: Any,
-    targets: Any,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    names: list[str] | None,
-    *,
-    n: int,
-    keep_inputs: Callable[[nn.Module], bool],
-    max_rows: int | None = None,
-) -> dict[str, LayerCapture]:
-    """The captures of :func:`run_probe_pass` (one forward/backward pass over the whole
-    probe), a capture per layer."""
-    return run_probe_pass(
-        model, inputs, targets, loss_fn, names, n=n, keep_inputs=keep_inputs, max_rows=max_rows
-    ).captures
 
 
 def run_probe_pass(

@@ -34,7 +34,7 @@ from ddsmon.param_gram import (
     param_gram_structured,
     param_grams_functional,
 )
-from ddsmon.probe import LayerCapture, run_probe
+from ddsmon.probe import LayerCapture, run_probe_pass
 
 TOL = 1e-10
 
@@ -216,14 +216,14 @@ def _captures(case) -> dict:
     """The engine's probe pass (X, Delta, and A of structured layers) on a float64 copy."""
     _, model, x, y, loss, sig, _ = case
     xx = x.double() if x.is_floating_point() else x
-    return run_probe(
+    return run_probe_pass(
         _double_copy(model), xx, y, per_sample_loss_fn(loss), list(sig.layers),
         n=y.shape[0], keep_inputs=is_structured,
-    )  # fmt: skip
+    ).captures  # fmt: skip
 
 
 def test_probe_delta_equals_the_loop_row_by_row(case) -> None:
-    """X and Delta themselves (not just their spectra) from ddsmon.probe.run_probe."""
+    """X and Delta themselves (not just their spectra) from ddsmon.probe.run_probe_pass."""
     *_, y, _, _, refs = case
     caps = _captures(case)
     for layer, cap in caps.items():

@@ -35,7 +35,7 @@ from ddsmon.param_gram import (
     register_param_gram,
     unregister_param_gram,
 )
-from ddsmon.probe import run_probe
+from ddsmon.probe import run_probe_pass
 
 REL = 1e-12  # of the largest entry / eigenvalue: both sides are float64 from one weight set
 
@@ -150,10 +150,10 @@ def test_user_structured_strategies_equal_the_per_sample_loop() -> None:
         assert got.param_rank == ref["param_rank"], layer
 
     work = _double(model)
-    caps = run_probe(
+    caps = run_probe_pass(
         work, x.double(), y, per_sample_loss_fn("ce"), ["mine", "scale"],
         n=9, keep_inputs=is_structured,
-    )  # fmt: skip
+    ).captures  # fmt: skip
     for layer, cap in caps.items():
         k = param_gram_structured(cap, 9).numpy()
         k_ref = _k_ref(refs[layer])
