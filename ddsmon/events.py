@@ -68,7 +68,16 @@ message; some carry more, see :meth:`Event.to_dict`):
     Nothing is decided before ``min_reference`` values are in the reference (fewer when
     a reference window given in steps or checkpoints cannot hold that many at the run's
     cadence), so the first checkpoints (``min_reference`` before the lag: about 7 by
-    default) are a warm-up: early training (memorisation) moves every reading by decades. ``before`` is the reference
+    default) are a warm-up: early training (memorisation) moves every reading by decades.
+    A departure that already held at the previous checkpoint when a reading is first
+    decided (its previous value past the same threshold of the same reference) happened
+    in the warm-up: the state leaves normal silently, reporting neither it nor its
+    return. A coarse run's warm-up is longer in steps (``min_reference`` checkpoints) and
+    its first reference reaches back into early training, so without this it reported
+    at its first decision a collapse the fine run had seen, and let expire, long before
+    (``bench_events.py``'s slow run every 500 steps: a hidden-layer lambda_ratio collapse
+    at step 3500 that the run every 100 steps saw at 900; it joined a transition
+    thousands of steps later as its onset). ``before`` is the reference
     and ``after`` the value, both in the reading's own units; ``magnitude`` is the
     departure (in decades, or as a difference for a fraction). A collapse's message and
     its ``dying_directions`` say how many directions are dying at the layer.
@@ -83,7 +92,11 @@ message; some carry more, see :meth:`Event.to_dict`):
     it (one alert per phase change). ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
     with its depth and step and each layer's dying directions, ``before``/``after`` are
-    None, and ``magnitude`` is the number of collapsed pairs.
+    None, and ``magnitude`` is the number of collapsed pairs. ``step`` is where the
+    transition is reported (confirmed); ``completed_step`` where its collapses were in
+    place (its ``min_collapses``-th collapse in step order), which the message says as
+    ``complete at step N``. The two differ by the confirmation, at least one checkpoint,
+    so ``completed_step`` is what to compare across cadences.
 
     It carries the trainer's own validation scalars (``val_acc``, ``eval_loss``, ...:
     :func:`validation_scalars`) at the start of its window (the last checkpoint at or
@@ -193,6 +206,12 @@ class Event:
     trainer_before / trainer_after / label: a ``transition``'s validation scalars at the
         start and the end of its window, and whether they say the model generalised
         (one of :data:`LABELS`); None for the other kinds.
+    completed_step: for a ``transition``, the step of its ``min_collapses``-th collapse
+        in step order, where its collapses were all in place; ``step`` is where it was
+        reported, once they had held for the confirmation. The confirmation waits at
+        least one checkpoint, so ``step`` trails ``completed_step`` by a cadence or more
+        and differs between cadences by more than the collapses do (``bench_events.py``:
+        the same run read every 100 and every 500 steps). None for the other kinds.
     """
 
     step: int
@@ -207,12 +226,13 @@ class Event:
     trainer_before: dict[str, float] | None = field(default=None, hash=False)
     trainer_after: dict[str, float] | None = field(default=None, hash=False)
     label: str | None = None
+    completed_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The event as a plain JSON-ready dict (one line of ``--events-json``): the eight
-        fields every event has, then ``dying_directions`` where set, and
-        ``trainer_before``, ``trainer_after`` and ``label`` where set (every transition
-        the detector reports has them)."""
+        fields every event has, then ``dying_directions`` where set, ``trainer_before``,
+        ``trainer_after`` and ``label`` where set (every transition the detector reports
+        has them), and ``completed_step`` where set (likewise)."""
         out: dict[str, Any] = {
             "step": self.step,
             "layer": self.layer,
@@ -229,6 +249,8 @@ class Event:
             out["trainer_before"] = dict(self.trainer_before or {})
             out["trainer_after"] = dict(self.trainer_after or {})
             out["label"] = self.label or "unknown"
+        if self.completed_step is not None:
+            out["completed_step"] = self.completed_step
         return out
 
     @classmethod
@@ -254,6 +276,9 @@ class Event:
             trainer_before=scalars(data.get("trainer_before")),
             trainer_after=scalars(data.get("trainer_after")),
             label=None if data.get("label") is None else str(data["label"]),
+            completed_step=None
+            if data.get("completed_step") is None
+            else int(data["completed_step"]),
         )
 
 
@@ -894,6 +919,8 @@ class _LevelScanner:
         self.state = "normal"  # normal | low | high
         self.anchor = 0.0  # reference (level) when the state left normal
         self.thr = 0.0  # the threshold it left by
+        self.decided = False  # a decision was made: the warm-up is over for this reading
+        self.silent = False  # the state left normal before the first decision: no news
 
     def _reference(self, step: int, win: EventWindows) -> list[float]:
         """The values in the reference window ``[step - lag - window, step - lag)``; where
@@ -933,7 +960,9 @@ class _LevelScanner:
         if win is not None:
             values = self._reference(step, win)
             if values and len(values) >= win.min_reference:
-                event = self._decide(step, value, float(raw), values, dying)
+                prior = self.buffer[-1][1] if self.buffer and not self.decided else None
+                event = self._decide(step, value, float(raw), values, dying, prior)
+                self.decided = True
         self.buffer.append((step, value))
         if win is not None:
             self._prune(step, win)
@@ -941,28 +970,50 @@ class _LevelScanner:
         return event
 
     def _decide(
-        self, step: int, value: float, raw: float, values: list[float], dying: float | None
+        self,
+        step: int,
+        value: float,
+        raw: float,
+        values: list[float],
+        dying: float | None,
+        prior: float | None = None,
     ) -> Event | None:
+        """The state machine at one checkpoint (module docstring). ``prior``: at the
+        reading's first decision, its previous value (None at every later one). Where
+        ``prior`` was already past the threshold of this reference (``prior <= ref - thr``,
+        or ``>= ref + thr`` for a rise), the departure happened before anything could be
+        decided, in the warm-up: the state leaves normal *silently* (no collapse, and no
+        revival when it returns), so it counts toward no transition."""
         ref = _median(values)
         if self.state == "low":
             if value >= self.anchor - self.thr / 2:
                 self.state = "normal"
+                if self.silent:
+                    self.silent = False
+                    return None
                 return self._event(
                     step, "revival", self.anchor, raw, value - self.anchor, None, True
                 )
             if value > ref - self.thr / 2:
                 self.state = "normal"  # the reference caught up: the new level is the norm
+                self.silent = False
             return None
         if self.state == "high":
             if value < ref + self.thr / 2:
-                self.state = "normal"
+                self.state, self.silent = "normal", False
             return None
         thr = self._threshold(values, ref)
         if value <= ref - thr:
             self.state, self.anchor, self.thr = "low", ref, thr
+            if prior is not None and prior <= ref - thr:
+                self.silent = True
+                return None
             return self._event(step, "collapse", ref, raw, ref - value, dying)
         if value >= ref + thr:
             self.state, self.anchor, self.thr = "high", ref, thr
+            if prior is not None and prior >= ref + thr:
+                self.silent = True
+                return None
             return self._event(step, "revival", ref, raw, value - ref, None)
         return None
 
@@ -1003,14 +1054,20 @@ class _LevelScanner:
             "state": self.state,
             "anchor": self.anchor,
             "thr": self.thr,
+            "decided": self.decided,
+            "silent": self.silent,
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`to_state`'s dict; one saved before ``decided`` / ``silent``
+        existed is taken as past its first decision, with nothing silent (as it ran)."""
         self.buffer.clear()
         self.buffer.extend((int(s), float(v)) for s, v in state["buffer"])
         self.state = str(state["state"])
         self.anchor = float(state["anchor"])
         self.thr = float(state["thr"])
+        self.decided = bool(state.get("decided", True))
+        self.silent = bool(state.get("silent", False))
 
 
 class _RankScanner:
@@ -1375,9 +1432,10 @@ class _TransitionScanner:
         said = [s for s in said if s]
         before, after = trainer.window(step, span) if trainer is not None else ({}, {})
         label = transition_label(before, after, self.cfg)
+        completed = sorted(e["step"] for e in picked)[self.cfg.min_collapses - 1]
         msg = (
-            f"transition: {len(picked)} collapses within {span:.0f} steps, held "
-            f"{win.confirm:.0f}+: {parts}"
+            f"transition: {len(picked)} collapses within {span:.0f} steps, complete at step "
+            f"{completed}, held {win.confirm:.0f}+: {parts}"
         )
         if said:
             msg += "; " + ", ".join(said)
@@ -1399,6 +1457,7 @@ class _TransitionScanner:
                 trainer_before=before,
                 trainer_after=after,
                 label=label,
+                completed_step=int(completed),
             )
         ]
 

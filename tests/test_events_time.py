@@ -477,3 +477,93 @@ def test_a_dense_run_keeps_a_small_state_and_the_same_transition() -> None:
     buffer = state["layers"]["a"]["levels"]["log_volume"]["buffer"]
     start = 12000 - win.reference_lag - win.reference_window
     assert abs(buffer[0][0] - start) <= 2 * win.reference_window / 64
+
+
+# --------------------------------------------------------------------------- the warm-up's
+# departures, and where a transition completed
+
+
+def early_then_late(step: int) -> dict:
+    """Two layers: ``a``'s lambda_ratio falls 5 decades over steps 300-2800 (early
+    training, then flat), ``b``'s log_volume 40 nats over 5000-5600 (one collapse alone,
+    never a transition by itself)."""
+    x = min(max((step - 300) / 2500, 0.0), 1.0)
+    y = min(max((step - 5000) / 600, 0.0), 1.0)
+    lam = 10 ** (-2.0 - 5.0 * x + 0.05 * math.sin(step / 37.0))
+    vol = -20.0 - 40.0 * y + 0.05 * math.sin(step / 53.0)
+    return {"a": reading(lam, -20.0), "b": reading(1e-2, vol)}
+
+
+def run_early_then_late(every: int, stop: int | None = None) -> list[Event]:
+    det = EventDetector(EventConfig())
+    events: list[Event] = []
+    for step in range(0, 10001, every):
+        if stop is not None and step == stop:
+            det = EventDetector.from_state(json.loads(json.dumps(det.to_state())))
+        events += det.update(step, early_then_late(step))
+    return events
+
+
+def test_a_fall_in_the_warm_up_is_no_collapse_at_a_coarse_cadence() -> None:
+    # every 100 steps the early fall is decided on as it happens (a collapse at 2200 that
+    # expires alone); every 500 the first decision comes at 3500, against a reference
+    # reaching back to step 0: the fall was already there at 3000, so it is the
+    # warm-up's, not news. Reported, it would sit in the transition window and make a
+    # transition of b's lone collapse at 5500 (before: a transition at 6000, a,b).
+    found = {}
+    for every in (100, 500):
+        events = run_early_then_late(every)
+        found[every] = [(e.step, e.kind, e.layer) for e in events if e.kind != "rank_change"]
+    assert "transition" not in {k for _, k, _ in found[100] + found[500]}, found
+    assert [(k, layer) for _, k, layer in found[500]] == [("collapse", "b")], found
+    assert ("collapse", "a") in [(k, layer) for _, k, layer in found[100]], found
+
+
+def test_a_fall_after_the_first_decision_is_still_a_collapse() -> None:
+    # the twin: the same fall starting once the coarse run decides is a collapse there
+    det = EventDetector(EventConfig())
+    events: list[Event] = []
+    for step in range(0, 10001, 500):
+        x = min(max((step - 4000) / 1000, 0.0), 1.0)
+        events += det.update(step, {"a": reading(10 ** (-2.0 - 5.0 * x), -20.0)})
+    assert [(e.step, e.kind) for e in events if e.kind == "collapse"] == [(4500, "collapse")]
+
+
+@pytest.mark.parametrize("stop", [3500, 4000, 5500, 6000])
+def test_the_warm_up_state_survives_a_restart(stop: int) -> None:
+    assert run_early_then_late(500, stop) == run_early_then_late(500)
+
+
+def test_a_state_saved_before_the_warm_up_flags_loads() -> None:
+    det = EventDetector(EventConfig())
+    for step in range(0, 4001, 500):
+        det.update(step, early_then_late(step))
+    state = det.to_state()
+    level = state["layers"]["a"]["levels"]["lambda_ratio"]
+    assert level["decided"] is True and level["silent"] is True
+    for layer in state["layers"].values():  # as the code before these keys saved it
+        for saved in layer["levels"].values():
+            del saved["decided"], saved["silent"]
+    again = EventDetector.from_state(json.loads(json.dumps(state)))
+    assert again.to_state()["layers"]["a"]["levels"]["lambda_ratio"]["decided"] is True
+    assert again.to_state()["layers"]["a"]["levels"]["lambda_ratio"]["silent"] is False
+
+
+def test_a_transition_says_where_it_completed() -> None:
+    # two layers fall 150 steps apart: the transition completed at the second collapse
+    # and was reported once both had held the confirmation (at least a checkpoint)
+    done = {}
+    for every in (100, 500):
+        _, events = run_at(every, 12000, EventConfig())
+        (tr,) = [e for e in events if e.kind == "transition"]
+        collapses = sorted(e.step for e in events if e.kind == "collapse" and e.step <= tr.step)
+        assert tr.completed_step == collapses[1], (tr, collapses)
+        assert tr.step - tr.completed_step >= max(0.02 * tr.step, every)
+        assert f"complete at step {tr.completed_step}," in tr.message
+        data = json.loads(json.dumps(tr.to_dict()))
+        assert data["completed_step"] == tr.completed_step and Event.from_dict(data) == tr
+        done[every] = (tr.completed_step, tr.step)
+    # where it completed is seen up to one coarse cadence late; where it was reported
+    # trails that by the confirmation, longer at the coarse cadence
+    assert 0 <= done[500][0] - done[100][0] <= 500, done
+    assert done[500][1] - done[100][1] > done[500][0] - done[100][0], done
