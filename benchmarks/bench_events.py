@@ -42,8 +42,11 @@ where validation accuracy first passes 10%, 50% and 95% of the way from chance t
 chance is 1/p for modular addition, 1/2 for parity), the lead time of the first
 transition before the 50% crossing (positive: before it), the false transitions (those
 labelled "not generalising", and any in a run that never generalises), and the first
-``dying`` event. The defaults were tuned on the ``--tune-seeds``; the scorecard reports
-the ``--seeds``. For the control runs it also tabulates the near-zero-loss regime: the
+``dying`` event. The cadence pairs (``slow@100`` / ``slow@500``) are compared three
+ways: by each transition's reported ``step`` (where it was confirmed, at least a
+checkpoint after its collapses), by its ``completed_step`` (where its collapses were in
+place) and by its onset (its earliest collapse). The defaults were tuned on the
+``--tune-seeds``; the scorecard reports the ``--seeds``. For the control runs it also tabulates the near-zero-loss regime: the
 spread of the per-sample losses (``loss_spread``), the samples G can still resolve
 (``samples_resolved``) and each layer's ``g_rank`` (:func:`regime`).
 
@@ -235,6 +238,13 @@ class Score:
             out.append(min(steps) if steps else tr.step)
         return out
 
+    def completed(self) -> list[int]:
+        """Each transition's ``completed_step`` (where its collapses were in place; its
+        ``step`` is where it was reported, once they had held the confirmation)."""
+        return [
+            tr.step if tr.completed_step is None else tr.completed_step for tr in self.transitions
+        ]
+
 
 def detect(rows: Sequence[Reading], cfg: EventConfig, every: int | None) -> Score:
     """Feed the checkpoints (those on a multiple of ``every`` steps, when given)."""
@@ -367,8 +377,9 @@ def summary(rows: Sequence[Row]) -> list[str]:
         "| signature | grokking runs caught (a generalising transition by 95%) "
         "| on goal (in the 10-95% window, none before) | median lead (steps) "
         "| false transitions (all runs) | generalising transitions in runs that do not grok "
-        "| cadence pairs: transitions within one cadence | onsets within one cadence |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cadence pairs: transitions within one cadence | completed within one cadence "
+        "| onsets within one cadence |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in DETECTORS:
         grok = [r for r in rows if r.generalises]
@@ -394,10 +405,11 @@ def summary(rows: Sequence[Row]) -> list[str]:
         pairs = cadence_pairs(rows)
         ok = sum(1 for p in pairs if p.within(name, 1))
         onset = sum(1 for p in pairs if p.onsets_within(name))
+        done = sum(1 for p in pairs if p.completed_within(name))
         lines.append(
             f"| {name} | {caught} / {len(grok)} | {goal} / {len(grok)} | "
             f"{'—' if not leads else f'{median(leads):+.0f}'} | {false} | {wrong} "
-            f"| {ok} / {len(pairs)} | {onset} / {len(pairs)} |"
+            f"| {ok} / {len(pairs)} | {done} / {len(pairs)} | {onset} / {len(pairs)} |"
         )
     return lines
 
@@ -430,6 +442,14 @@ class Pair:
         _, a, _, b = self.steps(name)
         return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
 
+    def completed_within(self, name: str) -> bool:
+        """Same number of transitions, each completed (``Event.completed_step``) within
+        one coarse cadence: the reported steps less the confirmation, which is at least
+        one checkpoint and so longer at the coarse cadence."""
+        a = self.fine.scores[name].completed()
+        b = self.coarse.scores[name].completed()
+        return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
+
 
 def cadence_pairs(rows: Sequence[Row]) -> list[Pair]:
     """Every run read at two cadences (its finest and coarsest reading)."""
@@ -450,21 +470,27 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
         return []
     fine, coarse = pairs[0].fine.every, pairs[0].coarse.every
     lines = [
-        f"| run | seed | signature | every {fine}: transitions (onset) "
-        f"| every {coarse}: transitions (onset) | same within one cadence ({coarse} steps) |",
-        "|---|---|---|---|---|---|",
+        f"| run | seed | signature | every {fine}: transitions (completed; onset) "
+        f"| every {coarse}: transitions (completed; onset) "
+        f"| same within one cadence ({coarse} steps) | completed within one cadence |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         for name in DETECTORS:
             a, oa, b, ob = p.steps(name)
-            show = lambda t, o: ", ".join(f"{x} ({y})" for x, y in zip(t, o)) or "none"  # noqa: E731
+            ca, cb = p.fine.scores[name].completed(), p.coarse.scores[name].completed()
+
+            def show(t: list[int], c: list[int], o: list[int]) -> str:
+                return ", ".join(f"{x} ({y}; {z})" for x, y, z in zip(t, c, o)) or "none"
+
             verdict = (
                 "yes" if p.within(name, 1) else
                 "onset yes, reported a checkpoint later" if p.onsets_within(name) and p.within(name, 2)
                 else "no"
             )  # fmt: skip
             lines.append(
-                f"| {p.kind} | {p.seed} | {name} | {show(a, oa)} | {show(b, ob)} | {verdict} |"
+                f"| {p.kind} | {p.seed} | {name} | {show(a, ca, oa)} | {show(b, cb, ob)} "
+                f"| {verdict} | {'yes' if p.completed_within(name) else 'no'} |"
             )
     return lines
 

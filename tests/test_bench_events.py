@@ -75,3 +75,28 @@ def test_event_tasks_write_checkpoints_ddsmon_reads(tmp_path: Path) -> None:
         sig = compute_signatures(model, probe["inputs"], probe["targets"], loss="ce", device="cpu")
         assert sig.output_layer is not None and sig.sample_losses is not None, name
         assert sig.layers[sig.output_layer].loss_spread is not None, name
+
+
+def test_cadence_pairs_compare_where_transitions_completed_too() -> None:
+    """A pair whose transitions were reported 600 steps apart (the coarse reading's
+    confirmation is a whole 500-step checkpoint) but completed 300 apart: not the same
+    within one cadence by the reported step, the same by where they completed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events as B
+
+    from ddsmon.events import Event
+
+    def score(step: int, completed: int) -> B.Score:
+        msg = f"transition: ... @ {completed - 200}, ... @ {completed}"
+        tr = Event(step, "a,b", "transition", "x", None, None, 2.0, msg, completed_step=completed)
+        return B.Score(transitions=[tr])
+
+    cross = {t: None for t in B.THRESHOLDS}
+    fine = B.Row("slow", 0, 100, 101, True, cross, {"DDS": score(7900, 7700)}, paired=True)
+    coarse = B.Row("slow", 0, 500, 21, True, cross, {"DDS": score(8500, 8000)}, paired=True)
+    (pair,) = B.cadence_pairs([fine, coarse])
+    assert not pair.within("DDS", 1) and pair.completed_within("DDS")
+    assert pair.onsets_within("DDS")  # the onsets: 7500 and 7800
+    # a transition that says nothing of where it completed is compared at its step
+    bare = B.Score(transitions=[Event(8500, "a", "transition", "x", None, None, 2.0, "m")])
+    assert bare.completed() == [8500]
