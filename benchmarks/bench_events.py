@@ -42,15 +42,17 @@ where validation accuracy first passes 10%, 50% and 95% of the way from chance t
 chance is 1/p for modular addition, 1/2 for parity), the lead time of the first
 transition before the 50% crossing (positive: before it), the false transitions (those
 labelled "not generalising", and any in a run that never generalises), and the first
-``dying`` event. The cadence pairs (``slow@100`` / ``slow@500``) are compared three
-ways: by each transition's reported ``step`` (where it was confirmed, at least a
-checkpoint after its collapses), by its ``completed_step`` (where its collapses were in
-place) and by its onset (its earliest collapse). The defaults were tuned on the
-``--tune-seeds``; the scorecard reports the ``--seeds``. For the control runs it also tabulates the near-zero-loss regime: the
-spread of the per-sample losses (``loss_spread``), the samples G can still resolve
+``dying`` event. The cadence pairs (``slow@100`` / ``slow@500``) are compared three ways:
+by each transition's reported ``step`` (where it was confirmed, at least a checkpoint
+after its collapses), by its ``completed_step`` (where its collapses were in place) and
+by its onset (its earliest collapse). The defaults were tuned on the ``--tune-seeds``;
+the scorecard reports the ``--seeds`` (by default 6-8: seeds 3-5, the report seeds
+before, were looked at to diagnose the detector, so they are no longer untouched). For
+the control runs it also tabulates the near-zero-loss regime: the spread of the
+per-sample losses (``loss_spread``), the samples G can still resolve
 (``samples_resolved``) and each layer's ``g_rank`` (:func:`regime`).
 
-    python benchmarks/bench_events.py [--seeds 3,4,5] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
+    python benchmarks/bench_events.py [--seeds 6,7,8] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
     python benchmarks/bench_events.py --runs parity,schedule   # some of the run kinds
     python benchmarks/bench_events.py --quick        # a smoke test, well under a minute
 
@@ -625,7 +627,13 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=_seeds, default=[3, 4, 5], help="seeds the scorecard reports")
+    ap.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[6, 7, 8],
+        help="seeds the scorecard reports (6-8: trained after 3-5 were used to diagnose the "
+        "detector's cadence pairs and sparse-parity misses)",
+    )
     ap.add_argument(
         "--tune-seeds", type=_seeds, default=[0, 1, 2], help="seeds the defaults were tuned on"
     )
