@@ -8,7 +8,9 @@ Recognised kinds (:data:`KINDS`):
     torch        a torch.save file: ``*.pt``, ``*.pth``, ``*.bin``
     lightning    a Lightning checkpoint: ``*.ckpt`` (a torch.save file too)
     safetensors  ``*.safetensors``
-    hf           a Hugging Face Trainer folder ``checkpoint-<step>/``
+    hf           a Hugging Face folder: a Trainer's ``checkpoint-<step>/``, or a
+                 ``save_pretrained`` folder of any name (``config.json`` beside a
+                 weights file of :data:`HF_WEIGHTS`, e.g. ``step_500/``)
     dcp          a torch.distributed.checkpoint folder (holds a ``.metadata`` file)
 
 Never checkpoints: temporary names (``*.tmp``, ``*.partial``, ``*.part``, ``*.temp``,
@@ -28,9 +30,11 @@ place and events alone cannot tell a finished file from a paused writer:
                   non-zip) torch pickles cannot be checked and are reported as such.
     safetensors   size == 8 + N + max(data_offsets end), N the little-endian u64
                   header length, and the N header bytes are a JSON object.
-    hf            ``trainer_state.json`` parses as JSON and a weights file
-                  (:data:`HF_WEIGHTS`) is there and itself complete (every shard of
-                  a sharded index).
+    hf            a weights file (:data:`HF_WEIGHTS`) is there and itself complete
+                  (every shard of a sharded index), and ``trainer_state.json``
+                  parses as JSON: a Trainer writes it last, so a ``checkpoint-<step>/``
+                  folder waits for it; a ``save_pretrained`` folder (which has none)
+                  needs its ``config.json`` to parse instead.
     dcp           a non-empty ``.metadata`` (torch writes it last).
 
 Only regular files are ever opened (:func:`open_regular`: the type is checked with
@@ -60,7 +64,7 @@ import re
 import stat
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -81,7 +85,9 @@ __all__ = (
     "compressed_member",
     "discover",
     "fingerprint",
+    "folder_step",
     "is_hf_folder_name",
+    "is_pretrained_folder",
     "is_temporary",
     "open_regular",
     "read_regular",
@@ -118,9 +124,20 @@ HF_WEIGHTS: tuple[str, ...] = (
 """Weights files of a Hugging Face checkpoint folder, in the order they are looked for."""
 
 SIDE_FILES = re.compile(
-    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth)$"
+    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth"
+    r"|(?:optimizer|scheduler|sampler|scaler)(?:_\d+)?\.(?:bin|pt))$"
 )
-"""Names of torch files the HF Trainer writes beside the weights; they hold no model."""
+"""Names of torch files trainers write beside the weights; they hold no model: the HF
+Trainer's ``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
+``rng_state.pth``, and Accelerate's ``save_state`` files (``optimizer.bin``,
+``scheduler.bin``, ``sampler.bin``, numbered ``_1``, ``_2`` for more than one)."""
+
+_FOLDER_STEP = re.compile(
+    r"^(?:checkpoint|ckpt|step|global_step|iter|iteration)[-_=]?(\d+)$", re.IGNORECASE
+)
+"""Folder names that are a step: ``checkpoint_3`` (Accelerate's ``save_state``),
+``step_500``, ``global_step800``, ``iter-20``. A weights file with no number of its own
+directly inside such a folder takes the folder's (:attr:`CheckpointRef.name_step`)."""
 
 SAFETENSORS_MAX_HEADER = 100_000_000
 """The longest safetensors header read (the safetensors library's own limit)."""
@@ -135,15 +152,22 @@ _ZIP_MAGIC = b"PK\x03\x04"
 class CheckpointRef:
     """A checkpoint on disk: a file, or a folder for ``hf`` / ``dcp``.
 
-    name_step: the number in its name (:func:`step_from_name`), or None.
+    name_step: the number in its name (:func:`step_from_name`), else the step of the
+    folder it lies in (``folder_step``), or None.
+    folder_step: for a file directly inside a subfolder of the watched directory whose
+    name is a step (``checkpoint_3/model.safetensors``, ``step_500/model.pt``; see
+    :data:`_FOLDER_STEP`), that step; set by :func:`classify` with a root. Not part of
+    the ref's identity.
     """
 
     path: Path
     kind: Kind
+    folder_step: int | None = field(default=None, compare=False)
 
     @property
     def name_step(self) -> int | None:
-        return step_from_name(self.path)
+        step = step_from_name(self.path)
+        return step if step is not None else self.folder_step
 
 
 # --------------------------------------------------------------------------- names
@@ -152,6 +176,22 @@ class CheckpointRef:
 def is_hf_folder_name(name: str) -> bool:
     """True for a Hugging Face Trainer folder's name, ``checkpoint-<step>``."""
     return _HF_NAME.match(name) is not None
+
+
+def is_pretrained_folder(path: Path | str) -> bool:
+    """True for what ``save_pretrained`` writes: a folder holding ``config.json`` and a
+    weights file of :data:`HF_WEIGHTS` (present, not necessarily complete). No check
+    that ``path`` is a folder."""
+    path = Path(path)
+    return os.path.lexists(path / "config.json") and any(
+        os.path.lexists(path / name) for name in HF_WEIGHTS
+    )
+
+
+def folder_step(name: str) -> int | None:
+    """The step a folder's name is (:data:`_FOLDER_STEP`), or None."""
+    match = _FOLDER_STEP.match(name)
+    return int(match.group(1)) if match else None
 
 
 def step_from_name(path: Path | str) -> int | None:
@@ -184,12 +224,13 @@ def is_temporary(name: str) -> bool:
 
 def _folder_kind(path: Path) -> Kind | None:
     """The kind of a folder checkpoint: dcp when ``.metadata`` is in it, hf when it is
-    named ``checkpoint-<step>``. No filesystem check that ``path`` is a folder. A
+    named ``checkpoint-<step>`` or holds what ``save_pretrained`` writes
+    (:func:`is_pretrained_folder`). No filesystem check that ``path`` is a folder. A
     ``.metadata`` that is there but not a regular file (a FIFO, a dangling link) still
     makes a dcp folder, so that the completeness check reports it."""
     if os.path.lexists(path / ".metadata"):
         return "dcp"
-    if is_hf_folder_name(path.name):
+    if is_hf_folder_name(path.name) or is_pretrained_folder(path):
         return "hf"
     return None
 
@@ -215,6 +256,7 @@ def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef 
     """
     path = Path(path)
     name = path.name
+    rel: Path | None = None
     if root is not None:
         root = Path(root)
         rel = _within(path, root)
@@ -237,7 +279,8 @@ def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef 
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
     if file_kind is None or SIDE_FILES.match(name):
         return None
-    return CheckpointRef(path, file_kind)
+    stepped_by = folder_step(rel.parts[0]) if rel is not None and len(rel.parts) == 2 else None
+    return CheckpointRef(path, file_kind, stepped_by)
 
 
 def _points_into(link: Path, root: Path) -> bool:
@@ -593,7 +636,12 @@ def _check_hf(path: Path) -> str | None:
     reason = _check_folder(path)
     if reason is not None:
         return reason
-    _, reason = _check_json(path / "trainer_state.json")
+    trainer_state = path / "trainer_state.json"
+    if is_hf_folder_name(path.name) or os.path.lexists(trainer_state):
+        _, reason = _check_json(trainer_state)
+    else:  # save_pretrained: no trainer state; config.json first, then the weights
+        _, reason = _check_json(path / "config.json")
+        reason = None if reason is None else f"config.json: {reason}"
     if reason is not None:
         return reason
     for name in HF_WEIGHTS:

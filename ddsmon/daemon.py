@@ -36,6 +36,7 @@ from ddsmon.checkpoints import (
     discover,
     fingerprint,
     is_hf_folder_name,
+    is_pretrained_folder,
 )
 from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
@@ -299,8 +300,9 @@ class Daemon:
         if self.reader.factory is None and not has_hf_folders(directory):
             if waiting:
                 log.warning(
-                    "no --model: waiting for a Hugging Face checkpoint-N/ folder in %s, "
-                    "built from its config.json (other checkpoints need --model)",
+                    "no --model: waiting for a Hugging Face folder in %s (checkpoint-N/, or "
+                    "save_pretrained's config.json and weights), built from its config.json "
+                    "(other checkpoints need --model)",
                     shown(directory),
                 )
                 return
@@ -718,10 +720,14 @@ def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> 
 
 
 def has_hf_folders(directory: Path) -> bool:
-    """True when ``directory`` holds a Hugging Face ``checkpoint-N/`` folder (built from
-    its ``config.json``, so no model factory is needed)."""
+    """True when ``directory`` holds a Hugging Face folder, a Trainer's ``checkpoint-N/``
+    or a ``save_pretrained`` one (built from its ``config.json``, so no model factory is
+    needed)."""
     try:
-        return any(p.is_dir() and is_hf_folder_name(p.name) for p in directory.iterdir())
+        return any(
+            p.is_dir() and (is_hf_folder_name(p.name) or is_pretrained_folder(p))
+            for p in directory.iterdir()
+        )
     except OSError:
         return False
 

@@ -480,8 +480,9 @@ class CheckpointWatcher:
         reason: str,
     ) -> None:
         """Settled and incomplete: drop it until it changes; report it once per version."""
-        final = ref.kind not in _FOLDER_KINDS or (
-            ref.kind == "hf" and os.path.lexists(key / "trainer_state.json")
+        final = ref.kind not in _FOLDER_KINDS or (  # else: still being written
+            ref.kind == "hf"
+            and (not is_hf_folder_name(key.name) or os.path.lexists(key / "trainer_state.json"))
         )
         with self._lock:
             if self._pending.get(key) is not entry or entry.gen != gen:

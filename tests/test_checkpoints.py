@@ -331,6 +331,70 @@ def test_hf_sharded_weights(tmp_path: Path) -> None:
     assert "outside the folder" in check_complete(ref)
 
 
+def test_save_pretrained_folders_of_any_name_are_hf_checkpoints(tmp_path: Path) -> None:
+    """What ``save_pretrained`` writes (config.json beside a weights file), under any
+    name: an hf checkpoint stepped by its name, its files part of it; complete without a
+    trainer_state.json once config.json parses and the weights are whole."""
+    folder = tmp_path / "step_500"
+    write(folder / "config.json", json.dumps({"model_type": "toy"}))
+    assert classify(folder, tmp_path) is None  # config.json alone: not yet
+    save_file({"w": torch.randn(2, 2)}, str(folder / "model.safetensors"))
+    ref = classify(folder, tmp_path)
+    assert ref == CheckpointRef(folder, "hf") and ref.name_step == 500
+    assert classify(folder / "model.safetensors", tmp_path) is None
+    assert checkpoint_for(folder / "model.safetensors", tmp_path) == ref
+    assert [r.path for r in discover(tmp_path)] == [folder]
+    assert check_complete(ref) is None
+    write(folder / "config.json", '{"model_type": ')
+    assert check_complete(ref).startswith("config.json: ")
+    write(folder / "config.json", json.dumps({"model_type": "toy"}))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    assert check_complete(ref).startswith("model.safetensors: ")
+    # named without a step: still a checkpoint, with no step from its name
+    final = tmp_path / "final"
+    write(final / "config.json", "{}")
+    write(final / "pytorch_model.bin", torch_bytes())
+    assert classify(final, tmp_path) == CheckpointRef(final, "hf")
+    assert classify(final, tmp_path).name_step is None
+    assert check_complete(CheckpointRef(final, "hf")) is None
+    # a Trainer folder still waits for trainer_state.json, written last
+    trainer = hf_folder(tmp_path, 7, state=False)
+    assert check_complete(CheckpointRef(trainer, "hf")) == "no trainer_state.json yet"
+
+
+def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
+    """Accelerate's ``save_state`` layout (``checkpoint_<i>/model.safetensors`` beside
+    optimizer.bin, scheduler.bin, random_states_0.pkl) and ``step_N/model.pt``: the
+    weights file is the checkpoint, at the folder's step; the side files are not
+    checkpoints; a number in the file's own name wins; a folder whose name is no step
+    gives none (``run1/best.pt``)."""
+    for i in (0, 1, 12):
+        folder = tmp_path / f"checkpoint_{i}"
+        save_file({"w": torch.randn(2, 2)}, str(write(folder / "model.safetensors")))
+        for side in ("optimizer.bin", "scheduler.bin", "sampler.bin", "optimizer_1.bin"):
+            write(folder / side, torch_bytes())
+        write(folder / "random_states_0.pkl", b"x")
+    write(tmp_path / "step_40" / "model.pt", torch_bytes())
+    write(tmp_path / "iter-50" / "weights_51.pt", torch_bytes())
+    write(tmp_path / "run1" / "best.pt", torch_bytes())
+    found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
+    assert found == {
+        "checkpoint_0/model.safetensors": 0,
+        "checkpoint_1/model.safetensors": 1,
+        "checkpoint_12/model.safetensors": 12,
+        "step_40/model.pt": 40,
+        "iter-50/weights_51.pt": 51,
+        "run1/best.pt": None,
+    }
+    # the folder's step is no part of the ref's identity (report classifies without root)
+    inner = tmp_path / "step_40" / "model.pt"
+    assert classify(inner, tmp_path) == classify(inner) == CheckpointRef(inner, "torch")
+    assert classify(inner).name_step is None
+    # files directly in the watched directory never take the directory's name
+    assert classify(write(tmp_path / "model.pt", torch_bytes()), tmp_path).name_step is None
+
+
 def test_dcp_folder_completeness(tmp_path: Path) -> None:
     folder = dcp_folder(tmp_path / "dist")
     ref = CheckpointRef(folder, "dcp")

@@ -1,4 +1,5 @@
-"""Hugging Face ``checkpoint-N/`` folders: weights (sharded or not), trainer_state.json, config.json."""
+"""Hugging Face folders (a Trainer's ``checkpoint-N/``, a ``save_pretrained`` folder): weights
+(sharded or not), trainer_state.json when there is one, config.json."""
 
 from __future__ import annotations
 
@@ -264,6 +265,8 @@ def _hf_model_from_config(path: Path) -> nn.Module:
     try:
         stat_regular(config_file)  # still the regular file checked above
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False  # no key/value cache: the probe pass never decodes
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, nn.Module):
