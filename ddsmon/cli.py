@@ -13,7 +13,10 @@ event, or ``report`` could not read the checkpoint; 2 bad settings (missing fact
 probe or directory, a second daemon on the directory) before anything is read, or a
 setting that failed on every checkpoint; 3 ``scan`` ended with records still undelivered
 in the spool (the tracking server unreachable); 4 the state directory could not be
-written (a full disk), stopped cleanly.
+written (a full disk), stopped cleanly; 130 interrupted before the daemon took over
+its signals (while starting up: importing torch, opening the store) or by a second
+SIGINT/SIGTERM, which abandons the checkpoint being read. A first signal once the daemon
+runs finishes the current checkpoint and stops with the usual status.
 """
 
 from __future__ import annotations
@@ -33,12 +36,20 @@ from ddsmon.errors import CheckpointError, ConfigError, DDSError
 from ddsmon.shown import shown
 from ddsmon.state import StateError
 
-__all__ = ("EXIT_EVENT", "EXIT_SETTINGS", "EXIT_STATE", "EXIT_UNDELIVERED", "main")
+__all__ = (
+    "EXIT_EVENT",
+    "EXIT_INTERRUPTED",
+    "EXIT_SETTINGS",
+    "EXIT_STATE",
+    "EXIT_UNDELIVERED",
+    "main",
+)
 
 EXIT_EVENT = 1
 EXIT_SETTINGS = 2
 EXIT_UNDELIVERED = 3
 EXIT_STATE = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 log = logging.getLogger("ddsmon")
 
@@ -121,6 +132,20 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
     from ddsmon.threads import keep_this_thread_single
 
     keep_this_thread_single()  # before any parallel region: only the reading thread has a team
+    try:
+        return _start_and_run(ctx, mode, directory, flags, config_file)
+    except KeyboardInterrupt:  # not from the daemon's handler: before it, or a second signal
+        click.echo(
+            "ddsmon: interrupted; what was recorded before is kept "
+            "(a checkpoint being read is read again next time)",
+            err=True,
+        )
+        ctx.exit(EXIT_INTERRUPTED)
+
+
+def _start_and_run(
+    ctx: click.Context, mode: str, directory: Path, flags: dict[str, Any], config_file: Any
+) -> Any:
     try:
         config = resolve_config(directory, _given(ctx, flags), config_file=config_file)
         from ddsmon.daemon import Daemon, run_until_signalled, wait_for_directory
@@ -225,8 +250,15 @@ def report(
 
         ref = classify(checkpoint)
         if ref is None:
+            folder = classify(checkpoint.parent)
+            if folder is not None and folder.kind in ("hf", "dcp"):
+                raise ConfigError(
+                    f"{checkpoint} is part of the checkpoint folder {folder.path}: give the folder"
+                )
             raise ConfigError(
-                f"{checkpoint} is not a checkpoint ddsmon recognises (.pt .pth .bin .ckpt .safetensors, checkpoint-N/)"
+                f"{checkpoint} is not a checkpoint ddsmon recognises (.pt .pth .bin .ckpt "
+                ".safetensors files; checkpoint-N/, save_pretrained and "
+                "torch.distributed.checkpoint folders)"
             )
         if config.read.model is None and ref.kind != "hf":
             why = "".join(f"; {i} was ignored (not allowed)" for i in config.ignored)

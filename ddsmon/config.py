@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -376,6 +377,11 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
             return ",".join(value)
         if not isinstance(value, str) or not value:
             raise bad("module names (a string, comma-separated, or a list) or a regex")
+        if "," not in value:  # one name or a regex (names never make an invalid one)
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise bad(f"module names or a valid regex ({exc})") from None
         return value
     if kind == "size":
         size = parse_size(value)

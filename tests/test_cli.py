@@ -372,7 +372,7 @@ def test_watch_without_a_model_waits_for_a_hugging_face_folder(tmp_path: Path, p
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "waiting for a Hugging Face checkpoint-N/ folder" in err
+    assert "waiting for a Hugging Face folder" in err
 
 
 def test_watch_reports_each_bad_file_written_live_once(tmp_path: Path, probe: Path) -> None:
@@ -424,3 +424,103 @@ def test_the_command_leaves_the_openmp_wait_policy_as_the_user_has_it(
     _, run = run_of(uri)
     assert run.data.params["omp_wait_policy"] == (given or "unset (OpenMP's default)")
     assert run.data.params["threads_policy"].startswith("auto")
+
+
+_SLOW_MODELS = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from fixtures_models import mlp
+
+MARK = Path({mark!r})
+if os.environ.get("SLOW_IMPORT"):
+    MARK.write_text("importing")
+    time.sleep(120)
+
+
+def slow_forward():
+    model = mlp()
+
+    class Stalled(type(model)):
+        def forward(self, x):
+            MARK.write_text("reading")
+            time.sleep(float(os.environ.get("SLOW_FORWARD", "0")))
+            return super().forward(x)
+
+    model.__class__ = Stalled
+    return model
+"""
+
+
+@pytest.mark.parametrize("mode", ["scan", "watch"])
+def test_interrupted_while_starting_up_exits_130_and_says_so(
+    tmp_path: Path, probe: Path, mode: str
+) -> None:
+    """Ctrl-C before the daemon took over its signals (here: while the model module is
+    imported) ends with 130 and one line, not click's "Aborted!" or a traceback."""
+    ckpts, mark = tmp_path / "ckpts", tmp_path / "mark"
+    write_run(ckpts, [1, 2])
+    models = tmp_path / "slow_models.py"
+    models.write_text(_SLOW_MODELS.format(tests=str(REPO / "tests"), mark=str(mark)))
+    args = [sys.executable, "-m", "ddsmon.cli", mode, str(ckpts), "--model",
+            f"{models}:slow_forward", "--probe", str(probe), "--no-plots",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                            "SLOW_IMPORT": "1"})  # fmt: skip
+    try:
+        _wait(mark.exists, 60, "the model module to be imported")
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Aborted!" not in err and "Traceback" not in err, err
+
+
+def test_a_second_signal_abandons_the_checkpoint_and_the_next_run_reads_it(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The first SIGINT finishes the checkpoint being read, a second abandons it: exit
+    130, one line; the abandoned checkpoint is not recorded as read, so the next scan
+    reads it, and logs each step once."""
+    ckpts, mark = tmp_path / "ckpts", tmp_path / "mark"
+    write_run(ckpts, [1, 2])
+    models = tmp_path / "slow_models.py"
+    models.write_text(_SLOW_MODELS.format(tests=str(REPO / "tests"), mark=str(mark)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["scan", str(ckpts), "--model", f"{models}:slow_forward", "--probe", str(probe),
+            "--no-plots", "--tracking-uri", uri]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ddsmon.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO),
+                                 "SLOW_FORWARD": "120"})  # fmt: skip
+    try:
+        _wait(lambda: mark.exists() and mark.read_text() == "reading", 120, "the first reading")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None  # the first signal waits for the checkpoint
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Aborted!" not in err, err
+    assert _steps(uri) == []
+    again = ddsmon(*args)
+    assert again.returncode == 0, again.stderr
+    assert "2 read" in again.stderr, again.stderr
+    assert _steps(uri) == [1, 2]
+
+
+def test_a_layers_regex_that_does_not_compile_exits_2_before_anything(
+    tmp_path: Path, probe: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [1])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe),
+                  "--layers", "blocks.(0|1", "--tracking-uri", uri)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--layers" in proc.stderr and "valid regex" in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()

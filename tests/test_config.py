@@ -122,6 +122,7 @@ def test_counts_that_are_not_whole_numbers_name_file_and_key(
         ('probe = ["a"]', "probe"),
         ("loss = 5", "loss"),
         ("layers = 3", "layers"),
+        ('layers = "blocks.(0|1"', "layers"),
         ('poll = "fast"', "poll"),
         ('quiet = "x"', "quiet"),
         ("poll = inf", "poll"),
