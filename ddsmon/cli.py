@@ -266,7 +266,7 @@ def report(
         reader = Reader.from_settings(config.read)
     except DDSError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from exc
-    from ddsmon.daemon import checkpoint_step
+    from ddsmon.loading import checkpoint_step
 
     try:
         loaded = reader.load(ref)

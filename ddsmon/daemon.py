@@ -42,7 +42,7 @@ from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
 from ddsmon.events import Event, EventDetector
 from ddsmon.faults import RepeatedFault
-from ddsmon.loading import VANISHED, LoadedCheckpoint
+from ddsmon.loading import VANISHED, LoadedCheckpoint, checkpoint_step
 from ddsmon.reader import Reader
 from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.redaction import redact_uri
@@ -692,14 +692,6 @@ class Daemon:
 
 class _SettingFault(CheckpointError):
     """A load that failed because of a setting (the model factory), not the file."""
-
-
-def checkpoint_step(ref: CheckpointRef, loaded: LoadedCheckpoint) -> int | None:
-    """The training step of a loaded checkpoint, one rule for scan, watch and report: the
-    step its content holds (``step``, ``global_step`` or ``iteration``, see
-    :mod:`ddsmon.loading.step_and_meta`), else the one in its name
-    (:func:`ddsmon.checkpoints.step_from_name`: ``step_100.pt`` -> 100), else None."""
-    return loaded.step if loaded.step is not None else ref.name_step
 
 
 def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""``load_checkpoint``: one checkpoint of any supported kind, loaded into its model on CPU."""
+"""``load_checkpoint``: one checkpoint of any supported kind, loaded into its model on CPU;
+``checkpoint_step``: the step it is logged under."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ddsmon.checkpoints import RefusedFile
+from ddsmon.checkpoints import CheckpointRef, RefusedFile
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
@@ -117,3 +118,12 @@ def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) 
         _meta_of(header.metadata),
         source=match.source(f"in {path.name}"),
     )
+
+
+def checkpoint_step(ref: CheckpointRef, loaded: LoadedCheckpoint) -> int | None:
+    """The training step of a loaded checkpoint, one rule for scan, watch and report: the
+    step its content holds (``step``, ``global_step`` or ``iteration``, see
+    :mod:`ddsmon.loading.step_and_meta`), else the one in its name or in the name of the
+    step-named folder it lies in (:attr:`ddsmon.checkpoints.CheckpointRef.name_step`:
+    ``step_100.pt`` -> 100, ``checkpoint_3/model.safetensors`` -> 3), else None."""
+    return loaded.step if loaded.step is not None else ref.name_step
