@@ -1,5 +1,5 @@
 """Faults of the state directory, injected for real: a directory (or a FIFO, a dangling
-link) in place of each state file, a real full filesystem (a 64 KiB tmpfs, mounted
+link) in place of each state file, a real full filesystem (a 256 KiB tmpfs, mounted
 here when the sandbox lets root mount; else skipped), a real file-size limit
 (RLIMIT_FSIZE in a child process: EFBIG, runs everywhere), and a writer killed between
 writing a temporary file and renaming it."""
@@ -168,13 +168,15 @@ def test_cli_names_the_state_file_not_mlflow(tmp_path: Path, probe: Path) -> Non
 # ---------------------------------------------------------------------- full disk (tmpfs)
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 KiB tmpfs, unmounted afterwards."""
+    """A real 256 KiB tmpfs, unmounted afterwards (filled by :func:`_fill` to make it
+    full; its size only bounds what a test can free: a scan of six checkpoints keeps
+    about 64 KiB of state, with the copy an atomic write makes)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount(8) here; test_file_size_limit_* covers the failed-write path")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
         capture_output=True,
         text=True,
         timeout=30,
