@@ -37,6 +37,7 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -69,6 +70,11 @@ __all__ = ("FISHER_FAMILIES", "compute_signatures", "forward_dtype", "resolve_de
 
 log = logging.getLogger(__name__)
 
+
+#: Worker threads that read the layers' decompositions side by side on CPU
+#: (:func:`_read_layers`): None is the calling thread's torch thread count, 1 reads them
+#: one after another.
+LAYER_WORKERS: int | None = None
 
 #: The probe-pass dtypes by setting name (:data:`ddsmon.options.FORWARD_DTYPES`).
 _FORWARD_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FORWARD_DTYPES}
@@ -243,13 +249,9 @@ def compute_signatures(
         chosen = probe.run(
             names, streams, keep_inputs=streams.keeps_inputs, strict=names is not None
         )
-        fields: dict[str, dict[str, Any]] = {}
-        for name in chosen:
-            stream = streams.layers.pop(name)
-            fields[name] = _read_layer(
-                stream, n, eps, ridge, want_activation, not backward, strategies.of(stream.module)
-            )
-            del stream
+        jobs = [(name, streams.layers.pop(name)) for name in chosen]
+        fields = _read_layers(jobs, dev, n, eps, ridge, want_activation, not backward, strategies)
+        del jobs
         bad = {name for name, f in fields.items() if not f.get("finite", True)}
         for group in streams.deferred_groups(skip=bad):
             _read_deferred(probe, group, fields, n, eps, ridge, strategies)
@@ -300,6 +302,66 @@ class _Strategies:
 
     def keeps_inputs(self, module: nn.Module) -> bool:
         return isinstance(self.of(module), StructuredGram)
+
+
+def _read_layers(
+    jobs: list[tuple[str, LayerStream]],
+    device: torch.device,
+    n: int,
+    eps: float,
+    ridge: float,
+    want_activation: bool,
+    x_only: bool,
+    strategies: _Strategies,
+) -> dict[str, dict[str, Any]]:
+    """:func:`_read_layer` of every layer, in the order of ``jobs``.
+
+    On CPU, when the calling thread has k > 1 torch threads (the thread policy's count
+    for this reading, :mod:`ddsmon.threads`), the layers are read by k worker threads
+    of one torch thread each, costliest first, instead of one after another on k
+    threads. The decompositions are dense LAPACK (Householder tridiagonalisation and
+    bidiagonalisation: level-2 BLAS at their core), which gains little from a second
+    thread (a 512 x 512 ``eigvalsh`` took 17.1 ms on 1 thread and 15.6 ms on 2, on 2
+    cores), while two of them side by side take about the time of one: on the
+    ``bench_llc`` shape (embedding 128, hidden 256, probe 512) the full reading went from
+    82 to 59 ms. Each layer's matrices and decompositions are the same calls as when read
+    one after another on one thread, so the readings are those to rounding (a product
+    or a decomposition on one thread may differ from one on two in the last bits:
+    ``tests/test_engine_concurrency.py``). Elsewhere (CUDA), and on one thread, the
+    layers are read in order on the calling thread. A registered
+    :class:`~ddsmon.param_gram.StructuredGram` may therefore run in a worker thread.
+    """
+    fields: dict[str, dict[str, Any]] = {}
+
+    def read(job: tuple[str, LayerStream], strategy: ParamGramStrategy | None) -> None:
+        name, stream = job
+        fields[name] = _read_layer(stream, n, eps, ridge, want_activation, x_only, strategy)
+
+    decided = [(job, strategies.of(job[1].module)) for job in jobs]  # on this thread
+    threads = torch.get_num_threads()
+    most = threads if LAYER_WORKERS is None else LAYER_WORKERS
+    workers = min(most, len(jobs)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for job, strategy in decided:
+            read(job, strategy)
+        return fields
+    decided.sort(key=lambda item: -_reading_cost(item[0][1], n, item[1] is not None))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ddsmon-layer",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:  # fmt: skip
+            for future in [pool.submit(read, job, strategy) for job, strategy in decided]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)  # MKL's count is process-wide: the workers set 1
+    return {name: fields[name] for name, _ in jobs}
+
+
+def _reading_cost(stream: LayerStream, n: int, with_k: bool) -> float:
+    """A layer's decompositions in flops, to within a constant: the SVD of X's
+    ``min(N, d)`` square after a QR, G's eigensolve on its smaller side, K's (n x n)."""
+    rows, d = stream.rows, stream.width
+    small, large = min(rows, d), max(rows, d)
+    return small * small * large + small**3 + (n**3 if with_k else 0)
 
 
 def _read_layer(

@@ -130,7 +130,9 @@ class StructuredGram:
     read from structure; where it is False the module goes through :data:`FUNCTIONAL`
     (the built-in Embedding strategy declines ``max_norm`` and ``scale_grad_by_freq``).
     A strategy that raises, or returns anything but an n x n tensor, is a ProbeError
-    naming the layer.
+    naming the layer. On CPU it may be called from a worker thread, beside other
+    layers' readings (:func:`ddsmon.engine._read_layers`): it must not change state that
+    other calls share.
 
     Example, a module ``MyLinear`` computing ``x @ self.weight.T``::
 
