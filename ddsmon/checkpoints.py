@@ -125,12 +125,15 @@ HF_WEIGHTS: tuple[str, ...] = (
 
 SIDE_FILES = re.compile(
     r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth"
-    r"|(?:optimizer|scheduler|sampler|scaler)(?:_\d+)?\.(?:bin|pt))$"
+    r"|(?:optimizer|scheduler|sampler|scaler)(?:_\d+)?\.(?:bin|pt)"
+    r"|.*optim_states\.pt)$"
 )
 """Names of torch files trainers write beside the weights; they hold no model: the HF
 Trainer's ``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
-``rng_state.pth``, and Accelerate's ``save_state`` files (``optimizer.bin``,
-``scheduler.bin``, ``sampler.bin``, numbered ``_1``, ``_2`` for more than one)."""
+``rng_state.pth``; Accelerate's ``save_state`` files (``optimizer.bin``,
+``scheduler.bin``, ``sampler.bin``, numbered ``_1``, ``_2`` for more than one);
+DeepSpeed's optimizer partitions (``zero_pp_rank_0_mp_rank_00_optim_states.pt``,
+``bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt``)."""
 
 _FOLDER_STEP = re.compile(
     r"^(?:checkpoint|ckpt|step|global_step|iter|iteration)[-_=]?(\d+)$", re.IGNORECASE
@@ -152,10 +155,13 @@ _ZIP_MAGIC = b"PK\x03\x04"
 class CheckpointRef:
     """A checkpoint on disk: a file, or a folder for ``hf`` / ``dcp``.
 
-    name_step: the number in its name (:func:`step_from_name`), else the step of the
-    folder it lies in (``folder_step``), or None.
+    name_step: the step its name gives (:func:`step_from_name`), or None; for a file in
+    a step-named folder (``folder_step``) the folder's step, unless the file's own name
+    has a ``step`` tag: a bare number in such a file's name is a rank or a shard
+    (DeepSpeed's ``global_step800/mp_rank_00_model_states.pt`` is step 800, not 0;
+    Accelerate's ``checkpoint_3/model_1.safetensors`` step 3).
     folder_step: for a file directly inside a subfolder of the watched directory whose
-    name is a step (``checkpoint_3/model.safetensors``, ``step_500/model.pt``; see
+    name is a step (``checkpoint_3/``, ``step_500/``, ``global_step800/``; see
     :data:`_FOLDER_STEP`), that step; set by :func:`classify` with a root. Not part of
     the ref's identity.
     """
@@ -166,8 +172,9 @@ class CheckpointRef:
 
     @property
     def name_step(self) -> int | None:
-        step = step_from_name(self.path)
-        return step if step is not None else self.folder_step
+        if self.folder_step is not None and _step_tag(self.path.name) is None:
+            return self.folder_step  # a bare number in the file's name is a rank, a shard
+        return step_from_name(self.path)
 
 
 # --------------------------------------------------------------------------- names
@@ -202,15 +209,23 @@ def step_from_name(path: Path | str) -> int | None:
     of the name without its suffix (``checkpoint-500`` -> 500, ``ckpt_7.pt`` -> 7).
     Lightning's collision suffix ``-v<n>`` is not a step (``last-v1.ckpt`` -> None).
     """
-    name = Path(path).name
-    stem, suffix = os.path.splitext(name)
-    if suffix.lower() not in _SUFFIX_KIND:
-        stem = name
-    tags = _STEP_TAG.findall(stem)
-    if tags:
-        return int(tags[-1])
+    stem = _stem(Path(path).name)
+    tagged = _step_tag(stem)
+    if tagged is not None:
+        return tagged
     numbers = _DIGITS.findall(_LIGHTNING_VERSION.sub("", stem))
     return int(numbers[-1]) if numbers else None
+
+
+def _stem(name: str) -> str:
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in _SUFFIX_KIND else name
+
+
+def _step_tag(name: str) -> int | None:
+    """The last ``step`` tag of a name (``step_420``, ``global_step800``), or None."""
+    tags = _STEP_TAG.findall(_stem(name))
+    return int(tags[-1]) if tags else None
 
 
 def is_temporary(name: str) -> bool:

@@ -367,8 +367,9 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
     """Accelerate's ``save_state`` layout (``checkpoint_<i>/model.safetensors`` beside
     optimizer.bin, scheduler.bin, random_states_0.pkl) and ``step_N/model.pt``: the
     weights file is the checkpoint, at the folder's step; the side files are not
-    checkpoints; a number in the file's own name wins; a folder whose name is no step
-    gives none (``run1/best.pt``)."""
+    checkpoints; a bare number in the file's own name is a model's index, not a step
+    (``iter-50/model_1.safetensors`` is step 50); a folder whose name is no step gives
+    none (``run1/best.pt``)."""
     for i in (0, 1, 12):
         folder = tmp_path / f"checkpoint_{i}"
         save_file({"w": torch.randn(2, 2)}, str(write(folder / "model.safetensors")))
@@ -376,7 +377,7 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
             write(folder / side, torch_bytes())
         write(folder / "random_states_0.pkl", b"x")
     write(tmp_path / "step_40" / "model.pt", torch_bytes())
-    write(tmp_path / "iter-50" / "weights_51.pt", torch_bytes())
+    save_file({"w": torch.randn(2, 2)}, str(write(tmp_path / "iter-50" / "model_1.safetensors")))
     write(tmp_path / "run1" / "best.pt", torch_bytes())
     found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
     assert found == {
@@ -384,7 +385,7 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
         "checkpoint_1/model.safetensors": 1,
         "checkpoint_12/model.safetensors": 12,
         "step_40/model.pt": 40,
-        "iter-50/weights_51.pt": 51,
+        "iter-50/model_1.safetensors": 50,
         "run1/best.pt": None,
     }
     # the folder's step is no part of the ref's identity (report classifies without root)
@@ -393,6 +394,28 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
     assert classify(inner).name_step is None
     # files directly in the watched directory never take the directory's name
     assert classify(write(tmp_path / "model.pt", torch_bytes()), tmp_path).name_step is None
+
+
+def test_deepspeed_folders_take_the_folder_step_and_skip_optimizer_partitions(
+    tmp_path: Path,
+) -> None:
+    """DeepSpeed's ``save_checkpoint`` layout: ``global_step<N>/`` holding
+    ``mp_rank_00_model_states.pt`` (the model) and ``*optim_states.pt`` partitions, a
+    ``latest`` file beside the folders. The model file is step N (its ``00`` is a rank),
+    the partitions are not checkpoints; a step tag in the file's own name still wins."""
+    for step in (100, 200):
+        folder = tmp_path / f"global_step{step}"
+        write(folder / "mp_rank_00_model_states.pt", torch_bytes())
+        write(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", torch_bytes())
+        write(folder / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", torch_bytes())
+    write(tmp_path / "latest", "global_step200")
+    write(tmp_path / "step_300" / "ema_step_310.pt", torch_bytes())
+    found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
+    assert found == {
+        "global_step100/mp_rank_00_model_states.pt": 100,
+        "global_step200/mp_rank_00_model_states.pt": 200,
+        "step_300/ema_step_310.pt": 310,
+    }
 
 
 def test_dcp_folder_completeness(tmp_path: Path) -> None:

@@ -524,3 +524,30 @@ def test_a_layers_regex_that_does_not_compile_exits_2_before_anything(
     assert proc.returncode == 2, proc.stderr
     assert "--layers" in proc.stderr and "valid regex" in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_deepspeed_layout_is_read_at_its_steps_and_its_optimizer_files_left_alone(
+    tmp_path: Path, probe: Path
+) -> None:
+    """``global_step<N>/mp_rank_00_model_states.pt`` (the module under ``module``, the
+    step as ``global_steps``, as DeepSpeed's save_checkpoint writes them) beside ZeRO
+    optimizer partitions and a ``latest`` file: each step read once, nothing failed."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures_models import mlp
+
+    ckpts = tmp_path / "ckpts"
+    model = mlp()
+    for step in (100, 200):
+        folder = ckpts / f"global_step{step}"
+        folder.mkdir(parents=True)
+        state = {"module": model.state_dict(), "global_steps": step, "global_samples": 8 * step,
+                 "dp_world_size": 1, "mp_world_size": 1}  # fmt: skip
+        torch.save(state, folder / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"step": step}}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")  # fmt: skip
+    (ckpts / "latest").write_text("global_step200")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = ddsmon("scan", str(ckpts), "--model", FACTORY, "--probe", str(probe),
+                  "--tracking-uri", uri, "--no-plots")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "scan: 2 read, 0 skipped, 0 failed" in proc.stderr, proc.stderr
+    assert _steps(uri) == [100, 200]

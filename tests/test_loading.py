@@ -336,6 +336,7 @@ def test_state_dict_under_usual_keys_with_step_and_meta(tmp_path: Path, key: str
         ({"step": True}, None),
         ({"step": torch.tensor([1, 2])}, None),
         ({"step": "31"}, 31),
+        ({"global_steps": 800, "global_samples": 6400}, 800),  # DeepSpeed's model states
     ],
 )
 def test_step_from_content(tmp_path: Path, content: dict, step: int | None) -> None:

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_STEP_KEYS = ("step", "global_step", "iteration")
+#: Where a checkpoint's content holds its step, in the order looked for: most trainers'
+#: ``step`` / ``global_step`` (Lightning), Megatron's ``iteration``, DeepSpeed's
+#: ``global_steps`` (``mp_rank_00_model_states.pt``).
+_STEP_KEYS = ("step", "global_step", "iteration", "global_steps")
 
 
 def _real(value: Any) -> numbers.Real | None:
