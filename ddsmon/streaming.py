@@ -96,6 +96,7 @@ __all__ = (
     "RowFactor",
     "StreamedProbe",
     "micro_batch_sizes",
+    "release_freed_memory",
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,46 @@ DEFAULT_FACTOR_BUDGET = 4 << 30
 #: A :class:`RowFactor` folds its buffer once it holds ``4 d`` rows or this many
 #: bytes, whichever is fewer (but never fewer than d rows).
 FOLD_BYTES = 64 << 20
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim(0)``), after
+    each micro-batch of a streamed pass; False where there is no glibc (a no-op).
+
+    Why: a micro-batch's graph is hundreds of MiB of tensors freed at its end, while the
+    row blocks each layer keeps (1 MiB a layer and a micro-batch on GPT-2-medium) are
+    allocated between them and stay. glibc serves such blocks from its heap (its mmap
+    threshold rises to 32 MiB once a large block is freed), so the kept blocks pin the
+    heap's span and the freed graph memory between them stays resident: peak RSS grew
+    with every micro-batch. ``malloc_trim`` releases the free pages inside the heap as
+    well as at its top (``madvise``). Measured on a GPT-2-medium-shaped model cut to 8
+    blocks, 32 x 128 tokens, one sample a micro-batch: peak RSS 4,046 MiB without it,
+    3,199 MiB with it (3,117 MiB with glibc's mmap threshold pinned at 128 KiB instead,
+    ``MALLOC_MMAP_THRESHOLD_``), against 2,707 MiB for the bare float64 floor; what is left
+    above the floor is the rows the layers keep (about 64 MiB a layer here)."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not _TRIM:
+        found: Callable[[int], int] | None = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            found = getattr(libc, "malloc_trim", None)
+            if found is not None:
+                found.argtypes, found.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            found = None
+        _TRIM.append(found)
+    return _TRIM[0]
+
+
+_TRIM: list[Callable[[int], int] | None] = []
 
 
 def _own(t: Tensor) -> Tensor:
@@ -533,6 +574,8 @@ class StreamedProbe:
                     sink.drop(name)
             sink.add(caps, size)
             del caps, probe
+            if size < self.n:
+                release_freed_memory()
         kept = [name for name in forward_order if name in set(chosen or [])]
         self.output_layer = kept[-1] if kept else None
         if losses and sum(t.shape[0] for t in losses) == self.n:

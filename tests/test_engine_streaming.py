@@ -587,3 +587,29 @@ def test_the_measured_reading_frees_its_model_copy_without_the_garbage_collector
             assert copies and copies[-1]() is None, f"{fisher}: the model copy is still alive"
     finally:
         gc.enable()
+
+
+def test_the_heap_is_trimmed_after_each_micro_batch_of_a_streamed_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Free pages go back to the system after every micro-batch of a streamed pass (the
+    graph freed between the rows the layers keep: see release_freed_memory), never in a
+    whole-probe pass; on glibc the call is real and succeeds."""
+    calls: list[int] = []
+    real = streaming.release_freed_memory
+
+    def counted() -> bool:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(streaming, "release_freed_memory", counted)
+    model, x, y, loss = CASES["tokens"]()
+    n = y.shape[0]
+    compute_signatures(model, x, y, loss=loss, device="cpu", probe_batch=n)
+    assert calls == []
+    compute_signatures(model, x, y, loss=loss, device="cpu", probe_batch=2)
+    assert len(calls) == len(micro_batch_sizes(n, 2))
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert real() is True
