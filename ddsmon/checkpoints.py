@@ -71,6 +71,7 @@ from typing import BinaryIO, Literal
 from ddsmon.errors import ConfigError
 
 __all__ = (
+    "HF_SHARD",
     "HF_WEIGHTS",
     "JSON_LIMIT",
     "KINDS",
@@ -125,15 +126,21 @@ HF_WEIGHTS: tuple[str, ...] = (
 
 SIDE_FILES = re.compile(
     r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth"
-    r"|(?:optimizer|scheduler|sampler|scaler)(?:_\d+)?\.(?:bin|pt)"
-    r"|.*optim_states\.pt)$"
+    r"|(?:optimizer|scheduler|sampler|scaler|dl_state_dict)(?:_\d+)?\.(?:bin|pt)"
+    r"|.*optim_states\.pt|layer_\d+-model_\d+-model_states\.pt"
+    r"|zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt)$"
 )
 """Names of torch files trainers write beside the weights; they hold no model: the HF
 Trainer's ``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
 ``rng_state.pth``; Accelerate's ``save_state`` files (``optimizer.bin``,
 ``scheduler.bin``, ``sampler.bin``, numbered ``_1``, ``_2`` for more than one);
-DeepSpeed's optimizer partitions (``zero_pp_rank_0_mp_rank_00_optim_states.pt``,
-``bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt``)."""
+Accelerate's dataloader state ``dl_state_dict.bin``; DeepSpeed's optimizer partitions
+(``zero_pp_rank_0_mp_rank_00_optim_states.pt``,
+``bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt``), its pipeline-parallel layer files
+(``layer_01-model_00-model_states.pt``) and its ZeRO-3 model partitions
+(``zero_pp_rank_0_mp_rank_00_model_states.pt``: no whole weights in them; DeepSpeed's
+``zero_to_fp32.py`` or ``stage3_gather_16bit_weights_on_model_save`` makes a file ddsmon
+can read)."""
 
 _FOLDER_STEP = re.compile(
     r"^(?:checkpoint|ckpt|step|global_step|iter|iteration)[-_=]?(\d+)$", re.IGNORECASE
@@ -141,6 +148,10 @@ _FOLDER_STEP = re.compile(
 """Folder names that are a step: ``checkpoint_3`` (Accelerate's ``save_state``),
 ``step_500``, ``global_step800``, ``iter-20``. A weights file with no number of its own
 directly inside such a folder takes the folder's (:attr:`CheckpointRef.name_step`)."""
+
+HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d{5}-of-\d{5}\.(?:safetensors|bin)$")
+"""A shard of a sharded Hugging Face save (``model-00001-of-00002.safetensors``): part of
+its folder, never a checkpoint of its own (``save_pretrained`` writes the index last)."""
 
 SAFETENSORS_MAX_HEADER = 100_000_000
 """The longest safetensors header read (the safetensors library's own limit)."""
@@ -172,7 +183,13 @@ class CheckpointRef:
 
     @property
     def name_step(self) -> int | None:
-        if self.folder_step is not None and _step_tag(self.path.name) is None:
+        name = self.path.name
+        if self.kind == "hf" and not is_hf_folder_name(name):
+            # a save_pretrained folder: a step-shaped name only (``step_500``), never a
+            # number that names the model (``Llama-3.2-1B``, ``Qwen2.5-0.5B``)
+            shaped = folder_step(name)
+            return shaped if shaped is not None else _step_tag(name)
+        if self.folder_step is not None and _step_tag(name) is None:
             return self.folder_step  # a bare number in the file's name is a rank, a shard
         return step_from_name(self.path)
 
@@ -186,13 +203,36 @@ def is_hf_folder_name(name: str) -> bool:
 
 
 def is_pretrained_folder(path: Path | str) -> bool:
-    """True for what ``save_pretrained`` writes: a folder holding ``config.json`` and a
-    weights file of :data:`HF_WEIGHTS` (present, not necessarily complete). No check
-    that ``path`` is a folder."""
+    """True for what ``save_pretrained`` writes: a folder holding ``config.json`` and
+    the model's weights (a file of :data:`HF_WEIGHTS`, or shards still waiting for their
+    index: :data:`HF_SHARD`; present, not necessarily complete), and nothing that makes
+    it something else: no subfolder (a Trainer's ``output_dir`` holds ``checkpoint-N/``
+    folders beside the final model's files) and no checkpoint file of another name (a
+    custom loop's folder of ``step_N.pt`` files beside a ``config.json``). No check that
+    ``path`` is a folder."""
     path = Path(path)
-    return os.path.lexists(path / "config.json") and any(
-        os.path.lexists(path / name) for name in HF_WEIGHTS
-    )
+    if not os.path.lexists(path / "config.json"):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            names = []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and not is_temporary(entry.name):
+                    return False
+                names.append(entry.name)
+    except OSError:
+        return False
+    weights = False
+    for name in names:
+        if name in HF_WEIGHTS or HF_SHARD.match(name):
+            weights = True
+        elif (
+            os.path.splitext(name)[1].lower() in _SUFFIX_KIND
+            and not SIDE_FILES.match(name)
+            and not is_temporary(name)
+        ):
+            return False
+    return weights
 
 
 def folder_step(name: str) -> int | None:
@@ -292,9 +332,12 @@ def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef 
         kind = _folder_kind(path)
         return CheckpointRef(path, kind) if kind is not None else None
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
-    if file_kind is None or SIDE_FILES.match(name):
+    if file_kind is None or SIDE_FILES.match(name) or HF_SHARD.match(name):
         return None
-    stepped_by = folder_step(rel.parts[0]) if rel is not None and len(rel.parts) == 2 else None
+    if rel is not None:  # a file directly in a subfolder of the root takes its step
+        stepped_by = folder_step(rel.parts[0]) if len(rel.parts) == 2 else None
+    else:  # report: the folder it lies in, as scan and watch would see it
+        stepped_by = folder_step(path.parent.name)
     return CheckpointRef(path, file_kind, stepped_by)
 
 
@@ -667,7 +710,16 @@ def _check_hf(path: Path) -> str | None:
             return _check_shards(path, weights)
         reason = _check_weights_file(weights)
         return f"{name}: {reason}" if reason else None
+    if _has_shards(path):
+        return "weight shards without their index yet (still being written)"
     return f"no weights file (looked for {', '.join(HF_WEIGHTS)})"
+
+
+def _has_shards(path: Path) -> bool:
+    try:
+        return any(HF_SHARD.match(name) for name in os.listdir(path))
+    except OSError:
+        return False
 
 
 def _check_weights_file(weights: Path) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -129,10 +130,10 @@ def main(verbose: int) -> None:
 
 def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str, Any]) -> Any:
     config_file = flags.pop("config_file", None)
-    from ddsmon.threads import keep_this_thread_single
-
-    keep_this_thread_single()  # before any parallel region: only the reading thread has a team
     try:
+        from ddsmon.threads import keep_this_thread_single
+
+        keep_this_thread_single()  # before any parallel region (imports torch: interruptible)
         return _start_and_run(ctx, mode, directory, flags, config_file)
     except KeyboardInterrupt:  # not from the daemon's handler: before it, or a second signal
         click.echo(
@@ -140,7 +141,13 @@ def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str,
             "(a checkpoint being read is read again next time)",
             err=True,
         )
-        ctx.exit(EXIT_INTERRUPTED)
+        # Now, without waiting for the threads still at work (a prefetch's torch.load, a
+        # layer's decomposition) or running exit hooks that a half-opened store may block
+        # in: the daemon's own finally blocks have run, every state file is written
+        # atomically, and what is half done is redone by the next run.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _start_and_run(
@@ -245,10 +252,15 @@ def report(
         config = resolve_config(
             None, _given(ctx, flags), config_file=config_file, search_dir=checkpoint.parent
         )
-        from ddsmon.checkpoints import classify
+        from ddsmon.checkpoints import SIDE_FILES, classify
         from ddsmon.reader import Reader
 
         ref = classify(checkpoint)
+        if ref is None and SIDE_FILES.match(checkpoint.name):
+            raise ConfigError(
+                f"{checkpoint} is a file trainers write beside the weights (optimizer, "
+                "scheduler, RNG or training state): it holds no model to read"
+            )
         if ref is None:
             folder = classify(checkpoint.parent)
             if folder is not None and folder.kind in ("hf", "dcp"):
@@ -300,7 +312,6 @@ def _report_console(natural_width: int) -> Any:
     width ``COLUMNS`` gives; piped or redirected without ``COLUMNS``, the table's own
     width (rich would guess one from whatever terminal stdin or stderr is on, and a log
     file has no width to fit)."""
-    import os
 
     from rich.console import Console
 

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -249,9 +249,9 @@ def compute_signatures(
         chosen = probe.run(
             names, streams, keep_inputs=streams.keeps_inputs, strict=names is not None
         )
-        jobs = [(name, streams.layers.pop(name)) for name in chosen]
-        fields = _read_layers(jobs, dev, n, eps, ridge, want_activation, not backward, strategies)
-        del jobs
+        fields = _read_layers(
+            streams.layers, chosen, dev, n, eps, ridge, want_activation, not backward, strategies
+        )
         bad = {name for name, f in fields.items() if not f.get("finite", True)}
         for group in streams.deferred_groups(skip=bad):
             _read_deferred(probe, group, fields, n, eps, ridge, strategies)
@@ -305,7 +305,8 @@ class _Strategies:
 
 
 def _read_layers(
-    jobs: list[tuple[str, LayerStream]],
+    streams: dict[str, LayerStream],
+    names: list[str],
     device: torch.device,
     n: int,
     eps: float,
@@ -314,7 +315,9 @@ def _read_layers(
     x_only: bool,
     strategies: _Strategies,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`_read_layer` of every layer, in the order of ``jobs``.
+    """:func:`_read_layer` of every layer of ``names``, in that order; each layer's
+    stream is taken out of ``streams`` when it is read and dropped once it is (so a
+    reading holds the rows of the layers not read yet, no more).
 
     On CPU, when the calling thread has k > 1 torch threads (the thread policy's count
     for this reading, :mod:`ddsmon.threads`), the layers are read by k worker threads
@@ -330,38 +333,84 @@ def _read_layers(
     ``tests/test_engine_concurrency.py``). Elsewhere (CUDA), and on one thread, the
     layers are read in order on the calling thread. A registered
     :class:`~ddsmon.param_gram.StructuredGram` may therefore run in a worker thread.
+
+    The workers are daemon threads (a process stopping, a second Ctrl-C, does not wait
+    for the layers left), and each reads with autograd off, as the calling thread does
+    (grad mode is per thread). The first layer to fail stops the others from starting,
+    and the failure of the layer first in ``names`` order among those that failed is
+    raised, as reading them in order would.
     """
     fields: dict[str, dict[str, Any]] = {}
+    decided = {name: strategies.of(streams[name].module) for name in names}  # this thread
 
-    def read(job: tuple[str, LayerStream], strategy: ParamGramStrategy | None) -> None:
-        name, stream = job
-        fields[name] = _read_layer(stream, n, eps, ridge, want_activation, x_only, strategy)
+    def read(name: str) -> None:
+        stream = streams.pop(name)
+        with torch.no_grad():
+            fields[name] = _read_layer(
+                stream, n, eps, ridge, want_activation, x_only, decided[name]
+            )
 
-    decided = [(job, strategies.of(job[1].module)) for job in jobs]  # on this thread
     threads = torch.get_num_threads()
     most = threads if LAYER_WORKERS is None else LAYER_WORKERS
-    workers = min(most, len(jobs)) if device.type == "cpu" else 1
+    workers = min(most, len(names)) if device.type == "cpu" else 1
     if workers <= 1:
-        for job, strategy in decided:
-            read(job, strategy)
+        for name in names:
+            read(name)
         return fields
-    decided.sort(key=lambda item: -_reading_cost(item[0][1], n, item[1] is not None))
+    costs = {name: _reading_cost(streams[name], n, decided[name], x_only) for name in names}
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ddsmon-layer",
-                                initializer=torch.set_num_threads, initargs=(1,)) as pool:  # fmt: skip
-            for future in [pool.submit(read, job, strategy) for job, strategy in decided]:
-                future.result()
+        _side_by_side(read, sorted(names, key=lambda name: -costs[name]), workers, names)
     finally:
-        torch.set_num_threads(threads)  # MKL's count is process-wide: the workers set 1
-    return {name: fields[name] for name, _ in jobs}
+        # the workers' set_num_threads(1) also set ATen's process-wide count, the one a
+        # thread started later begins with: put back this thread's
+        torch.set_num_threads(threads)
+    return {name: fields[name] for name in names}
 
 
-def _reading_cost(stream: LayerStream, n: int, with_k: bool) -> float:
+def _side_by_side(
+    read: Callable[[str], None], queue: list[str], workers: int, order: list[str]
+) -> None:
+    """``read(name)`` for every name of ``queue``, taken in turn by ``workers`` daemon
+    threads of one torch thread each; re-raises the failure first in ``order``."""
+    pending = iter(queue)
+    lock = threading.Lock()
+    failed: dict[str, BaseException] = {}
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        while True:
+            with lock:
+                name = None if failed else next(pending, None)
+            if name is None:
+                return
+            try:
+                read(name)
+            except BaseException as exc:  # re-raised on the calling thread
+                with lock:
+                    failed[name] = exc
+
+    team = [
+        threading.Thread(target=work, name=f"ddsmon-layer-{i}", daemon=True) for i in range(workers)
+    ]
+    for thread in team:
+        thread.start()
+    for thread in team:
+        thread.join()
+    if failed:
+        first = min(failed, key=order.index)
+        raise failed[first]
+
+
+def _reading_cost(
+    stream: LayerStream, n: int, strategy: ParamGramStrategy | None, x_only: bool
+) -> float:
     """A layer's decompositions in flops, to within a constant: the SVD of X's
-    ``min(N, d)`` square after a QR, G's eigensolve on its smaller side, K's (n x n)."""
+    ``min(N, d)`` square after a QR, G's eigensolve on its smaller side (not in a
+    forward-only reading), K's (n x n) where this pass kept the rows to build it."""
     rows, d = stream.rows, stream.width
     small, large = min(rows, d), max(rows, d)
-    return small * small * large + small**3 + (n**3 if with_k else 0)
+    with_k = isinstance(strategy, StructuredGram) and stream.factors
+    return small * small * large + (0 if x_only else small**3) + (n**3 if with_k else 0)
 
 
 def _read_layer(

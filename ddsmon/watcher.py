@@ -63,6 +63,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from ddsmon.checkpoints import (
+    HF_WEIGHTS,
     CheckpointRef,
     check_complete,
     checkpoint_for,
@@ -482,7 +483,11 @@ class CheckpointWatcher:
         """Settled and incomplete: drop it until it changes; report it once per version."""
         final = ref.kind not in _FOLDER_KINDS or (  # else: still being written
             ref.kind == "hf"
-            and (not is_hf_folder_name(key.name) or os.path.lexists(key / "trainer_state.json"))
+            and (
+                os.path.lexists(key / "trainer_state.json")  # a Trainer writes it last
+                if is_hf_folder_name(key.name)
+                else any(os.path.lexists(key / n) for n in HF_WEIGHTS)  # shards: the index
+            )
         )
         with self._lock:
             if self._pending.get(key) is not entry or entry.gen != gen:

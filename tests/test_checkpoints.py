@@ -373,7 +373,8 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
     for i in (0, 1, 12):
         folder = tmp_path / f"checkpoint_{i}"
         save_file({"w": torch.randn(2, 2)}, str(write(folder / "model.safetensors")))
-        for side in ("optimizer.bin", "scheduler.bin", "sampler.bin", "optimizer_1.bin"):
+        for side in ("optimizer.bin", "scheduler.bin", "sampler.bin", "optimizer_1.bin",
+                     "dl_state_dict.bin"):  # fmt: skip
             write(folder / side, torch_bytes())
         write(folder / "random_states_0.pkl", b"x")
     write(tmp_path / "step_40" / "model.pt", torch_bytes())
@@ -388,10 +389,10 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
         "iter-50/model_1.safetensors": 50,
         "run1/best.pt": None,
     }
-    # the folder's step is no part of the ref's identity (report classifies without root)
+    # the folder's step is no part of the ref's identity, and report (no root) sees it too
     inner = tmp_path / "step_40" / "model.pt"
     assert classify(inner, tmp_path) == classify(inner) == CheckpointRef(inner, "torch")
-    assert classify(inner).name_step is None
+    assert classify(inner).name_step == 40
     # files directly in the watched directory never take the directory's name
     assert classify(write(tmp_path / "model.pt", torch_bytes()), tmp_path).name_step is None
 
@@ -408,6 +409,8 @@ def test_deepspeed_folders_take_the_folder_step_and_skip_optimizer_partitions(
         write(folder / "mp_rank_00_model_states.pt", torch_bytes())
         write(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", torch_bytes())
         write(folder / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", torch_bytes())
+        write(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", torch_bytes())  # ZeRO-3
+        write(folder / "layer_01-model_00-model_states.pt", torch_bytes())  # pipeline
     write(tmp_path / "latest", "global_step200")
     write(tmp_path / "step_300" / "ema_step_310.pt", torch_bytes())
     found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
@@ -416,6 +419,61 @@ def test_deepspeed_folders_take_the_folder_step_and_skip_optimizer_partitions(
         "global_step200/mp_rank_00_model_states.pt": 200,
         "step_300/ema_step_310.pt": 310,
     }
+
+
+def test_a_pretrained_model_named_with_numbers_gets_no_step_from_them(tmp_path: Path) -> None:
+    """A save_pretrained folder takes a step only from a step-shaped name: a base model
+    kept beside the checkpoints (``Llama-3.2-1B/``) is unstepped, never step 1."""
+    for name, step in [("Llama-3.2-1B", None), ("Qwen2.5-0.5B", None), ("model_v2", None),
+                       ("step_500", 500), ("global_step800", 800), ("ckpt-3", 3),
+                       ("run_step_90", 90)]:  # fmt: skip
+        folder = tmp_path / name
+        write(folder / "config.json", "{}")
+        save_file({"w": torch.randn(2, 2)}, str(folder / "model.safetensors"))
+        ref = classify(folder, tmp_path)
+        assert ref is not None and ref.kind == "hf" and ref.name_step == step, name
+
+
+def test_a_folder_holding_checkpoints_is_not_a_pretrained_checkpoint(tmp_path: Path) -> None:
+    """A Trainer's output_dir (checkpoint-N/ folders beside the final model's config.json
+    and weights) and a custom loop's folder (step_N.pt beside a config.json and a
+    model.safetensors) are folders of checkpoints, not one save_pretrained checkpoint."""
+    run = tmp_path / "run"
+    hf_folder(run, 500)
+    hf_folder(run, 1000)
+    write(run / "config.json", "{}")
+    save_file({"w": torch.randn(2, 2)}, str(run / "model.safetensors"))
+    write(run / "training_args.bin", torch_bytes())
+    assert classify(run, tmp_path) is None
+    found = sorted(str(r.path.relative_to(tmp_path)) for r in discover(tmp_path))
+    assert found == ["run/checkpoint-1000", "run/checkpoint-500", "run/model.safetensors"]
+    assert checkpoint_for(run / "checkpoint-500" / "trainer_state.json", tmp_path).kind == "hf"
+    loop = tmp_path / "loop"
+    write(loop / "config.json", "{}")
+    save_file({"w": torch.randn(2, 2)}, str(loop / "model.safetensors"))
+    write(loop / "step_10.pt", torch_bytes())
+    assert classify(loop, tmp_path) is None
+    assert classify(loop / "step_10.pt", tmp_path) == CheckpointRef(loop / "step_10.pt", "torch")
+
+
+def test_shards_written_before_their_index_wait_for_it(tmp_path: Path) -> None:
+    """save_pretrained writes a sharded model's shards, then the index: until it lands
+    the folder is incomplete, and a shard is never a checkpoint of its own."""
+    folder = tmp_path / "final"
+    write(folder / "config.json", "{}")
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({"a": torch.ones(2)}, str(folder / names[0]))
+    assert classify(folder / names[0], tmp_path) is None
+    assert checkpoint_for(folder / names[0], tmp_path) == CheckpointRef(folder, "hf")
+    save_file({"b": torch.ones(2)}, str(folder / names[1]))
+    ref = classify(folder, tmp_path)
+    assert check_complete(ref) == "weight shards without their index yet (still being written)"
+    index = {"weight_map": {"a": names[0], "b": names[1]}}
+    write(folder / "model.safetensors.index.json", json.dumps(index))
+    assert check_complete(ref) is None
+    # outside a folder a shard is still no checkpoint
+    loose = write(tmp_path / "pytorch_model-00001-of-00003.bin", torch_bytes())
+    assert classify(loose, tmp_path) is None
 
 
 def test_dcp_folder_completeness(tmp_path: Path) -> None:

@@ -551,3 +551,12 @@ def test_a_deepspeed_layout_is_read_at_its_steps_and_its_optimizer_files_left_al
     assert proc.returncode == 0, proc.stderr
     assert "scan: 2 read, 0 skipped, 0 failed" in proc.stderr, proc.stderr
     assert _steps(uri) == [100, 200]
+
+
+def test_report_of_a_trainer_side_file_says_it_holds_no_model(tmp_path: Path, probe: Path) -> None:
+    side = tmp_path / "checkpoint_3" / "optimizer.bin"
+    side.parent.mkdir()
+    torch.save({"state": {}}, side)
+    proc = ddsmon("report", str(side), "--model", FACTORY, "--probe", str(probe))
+    assert proc.returncode == 2, proc.stderr
+    assert "optimizer.bin" in proc.stderr and "holds no model" in proc.stderr, proc.stderr

@@ -122,3 +122,77 @@ def test_one_thread_reads_in_order_on_the_calling_thread(doubler: None, two_thre
     model, x, y = _case()
     compute_signatures(model, x, y, loss="ce", device="cpu")
     assert SEEN == [(threading.current_thread().name, 1)]
+
+
+def test_a_reading_under_no_grad_is_the_same_on_the_workers(
+    doubler: None, two_threads: None
+) -> None:
+    """Grad mode is per thread: a caller's ``torch.no_grad()`` must not matter. A
+    strategy built from the module's own weight (which requires grad) reads the same
+    on the workers as on the calling thread, inside no_grad or not."""
+
+    def weighted(module: nn.Module, a: Tensor, delta: Tensor, n: int) -> Tensor:
+        scale = module.weight.norm() / module.weight.norm()  # 1, built from the weight
+        return scale * doubler_gram(module, a, delta, n)
+
+    register_param_gram(Doubler, StructuredGram(weighted))
+    model, x, y = _case()
+    engine.LAYER_WORKERS = 1
+    ordered = compute_signatures(model, x, y, loss="ce", device="cpu")
+    engine.LAYER_WORKERS = None
+    with torch.no_grad():
+        side = compute_signatures(model, x, y, loss="ce", device="cpu")
+    assert side.layers["2"].param_rank == ordered.layers["2"].param_rank
+    assert side.layers["2"].param_logdet == pytest.approx(ordered.layers["2"].param_logdet)
+
+
+def test_the_workers_are_daemon_threads_and_the_first_failure_in_layer_order_is_raised(
+    two_threads: None,
+) -> None:
+    """A stopping process does not wait for the layers left (daemon workers); when two
+    layers fail, the error is the one of the layer first in model order, as in order."""
+    daemon: list[bool] = []
+
+    def record(module: nn.Module, a: Tensor, delta: Tensor, n: int) -> Tensor:
+        daemon.append(threading.current_thread().daemon)
+        raise RuntimeError(f"failed at width {delta.shape[1]}")
+
+    class Other(Doubler):
+        pass
+
+    register_param_gram(Doubler, StructuredGram(record))
+    register_param_gram(Other, StructuredGram(record))
+    try:
+        torch.manual_seed(5)
+        model = nn.Sequential(Doubler(12, 40), nn.Tanh(), Other(40, 64), nn.Linear(64, 5))
+        x, y = torch.randn(96, 12), torch.randint(0, 5, (96,))
+        with pytest.raises(ProbeError, match="width 40"):
+            compute_signatures(model, x, y, loss="ce", device="cpu")
+    finally:
+        unregister_param_gram(Doubler)
+        unregister_param_gram(Other)
+    assert daemon and all(daemon), daemon
+
+
+def test_each_layer_s_rows_are_dropped_once_it_is_read(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streams of the layers already read are not kept while the others are read."""
+    import gc
+
+    from ddsmon.streaming import LayerStream
+
+    alive: list[int] = []
+    real = engine._read_layer
+
+    def counting(stream, *args):  # type: ignore[no-untyped-def]
+        gc.collect()
+        alive.append(sum(isinstance(o, LayerStream) for o in gc.get_objects()))
+        return real(stream, *args)
+
+    monkeypatch.setattr(engine, "_read_layer", counting)
+    engine.LAYER_WORKERS = 1
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    compute_signatures(model, torch.randn(20, 6), torch.randint(0, 3, (20,)), device="cpu")
+    assert alive == sorted(alive, reverse=True) and alive[0] - alive[-1] == len(alive) - 1, alive

@@ -806,3 +806,17 @@ def test_hostile_dcp_metadata_does_not_run(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"unreadable \.metadata"):
         load_checkpoint(Ref(tmp_path / "dcp", "dcp"), mlp, trust=True)
     assert marker.exists()
+
+
+def test_models_built_from_config_json_build_no_key_value_cache() -> None:
+    """use_cache is turned off on the config and on every sub-config (a composite
+    model's decoder keeps its own in text_config)."""
+    transformers = pytest.importorskip("transformers")
+    from ddsmon.loading.huggingface import _no_cache
+
+    plain = transformers.GPT2Config()
+    composite = transformers.LlavaConfig()
+    assert plain.use_cache and composite.text_config.use_cache
+    _no_cache(plain)
+    _no_cache(composite)
+    assert plain.use_cache is False and composite.text_config.use_cache is False

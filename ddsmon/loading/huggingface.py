@@ -265,8 +265,7 @@ def _hf_model_from_config(path: Path) -> nn.Module:
     try:
         stat_regular(config_file)  # still the regular file checked above
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        if getattr(config, "use_cache", None):
-            config.use_cache = False  # no key/value cache: the probe pass never decodes
+        _no_cache(config)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, nn.Module):
@@ -278,3 +277,13 @@ def _hf_model_from_config(path: Path) -> nn.Module:
         raise CheckpointError(
             path, f"cannot build the model from config.json ({_describe(exc)}); pass --model"
         ) from None
+
+
+def _no_cache(config: Any) -> None:
+    """``use_cache = False`` on ``config`` and its sub-configs (a composite model keeps
+    its decoder's in ``text_config``): the probe pass never decodes, and a key/value
+    cache would be built, and held, in every pass."""
+    subs = getattr(config, "sub_configs", None) or {}
+    for part in [config, *(getattr(config, key, None) for key in subs)]:
+        if part is not None and getattr(part, "use_cache", None):
+            part.use_cache = False
