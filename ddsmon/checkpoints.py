@@ -590,7 +590,8 @@ def zip_listing_problem(handle: BinaryIO, size: int) -> str | None:
         with zipfile.ZipFile(handle) as zf:
             infos = zf.infolist()
             start_dir = getattr(zf, "start_dir", size)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
+        # NotImplementedError: a record claiming a zip version or feature zipfile lacks
         return (
             f"no valid zip end-of-central-directory record ({exc}); "
             f"still being written or truncated at {size} bytes"

@@ -205,3 +205,22 @@ def test_damaged_probe_files(tmp_path: Path, data: bytes) -> None:
         load_probe(str(path))
     except ConfigError as exc:
         assert "probe.pt" in str(exc)
+
+
+def test_a_zip_record_claiming_a_version_zipfile_lacks_is_a_damaged_file(tmp_path: Path) -> None:
+    """A central-directory record whose "version needed to extract" is 6.4 (zipfile
+    raises NotImplementedError on it, found by the fuzz test above): a reason from the
+    completeness check and a CheckpointError naming the file, never a raw exception."""
+    from ddsmon.checkpoints import CheckpointRef, check_complete
+
+    data = bytearray(VALID_TORCH)
+    record = data.index(b"PK\x01\x02")
+    data[record + 6 : record + 8] = (64).to_bytes(2, "little")  # version needed: 6.4
+    path = tmp_path / "odd.pt"
+    path.write_bytes(bytes(data))
+    reason = check_complete(CheckpointRef(path, "torch"))
+    assert reason is None or isinstance(reason, str)
+    try:
+        load_checkpoint(Ref(path, "torch"), mlp)
+    except CheckpointError as exc:
+        assert "odd.pt" in str(exc)

@@ -108,7 +108,8 @@ def _zip_check(path: Path, handle: BinaryIO) -> bool:
     try:
         with zipfile.ZipFile(handle) as zf:
             reason = compressed_member(zf.infolist())
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, NotImplementedError):
+        # NotImplementedError: a damaged record claiming a zip version zipfile lacks
         return True  # torch.load says what is wrong with it
     if reason is not None:
         raise CheckpointError(path, reason)
