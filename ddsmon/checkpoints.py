@@ -33,8 +33,10 @@ place and events alone cannot tell a finished file from a paused writer:
     hf            a weights file (:data:`HF_WEIGHTS`) is there and itself complete
                   (every shard of a sharded index), and ``trainer_state.json``
                   parses as JSON: a Trainer writes it last, so a ``checkpoint-<step>/``
-                  folder waits for it; a ``save_pretrained`` folder (which has none)
-                  needs its ``config.json`` to parse instead.
+                  folder holding the Trainer's files waits for it
+                  (:func:`awaits_trainer_state`); a ``save_pretrained`` folder (which
+                  has none, whatever its name) needs its ``config.json`` to parse
+                  instead.
     dcp           a non-empty ``.metadata`` (torch writes it last).
 
 Only regular files are ever opened (:func:`open_regular`: the type is checked with
@@ -80,6 +82,7 @@ __all__ = (
     "CheckpointRef",
     "Kind",
     "RefusedFile",
+    "awaits_trainer_state",
     "check_complete",
     "checkpoint_for",
     "classify",
@@ -115,6 +118,9 @@ _TMP_FOLDER = re.compile(r"^(?:tmp|temp)[-_]", re.IGNORECASE)
 _STEP_TAG = re.compile(r"(?<![a-z])(?:global_?)?step[=_\-]?(\d+)", re.IGNORECASE)
 _LIGHTNING_VERSION = re.compile(r"-v\d+$")
 _DIGITS = re.compile(r"\d+")
+#: Numbers in a name that are never its step: a rank (``mp_rank_00``, ``rank3``) and a
+#: shard count (``00001-of-00002``).
+_NOT_STEP = re.compile(r"(?<![a-z])(?:[a-z]{2}_)?rank[_\-]?\d+|\d+-of-\d+", re.IGNORECASE)
 
 HF_WEIGHTS: tuple[str, ...] = (
     "model.safetensors",
@@ -235,6 +241,28 @@ def is_pretrained_folder(path: Path | str) -> bool:
     return weights
 
 
+#: Files the HF Trainer writes into ``checkpoint-N/`` beside the model (and before its
+#: trainer_state.json); a folder of that name without any is not a Trainer's.
+_TRAINER_FILES = re.compile(
+    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth)$"
+)
+
+
+def awaits_trainer_state(path: Path | str) -> bool:
+    """Whether ``path`` is a Trainer's ``checkpoint-N/`` still to get its
+    ``trainer_state.json`` (the Trainer writes it last): so named, holding a file only the
+    Trainer writes (``training_args.bin``, ``optimizer.pt``, ...), and no trainer state
+    yet. A ``checkpoint-N/`` without Trainer files (``save_pretrained`` into such a
+    name) is complete without one, as any ``save_pretrained`` folder."""
+    path = Path(path)
+    if not is_hf_folder_name(path.name) or os.path.lexists(path / "trainer_state.json"):
+        return False
+    try:
+        return any(_TRAINER_FILES.match(name) for name in os.listdir(path))
+    except OSError:
+        return False
+
+
 def folder_step(name: str) -> int | None:
     """The step a folder's name is (:data:`_FOLDER_STEP`), or None."""
     match = _FOLDER_STEP.match(name)
@@ -247,13 +275,15 @@ def step_from_name(path: Path | str) -> int | None:
     A ``step`` tag wins (``step_00420.pt`` -> 420, ``epoch=3-step=1200.ckpt`` -> 1200,
     ``global_step800`` -> 800; the last tag if several); otherwise the last integer
     of the name without its suffix (``checkpoint-500`` -> 500, ``ckpt_7.pt`` -> 7).
-    Lightning's collision suffix ``-v<n>`` is not a step (``last-v1.ckpt`` -> None).
+    Lightning's collision suffix ``-v<n>`` is not a step (``last-v1.ckpt`` -> None), nor
+    is a rank or a shard count (``mp_rank_00_model_states.pt`` -> None,
+    ``ema_rank1_500.pt`` -> 500).
     """
     stem = _stem(Path(path).name)
     tagged = _step_tag(stem)
     if tagged is not None:
         return tagged
-    numbers = _DIGITS.findall(_LIGHTNING_VERSION.sub("", stem))
+    numbers = _DIGITS.findall(_NOT_STEP.sub("", _LIGHTNING_VERSION.sub("", stem)))
     return int(numbers[-1]) if numbers else None
 
 
@@ -696,9 +726,10 @@ def _check_hf(path: Path) -> str | None:
     if reason is not None:
         return reason
     trainer_state = path / "trainer_state.json"
-    if is_hf_folder_name(path.name) or os.path.lexists(trainer_state):
+    reason = None
+    if os.path.lexists(trainer_state) or awaits_trainer_state(path):
         _, reason = _check_json(trainer_state)
-    else:  # save_pretrained: no trainer state; config.json first, then the weights
+    elif os.path.lexists(path / "config.json"):  # save_pretrained: config.json, then weights
         _, reason = _check_json(path / "config.json")
         reason = None if reason is None else f"config.json: {reason}"
     if reason is not None:

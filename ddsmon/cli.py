@@ -261,6 +261,14 @@ def report(
                 f"{checkpoint} is a file trainers write beside the weights (optimizer, "
                 "scheduler, RNG or training state): it holds no model to read"
             )
+        if ref is None and checkpoint.is_dir():
+            inside = sorted(p.name for p in checkpoint.iterdir() if classify(p) is not None)
+            if inside:
+                raise ConfigError(
+                    f"{checkpoint} is a folder, not a checkpoint; the checkpoint file"
+                    f"{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:5])}"
+                    f"{', ...' if len(inside) > 5 else ''}: give one"
+                )
         if ref is None:
             folder = classify(checkpoint.parent)
             if folder is not None and folder.kind in ("hf", "dcp"):

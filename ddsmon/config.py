@@ -81,6 +81,7 @@ __all__ = (
     "WatchSettings",
     "allow_file",
     "is_allowed",
+    "layer_names",
     "load_config_file",
     "parse_size",
     "redact_uri",
@@ -97,6 +98,23 @@ CONFIG_FILENAME = "ddsmon.toml"
 
 # ------------------------------------------------------------------------ the table of keys
 
+
+
+#: What a module name may hold (``blocks.0.attn``): a comma-separated list of such names
+#: is a list of names; anything else (``^[02]{1,2}$``, ``attn|mlp``) is a regex.
+_MODULE_NAME = re.compile(r"^[\w.\-]*$")
+
+
+def layer_names(spec: str) -> list[str] | None:
+    """``--layers`` as a list of module names when it holds a comma and every part is
+    name-shaped (empty parts dropped: possibly none, which is an error to report), else
+    None: a regex (or one exact name, which ``re.search`` also finds)."""
+    if "," not in spec:
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(_MODULE_NAME.match(p) for p in parts):
+        return None
+    return [p for p in parts if p]
 
 def _code_spec(value: Any) -> bool:
     """True for ``MODULE:NAME`` / ``file.py:NAME``, which imports (runs) code."""
@@ -375,13 +393,15 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
             and all(isinstance(v, str) and v for v in value)
         ):
             return ",".join(value)
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value.strip():
             raise bad("module names (a string, comma-separated, or a list) or a regex")
-        if "," not in value:  # one name or a regex (names never make an invalid one)
+        if layer_names(value) is None:  # a regex (one name is one too)
             try:
                 re.compile(value)
             except re.error as exc:
                 raise bad(f"module names or a valid regex ({exc})") from None
+        elif not layer_names(value):
+            raise bad("at least one module name")
         return value
     if kind == "size":
         size = parse_size(value)

@@ -156,6 +156,8 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
             )
         return chosen
     chosen = list(layers)
+    if not chosen:
+        raise ProbeError(f"the layer selection names no module; modules are: {_listing(names)}")
     unknown = [name for name in chosen if name not in set(names)]
     if unknown:
         raise ProbeError(f"unknown layer(s) {unknown}; modules are: {_listing(names)}")

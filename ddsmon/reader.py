@@ -29,7 +29,7 @@ from torch import nn
 
 from ddsmon import __version__
 from ddsmon.checkpoints import CheckpointRef
-from ddsmon.config import ReadSettings
+from ddsmon.config import ReadSettings, layer_names
 from ddsmon.engine import compute_signatures, forward_dtype, resolve_device
 from ddsmon.errors import ConfigError, DDSError
 from ddsmon.loading import LoadedCheckpoint, load_checkpoint, load_probe, resolve_callable
@@ -188,11 +188,12 @@ def resolve_loss(spec: str) -> str | Callable[..., Any]:
 
 
 def resolve_layers(model: nn.Module, spec: str | None) -> str | list[str] | None:
-    """``--layers``: comma-separated module names, one exact name, or else a regex."""
+    """``--layers``: comma-separated module names (:func:`ddsmon.config.layer_names`),
+    one exact name, or else a regex."""
     if not spec:
         return None
+    listed = layer_names(spec)
+    if listed is not None:
+        return listed
     names = {name for name, _ in model.named_modules() if name}
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if "," in spec or all(p in names for p in parts):
-        return parts
-    return spec
+    return [spec] if spec in names else spec

@@ -484,7 +484,9 @@ class CheckpointWatcher:
         final = ref.kind not in _FOLDER_KINDS or (  # else: still being written
             ref.kind == "hf"
             and (
-                os.path.lexists(key / "trainer_state.json")  # a Trainer writes it last
+                # a Trainer writes trainer_state.json last: until then a checkpoint-N/
+                # with incomplete weights may be one still being written, not reported
+                os.path.lexists(key / "trainer_state.json")
                 if is_hf_folder_name(key.name)
                 else any(os.path.lexists(key / n) for n in HF_WEIGHTS)  # shards: the index
             )

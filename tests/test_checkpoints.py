@@ -94,6 +94,11 @@ def dcp_folder(path: Path) -> Path:
         ("last-v1.ckpt", None),
         ("model.safetensors", None),
         ("weights.bin", None),
+        ("mp_rank_00_model_states.pt", None),  # a rank is no step
+        ("rank3.pt", None),
+        ("ema_rank1_500.pt", 500),
+        ("frank_3.pt", 3),
+        ("model-00001-of-00002.safetensors", None),  # nor a shard count
     ],
 )
 def test_step_from_name(name: str, step: int | None) -> None:
@@ -361,6 +366,13 @@ def test_save_pretrained_folders_of_any_name_are_hf_checkpoints(tmp_path: Path) 
     # a Trainer folder still waits for trainer_state.json, written last
     trainer = hf_folder(tmp_path, 7, state=False)
     assert check_complete(CheckpointRef(trainer, "hf")) == "no trainer_state.json yet"
+    # save_pretrained into a checkpoint-N name: no Trainer files, so nothing to wait for
+    named = tmp_path / "checkpoint-100"
+    write(named / "config.json", "{}")
+    save_file({"w": torch.randn(2, 2)}, str(named / "model.safetensors"))
+    assert check_complete(CheckpointRef(named, "hf")) is None
+    write(named / "training_args.bin", torch_bytes())  # the Trainer's, mid-save
+    assert check_complete(CheckpointRef(named, "hf")) == "no trainer_state.json yet"
 
 
 def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:

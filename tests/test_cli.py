@@ -560,3 +560,16 @@ def test_report_of_a_trainer_side_file_says_it_holds_no_model(tmp_path: Path, pr
     proc = ddsmon("report", str(side), "--model", FACTORY, "--probe", str(probe))
     assert proc.returncode == 2, proc.stderr
     assert "optimizer.bin" in proc.stderr and "holds no model" in proc.stderr, proc.stderr
+
+
+def test_report_of_a_folder_holding_a_checkpoint_names_the_file_to_give(
+    tmp_path: Path, probe: Path
+) -> None:
+    folder = tmp_path / "global_step100"
+    folder.mkdir()
+    torch.save({"module": {}, "global_steps": 100}, folder / "mp_rank_00_model_states.pt")
+    torch.save({}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    proc = ddsmon("report", str(folder), "--model", FACTORY, "--probe", str(probe))
+    assert proc.returncode == 2, proc.stderr
+    assert "is a folder, not a checkpoint" in proc.stderr, proc.stderr
+    assert "mp_rank_00_model_states.pt" in proc.stderr and "optim_states" not in proc.stderr

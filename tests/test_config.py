@@ -123,6 +123,8 @@ def test_counts_that_are_not_whole_numbers_name_file_and_key(
         ("loss = 5", "loss"),
         ("layers = 3", "layers"),
         ('layers = "blocks.(0|1"', "layers"),
+        ('layers = ","', "layers"),
+        ('layers = " , "', "layers"),
         ('poll = "fast"', "poll"),
         ('quiet = "x"', "quiet"),
         ("poll = inf", "poll"),
@@ -394,3 +396,33 @@ def test_allow_command(tmp_path: Path) -> None:
     toml.write_text("model = 3\n")
     result = click.testing.CliRunner().invoke(main, ["allow", str(toml)])
     assert result.exit_code == 2 and "model must be" in result.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "chosen"),
+    [
+        ("0,2", ["0", "2"]),
+        (" 0 , 2 ", ["0", "2"]),
+        ("2", ["2"]),
+        ("^[02]{1,2}$", ["0", "2"]),  # a regex with a comma is a regex, not two names
+        ("0|2", ["0", "2"]),
+    ],
+)
+def test_layers_are_names_or_a_regex(spec: str, chosen: list[str]) -> None:
+    from torch import nn
+
+    from ddsmon.probe import select_layers
+    from ddsmon.reader import resolve_layers
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert select_layers(model, resolve_layers(model, spec)) == chosen
+
+
+def test_an_empty_layer_selection_is_an_error_not_a_reading_of_nothing() -> None:
+    from torch import nn
+
+    from ddsmon.errors import ProbeError
+    from ddsmon.probe import select_layers
+
+    with pytest.raises(ProbeError, match="names no module"):
+        select_layers(nn.Sequential(nn.Linear(3, 4)), [])
