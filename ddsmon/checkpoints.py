@@ -97,6 +97,7 @@ __all__ = (
     "read_regular",
     "stat_regular",
     "step_from_name",
+    "where_checkpoints_are",
     "zip_listing_problem",
 )
 
@@ -424,6 +425,46 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
                 sub for name in _listdir(path) if (sub := classify(path / name, directory))
             )
     return sorted(found, key=_order)
+
+
+_ZERO3_PARTITION = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+
+
+def where_checkpoints_are(directory: Path | str, limit: int = 3) -> str | None:
+    """Why :func:`discover` found nothing in ``directory``, when a look below says so;
+    else None. Two layouts: checkpoints a level deeper than discover looks (Accelerate's
+    ``project_dir`` holds them in ``checkpoints/checkpoint_<i>/``: watch
+    ``project_dir/checkpoints``), up to ``limit`` such folders named; DeepSpeed ZeRO-3
+    partitions alone (``zero_pp_rank_<r>_mp_rank_00_model_states.pt``), which hold no
+    whole weights."""
+    directory = Path(directory)
+    deeper: list[Path] = []
+    zero3 = False
+    for entry in _listdir(directory):
+        sub = directory / entry
+        if is_temporary(entry) or not sub.is_dir() or sub.is_symlink():
+            continue
+        for name in _listdir(sub):
+            zero3 = zero3 or bool(_ZERO3_PARTITION.match(name))
+            inner = sub / name
+            if not is_temporary(name) and inner.is_dir() and not inner.is_symlink():
+                zero3 = zero3 or any(_ZERO3_PARTITION.match(n) for n in _listdir(inner))
+                if len(deeper) < limit and sub not in deeper and discover(inner):
+                    deeper.append(sub)
+    if deeper:
+        shown_dirs = ", ".join(str(d) for d in deeper)
+        return (
+            f"no checkpoint directly in {directory} or its subfolders, but there are "
+            f"some one level deeper: watch {shown_dirs} instead"
+        )
+    if zero3:
+        return (
+            f"{directory} holds DeepSpeed ZeRO-3 partitions only "
+            "(zero_pp_rank_*_model_states.pt), which hold no whole weights: write a file "
+            "ddsmon can read with DeepSpeed's zero_to_fp32.py, or save with "
+            "stage3_gather_16bit_weights_on_model_save"
+        )
+    return None
 
 
 def _order(ref: CheckpointRef) -> tuple[bool, int, str]:

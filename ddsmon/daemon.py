@@ -37,6 +37,7 @@ from ddsmon.checkpoints import (
     fingerprint,
     is_hf_folder_name,
     is_pretrained_folder,
+    where_checkpoints_are,
 )
 from ddsmon.config import Config, WatchSettings
 from ddsmon.errors import CheckpointError, ConfigError, DDSError
@@ -317,7 +318,9 @@ class Daemon:
         self._check_directory(waiting=False)
         self._start("scan")
         try:
-            for ref in discover(self.config.directory):
+            found = discover(self.config.directory)
+            self._say_where_they_are(found)
+            for ref in found:
                 reason = check_complete(ref)
                 if reason is not None:
                     self._fail(ref, f"incomplete: {reason}")
@@ -346,7 +349,9 @@ class Daemon:
         self._start("watch")
         try:
             watcher.start()
-            for ref in discover(self.config.directory):
+            found = discover(self.config.directory)
+            self._say_where_they_are(found)
+            for ref in found:
                 reason = check_complete(ref)
                 if reason is None:
                     self.enqueue(ref)
@@ -357,6 +362,14 @@ class Daemon:
             watcher.stop()
             self._finish()
         return self.summary
+
+    def _say_where_they_are(self, found: list[CheckpointRef]) -> None:
+        """Nothing found at start: say so where a look below finds why
+        (:func:`ddsmon.checkpoints.where_checkpoints_are`)."""
+        if not found:
+            why = where_checkpoints_are(self.config.directory)
+            if why is not None:
+                log.warning("%s", shown(why))
 
     def _rejected(self, path: Path, reason: str) -> None:
         """A file that settled incomplete (watcher thread): reported by the reading loop."""

@@ -488,6 +488,28 @@ def test_shards_written_before_their_index_wait_for_it(tmp_path: Path) -> None:
     assert classify(loose, tmp_path) is None
 
 
+def test_where_checkpoints_are_when_none_is_found(tmp_path: Path) -> None:
+    """Nothing where discover looks: one level deeper (Accelerate's project_dir holds
+    checkpoints/checkpoint_<i>/) is named; ZeRO-3 partitions alone are said to hold no
+    whole weights; an empty directory says nothing."""
+    from ddsmon.checkpoints import where_checkpoints_are
+
+    assert where_checkpoints_are(tmp_path) is None
+    project = tmp_path / "project"
+    for i in (0, 1):
+        save_file({"w": torch.ones(2)}, str(write(project / "checkpoints" / f"checkpoint_{i}" / "model.safetensors")))  # fmt: skip
+    assert discover(project) == []
+    said = where_checkpoints_are(project)
+    assert said is not None and f"watch {project / 'checkpoints'} instead" in said
+    assert where_checkpoints_are(project / "checkpoints") is None  # found there: nothing to say
+    ds = tmp_path / "ds"
+    write(ds / "global_step10" / "zero_pp_rank_0_mp_rank_00_model_states.pt", torch_bytes())
+    write(ds / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", torch_bytes())
+    assert discover(ds) == []
+    said = where_checkpoints_are(ds)
+    assert said is not None and "ZeRO-3" in said and "zero_to_fp32.py" in said
+
+
 def test_dcp_folder_completeness(tmp_path: Path) -> None:
     folder = dcp_folder(tmp_path / "dist")
     ref = CheckpointRef(folder, "dcp")

@@ -112,3 +112,12 @@ def test_accelerate_save_state_folders_are_read_at_their_steps(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert "scan: 3 read, 0 skipped, 0 failed" in proc.stderr, proc.stderr
     assert steps_of(uri) == [0, 1, 2], proc.stderr
+    # pointed at the project_dir, one level too high: it says where they are
+    above = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(tmp_path / "project"), "--model",
+         f"{models}:classifier", "--probe", str(probe), "--tracking-uri",
+         f"sqlite:///{tmp_path / 'other.db'}", "--no-plots", "--threads", "1"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert above.returncode == 0, above.stderr
+    assert f"watch {ckpts} instead" in above.stderr, above.stderr
