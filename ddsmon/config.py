@@ -99,7 +99,6 @@ CONFIG_FILENAME = "ddsmon.toml"
 # ------------------------------------------------------------------------ the table of keys
 
 
-
 #: What a module name may hold (``blocks.0.attn``): a comma-separated list of such names
 #: is a list of names; anything else (``^[02]{1,2}$``, ``attn|mlp``) is a regex.
 _MODULE_NAME = re.compile(r"^[\w.\-]*$")
@@ -115,6 +114,7 @@ def layer_names(spec: str) -> list[str] | None:
     if not all(_MODULE_NAME.match(p) for p in parts):
         return None
     return [p for p in parts if p]
+
 
 def _code_spec(value: Any) -> bool:
     """True for ``MODULE:NAME`` / ``file.py:NAME``, which imports (runs) code."""
