@@ -9,8 +9,9 @@ Recognised kinds (:data:`KINDS`):
     lightning    a Lightning checkpoint: ``*.ckpt`` (a torch.save file too)
     safetensors  ``*.safetensors``
     hf           a Hugging Face folder: a Trainer's ``checkpoint-<step>/``, or a
-                 ``save_pretrained`` folder of any name (``config.json`` beside a
-                 weights file of :data:`HF_WEIGHTS`, e.g. ``step_500/``)
+                 ``save_pretrained`` folder of any name (``config.json`` beside the
+                 weights of :data:`HF_WEIGHTS` and nothing else:
+                 :func:`is_pretrained_folder`; e.g. ``step_500/``)
     dcp          a torch.distributed.checkpoint folder (holds a ``.metadata`` file)
 
 Never checkpoints: temporary names (``*.tmp``, ``*.partial``, ``*.part``, ``*.temp``,
@@ -180,8 +181,8 @@ class CheckpointRef:
     Accelerate's ``checkpoint_3/model_1.safetensors`` step 3).
     folder_step: for a file directly inside a subfolder of the watched directory whose
     name is a step (``checkpoint_3/``, ``step_500/``, ``global_step800/``; see
-    :data:`_FOLDER_STEP`), that step; set by :func:`classify` with a root. Not part of
-    the ref's identity.
+    :data:`_FOLDER_STEP`), that step; set by :func:`classify` (without a root, from the
+    folder the file lies in, as ``report`` sees it). Not part of the ref's identity.
     """
 
     path: Path
