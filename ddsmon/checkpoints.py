@@ -132,11 +132,18 @@ HF_WEIGHTS: tuple[str, ...] = (
 )
 """Weights files of a Hugging Face checkpoint folder, in the order they are looked for."""
 
+#: The HF Trainer's own files in ``checkpoint-N/`` (see :func:`awaits_trainer_state`).
+_TRAINER_NAMES = (
+    r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth"
+)
+#: DeepSpeed ZeRO-3's model partitions (see :func:`where_checkpoints_are`).
+_ZERO3_NAMES = r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt"
+
 SIDE_FILES = re.compile(
-    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth"
+    rf"^(?:{_TRAINER_NAMES}"
     r"|(?:optimizer|scheduler|sampler|scaler|dl_state_dict)(?:_\d+)?\.(?:bin|pt)"
     r"|.*optim_states\.pt|layer_\d+-model_\d+-model_states\.pt"
-    r"|zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt)$"
+    rf"|{_ZERO3_NAMES})$"
 )
 """Names of torch files trainers write beside the weights; they hold no model: the HF
 Trainer's ``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
@@ -245,9 +252,7 @@ def is_pretrained_folder(path: Path | str) -> bool:
 
 #: Files the HF Trainer writes into ``checkpoint-N/`` beside the model (and before its
 #: trainer_state.json); a folder of that name without any is not a Trainer's.
-_TRAINER_FILES = re.compile(
-    r"^(?:training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth)$"
-)
+_TRAINER_FILES = re.compile(rf"^(?:{_TRAINER_NAMES})$")
 
 
 def awaits_trainer_state(path: Path | str) -> bool:
@@ -428,7 +433,7 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
     return sorted(found, key=_order)
 
 
-_ZERO3_PARTITION = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+_ZERO3_PARTITION = re.compile(rf"^{_ZERO3_NAMES}$")
 
 
 def where_checkpoints_are(directory: Path | str, limit: int = 3) -> str | None:

@@ -395,12 +395,13 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
             return ",".join(value)
         if not isinstance(value, str) or not value.strip():
             raise bad("module names (a string, comma-separated, or a list) or a regex")
-        if layer_names(value) is None:  # a regex (one name is one too)
+        listed = layer_names(value)
+        if listed is None:  # a regex (one name is one too)
             try:
                 re.compile(value)
             except re.error as exc:
                 raise bad(f"module names or a valid regex ({exc})") from None
-        elif not layer_names(value):
+        elif not listed:
             raise bad("at least one module name")
         return value
     if kind == "size":

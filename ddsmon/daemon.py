@@ -33,10 +33,9 @@ from ddsmon.aliases import MAX_STEP, weights_digest
 from ddsmon.checkpoints import (
     CheckpointRef,
     check_complete,
+    classify,
     discover,
     fingerprint,
-    is_hf_folder_name,
-    is_pretrained_folder,
     where_checkpoints_are,
 )
 from ddsmon.config import Config, WatchSettings
@@ -730,7 +729,7 @@ def has_hf_folders(directory: Path) -> bool:
     needed)."""
     try:
         return any(
-            p.is_dir() and (is_hf_folder_name(p.name) or is_pretrained_folder(p))
+            (ref := classify(p, directory)) is not None and ref.kind == "hf"
             for p in directory.iterdir()
         )
     except OSError:

@@ -67,6 +67,12 @@ def hf_folder(root: Path, step: int, *, state: bool = True, weights: bool = True
     return folder
 
 
+def steps_found(root: Path) -> dict[str, int | None]:
+    """What discover finds under ``root``: each checkpoint's path below it, with the step
+    its name gives."""
+    return {str(r.path.relative_to(root)): r.name_step for r in discover(root)}
+
+
 def dcp_folder(path: Path) -> Path:
     import torch.distributed.checkpoint as dcp
 
@@ -392,8 +398,7 @@ def test_files_in_a_stepped_folder_take_its_step(tmp_path: Path) -> None:
     write(tmp_path / "step_40" / "model.pt", torch_bytes())
     save_file({"w": torch.randn(2, 2)}, str(write(tmp_path / "iter-50" / "model_1.safetensors")))
     write(tmp_path / "run1" / "best.pt", torch_bytes())
-    found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
-    assert found == {
+    assert steps_found(tmp_path) == {
         "checkpoint_0/model.safetensors": 0,
         "checkpoint_1/model.safetensors": 1,
         "checkpoint_12/model.safetensors": 12,
@@ -425,8 +430,7 @@ def test_deepspeed_folders_take_the_folder_step_and_skip_optimizer_partitions(
         write(folder / "layer_01-model_00-model_states.pt", torch_bytes())  # pipeline
     write(tmp_path / "latest", "global_step200")
     write(tmp_path / "step_300" / "ema_step_310.pt", torch_bytes())
-    found = {str(r.path.relative_to(tmp_path)): r.name_step for r in discover(tmp_path)}
-    assert found == {
+    assert steps_found(tmp_path) == {
         "global_step100/mp_rank_00_model_states.pt": 100,
         "global_step200/mp_rank_00_model_states.pt": 200,
         "step_300/ema_step_310.pt": 310,
