@@ -304,6 +304,15 @@ class _Strategies:
         return isinstance(self.of(module), StructuredGram)
 
 
+#: The parts of a layer's reading, each a task of its own when layers are read side by
+#: side: ``"x"`` the SVD of X, ``"g"`` G's eigensolve, ``"k"`` K's build and eigensolve.
+#: A layer's fields are put together once its last part is read.
+_PARTS = ("x", "g", "k")
+
+#: A task of :func:`_read_layers`: (layer name, part).
+_Task = tuple[str, str]
+
+
 def _read_layers(
     streams: dict[str, LayerStream],
     names: list[str],
@@ -315,51 +324,76 @@ def _read_layers(
     x_only: bool,
     strategies: _Strategies,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`_read_layer` of every layer of ``names``, in that order; each layer's
-    stream is taken out of ``streams`` when it is read and dropped once it is (so a
-    reading holds the rows of the layers not read yet, no more).
+    """The LayerSignature fields of every layer of ``names``, in that order.
+
+    A layer's reading is up to three independent decompositions (:data:`_PARTS`: X's
+    SVD, G's eigensolve, K's build and eigensolve, :func:`_read_part`), put together
+    by :func:`_layer_fields` once the last is read. Each layer's stream is taken out of
+    ``streams`` and dropped once its parts are read (so a reading holds the rows of
+    the layers not read yet, no more).
 
     On CPU, when the calling thread has k > 1 torch threads (the thread policy's count
-    for this reading, :mod:`ddsmon.threads`), the layers are read by k worker threads
-    of one torch thread each, costliest first, instead of one after another on k
-    threads. The decompositions are dense LAPACK (Householder tridiagonalisation and
-    bidiagonalisation: level-2 BLAS at their core), which gains little from a second
-    thread (a 512 x 512 ``eigvalsh`` took 17.1 ms on 1 thread and 15.6 ms on 2, on 2
-    cores), while two of them side by side take about the time of one: on the
-    ``bench_llc`` shape (embedding 128, hidden 256, probe 512) the full reading went from
-    82 to 59 ms. Each layer's matrices and decompositions are the same calls as when read
-    one after another on one thread, so the readings are those to rounding (a product
-    or a decomposition on one thread may differ from one on two in the last bits:
-    ``tests/test_engine_concurrency.py``). Elsewhere (CUDA), and on one thread, the
-    layers are read in order on the calling thread. A registered
-    :class:`~ddsmon.param_gram.StructuredGram` may therefore run in a worker thread.
+    for this reading, :mod:`ddsmon.threads`), the parts of all layers are read by k
+    worker threads of one torch thread each, costliest first (:func:`_part_cost`),
+    instead of one after another on k threads. The decompositions are dense LAPACK
+    (Householder tridiagonalisation and bidiagonalisation: level-2 BLAS at their core),
+    which gains little from a second thread (a 512 x 512 ``eigvalsh`` took 17.1 ms on 1
+    thread and 15.6 ms on 2, on 2 cores), while two of them side by side take about the
+    time of one. Parts rather than whole layers are the tasks because one layer (a
+    hidden Linear with its X, G and K) can cost as much as all the others together:
+    on the ``bench_llc`` shape (embedding 128, hidden 256, probe 512) whole layers side
+    by side left one worker with 43 ms of the hidden layer while the other read the
+    rest. Each part is the same calls as when read one after another on one thread,
+    so the readings are those to rounding (a product or a decomposition on one thread
+    may differ from one on two in the last bits: ``tests/test_engine_concurrency.py``).
+    Elsewhere (CUDA), and on one thread, the layers are read in order, part after part,
+    on the calling thread. A registered :class:`~ddsmon.param_gram.StructuredGram` may
+    therefore run in a worker thread, beside another part of the same layer.
 
     The workers are daemon threads (a process stopping, a second Ctrl-C, does not wait
-    for the layers left), and each reads with autograd off, as the calling thread does
-    (grad mode is per thread). The first layer to fail stops the others from starting,
-    and the failure of the layer first in ``names`` order among those that failed is
+    for the parts left), and each reads with autograd off, as the calling thread does
+    (grad mode is per thread). A failed part stops the parts after it (in ``names``
+    order, then part order) from starting, and the failure first in that order is
     raised, as reading them in order would.
     """
-    fields: dict[str, dict[str, Any]] = {}
     decided = {name: strategies.of(streams[name].module) for name in names}  # this thread
+    held = {name: streams.pop(name) for name in names}
+    parts = {name: _parts_of(held[name], want_activation, x_only, decided[name]) for name in names}
+    read_parts: dict[str, dict[str, Any]] = {name: {} for name in names}
+    left = {name: len(parts[name]) for name in names}
+    fields: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
 
-    def read(name: str) -> None:
-        stream = streams.pop(name)
+    def finish(name: str) -> None:
+        stream = held.pop(name)
         with torch.no_grad():
-            fields[name] = _read_layer(
-                stream, n, eps, ridge, want_activation, x_only, decided[name]
-            )
+            fields[name] = _layer_fields(stream, n, read_parts.pop(name))
 
+    def read(task: _Task) -> None:
+        name, part = task
+        with torch.no_grad():
+            result = _read_part(held[name], part, n, eps, ridge, decided[name])
+        with lock:
+            read_parts[name][part] = result
+            left[name] -= 1
+            last = left[name] == 0
+        if last:
+            finish(name)
+
+    for name in names:
+        if not parts[name]:
+            finish(name)
+    tasks = [(name, part) for name in names for part in parts[name]]
     threads = torch.get_num_threads()
     most = threads if LAYER_WORKERS is None else LAYER_WORKERS
-    workers = min(most, len(names)) if device.type == "cpu" else 1
+    workers = min(most, len(tasks)) if device.type == "cpu" else 1
     if workers <= 1:
-        for name in names:
-            read(name)
-        return fields
-    costs = {name: _reading_cost(streams[name], n, decided[name], x_only) for name in names}
+        for task in tasks:
+            read(task)
+        return {name: fields[name] for name in names}
+    costs = {task: _part_cost(held[task[0]], task[1], n) for task in tasks}
     try:
-        _side_by_side(read, sorted(names, key=lambda name: -costs[name]), workers, names)
+        _side_by_side(read, sorted(tasks, key=lambda task: -costs[task]), workers, tasks)
     finally:
         # the workers' set_num_threads(1) also set ATen's process-wide count, the one a
         # thread started later begins with: put back this thread's
@@ -368,26 +402,31 @@ def _read_layers(
 
 
 def _side_by_side(
-    read: Callable[[str], None], queue: list[str], workers: int, order: list[str]
+    read: Callable[[_Task], None], queue: list[_Task], workers: int, order: list[_Task]
 ) -> None:
-    """``read(name)`` for every name of ``queue``, taken in turn by ``workers`` daemon
-    threads of one torch thread each; re-raises the failure first in ``order``."""
+    """``read(task)`` for every task of ``queue``, taken in turn by ``workers`` daemon
+    threads of one torch thread each; re-raises the failure first in ``order``. Once a
+    task failed, only the tasks before it in ``order`` are still read (one of them may
+    fail too, and reading in order would have raised that one)."""
     pending = iter(queue)
+    rank = {task: i for i, task in enumerate(order)}
     lock = threading.Lock()
-    failed: dict[str, BaseException] = {}
+    failed: dict[_Task, BaseException] = {}
 
     def work() -> None:
         torch.set_num_threads(1)
         while True:
             with lock:
-                name = None if failed else next(pending, None)
-            if name is None:
+                task = next(pending, None)
+                while task is not None and failed and rank[task] > min(rank[t] for t in failed):
+                    task = next(pending, None)
+            if task is None:
                 return
             try:
-                read(name)
+                read(task)
             except BaseException as exc:  # re-raised on the calling thread
                 with lock:
-                    failed[name] = exc
+                    failed[task] = exc
 
     team = [
         threading.Thread(target=work, name=f"ddsmon-layer-{i}", daemon=True) for i in range(workers)
@@ -397,45 +436,80 @@ def _side_by_side(
     for thread in team:
         thread.join()
     if failed:
-        first = min(failed, key=order.index)
-        raise failed[first]
+        raise failed[min(failed, key=rank.__getitem__)]
 
 
-def _reading_cost(
-    stream: LayerStream, n: int, strategy: ParamGramStrategy | None, x_only: bool
-) -> float:
-    """A layer's decompositions in flops, to within a constant: the SVD of X's
-    ``min(N, d)`` square after a QR, G's eigensolve on its smaller side (not in a
-    forward-only reading), K's (n x n) where this pass kept the rows to build it."""
-    rows, d = stream.rows, stream.width
-    small, large = min(rows, d), max(rows, d)
-    with_k = isinstance(strategy, StructuredGram) and stream.factors
-    return small * small * large + (0 if x_only else small**3) + (n**3 if with_k else 0)
+def _parts_of(
+    stream: LayerStream, want_activation: bool, x_only: bool, strategy: ParamGramStrategy | None
+) -> list[str]:
+    """The parts (:data:`_PARTS`) of this layer's reading: ``want_activation``, X and G;
+    ``x_only`` (a forward-only pass), X alone; K where ``strategy`` is structured and
+    this pass kept the layer's A and Delta rows (else K is read by a further pass,
+    :func:`_read_deferred`, or ``torch.func``, :func:`_read_functional`). None for a
+    layer whose activations or gradients were not finite."""
+    if stream.nonfinite is not None:
+        return []
+    parts = []
+    if want_activation or x_only:
+        parts.append("x")
+    if want_activation:
+        parts.append("g")
+    if isinstance(strategy, StructuredGram) and stream.factors:
+        parts.append("k")
+    return parts
 
 
-def _read_layer(
+def _part_cost(stream: LayerStream, part: str, n: int) -> float:
+    """A part's decomposition in flops, roughly (it orders the tasks, nothing more):
+    X's SVD after a QR on its ``min(N, d)`` square (``2 large small^2 + 8 small^3``),
+    G's eigensolve on its smaller side after building it (``4/3 small^3 + large
+    small^2``), K's (n x n, ``4/3 n^3``) after its two n x n products (``4 n^2 d``).
+    Measured on one thread on the ``bench_llc`` shape: 9.8, 3.3 and about 15 ms."""
+    small, large = sorted((stream.rows, stream.width))
+    if part == "x":
+        return 2 * large * small * small + 8 * small**3
+    if part == "g":
+        return 4 * small**3 / 3 + large * small * small
+    return 4 * n**3 / 3 + 4 * n * n * stream.width
+
+
+def _read_part(
     stream: LayerStream,
+    part: str,
     n: int,
     eps: float,
     ridge: float,
-    want_activation: bool,
-    x_only: bool,
     strategy: ParamGramStrategy | None,
-) -> dict[str, Any]:
-    """The LayerSignature fields of one layer from its stream (see LayerSignature).
+) -> Any:
+    """One part of a layer's reading: ``"x"`` X's :class:`~ddsmon.spectra.SingularReading`;
+    ``"g"`` G's :class:`~ddsmon.spectra.GramReading` and the Delta factor it came from
+    (``M`` with ``M^T M = Delta^T Delta``, :mod:`ddsmon.streaming`); ``"k"`` the
+    ``param_*`` fields (:func:`_param_fields`) of K from structure (None where the
+    layer kept no rows)."""
+    if part == "x":
+        return read_singular_values(stream.x_matrix(), eps, rows=stream.rows)
+    if part == "g":
+        delta = stream.delta_matrix()
+        return read_gram(gram_of_rows(delta, n), eps, ridge), delta
+    assert isinstance(strategy, StructuredGram)
+    cap = stream.factor_capture()
+    if cap is None:
+        return None
+    return _param_fields(param_gram_structured(cap, n, strategy=strategy), cap.module, eps, ridge)
 
-    ``want_activation``: X and G readings; ``x_only``: X readings alone (a forward-only
-    pass). ``strategy``: how K is built (None: no parameter-side readings); K from
-    structure is read here when this pass kept the layer's A and Delta rows, else by a
-    further pass (:func:`_read_deferred`) or ``torch.func`` (:func:`_read_functional`).
+
+def _layer_fields(stream: LayerStream, n: int, parts: dict[str, Any]) -> dict[str, Any]:
+    """The LayerSignature fields of one layer from its read parts (:func:`_read_part`).
+
+    ``u_dead_gain`` needs two of them: X's dead direction u (the right singular vector
+    at ``sigma_min``) and G's Delta factor M, ``u^T G u = |M u|^2 / n``.
     """
     d = stream.width
-    base: dict[str, Any] = {"name": stream.name, "n": n, "N": stream.rows, "d": d}
+    fields: dict[str, Any] = {"name": stream.name, "n": n, "N": stream.rows, "d": d}
     if stream.nonfinite is not None:
-        return {**base, "finite": False, "nonfinite": stream.nonfinite}
-    fields: dict[str, Any] = {}
-    if want_activation or x_only:
-        xs = read_singular_values(stream.x_matrix(), eps, rows=stream.rows)
+        return {**fields, "finite": False, "nonfinite": stream.nonfinite}
+    xs = parts.get("x")
+    if xs is not None:
         fields.update(
             sigma_min=xs.sigma_min,
             sigma_max=xs.sigma_max,
@@ -444,12 +518,10 @@ def _read_layer(
             floor_x=xs.floor,
             x_spectrum=xs.values.cpu().numpy(),
         )
-    if want_activation:
-        # delta: Delta itself, or M with M^T M = Delta^T Delta (ddsmon.streaming)
-        delta = stream.delta_matrix()
-        gram = read_gram(gram_of_rows(delta, n), eps, ridge)
+    if "g" in parts:
+        gram, delta = parts["g"]
         gain = None
-        if xs.u_dead is not None:
+        if xs is not None and xs.u_dead is not None:
             gain = float((delta @ xs.u_dead).pow(2).sum() / n)
         fields.update(
             lambda_min=gram.lambda_min,
@@ -462,15 +534,9 @@ def _read_layer(
             u_dead_gain=gain,
             g_spectrum=gram.values.cpu().numpy(),
         )
-    if isinstance(strategy, StructuredGram) and stream.factors:
-        cap = stream.factor_capture()
-        if cap is not None:
-            fields.update(
-                _param_fields(
-                    param_gram_structured(cap, n, strategy=strategy), cap.module, eps, ridge
-                )
-            )
-    return {**base, **fields}
+    if parts.get("k") is not None:
+        fields.update(parts["k"])
+    return fields
 
 
 def _param_fields(k: Tensor, module: nn.Module, eps: float, ridge: float) -> dict[str, Any]:
