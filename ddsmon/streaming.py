@@ -77,6 +77,7 @@ sample order, (n,), exactly those of a whole-probe pass (row i from sample i alo
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from itertools import chain
 from types import TracebackType
@@ -95,6 +96,7 @@ __all__ = (
     "LayerStreams",
     "RowFactor",
     "StreamedProbe",
+    "all_finite",
     "micro_batch_sizes",
     "release_freed_memory",
 )
@@ -163,6 +165,17 @@ def _own(t: Tensor) -> Tensor:
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. Its sum first, one pass with no N x d
+    temporaries: a NaN or an infinity anywhere makes the sum NaN or infinite, so a
+    finite sum proves every entry finite; only where the sum is not finite (finite
+    entries can overflow it) is each entry checked. On the ``bench_llc`` shape the
+    entrywise check of every block took about 2 ms of a 60 ms reading."""
+    if t.is_floating_point() and math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
@@ -234,9 +247,9 @@ class LayerStream:
 
     def add(self, cap: LayerCapture) -> None:
         self.rows += cap.rows
-        self.bad_x = self.bad_x or not bool(torch.isfinite(cap.output).all())
+        self.bad_x = self.bad_x or not all_finite(cap.output)
         if cap.grad is not None:
-            self.bad_g = self.bad_g or not bool(torch.isfinite(cap.grad).all())
+            self.bad_g = self.bad_g or not all_finite(cap.grad)
         if self.bad_x or self.bad_g:
             self.x = self.delta = None
             self._inputs, self._grads = [], []

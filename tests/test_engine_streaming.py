@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import assert_close_report, per_sample_capture, readings
 from test_engine_per_sample import CASES, _compare_activation_side, _compare_param_side
 from torch import nn
@@ -613,3 +615,32 @@ def test_the_heap_is_trimmed_after_each_micro_batch_of_a_streamed_pass(
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert real() is True
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=64),
+            st.sampled_from([1.7e308, -1.7e308, float("inf"), float("-inf"), float("nan")]),
+        ),
+        min_size=0,
+        max_size=12,
+    ),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.float16]),
+)
+def test_all_finite_agrees_with_the_entrywise_check(
+    values: list[float], dtype: torch.dtype
+) -> None:
+    """The sum-first check says what ``torch.isfinite(t).all()`` says, overflowing sums
+    of finite entries (1.7e308 twice, float32's and float16's small ranges) included."""
+    t = torch.tensor(values, dtype=torch.float64).to(dtype).reshape(-1, 1)
+    assert streaming.all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def test_all_finite_when_finite_entries_overflow_the_sum() -> None:
+    big = torch.full((4, 3), 1e308, dtype=torch.float64)
+    assert not torch.isfinite(big.sum())
+    assert streaming.all_finite(big)
+    big[2, 1] = float("nan")
+    assert not streaming.all_finite(big)
