@@ -21,21 +21,56 @@ runs finishes the current checkpoint and stops with the usual status.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import click
+_interrupt_line = b"ddsmon: interrupted while starting up; nothing was read\n"
 
-from ddsmon import __version__
-from ddsmon.config import CONFIG_FILENAME, SETTINGS, Setting, resolve_config
-from ddsmon.errors import CheckpointError, ConfigError, DDSError
-from ddsmon.shown import shown
-from ddsmon.state import StateError
+
+def _interrupted_starting(signum: int, frame: object) -> None:
+    """SIGINT while the CLI is still importing (click, ddsmon's settings) or ``report``
+    reads (which writes nothing): nothing to finish, so one line and exit 130 now, not a
+    traceback out of an import."""
+    os.write(2, _interrupt_line)
+    os._exit(130)
+
+
+def _take_over_interrupts() -> None:
+    """From here on SIGINT is KeyboardInterrupt again, caught by ``_run_daemon`` (and then
+    taken over by the daemon's own handler)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _cli_process() -> bool:
+    """Whether this process is the ``ddsmon`` command (the console script, or ``python -m
+    ddsmon.cli``), not a program importing the module."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    return getattr(spec, "name", None) == "ddsmon.cli" or (
+        os.path.basename(sys.argv[0] if sys.argv else "") == "ddsmon"
+    )
+
+
+# The first thing the command does (the imports below take a few hundred milliseconds);
+# a SIGINT a parent set to be ignored (a background job, nohup) stays ignored.
+if _cli_process() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_starting)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from ddsmon import __version__  # noqa: E402
+from ddsmon.config import CONFIG_FILENAME, SETTINGS, Setting, resolve_config  # noqa: E402
+from ddsmon.errors import CheckpointError, ConfigError, DDSError  # noqa: E402
+from ddsmon.shown import shown  # noqa: E402
+from ddsmon.state import StateError  # noqa: E402
 
 __all__ = (
     "EXIT_EVENT",
@@ -131,6 +166,7 @@ def main(verbose: int) -> None:
 def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str, Any]) -> Any:
     config_file = flags.pop("config_file", None)
     try:
+        _take_over_interrupts()
         from ddsmon.threads import keep_this_thread_single
 
         keep_this_thread_single()  # before any parallel region (imports torch: interruptible)
@@ -246,6 +282,8 @@ def report(
     ctx: click.Context, checkpoint: Path, as_json: bool, spectra: bool, **flags: Any
 ) -> None:
     """Read one CHECKPOINT and print every layer's readings."""
+    global _interrupt_line
+    _interrupt_line = b"ddsmon: interrupted\n"  # nothing to finish: exit 130 at once
     checkpoint = checkpoint.resolve()
     config_file = flags.pop("config_file", None)
     try:
