@@ -10,7 +10,8 @@ Recognised kinds (:data:`KINDS`):
     safetensors  ``*.safetensors``
     hf           a Hugging Face folder: a Trainer's ``checkpoint-<step>/``, or a
                  ``save_pretrained`` folder of any name (``config.json`` beside the
-                 weights of :data:`HF_WEIGHTS` and nothing else:
+                 weights of :data:`HF_WEIGHTS`, or a variant's (``model.ema.safetensors``),
+                 and nothing else:
                  :func:`is_pretrained_folder`; e.g. ``step_500/``)
     dcp          a torch.distributed.checkpoint folder (holds a ``.metadata`` file)
 
@@ -31,7 +32,8 @@ place and events alone cannot tell a finished file from a paused writer:
                   non-zip) torch pickles cannot be checked and are reported as such.
     safetensors   size == 8 + N + max(data_offsets end), N the little-endian u64
                   header length, and the N header bytes are a JSON object.
-    hf            a weights file (:data:`HF_WEIGHTS`) is there and itself complete
+    hf            a weights file (:data:`HF_WEIGHTS`, else the one variant's: :func:`hf_weights`)
+                  is there and itself complete
                   (every shard of a sharded index), and ``trainer_state.json``
                   parses as JSON: a Trainer writes it last, so a ``checkpoint-<step>/``
                   folder holding the Trainer's files waits for it
@@ -76,11 +78,13 @@ from ddsmon.errors import ConfigError
 __all__ = (
     "HF_SHARD",
     "HF_WEIGHTS",
+    "HF_WEIGHTS_NAME",
     "JSON_LIMIT",
     "KINDS",
     "SAFETENSORS_MAX_HEADER",
     "SIDE_FILES",
     "CheckpointRef",
+    "HfWeights",
     "Kind",
     "RefusedFile",
     "awaits_trainer_state",
@@ -91,6 +95,7 @@ __all__ = (
     "discover",
     "fingerprint",
     "folder_step",
+    "hf_weights",
     "is_hf_folder_name",
     "is_pretrained_folder",
     "is_temporary",
@@ -164,9 +169,86 @@ _FOLDER_STEP = re.compile(
 ``step_500``, ``global_step800``, ``iter-20``. A weights file with no number of its own
 directly inside such a folder takes the folder's (:attr:`CheckpointRef.name_step`)."""
 
-HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d{5}-of-\d{5}\.(?:safetensors|bin)$")
-"""A shard of a sharded Hugging Face save (``model-00001-of-00002.safetensors``): part of
-its folder, never a checkpoint of its own (``save_pretrained`` writes the index last)."""
+#: A weights variant's name (``save_pretrained(..., variant="ema")``): ``ema``, ``fp16``,
+#: ``non_ema``; no dot, and no hyphen (a shard's ``-00001-of-00002`` follows it).
+_VARIANT = r"[A-Za-z0-9_]+"
+
+HF_WEIGHTS_NAME = re.compile(
+    rf"^(?:model(?:\.(?P<st>{_VARIANT}))?\.safetensors"
+    rf"|model\.safetensors\.index(?:\.(?P<sti>{_VARIANT}))?\.json"
+    rf"|pytorch_model(?:\.(?P<pt>{_VARIANT}))?\.bin"
+    rf"|pytorch_model\.bin\.index(?:\.(?P<pti>{_VARIANT}))?\.json)$"
+)
+"""A weights file or shard index of a Hugging Face folder, of :data:`HF_WEIGHTS` or a
+variant of one, named as transformers' ``_add_variant`` does (the variant before the
+last suffix): ``model.ema.safetensors``, ``pytorch_model.ema.bin``,
+``model.safetensors.index.ema.json``, ``pytorch_model.bin.index.fp16.json``."""
+
+HF_SHARD = re.compile(
+    rf"^(?:model|pytorch_model)(?:\.{_VARIANT})?-\d{{5}}-of-\d{{5}}\.(?:safetensors|bin)$"
+)
+"""A shard of a sharded Hugging Face save (``model-00001-of-00002.safetensors``, a
+variant's ``model.ema-00001-of-00002.safetensors``): part of its folder, never a
+checkpoint of its own (``save_pretrained`` writes the index last)."""
+
+
+@dataclass(frozen=True)
+class HfWeights:
+    """The weights a Hugging Face folder is read from (:func:`hf_weights`).
+
+    name: the weights file or shard index to read, or None (none there, or no choice).
+    variant: its variant (``ema``), None for the plain weights.
+    beside: the other variants' files there, not read.
+    problem: why none is chosen though weights are there (several variants, none plain).
+    """
+
+    name: str | None
+    variant: str | None = None
+    beside: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+def _weights_variant(name: str) -> tuple[int, str | None] | None:
+    """``(rank in HF_WEIGHTS, variant)`` of a weights file or index name, else None."""
+    if HF_SHARD.match(name):
+        return None
+    match = HF_WEIGHTS_NAME.match(name)
+    if match is None:
+        return None
+    for rank, group in enumerate(("st", "sti", "pt", "pti")):
+        if match.group(group) is not None:
+            return rank, match.group(group)
+    return HF_WEIGHTS.index(name), None
+
+
+def hf_weights(names: list[str] | tuple[str, ...] | set[str]) -> HfWeights:
+    """Which of a Hugging Face folder's entries (``names``) its weights are read from:
+    the plain weights (:data:`HF_WEIGHTS`, in that order) when there are any, else those
+    of the one variant there (``model.ema.safetensors``, or ``model.safetensors.index.ema.json``
+    and its shards). Files of other variants are ``beside`` (not read); several variants
+    and no plain weights is a ``problem``, as ddsmon does not guess which was meant."""
+    found: dict[str | None, list[tuple[int, str]]] = {}
+    for name in names:
+        ranked = _weights_variant(name)
+        if ranked is not None:
+            found.setdefault(ranked[1], []).append((ranked[0], name))
+    if not found:
+        return HfWeights(None)
+    if None in found:
+        chosen: str | None = None
+    elif len(found) == 1:
+        chosen = next(iter(found))
+    else:
+        variants = ", ".join(sorted(str(v) for v in found))
+        return HfWeights(
+            None,
+            problem=f"weights of several variants ({variants}) and none without a variant: "
+            "ddsmon does not guess which to read (keep one variant per folder)",
+        )
+    name = min(found[chosen])[1]
+    beside = tuple(sorted(n for v, files in found.items() if v != chosen for _, n in files))
+    return HfWeights(name, chosen, beside)
+
 
 SAFETENSORS_MAX_HEADER = 100_000_000
 """The longest safetensors header read (the safetensors library's own limit)."""
@@ -239,7 +321,7 @@ def is_pretrained_folder(path: Path | str) -> bool:
         return False
     weights = False
     for name in names:
-        if name in HF_WEIGHTS or HF_SHARD.match(name):
+        if HF_WEIGHTS_NAME.match(name) or HF_SHARD.match(name):
             weights = True
         elif (
             os.path.splitext(name)[1].lower() in _SUFFIX_KIND
@@ -781,17 +863,24 @@ def _check_hf(path: Path) -> str | None:
         reason = None if reason is None else f"config.json: {reason}"
     if reason is not None:
         return reason
-    for name in HF_WEIGHTS:
-        weights = path / name
-        if not os.path.lexists(weights):
-            continue
-        if name.endswith(".index.json"):
+    try:
+        chosen = hf_weights(os.listdir(path))
+    except FileNotFoundError:
+        return "vanished (no such folder)"
+    if chosen.problem is not None:
+        return chosen.problem
+    if chosen.name is not None:
+        weights = path / chosen.name
+        if chosen.name.endswith(".json"):
             return _check_shards(path, weights)
         reason = _check_weights_file(weights)
-        return f"{name}: {reason}" if reason else None
+        return f"{chosen.name}: {reason}" if reason else None
     if _has_shards(path):
         return "weight shards without their index yet (still being written)"
-    return f"no weights file (looked for {', '.join(HF_WEIGHTS)})"
+    return (
+        f"no weights file (looked for {', '.join(HF_WEIGHTS)}, or a variant of one: "
+        "model.<variant>.safetensors ...)"
+    )
 
 
 def _has_shards(path: Path) -> bool:

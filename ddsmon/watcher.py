@@ -63,12 +63,12 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from ddsmon.checkpoints import (
-    HF_WEIGHTS,
     CheckpointRef,
     check_complete,
     checkpoint_for,
     classify,
     fingerprint,
+    hf_weights,
     is_hf_folder_name,
 )
 from ddsmon.errors import ConfigError
@@ -94,6 +94,16 @@ _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spi
 #: Largest poll interval / quiet period accepted (one day): larger ones are mistakes, and
 #: beyond ``threading.TIMEOUT_MAX`` a wait raises in the observer's or the timer's thread.
 MAX_SECONDS = 86400.0
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds its weights file or shard index (a variant's
+    too), or weights of several variants (:func:`~ddsmon.checkpoints.hf_weights`)."""
+    try:
+        chosen = hf_weights(os.listdir(folder))
+    except OSError:
+        return False
+    return chosen.name is not None or chosen.problem is not None
 
 
 def log_rejected(path: Path, reason: str) -> None:
@@ -488,7 +498,7 @@ class CheckpointWatcher:
                 # with incomplete weights may be one still being written, not reported
                 os.path.lexists(key / "trainer_state.json")
                 if is_hf_folder_name(key.name)
-                else any(os.path.lexists(key / n) for n in HF_WEIGHTS)  # shards: the index
+                else _has_weights(key)  # shards: the index
             )
         )
         with self._lock:

@@ -12,7 +12,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ddsmon.checkpoints import JSON_LIMIT, RefusedFile, read_regular, stat_regular
+from ddsmon.checkpoints import (
+    HF_WEIGHTS,
+    JSON_LIMIT,
+    RefusedFile,
+    hf_weights,
+    read_regular,
+    stat_regular,
+)
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.file_formats import (
     _open,
@@ -25,13 +32,6 @@ from ddsmon.loading.key_matching import _apply, _Candidate, _choose
 from ddsmon.loading.loaded import LoadedCheckpoint, TrainerLogEntry, _build
 from ddsmon.loading.step_and_meta import _as_step, _meta_of
 from ddsmon.loading.wording import _describe, _kind_of
-
-_HF_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def _load_hf_folder(
@@ -79,7 +79,8 @@ def _load_hf_contents(
     path: Path, factory: Callable[[], nn.Module] | None, trust: bool
 ) -> LoadedCheckpoint:
     step, meta, trainer_log = _hf_trainer_state(path)
-    files = [_WeightsFile.open(f, trust, path) for f in _hf_weights_files(path)]
+    weights_files, note = _hf_weights_files(path)
+    files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
     skeleton = {k: t for f in files for k, t in f.skeleton.items()}
     match = _choose(model, [_Candidate("in the weights files", skeleton)], path)
@@ -92,6 +93,7 @@ def _load_hf_contents(
     _apply(model, match, tensors, path)
     names = [f.path.name for f in files]
     where = f"in {names[0]}" if len(names) == 1 else f"in {len(names)} shards ({', '.join(names)})"
+    where += note
     return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
 
 
@@ -146,21 +148,32 @@ def _trainer_log(history: Any) -> list[TrainerLogEntry]:
     return sorted(by_step.items())
 
 
-def _hf_weights_files(path: Path) -> list[Path]:
-    """The weights files of the folder: the first of :data:`_HF_WEIGHTS` there, or the
-    shards its index names."""
-    for name in _HF_WEIGHTS:
-        weights = path / name
-        if not os.path.lexists(weights):
-            continue
-        if name.endswith(".index.json"):
-            return _hf_shards(path, weights)
-        return [weights]
-    if not path.exists():
-        raise FileNotFoundError(path)
-    raise CheckpointError(
-        path, f"no weights file in the folder (looked for {', '.join(_HF_WEIGHTS)})"
-    )
+def _hf_weights_files(path: Path) -> tuple[list[Path], str]:
+    """The weights files of the folder (the file :func:`~ddsmon.checkpoints.hf_weights`
+    chooses, or the shards its index names) and a note on the variant read or left
+    beside them, for the load's ``source``."""
+    try:
+        chosen = hf_weights(os.listdir(path))
+    except NotADirectoryError:
+        raise CheckpointError(
+            path, "not a folder (a Hugging Face checkpoint is a folder)"
+        ) from None
+    if chosen.problem is not None:
+        raise CheckpointError(path, chosen.problem)
+    if chosen.name is None:
+        raise CheckpointError(
+            path,
+            f"no weights file in the folder (looked for {', '.join(HF_WEIGHTS)}, or a "
+            "variant of one: model.<variant>.safetensors ...)",
+        )
+    note = f", weights variant {chosen.variant!r}" if chosen.variant is not None else ""
+    if chosen.beside:
+        shown_beside = ", ".join(chosen.beside[:4]) + (", ..." if len(chosen.beside) > 4 else "")
+        note += f" (not read beside it: {shown_beside})"
+    weights = path / chosen.name
+    if chosen.name.endswith(".json"):
+        return _hf_shards(path, weights), note
+    return [weights], note
 
 
 def _hf_shards(path: Path, index_file: Path) -> list[Path]:
