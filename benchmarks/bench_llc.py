@@ -358,21 +358,23 @@ def main(argv: list[str] | None = None) -> int:
             path = work / f"shape_{d_embed}_{width}.pt"
             _train_width(width, args.width_steps, path, d_embed=d_embed)
             shape_probe = make_probe(53, pairs)
-            label = (
-                f"d_embed {d_embed}, d_hidden {width} ({args.width_steps} steps), "
-                f"probe {pairs}, observables={{}}"
-            )
-            rows.append(
-                _measure(
-                    label,
-                    _load(path, width, d_embed),
-                    shape_probe["inputs"],
-                    shape_probe["targets"],
-                    args,
-                    work,
-                    False,
+            model = _load(path, width, d_embed)
+            for observables in (False, True):
+                label = (
+                    f"d_embed {d_embed}, d_hidden {width} ({args.width_steps} steps), "
+                    f"probe {pairs}, {'1 observable' if observables else 'observables={}'}"
                 )
-            )
+                rows.append(
+                    _measure(
+                        label,
+                        model,
+                        shape_probe["inputs"],
+                        shape_probe["targets"],
+                        args,
+                        work,
+                        observables,
+                    )
+                )
     text = _render(rows, args, command.strip(), ckpt_label, llc_error)
     print(text)
     if args.write:
