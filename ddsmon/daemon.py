@@ -19,11 +19,13 @@ import heapq
 import itertools
 import json
 import logging
+import queue
 import signal
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,16 +386,22 @@ class Daemon:
 
     # ------------------------------------------------------------------ reading
     def _drain(self, block: bool) -> None:
-        """Read queued checkpoints; load the next one while reading the current one."""
-        with ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ddsmon-load", initializer=keep_this_thread_single
-        ) as pool:
+        """Read queued checkpoints; load the next one while reading the current one.
+
+        A stop never waits for a load: not for the one ahead while the current checkpoint
+        is read (the loader is a daemon thread, left to finish or be dropped at exit), nor
+        for the one the loop waits on. A checkpoint loaded and not read is not marked
+        done, so the next run reads it."""
+        loader = _Loader()
+        try:
             current = self._next(block)
-            future = self._submit(pool, current)
+            future = self._submit(loader, current)
             while current is not None and not self._stop.is_set():
                 upcoming = self._next(False) if self.watching.prefetch else None
-                loaded = future.result() if future is not None else None
-                future = self._submit(pool, upcoming)
+                loaded = self._result(future)
+                if loaded is _STOPPED:
+                    break
+                future = self._submit(loader, upcoming)
                 self._unsettled = True
                 try:
                     self._process(current, loaded)
@@ -401,17 +409,32 @@ class Daemon:
                     self._settle()
                 if upcoming is None:
                     upcoming = self._next(block)
-                    future = self._submit(pool, upcoming)
+                    future = self._submit(loader, upcoming)
                 current = upcoming
-            if future is not None:
-                future.cancel()
+        finally:
+            loader.close()
 
-    def _submit(self, pool: ThreadPoolExecutor, ref: CheckpointRef | None) -> Future | None:
+    def _result(self, future: Future | None) -> Any:
+        """The load's result, waited for until it comes or the daemon is asked to stop
+        (then :data:`_STOPPED`)."""
+        if future is None:
+            return None
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                if self._stop.is_set():
+                    future.cancel()
+                    return _STOPPED
+
+    def _submit(self, loader: _Loader, ref: CheckpointRef | None) -> Future | None:
         if ref is None:
             return None
         if self._is_done(ref):
-            return pool.submit(lambda: None)
-        return pool.submit(self._load, ref)
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        return loader.submit(lambda: self._load(ref))
 
     def _is_done(self, ref: CheckpointRef) -> bool:
         try:
@@ -700,6 +723,50 @@ class Daemon:
         except Exception as exc:
             log.warning("sink %s.%s failed: %s", type(sink).__name__, method, shown(exc))
             log.debug("sink %s.%s failed", type(sink).__name__, method, exc_info=True)
+
+
+_STOPPED = object()
+"""What :meth:`Daemon._result` returns when the daemon stopped before the load ended."""
+
+
+class _Loader:
+    """The thread that loads the next checkpoint ahead: one daemon thread, one job at a
+    time, each a Future. Unlike a ThreadPoolExecutor (whose exit, and the interpreter's,
+    joins its worker), closing it never waits for a load in flight (a torch.load of a
+    large file can take minutes): the job still running is left to finish, its result
+    dropped, and queued ones are cancelled."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddsmon-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        keep_this_thread_single()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, work = job
+            if self._closed.is_set():
+                future.cancel()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, work: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, work))
+        return future
+
+    def close(self) -> None:
+        """Stop after the job in flight (not waited for); jobs not started are cancelled."""
+        self._closed.set()
+        self._jobs.put(None)
 
 
 class _SettingFault(CheckpointError):
