@@ -449,14 +449,12 @@ def _parts_of(
     layer whose activations or gradients were not finite."""
     if stream.nonfinite is not None:
         return []
-    parts = []
-    if want_activation or x_only:
-        parts.append("x")
-    if want_activation:
-        parts.append("g")
-    if isinstance(strategy, StructuredGram) and stream.factors:
-        parts.append("k")
-    return parts
+    wanted = {
+        "x": want_activation or x_only,
+        "g": want_activation,
+        "k": isinstance(strategy, StructuredGram) and bool(stream.factors),
+    }
+    return [part for part in _PARTS if wanted[part]]
 
 
 def _part_cost(stream: LayerStream, part: str, n: int) -> float:
