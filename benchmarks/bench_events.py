@@ -50,7 +50,9 @@ the scorecard reports the ``--seeds`` (by default 6-8: seeds 3-5, the report see
 before, were looked at to diagnose the detector, so they are no longer untouched). For
 the control runs it also tabulates the near-zero-loss regime: the spread of the
 per-sample losses (``loss_spread``), the samples G can still resolve
-(``samples_resolved``) and each layer's ``g_rank`` (:func:`regime`).
+(``samples_resolved``) and each layer's ``g_rank`` (:func:`regime`); for the parity runs,
+what each layer's readings do across the validation window against the threshold that
+decides their collapse (:func:`window_moves`).
 
     python benchmarks/bench_events.py [--seeds 6,7,8] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
     python benchmarks/bench_events.py --runs parity,schedule   # some of the run kinds
@@ -230,6 +232,7 @@ class Score:
 
     transitions: list[Event] = field(default_factory=list)
     dying: list[Event] = field(default_factory=list)
+    collapses: list[Event] = field(default_factory=list)
 
     def onsets(self) -> list[int]:
         """Each transition's onset: the step of its earliest collapse (its message lists
@@ -260,6 +263,8 @@ def detect(rows: Sequence[Reading], cfg: EventConfig, every: int | None) -> Scor
                 score.transitions.append(ev)
             elif ev.kind == "dying":
                 score.dying.append(ev)
+            elif ev.kind == "collapse":
+                score.collapses.append(ev)
 
     return score
 
@@ -508,9 +513,12 @@ def run_all(
     log_: Any,
     kinds: Sequence[str] = RUN_KINDS,
     regimes: list[str] | None = None,
+    moves: list[str] | None = None,
 ) -> tuple[list[Row], dict[str, float]]:
     """Train, read and detect every run of ``kinds`` on ``seeds``; the tables of the
-    control runs' near-zero-loss regime (:func:`regime`) are appended to ``regimes``."""
+    control runs' near-zero-loss regime (:func:`regime`) are appended to ``regimes``,
+    those of the parity runs' readings across their validation window
+    (:func:`window_moves`) to ``moves``."""
     rows: list[Row] = []
     seconds = {"train": 0.0, "read": 0.0, "detect": 0.0}
     configs = {name: make(extra) for name, make in DETECTORS.items()}
@@ -533,6 +541,8 @@ def run_all(
             seconds["detect"] += time.perf_counter() - started
             if regimes is not None and spec.kind == "control":
                 regimes += [*regime(spec.kind, seed, readings), ""]
+            if moves is not None and spec.kind == "parity":
+                moves += [*window_moves(rows[-1], readings, configs), ""]
             log_(f"{spec.kind} seed {seed}: trained {t_train:.1f} s, read {t_read:.1f} s")
     return rows, seconds
 
@@ -621,6 +631,96 @@ def regime(
     return lines
 
 
+#: The readings :func:`window_moves` looks at: DDS's and the entropy signature's.
+MOVE_READINGS = ("lambda_ratio", "sigma_ratio", "log_volume", "x_entropy")
+
+
+def _falls(
+    series: Sequence[tuple[int, float]], plateau: Sequence[float], marks: Sequence[int | None]
+) -> tuple[float, float, list[float | None]]:
+    """The plateau's median and robust sigma (1.4826 * MAD), and the fall below the
+    median at each mark (the median of the 5 values around it; None off the series)."""
+    ref = median(plateau)
+    sigma = 1.4826 * median(abs(v - ref) for v in plateau)
+    at = {s: i for i, (s, _) in enumerate(series)}
+    falls: list[float | None] = []
+    for mark in marks:
+        if mark is None or mark not in at:
+            falls.append(None)
+            continue
+        i = at[mark]
+        falls.append(ref - median(v for _, v in series[max(0, i - 2) : i + 3]))
+    return ref, sigma, falls
+
+
+def window_moves(
+    row: Row, rows: Sequence[Reading], configs: Mapping[str, EventConfig]
+) -> list[str]:
+    """What each layer's readings do across one run's validation window: per (layer,
+    reading) of :data:`MOVE_READINGS` that moved at least 3 robust sigmas by a crossing,
+    its plateau (the median and the 1.4826 * MAD of the checkpoints in the middle 80% of
+    the steps before the 10% crossing, at the reading's level: decades, or the fraction
+    itself), its fall by each crossing (the median of the 5 checkpoints around it, less
+    the plateau; positive: below it), that fall at 50% in plateau sigmas, the threshold
+    its detector applies to that plateau (DDS watches the first three readings, the
+    entropy signature ``x_entropy``), and that detector's first collapse of it at or
+    after the 10% crossing. Empty where the run has no 10% crossing."""
+    from ddsmon.events import _level, _LevelScanner
+
+    lo = row.cross[0.10]
+    if lo is None or not rows:
+        return []
+    first = rows[0][0]
+    span = lo - first
+    marks = [row.cross[t] for t in THRESHOLDS]
+    lines = [
+        f"| {row.kind} seed {row.seed} (val 10% / 50% / 95%: {_fmt_steps(marks)}): layer "
+        "reading | plateau ± sigma | fall by 10% / 50% / 95% | fall by 50% (sigmas) "
+        "| threshold | first collapse from 10% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in rows[0][2]:
+        for name in MOVE_READINGS:
+            detector = "entropy" if name == "x_entropy" else "DDS"
+            cfg = configs[detector]
+            if name not in cfg.readings:
+                continue
+            scanner = _LevelScanner(layer, name, cfg)
+            series = []
+            for step, _, layers in rows:
+                value = _level(layer, scanner.row, layers.get(layer, {}).get(name))
+                if value is not None:
+                    series.append((step, value))
+            plateau = [v for s, v in series if first + 0.1 * span <= s < lo - 0.1 * span]
+            if len(plateau) < 5:
+                continue
+            ref, sigma, falls = _falls(series, plateau, marks)
+            if max((abs(f) for f in falls if f is not None), default=0.0) < max(3 * sigma, 1e-6):
+                continue
+            thr = scanner._threshold(list(plateau), ref)
+            collapse = next(
+                (
+                    e.step
+                    for e in row.scores[detector].collapses
+                    if e.layer == layer and e.reading == name and e.step >= lo
+                ),
+                None,
+            )
+            d = 0 if scanner.row.unit == "nats" else 3
+
+            def num(x: float | None, digits: int = d) -> str:
+                return "—" if x is None else f"{x:.{digits}f}"
+
+            half = falls[1]
+            lines.append(
+                f"| {layer} {name} | {num(ref)} ± {num(sigma, 4 if d else 0)} "
+                f"| {' / '.join(num(f) for f in falls)} "
+                f"| {'—' if half is None or sigma == 0 else f'{half / sigma:.0f}'} "
+                f"| {num(thr)} | {'none' if collapse is None else collapse} |"
+            )
+    return lines
+
+
 def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
@@ -666,8 +766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr, flush=True)
 
         regimes: list[str] = []
+        moves: list[str] = []
         tuned, t_tune = run_all(args.tune_seeds, args.quick, work, extra, say, args.runs)
-        report, t_report = run_all(args.seeds, args.quick, work, extra, say, args.runs, regimes)
+        report, t_report = run_all(
+            args.seeds, args.quick, work, extra, say, args.runs, regimes, moves
+        )
     total = time.perf_counter() - started
     command = "python benchmarks/bench_events.py " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if a
@@ -700,6 +803,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "losses and G's resolved rank:",
             "",
             *regimes[:-1],
+        ]
+    if moves:
+        lines += [
+            "",
+            "The sparse-parity runs (report seeds): what each layer's readings do across the "
+            "validation window, against the threshold that decides a collapse:",
+            "",
+            *moves[:-1],
         ]
     if tuned:
         lines += [

@@ -51,11 +51,20 @@ message; some carry more, see :meth:`Event.to_dict`):
     fewer than ``min_reference`` values, the ``min_reference`` newest values before the
     lag; where it holds many, an even sample of about 128 of them). The lag matters: a phase change spread over a few checkpoints is compared with
     where the reading stood before it began, not with its own first steps. The
-    threshold ``thr`` is ``ratio_decades`` (default 2) for ratios and values, and for
-    natural-log readings (whose scale grows with the rank they sum over)
-    ``max(volume_min_decades, volume_mad_k * 1.4826 * MAD)`` of the same reference
-    window: the reading's own robust spread (``fraction_change`` in place of
-    ``volume_min_decades`` for fractions). Per reading:
+    threshold ``thr`` is, for ratios and values, ``min(ratio_decades, max(ratio_min_decades,
+    ratio_mad_k * 1.4826 * MAD))`` of the reference window: ``ratio_decades`` (default
+    2), or less where the reading is quiet: 40 of its own robust sigmas (``ratio_mad_k``),
+    but at least ``ratio_min_decades`` (0.05); never more than ``ratio_decades``. For
+    natural-log readings (whose scale grows with the rank they sum over) it is
+    ``max(volume_min_decades, volume_mad_k * 1.4826 * MAD)`` of the same window
+    (``fraction_change`` in place of ``volume_min_decades`` for fractions). The quiet
+    rule is what sees ``bench_events.py``'s sparse parity: its first layer's sigma_ratio
+    scatters by 0.001-0.003 decades on the plateau and falls 0.1-0.2 decades by the 95%
+    validation crossing, about 100 of its own sigmas but a tenth of 2 decades, while its
+    lambda_ratio, scattering by about a decade near G's trust floor, keeps the 2-decade
+    threshold. With a fixed 2 decades DDS caught none of the parity runs inside their
+    window on seeds 3-11 (BENCHMARKS.md, section 6; ``ratio_mad_k = 0`` restores it).
+    Per reading:
 
     * ``collapse``: ``value <= ref - thr`` from the normal state. The reading then stays
       *collapsed* until it recovers to ``anchor - thr / 2`` (``anchor`` being the
@@ -302,10 +311,11 @@ class EventConfig:
     every 10, 25 and 50 steps; two probes; a weight-decay-free control), the default
     windows on ``benchmarks/bench_events.py``'s seeds 0-2 (the grokking run, a 10x slower
     one read every 100 and every 500 steps, a long control and a converged run) and
-    checked on its seeds 3-5. Around them: ``volume_mad_k`` 6 or ``volume_min_decades``
-    2-3 flag the slow drift of log_volume that precedes grokking (the "hidden progress"
-    before validation accuracy moves); ``min_reference`` below 6 lets the memorisation of
-    the first checkpoints through.
+    checked on its seeds 3-5; the quiet-ratio rule (``ratio_mad_k``,
+    ``ratio_min_decades``) on its seeds 0-5, checked on 6-11. Around them:
+    ``volume_mad_k`` 6 or ``volume_min_decades`` 2-3 flag the slow drift of log_volume
+    that precedes grokking (the "hidden progress" before validation accuracy moves);
+    ``min_reference`` below 6 lets the memorisation of the first checkpoints through.
 
     Windows (each in steps: ``X_steps`` when set, else ``X`` checkpoints at the run's
     cadence, else the default fraction of the run's age, :data:`AGE_FRACTIONS`; set at
@@ -333,7 +343,15 @@ class EventConfig:
         :data:`ddsmon.readings.READINGS` but a count. Each is compared at its level
         (:meth:`ddsmon.readings.Reading.level`): a natural log (``"nats"``) as
         ``value / ln 10``, a positive value or ratio as ``log10``, a fraction as it is.
-    ratio_decades: collapse/revival threshold of values and ratios, in decades.
+    ratio_decades: collapse/revival threshold of values and ratios, in decades: the
+        most it is (a quiet reading's is lower, see ``ratio_mad_k``).
+    ratio_mad_k: the threshold of values and ratios is ``min(ratio_decades,
+        max(ratio_min_decades, ratio_mad_k * 1.4826 * MAD))`` of the reference window,
+        lower where the reading is quiet, never higher; 0 keeps it at
+        ``ratio_decades``. Chosen on ``bench_events.py``'s seeds 0-5 (30-50 and 0.05-0.12
+        decades gave the same catches; 20 split a cadence pair).
+    ratio_min_decades: the least threshold of values and ratios, in decades (at or
+        above ``ratio_decades``, the threshold is ``ratio_decades``).
     volume_mad_k: robust threshold of natural-log and fraction readings, in units of
         the reference window's MAD-based sigma (``1.4826 * MAD``).
     volume_min_decades: the least threshold of natural-log readings, in decades (so a
@@ -361,6 +379,8 @@ class EventConfig:
 
     readings: tuple[str, ...] = ("lambda_ratio", "sigma_ratio", "log_volume")
     ratio_decades: float = 2.0
+    ratio_mad_k: float = 40.0
+    ratio_min_decades: float = 0.05
     volume_mad_k: float = 10.0
     volume_min_decades: float = 4.0
     fraction_change: float = 0.01
@@ -591,6 +611,7 @@ def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, An
     values.update(out)
     positive = (
         "ratio_decades",
+        "ratio_min_decades",
         "volume_min_decades",
         "fraction_change",
         "reference_window",
@@ -612,6 +633,7 @@ def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, An
                 f"{where.prefix}{where.key(key)} must be positive, got {values[key]!r}"
             )
     non_negative = (
+        "ratio_mad_k",
         "volume_mad_k",
         "confirm",
         "reference_lag",
@@ -945,7 +967,11 @@ class _LevelScanner:
 
     def _threshold(self, values: list[float], centre: float) -> float:
         if self.row.unit not in ("nats", "fraction"):
-            return self.cfg.ratio_decades
+            if self.cfg.ratio_mad_k <= 0:
+                return self.cfg.ratio_decades
+            mad = _median(abs(v - centre) for v in values)
+            spread = max(self.cfg.ratio_min_decades, self.cfg.ratio_mad_k * _MAD_TO_SIGMA * mad)
+            return min(self.cfg.ratio_decades, spread)
         least = self.cfg.volume_min_decades if self.row.unit == "nats" else self.cfg.fraction_change
         mad = _median(abs(v - centre) for v in values)
         return max(least, self.cfg.volume_mad_k * _MAD_TO_SIGMA * mad)

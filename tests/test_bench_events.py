@@ -100,3 +100,48 @@ def test_cadence_pairs_compare_where_transitions_completed_too() -> None:
     # a transition that says nothing of where it completed is compared at its step
     bare = B.Score(transitions=[Event(8500, "a", "transition", "x", None, None, 2.0, "m")])
     assert bare.completed() == [8500]
+
+
+def test_window_moves_tabulates_what_moved_against_its_threshold() -> None:
+    """A quiet sigma_ratio that falls 0.1 decades across the window: listed, with its
+    plateau, its fall at each crossing, that fall in plateau sigmas and the threshold DDS
+    applies to it (2 decades with the old fixed rule, 40 of its sigmas by default); a
+    reading that does not move is left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events as B
+
+    from ddsmon.events import EventConfig
+
+    rows = []
+    for i in range(41):
+        step = 100 * i
+        wobble = 0.001 * (-1) ** i  # a robust sigma of 0.0015 decades
+        fall = 0.0 if step < 2000 else 0.01 * (step - 2000) / 100  # 0.1 decades per 1000 steps
+        layer = {"sigma_ratio": 10 ** (-0.5 + wobble - fall), "lambda_ratio": 1e-3}
+        rows.append((step, {"val_acc": 0.5}, {"fc": layer}))
+    cross = {0.10: 2000, 0.50: 2500, 0.95: 3000}
+    configs = {name: make({"ratio_mad_k": 0}) for name, make in B.DETECTORS.items()}
+    scores = {name: B.Score() for name in configs}
+    row = B.Row("parity", 0, 100, len(rows), True, cross, scores)
+    lines = B.window_moves(row, rows, configs)
+    assert lines[0].startswith("| parity seed 0 (val 10% / 50% / 95%: 2000 / 2500 / 3000)")
+    body = lines[2:]
+    assert len(body) == 1, lines  # lambda_ratio never moved
+    cells = [c.strip() for c in body[0].strip("|").split("|")]
+    assert cells[0] == "fc sigma_ratio"
+    assert cells[1] == "-0.500 ± 0.0015"
+    # the median of the 5 checkpoints around each crossing, less the plateau
+    assert cells[2] == "0.001 / 0.051 / 0.099"
+    assert cells[3] == "34"  # 0.051 decades / 0.0015
+    assert cells[4] == "2.000" and cells[5] == "none"
+    quiet = {**configs, "DDS": EventConfig()}
+    (line,) = B.window_moves(row, rows, quiet)[2:]
+    assert line.split("|")[5].strip() == "0.059"  # 40 * 1.4826 * (MAD 0.001): under 2 decades
+    assert (
+        B.window_moves(
+            B.Row("parity", 0, 100, 41, True, {t: None for t in B.THRESHOLDS}, scores),
+            rows,
+            configs,
+        )
+        == []
+    )
