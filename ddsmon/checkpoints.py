@@ -87,6 +87,7 @@ __all__ = (
     "HfWeights",
     "Kind",
     "RefusedFile",
+    "accelerate_models",
     "awaits_trainer_state",
     "check_complete",
     "checkpoint_for",
@@ -248,6 +249,41 @@ def hf_weights(names: list[str] | tuple[str, ...] | set[str]) -> HfWeights:
     name = min(found[chosen])[1]
     beside = tuple(sorted(n for v, files in found.items() if v != chosen for _, n in files))
     return HfWeights(name, chosen, beside)
+
+
+_ACCELERATE_MODEL = re.compile(r"^(model|pytorch_model)(?:_(\d+))?\.(safetensors|bin)$")
+_ACCELERATE_STATE = re.compile(r"^random_states_\d+\.pkl$")
+
+
+def accelerate_models(path: Path | str) -> list[Path]:
+    """The models of an Accelerate ``save_state`` folder that ``path`` is one of, in
+    order (``model.safetensors``, ``model_1.safetensors``, ... or ``pytorch_model.bin``,
+    ``pytorch_model_1.bin``, ...: one per model given to ``prepare``), when its folder
+    is one (named as a step, as Accelerate's ``checkpoint_<i>``, or holding Accelerate's
+    ``random_states_<rank>.pkl``, which it writes last, and holding a first model);
+    else []. The first is the checkpoint; the others are the other models of the same
+    save (a second model, an EMA copy), read in its place only when the first is not
+    the model ``--model`` builds."""
+    path = Path(path)
+    match = _ACCELERATE_MODEL.match(path.name)
+    if match is None:
+        return []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    if folder_step(path.parent.name) is None and not any(_ACCELERATE_STATE.match(n) for n in names):
+        return []
+    base, suffix = match.group(1), match.group(3)
+    first = f"{base}.{suffix}"
+    if first not in names:
+        return []
+    others = []
+    for name in names:
+        other = _ACCELERATE_MODEL.match(name)
+        if other and other.group(2) and (other.group(1), other.group(3)) == (base, suffix):
+            others.append((int(other.group(2)), name))
+    return [path.parent / first, *(path.parent / n for _, n in sorted(others))]
 
 
 SAFETENSORS_MAX_HEADER = 100_000_000
@@ -416,7 +452,9 @@ def _within(path: Path, root: Path) -> Path | None:
         return None
 
 
-def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef | None:
+def classify(
+    path: Path | str, root: Path | str | None = None, *, named: bool = False
+) -> CheckpointRef | None:
     """The checkpoint ``path`` is, or None when it is not one.
 
     Files are recognised by suffix (they need not exist, so a vanished path can still be
@@ -427,6 +465,10 @@ def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef 
     folder or an hf/dcp checkpoint folder is not a checkpoint of its own, and a symlink
     pointing back into the root is an alias, not a checkpoint. Without one only the
     immediate parent folder is considered (so ``ddsmon report ~/.cache/x.pt`` works).
+
+    named: the user named this file (``report``): the other models of an Accelerate
+    save (``checkpoint_3/model_1.safetensors``, see :func:`accelerate_models`) are
+    checkpoints then.
     """
     path = Path(path)
     name = path.name
@@ -452,6 +494,9 @@ def classify(path: Path | str, root: Path | str | None = None) -> CheckpointRef 
         return CheckpointRef(path, kind) if kind is not None else None
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
     if file_kind is None or SIDE_FILES.match(name) or HF_SHARD.match(name):
+        return None
+    models = accelerate_models(path)
+    if models and models[0] != path and not named:  # model_1 of a save: read with the first
         return None
     if rel is not None:  # a file directly in a subfolder of the root takes its step
         stepped_by = folder_step(rel.parts[0]) if len(rel.parts) == 2 else None

@@ -293,7 +293,7 @@ def report(
         from ddsmon.checkpoints import SIDE_FILES, classify
         from ddsmon.reader import Reader
 
-        ref = classify(checkpoint)
+        ref = classify(checkpoint, named=True)
         if ref is None and SIDE_FILES.match(checkpoint.name):
             raise ConfigError(
                 f"{checkpoint} is a file trainers write beside the weights (optimizer, "

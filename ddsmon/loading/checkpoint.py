@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ddsmon.checkpoints import CheckpointRef, RefusedFile
+from ddsmon.checkpoints import CheckpointRef, RefusedFile, accelerate_models
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
@@ -52,10 +52,8 @@ def load_checkpoint(
     path = Path(ref.path)
     kind = ref.kind
     try:
-        if kind in ("torch", "lightning"):
-            loaded = _load_torch_file(path, factory, trust)
-        elif kind == "safetensors":
-            loaded = _load_safetensors_file(path, factory)
+        if kind in ("torch", "lightning", "safetensors"):
+            loaded = _load_file_or_sibling(path, kind, factory, trust)
         elif kind == "hf":
             loaded = _load_hf_folder(path, factory, trust)
         elif kind == "dcp":
@@ -72,6 +70,54 @@ def load_checkpoint(
     except OSError as exc:  # EIO, ENOTDIR...: still a report naming the file
         raise CheckpointError(path, f"cannot be read ({_describe(exc)})") from None
     loaded.model.eval()
+    return loaded
+
+
+def _load_file(
+    path: Path, kind: str, factory: Callable[[], nn.Module] | None, trust: bool
+) -> LoadedCheckpoint:
+    if kind == "safetensors":
+        return _load_safetensors_file(path, factory)
+    return _load_torch_file(path, factory, trust)
+
+
+def _load_file_or_sibling(
+    path: Path, kind: str, factory: Callable[[], nn.Module] | None, trust: bool
+) -> LoadedCheckpoint:
+    """The file, or for the first model of an Accelerate ``save_state`` folder
+    (:func:`~ddsmon.checkpoints.accelerate_models`) whose keys are not the model's, the
+    first of the save's other models (``model_1.safetensors``...) that is: ``--model``
+    says which of the models given to ``prepare`` is read, each save once at its step.
+    The source says which was read and names the ones left beside it."""
+    models = accelerate_models(path) if factory is not None else []
+    others = models[1:]
+    try:
+        loaded = _load_file(path, kind, factory, trust)
+    except CheckpointError as first:
+        if not others:
+            raise
+        for other in others:
+            try:
+                loaded = _load_file(other, kind, factory, trust)
+            except CheckpointError:
+                continue
+            left = [p.name for p in models if p != other]
+            loaded.source += (
+                f"; Accelerate's model {models.index(other)} of this save, as "
+                f"{path.name} is not the model --model builds (not read: {', '.join(left)})"
+            )
+            return loaded
+        names = ", ".join(p.name for p in others)
+        raise CheckpointError(
+            path,
+            f"{first.reason}; nor are the other models of this Accelerate save ({names}) "
+            "the model --model builds",
+        ) from None
+    if others:
+        loaded.source += (
+            f" (not read beside it: {', '.join(p.name for p in others)}, Accelerate's other "
+            "models of this save; --model says which is read)"
+        )
     return loaded
 
 
