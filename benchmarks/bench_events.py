@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -721,6 +722,12 @@ def window_moves(
     return lines
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """The command as a shell reads it back: ``--tune-seeds ''`` and ``--events '{...}'``
+    quoted, so the line in the table can be pasted."""
+    return " ".join(["python", "benchmarks/bench_events.py", *map(shlex.quote, argv)])
+
+
 def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
@@ -772,9 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seeds, args.quick, work, extra, say, args.runs, regimes, moves
         )
     total = time.perf_counter() - started
-    command = "python benchmarks/bench_events.py " + " ".join(
-        a for a in (sys.argv[1:] if argv is None else argv) if a
-    )
+    command = command_line(sys.argv[1:] if argv is None else argv)
     lines = [
         "### Event detection scorecard (`benchmarks/bench_events.py`)",
         "",

@@ -145,3 +145,18 @@ def test_window_moves_tabulates_what_moved_against_its_threshold() -> None:
         )
         == []
     )
+
+
+def test_command_line_can_be_pasted() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import shlex
+
+    import bench_events as B
+
+    argv = ["--seeds", "9,10,11", "--tune-seeds", "", "--events", '{"ratio_mad_k": 0}']
+    line = B.command_line(argv)
+    assert line == (
+        "python benchmarks/bench_events.py --seeds 9,10,11 --tune-seeds '' "
+        """--events '{"ratio_mad_k": 0}'"""
+    )
+    assert shlex.split(line)[2:] == argv
