@@ -316,6 +316,7 @@ def _apply(model: nn.Module, match: _Match, tensors: Mapping[str, Any], path: Pa
     """Copy the matched tensors into the model (tied keys may be absent)."""
     target = _unwrap(model)
     state = {mk: tensors[ck] for mk, ck in match.mapping.items()}
+    _check_dtypes(target, state, match, path)
     try:
         result = target.load_state_dict(state, strict=False)
     except Exception as exc:
@@ -327,6 +328,26 @@ def _apply(model: nn.Module, match: _Match, tensors: Mapping[str, Any], path: Pa
         if result.unexpected_keys:
             parts.append(f"unexpected {_listing(list(result.unexpected_keys), 'keys')}")
         raise CheckpointError(path, "load_state_dict reported " + "; ".join(parts))
+
+
+def _check_dtypes(model: nn.Module, state: Mapping[str, Any], match: _Match, path: Path) -> None:
+    """Refuse a copy that would change the weights' values, not only their precision:
+    a complex tensor into a real parameter (``copy_`` drops the imaginary part, with a
+    warning nobody reads). Other casts (float16 or bfloat16 into float32, integers into
+    floats) keep the values, as load_state_dict does them."""
+    own = _unwrap(model).state_dict(keep_vars=True)
+    for key, value in state.items():
+        target = own.get(key)
+        dtype = getattr(value, "dtype", None)
+        if target is None or dtype is None or not hasattr(target, "dtype"):
+            continue
+        if dtype.is_complex and not target.dtype.is_complex:
+            raise CheckpointError(
+                path,
+                f"key {match.mapping[key]!r} is {str(dtype).removeprefix('torch.')} in the "
+                f"checkpoint and {str(target.dtype).removeprefix('torch.')} in the model: "
+                "copying it would drop the imaginary part",
+            )
 
 
 def _load_into(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:

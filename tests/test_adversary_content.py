@@ -1,0 +1,32 @@
+"""Checkpoints whose content is wrong in ways a shape check does not see, and layouts
+that mix runs, through a real ``ddsmon scan`` and the MLflow store read back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from fault_helpers import REPO, cli_args, finish, only_run_steps, spawn
+
+sys.path.insert(0, str(REPO / "tests"))
+from fixtures_models import mlp
+
+
+def test_complex_weights_are_refused_not_cast_to_real(tmp_path: Path, probe: Path) -> None:
+    """A complex tensor at a real parameter's key: load_state_dict would copy its real
+    part with a UserWarning; it is that checkpoint's failure, naming the key, and the
+    other checkpoints are read."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    good = mlp(0).state_dict()
+    torch.save({"model": good, "step": 1}, ckpts / "step_1.pt")
+    bad = {k: v.to(torch.complex64) if k == "2.weight" else v for k, v in good.items()}
+    torch.save({"model": bad, "step": 2}, ckpts / "step_2.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, err = finish(spawn(cli_args("scan", ckpts, probe, uri)))
+    assert rc == 0, err
+    assert "1 read" in err and "1 failed" in err, err
+    assert "step_2.pt" in err and "'2.weight' is complex64" in err, err
+    assert "Casting complex values" not in err, err
+    assert only_run_steps(uri) == [1]
