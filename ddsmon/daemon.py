@@ -38,6 +38,7 @@ from ddsmon.checkpoints import (
     classify,
     discover,
     fingerprint,
+    folder_step,
     where_checkpoints_are,
 )
 from ddsmon.config import Config, WatchSettings
@@ -134,6 +135,8 @@ class Daemon:
         self._source = ""
         self._aliased: set[Path] = set()
         self._read_paths: set[Path] = set()
+        #: folders below the directory holding checkpoint files (:meth:`_note_run_folder`)
+        self._run_folders: list[str] = []
         #: what a failure is remembered with: the read settings it happened under
         self._settings_id = hashlib.sha256(
             json.dumps(dataclasses.asdict(config.read), sort_keys=True, default=str).encode()
@@ -252,14 +255,44 @@ class Daemon:
             if key in self._queued:
                 return
             self._queued.add(key)
+            mixed = self._note_run_folder(ref)
             step = ref.name_step
             heapq.heappush(
                 self._queue, (float("inf") if step is None else step, next(self._seq), ref)
             )
             pending = len(self._queue) + self._in_hand
             self._cond.notify_all()
+        if mixed:
+            log.warning(
+                "checkpoints in more than one folder of %s (%s) are read as one run, in "
+                "step order: if they are different runs (two trainings, a restarted "
+                "Lightning version_<n>/), their readings mix and equal steps are logged "
+                "once; watch each folder on its own",
+                shown(self.config.directory),
+                ", ".join(f"{shown(name)}/" for name in mixed),
+            )
         for sink in self.sinks:
             self._call(sink, "on_queue", pending)
+
+    def _note_run_folder(self, ref: CheckpointRef) -> list[str]:
+        """Note the folder a checkpoint file lies in, below the watched directory, when
+        that folder is not a step's (``checkpoint_3/``, ``global_step800/``: one save of
+        the run) nor a checkpoint folder itself: a run's folder. The folders, when this
+        one makes two such (said once), else []."""
+        try:
+            rel = ref.path.relative_to(self.config.directory)
+        except ValueError:
+            return []
+        if (
+            len(rel.parts) != 2
+            or ref.kind in ("hf", "dcp")
+            or folder_step(rel.parts[0]) is not None
+        ):
+            return []
+        if ref.name_step is None or rel.parts[0] in self._run_folders:
+            return []
+        self._run_folders.append(rel.parts[0])
+        return list(self._run_folders) if len(self._run_folders) == 2 else []
 
     def _settle(self) -> None:
         """The checkpoint being processed is done with (read, failed or skipped): one

@@ -30,3 +30,29 @@ def test_complex_weights_are_refused_not_cast_to_real(tmp_path: Path, probe: Pat
     assert "step_2.pt" in err and "'2.weight' is complex64" in err, err
     assert "Casting complex values" not in err, err
     assert only_run_steps(uri) == [1]
+
+
+def test_two_run_folders_under_one_directory_are_said_to_mix(tmp_path: Path, probe: Path) -> None:
+    """A restarted Lightning run's ``version_0/`` and ``version_1/`` (or two trainings)
+    under the watched directory are read as one run: said once, naming both folders.
+    Step folders of one run (``checkpoint_1/``, ``checkpoint_2/``) are not."""
+    ckpts = tmp_path / "ckpts"
+    for version, steps in (("version_0", [10, 20]), ("version_1", [15, 25])):
+        (ckpts / version).mkdir(parents=True)
+        for step in steps:
+            torch.save({"model": mlp(step).state_dict(), "step": step},
+                       ckpts / version / f"epoch=0-step={step}.ckpt")  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, err = finish(spawn(cli_args("scan", ckpts, probe, uri)))
+    assert rc == 0, err
+    assert err.count("are read as one run") == 1, err
+    assert "(version_0/, version_1/)" in err, err
+    assert only_run_steps(uri) == [10, 15, 20, 25]
+
+    steps = tmp_path / "steps"
+    for step in (1, 2):
+        (steps / f"checkpoint_{step}").mkdir(parents=True)
+        torch.save(mlp(step).state_dict(), steps / f"checkpoint_{step}" / "model.pt")
+    rc, err = finish(spawn(cli_args("scan", steps, probe, f"sqlite:///{tmp_path / 'b.db'}")))
+    assert rc == 0, err
+    assert "2 read" in err and "read as one run" not in err, err
