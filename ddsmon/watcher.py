@@ -96,6 +96,19 @@ _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spi
 MAX_SECONDS = 86400.0
 
 
+#: Seconds between checks that the watched directory is still the one watched.
+_ROOT_CHECK = 1.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of a directory, None when it is not one (or gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
+
+
 def _has_weights(folder: Path) -> bool:
     """Whether a Hugging Face folder holds its weights file or shard index (a variant's
     too), or weights of several variants (:func:`~ddsmon.checkpoints.hf_weights`)."""
@@ -213,6 +226,7 @@ class CheckpointWatcher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._observer: BaseObserver | None = None
+        self._root_id: tuple[int, int] | None = None
         self._timer: threading.Thread | None = None
         self._state = "new"  # new -> running -> stopped
         self._state_lock = threading.Lock()
@@ -231,18 +245,15 @@ class CheckpointWatcher:
                 raise ConfigError(
                     f"{shown(self.directory)}: not a directory (checkpoint directory to watch)"
                 )
-            observer: BaseObserver = (
-                PollingObserver(timeout=self.poll) if self.poll is not None else Observer()
-            )
-            observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
             try:
-                observer.start()
+                observer = self._observe()
             except OSError as exc:
                 raise ConfigError(
                     f"{shown(self.directory)}: cannot watch ({exc.strerror or exc}); "
                     "use a polling observer (--poll SECONDS)"
                 ) from exc
             self._observer = observer
+            self._root_id = _identity(self._root)
             self._timer = threading.Thread(target=self._run, name="ddsmon-watcher", daemon=True)
             self._timer.start()
             self._state = "running"
@@ -252,6 +263,53 @@ class CheckpointWatcher:
             f"polling every {self.poll:g} s" if self.poll is not None else "native events",
             self.quiet,
         )
+
+    def _observe(self) -> BaseObserver:
+        """A started observer of the directory (OSError when the platform refuses it)."""
+        observer: BaseObserver = (
+            PollingObserver(timeout=self.poll) if self.poll is not None else Observer()
+        )
+        observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
+        observer.start()
+        return observer
+
+    def _check_root(self) -> None:
+        """The watched directory deleted, or replaced (deleted and made again, moved away
+        and another put in its place): an observer's watch dies with the directory it was
+        put on, so without this nothing written into the new one would ever be seen. Said
+        once; when the directory is there again, a new observer watches it and what is in
+        it already becomes pending (handed over once complete, as any other)."""
+        current = _identity(self._root)
+        if current == self._root_id:
+            return
+        if current is None:
+            if self._root_id is not None:
+                log.warning(
+                    "%s was deleted or moved away; waiting for it to be created again",
+                    shown(self.directory),
+                )
+            self._root_id = None
+            return
+        old, self._observer = self._observer, None
+        if old is not None:
+            old.stop()
+            if old is not threading.current_thread():
+                old.join(timeout=10)
+        try:
+            self._observer = self._observe()
+        except OSError as exc:
+            log.warning("%s: cannot watch it again (%s)", shown(self.directory), exc)
+            return  # tried again at the next check
+        self._root_id = current
+        log.warning("%s is there again (a new directory); watching it", shown(self.directory))
+        from ddsmon.checkpoints import discover
+
+        try:
+            found = discover(self._root)
+        except (OSError, ConfigError):
+            return
+        for ref in found:
+            self._touch(ref.path, settled=False)
 
     def stop(self) -> None:
         """Stop watching and join the threads; pending checkpoints are dropped.
@@ -263,11 +321,11 @@ class CheckpointWatcher:
             self._state = "stopped"
         self._stopping.set()
         self._wake.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()  # first: the timer may put a new observer in place
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.join()
         with self._lock:
             self._pending.clear()
 
@@ -374,11 +432,18 @@ class CheckpointWatcher:
 
     # ------------------------------------------------------------------ timer
     def _run(self) -> None:
+        next_root_check = 0.0
         while True:
             self._wake.clear()
             if self._stopping.is_set():
                 return
             now = time.monotonic()
+            if now >= next_root_check:
+                next_root_check = now + _ROOT_CHECK
+                try:
+                    self._check_root()
+                except Exception:
+                    log.exception("ddsmon watcher: checking %s failed", shown(self.directory))
             with self._lock:
                 due = [key for key, entry in self._pending.items() if entry.due <= now]
             for key in due:
@@ -392,9 +457,9 @@ class CheckpointWatcher:
                         self._pending.pop(key, None)
             with self._lock:
                 next_due = min((e.due for e in self._pending.values()), default=None)
-            timeout = None
+            timeout = max(_MIN_WAIT, next_root_check - time.monotonic())
             if next_due is not None:
-                timeout = max(_MIN_WAIT, next_due - time.monotonic())
+                timeout = min(timeout, max(_MIN_WAIT, next_due - time.monotonic()))
             self._wake.wait(timeout)
 
     def _check(self, key: Path) -> None:
