@@ -100,6 +100,7 @@ __all__ = (
     "is_hf_folder_name",
     "is_pretrained_folder",
     "is_temporary",
+    "linked_folders",
     "open_regular",
     "read_regular",
     "stat_regular",
@@ -558,6 +559,33 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
                 sub for name in _listdir(path) if (sub := classify(path / name, directory))
             )
     return sorted(found, key=_order)
+
+
+def linked_folders(directory: Path | str) -> list[tuple[Path, Path]]:
+    """The symbolic links to folders in ``directory`` that :func:`discover` does not
+    look into (a link is followed to a checkpoint folder, never into a folder of
+    checkpoints: it may lead back up the tree, and the watcher's events do not follow
+    it) and that hold checkpoints: ``(link, target)`` each, to say so."""
+    directory = Path(directory)
+    found = []
+    for entry in _listdir(directory):
+        path = directory / entry
+        if is_temporary(entry) or not path.is_symlink() or not path.is_dir():
+            continue
+        if classify(path, directory) is not None:
+            continue  # a linked checkpoint folder: read
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if target == directory.resolve() or target in directory.resolve().parents:
+            continue
+        try:
+            if discover(target):
+                found.append((path, target))
+        except ConfigError:
+            continue
+    return found
 
 
 _ZERO3_PARTITION = re.compile(rf"^{_ZERO3_NAMES}$")

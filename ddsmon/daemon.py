@@ -39,6 +39,7 @@ from ddsmon.checkpoints import (
     discover,
     fingerprint,
     folder_step,
+    linked_folders,
     where_checkpoints_are,
 )
 from ddsmon.config import Config, WatchSettings
@@ -400,6 +401,14 @@ class Daemon:
     def _say_where_they_are(self, found: list[CheckpointRef]) -> None:
         """Nothing found at start: say so where a look below finds why
         (:func:`ddsmon.checkpoints.where_checkpoints_are`)."""
+        for link, target in linked_folders(self.config.directory):
+            log.warning(
+                "%s is a symbolic link to the folder %s, which holds checkpoints: not read "
+                "(links are not followed into folders); watch %s itself",
+                shown(link),
+                shown(target),
+                shown(target),
+            )
         if not found:
             why = where_checkpoints_are(self.config.directory)
             if why is not None:

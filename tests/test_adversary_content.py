@@ -56,3 +56,24 @@ def test_two_run_folders_under_one_directory_are_said_to_mix(tmp_path: Path, pro
     rc, err = finish(spawn(cli_args("scan", steps, probe, f"sqlite:///{tmp_path / 'b.db'}")))
     assert rc == 0, err
     assert "2 read" in err and "read as one run" not in err, err
+
+
+def test_a_symlinked_run_folder_is_named_not_silently_skipped(tmp_path: Path, probe: Path) -> None:
+    """``ckpts/run -> /scratch/run``: links are not followed into folders of
+    checkpoints (they may lead back up, and watch events do not follow them), and the
+    scan says so, naming the link and its target; a linked checkpoint file is read."""
+    from fault_helpers import write_checkpoints
+
+    scratch, ckpts = tmp_path / "scratch" / "run", tmp_path / "ckpts"
+    write_checkpoints(scratch, [1, 2])
+    ckpts.mkdir()
+    (ckpts / "run").symlink_to(scratch)
+    (ckpts / "step_000003.pt").symlink_to(scratch / "step_000002.pt")
+    (ckpts / "up").symlink_to(tmp_path)  # a link up the tree: no warning, no loop
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, err = finish(spawn(cli_args("scan", ckpts, probe, uri)))
+    assert rc == 0, err
+    assert f"{ckpts / 'run'} is a symbolic link to the folder {scratch}" in err, err
+    assert err.count("is a symbolic link to the folder") == 1, err
+    assert "1 read" in err, err
+    assert only_run_steps(uri) == [2]  # the linked file's content says step 2
