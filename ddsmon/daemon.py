@@ -276,19 +276,15 @@ class Daemon:
             self._call(sink, "on_queue", pending)
 
     def _note_run_folder(self, ref: CheckpointRef) -> list[str]:
-        """Note the folder a checkpoint file lies in, below the watched directory, when
-        that folder is not a step's (``checkpoint_3/``, ``global_step800/``: one save of
-        the run) nor a checkpoint folder itself: a run's folder. The folders, when this
-        one makes two such (said once), else []."""
+        """Note the folder a checkpoint (a file, or a Trainer's ``checkpoint-N/``) lies
+        in, below the watched directory, when that folder is not a step's
+        (``checkpoint_3/``, ``global_step800/``: one save of the run): a run's folder.
+        The folders, when this one makes two such (said once), else []."""
         try:
             rel = ref.path.relative_to(self.config.directory)
         except ValueError:
             return []
-        if (
-            len(rel.parts) != 2
-            or ref.kind in ("hf", "dcp")
-            or folder_step(rel.parts[0]) is not None
-        ):
+        if len(rel.parts) != 2 or folder_step(rel.parts[0]) is not None:
             return []
         if ref.name_step is None or rel.parts[0] in self._run_folders:
             return []
@@ -487,6 +483,10 @@ class Daemon:
     def _load(self, ref: CheckpointRef) -> LoadedCheckpoint | CheckpointError:
         started = time.perf_counter()
         try:
+            before: tuple[int, int] | None = fingerprint(ref)
+        except OSError:
+            before = None  # gone: the load says so
+        try:
             loaded = self.reader.load(ref)
         except CheckpointError as exc:
             return exc
@@ -497,16 +497,22 @@ class Daemon:
         except Exception as exc:  # a factory or format we did not foresee: still a report
             return CheckpointError(ref.path, f"{type(exc).__name__}: {exc}")
         loaded.meta["_load_seconds"] = time.perf_counter() - started
+        loaded.fingerprint = before
         return loaded
 
     def _process(
         self, ref: CheckpointRef, loaded: LoadedCheckpoint | CheckpointError | None
     ) -> None:
-        try:
-            fp = fingerprint(ref)
-        except OSError:
-            self._vanished(ref.path)
-            return
+        # the version loaded: the file may have been rewritten since (a latest.pt saved
+        # again while it was loaded ahead), and that version is read on its own, or
+        # deleted (a trainer's rotation), and what was loaded is still read
+        fp = loaded.fingerprint if isinstance(loaded, LoadedCheckpoint) else None
+        if fp is None:
+            try:
+                fp = fingerprint(ref)
+            except OSError:
+                self._vanished(ref.path)
+                return
         if loaded is None or self.state.is_done(str(ref.path), fp):
             self.summary.skipped += 1
             return

@@ -49,6 +49,9 @@ class LoadedCheckpoint:
         prefix stripped and what was ignored beside it, e.g. ``under ['state_dict'],
         prefix 'model.' stripped (ignored: 'ema_model.' 4 keys, the model's keys again;
         'criterion.' 1 key)``.
+    fingerprint: the checkpoint's ``(size, mtime_ns)`` taken just before it was loaded,
+        when the caller took one (the daemon does): the version of the file this is,
+        though the file may have been rewritten or deleted since.
     """
 
     model: nn.Module
@@ -56,6 +59,7 @@ class LoadedCheckpoint:
     meta: dict[str, float] = field(default_factory=dict)
     trainer_log: list[TrainerLogEntry] = field(default_factory=list)
     source: str = ""
+    fingerprint: tuple[int, int] | None = None
 
 
 def _call_user(fn: Callable[[], Any], label: str) -> Any:
