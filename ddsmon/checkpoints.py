@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from ddsmon.errors import ConfigError
+from ddsmon.shown import shown
 
 __all__ = (
     "HF_SHARD",
@@ -548,6 +549,14 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory (checkpoint directory to watch)")
+    try:
+        os.listdir(directory)
+    except PermissionError:
+        raise ConfigError(
+            f"{directory}: permission denied listing the checkpoint directory"
+        ) from None
+    except FileNotFoundError:
+        return []
     found: list[CheckpointRef] = []
     for entry in _listdir(directory):
         path = directory / entry
@@ -633,10 +642,25 @@ def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
     return (step is None, step or 0, str(ref.path))
 
 
+_UNLISTABLE: set[str] = set()
+
+
 def _listdir(directory: Path) -> list[str]:
+    """The sorted names in ``directory``; [] when it is gone, or cannot be listed (said
+    once per folder: its checkpoints cannot be read, and a shared cluster's folder of
+    another user's is no reason to stop)."""
     try:
         return sorted(os.listdir(directory))
     except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        if str(directory) not in _UNLISTABLE:
+            _UNLISTABLE.add(str(directory))
+            log.warning(
+                "cannot list %s (%s): checkpoints in it are not read",
+                shown(directory),
+                shown(exc.strerror or exc),
+            )
         return []
 
 
