@@ -23,6 +23,7 @@ import queue
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -771,7 +772,23 @@ class Daemon:
         except Exception as exc:
             log.warning("sink %s.%s failed: %s", type(sink).__name__, method, shown(exc))
             log.debug("sink %s.%s failed", type(sink).__name__, method, exc_info=True)
+        except SystemExit as exc:
+            # rich's answer to a closed stdout pipe (`ddsmon scan DIR | head`): it points
+            # stdout at /dev/null and raises SystemExit(1). The terminal is a view of the
+            # readings, not their record: the daemon goes on recording without it.
+            if sink not in _ENDED_SINKS:
+                _ENDED_SINKS.add(sink)
+                log.warning(
+                    "sink %s.%s ended (exit %s: its output closed?); reading and recording "
+                    "go on without its output",
+                    type(sink).__name__,
+                    method,
+                    exc.code,
+                )
 
+
+#: Sinks that raised SystemExit (see :meth:`Daemon._call`), said once each.
+_ENDED_SINKS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _STOPPED = object()
 """What :meth:`Daemon._result` returns when the daemon stopped before the load ended."""
