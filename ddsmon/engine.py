@@ -63,7 +63,7 @@ from ddsmon.param_gram import (
 )
 from ddsmon.probe import probe_batch_size, select_layers
 from ddsmon.signature import LayerSignature, Signatures, loss_spread, resolved_samples
-from ddsmon.spectra import gram_of_rows, read_gram, read_singular_values
+from ddsmon.spectra import SingularReading, gram_of_rows, read_gram, read_singular_values
 from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe
 
 __all__ = ("FISHER_FAMILIES", "compute_signatures", "forward_dtype", "resolve_device")
@@ -374,7 +374,20 @@ def _read_layers(
         with torch.no_grad():
             result = _read_part(held[name], part, n, eps, ridge, decided[name])
         with lock:
-            read_parts[name][part] = result
+            got = read_parts[name]
+            got[part] = result
+            pair = part in ("x", "g") and "x" in got and "g" in got
+        if pair:
+            # u_dead_gain needs X's dead direction and G's Delta factor: taken as soon as
+            # both are read, so that the factor (all N x d rows of Delta, where they were
+            # kept for K) is not held until the layer's last part
+            gram, delta = got["g"]
+            with torch.no_grad():
+                gain = _dead_direction_gain(got["x"], delta, n)
+            del delta
+        with lock:
+            if pair:
+                got["g"], got["gain"] = (gram, None), gain
             left[name] -= 1
             last = left[name] == 0
         if last:
@@ -496,12 +509,19 @@ def _read_part(
     return _param_fields(param_gram_structured(cap, n, strategy=strategy), cap.module, eps, ridge)
 
 
-def _layer_fields(stream: LayerStream, n: int, parts: dict[str, Any]) -> dict[str, Any]:
-    """The LayerSignature fields of one layer from its read parts (:func:`_read_part`).
+def _dead_direction_gain(xs: SingularReading, delta: Tensor, n: int) -> float | None:
+    """``u_dead_gain = u^T G u = |M u|^2 / n``: G at X's dead direction u (the unit right
+    singular vector at ``sigma_min``), from G's Delta factor M (``M^T M = Delta^T
+    Delta``); None where X resolves nothing."""
+    if xs.u_dead is None:
+        return None
+    return float((delta @ xs.u_dead).pow(2).sum() / n)
 
-    ``u_dead_gain`` needs two of them: X's dead direction u (the right singular vector
-    at ``sigma_min``) and G's Delta factor M, ``u^T G u = |M u|^2 / n``.
-    """
+
+def _layer_fields(stream: LayerStream, n: int, parts: dict[str, Any]) -> dict[str, Any]:
+    """The LayerSignature fields of one layer from its read parts (:func:`_read_part`)
+    and ``"gain"``, its ``u_dead_gain`` (:func:`_dead_direction_gain`, taken once both
+    ``"x"`` and ``"g"`` were read)."""
     d = stream.width
     fields: dict[str, Any] = {"name": stream.name, "n": n, "N": stream.rows, "d": d}
     if stream.nonfinite is not None:
@@ -517,10 +537,7 @@ def _layer_fields(stream: LayerStream, n: int, parts: dict[str, Any]) -> dict[st
             x_spectrum=xs.values.cpu().numpy(),
         )
     if "g" in parts:
-        gram, delta = parts["g"]
-        gain = None
-        if xs is not None and xs.u_dead is not None:
-            gain = float((delta @ xs.u_dead).pow(2).sum() / n)
+        gram, _ = parts["g"]
         fields.update(
             lambda_min=gram.lambda_min,
             lambda_max=gram.lambda_max,
@@ -529,7 +546,7 @@ def _layer_fields(stream: LayerStream, n: int, parts: dict[str, Any]) -> dict[st
             floor_g=gram.floor,
             logdet=gram.logdet,
             log_volume=gram.log_volume,
-            u_dead_gain=gain,
+            u_dead_gain=parts.get("gain"),
             g_spectrum=gram.values.cpu().numpy(),
         )
     if parts.get("k") is not None:

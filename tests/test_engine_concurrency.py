@@ -198,3 +198,40 @@ def test_each_layer_s_rows_are_dropped_once_it_is_read(
     counts = list(alive.values())
     assert list(alive) == ["0", "1", "2", "3", "4"], alive
     assert counts == sorted(counts, reverse=True) and counts[0] - counts[-1] == 4, alive
+
+
+def test_side_by_side_each_layer_s_delta_factor_is_dropped_once_its_gain_is_read(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read side by side (costliest first: here every X and G before any K), a layer's Delta
+    factor (all N x d rows where they are kept for K) is let go once u_dead_gain is
+    taken from it, not held until the layer's last part: at most the two in flight and
+    one waiting for its X are alive at once, not one for every layer."""
+    import gc
+    import weakref
+
+    from ddsmon.streaming import LayerStream
+
+    made: list[weakref.ref[Tensor]] = []
+    alive: list[int] = []
+    real_delta, real_part = LayerStream.delta_matrix, engine._read_part
+
+    def delta_matrix(self: LayerStream) -> Tensor:
+        out = real_delta(self)
+        made.append(weakref.ref(out))
+        return out
+
+    def counting(stream, *args):  # type: ignore[no-untyped-def]
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        return real_part(stream, *args)
+
+    monkeypatch.setattr(LayerStream, "delta_matrix", delta_matrix)
+    monkeypatch.setattr(engine, "_read_part", counting)
+    torch.manual_seed(3)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(8)])
+    # 24 sequences of 16 positions: N = 384 rows a layer, so X and G cost more than K
+    x, y = torch.randn(24, 16, 16), torch.randn(24, 16, 16)
+    sig = compute_signatures(model, x, y, "mse", device="cpu", probe_batch=4)  # 6 micro-batches
+    assert len(made) == 8 and all(s.u_dead_gain is not None for s in sig.layers.values())
+    assert max(alive) <= 3, alive
