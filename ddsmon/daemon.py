@@ -808,7 +808,10 @@ class _Loader:
         self._thread.start()
 
     def _run(self) -> None:
-        keep_this_thread_single()
+        try:
+            keep_this_thread_single()
+        except Exception:  # a thread setting: loads still work without it
+            log.debug("keep_this_thread_single failed in the loader", exc_info=True)
         while True:
             job = self._jobs.get()
             if job is None:
