@@ -497,9 +497,12 @@ def classify(
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
     if file_kind is None or SIDE_FILES.match(name) or HF_SHARD.match(name):
         return None
-    models = accelerate_models(path)
-    if models and models[0] != path and not named:  # model_1 of a save: read with the first
-        return None
+    # model_1 of an Accelerate save (a subfolder of the root: never a file directly in
+    # the root, so that a flat folder of model_<N> files costs no listing per file)
+    if rel is not None and len(rel.parts) > 1 and not named:
+        models = accelerate_models(path)
+        if models and models[0] != path:
+            return None
     if rel is not None:  # a file directly in a subfolder of the root takes its step
         stepped_by = folder_step(rel.parts[0]) if len(rel.parts) == 2 else None
     else:  # report: the folder it lies in, as scan and watch would see it
