@@ -188,11 +188,15 @@ last suffix): ``model.ema.safetensors``, ``pytorch_model.ema.bin``,
 ``model.safetensors.index.ema.json``, ``pytorch_model.bin.index.fp16.json``."""
 
 HF_SHARD = re.compile(
-    rf"^(?:model|pytorch_model)(?:\.{_VARIANT})?-\d{{5}}-of-\d{{5}}\.(?:safetensors|bin)$"
+    rf"^(?:model|pytorch_model)(?:\.(?P<variant>{_VARIANT}))?-\d{{5}}-of-\d{{5}}\.(?:safetensors|bin)$"
 )
 """A shard of a sharded Hugging Face save (``model-00001-of-00002.safetensors``, a
 variant's ``model.ema-00001-of-00002.safetensors``): part of its folder, never a
 checkpoint of its own (``save_pretrained`` writes the index last)."""
+
+
+#: Why a Hugging Face folder holding shards and no index of theirs is not read yet.
+SHARDS_WITHOUT_INDEX = "weight shards without their index yet (still being written)"
 
 
 @dataclass(frozen=True)
@@ -229,18 +233,25 @@ def hf_weights(names: list[str] | tuple[str, ...] | set[str]) -> HfWeights:
     the plain weights (:data:`HF_WEIGHTS`, in that order) when there are any, else those
     of the one variant there (``model.ema.safetensors``, or ``model.safetensors.index.ema.json``
     and its shards). Files of other variants are ``beside`` (not read); several variants
-    and no plain weights is a ``problem``, as ddsmon does not guess which was meant."""
+    and no plain weights is a ``problem``, as ddsmon does not guess which was meant, and
+    so are plain shards without their index beside a variant (the plain weights, which
+    would be read, are still being written)."""
     found: dict[str | None, list[tuple[int, str]]] = {}
+    shard_variants: set[str | None] = set()
     for name in names:
         ranked = _weights_variant(name)
         if ranked is not None:
             found.setdefault(ranked[1], []).append((ranked[0], name))
+        elif shard := HF_SHARD.match(name):
+            shard_variants.add(shard.group("variant"))
     if not found:
         return HfWeights(None)
     if None in found:
         chosen: str | None = None
     elif len(found) == 1:
         chosen = next(iter(found))
+        if None in shard_variants:  # the plain weights, which win, are still being written
+            return HfWeights(None, problem=SHARDS_WITHOUT_INDEX)
     else:
         variants = ", ".join(sorted(str(v) for v in found))
         return HfWeights(
@@ -976,7 +987,7 @@ def _check_hf(path: Path) -> str | None:
         reason = _check_weights_file(weights)
         return f"{chosen.name}: {reason}" if reason else None
     if _has_shards(path):
-        return "weight shards without their index yet (still being written)"
+        return SHARDS_WITHOUT_INDEX
     return (
         f"no weights file (looked for {', '.join(HF_WEIGHTS)}, or a variant of one: "
         "model.<variant>.safetensors ...)"

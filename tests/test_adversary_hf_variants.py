@@ -71,6 +71,33 @@ def test_several_variants_and_no_plain_weights_are_refused_by_name(tmp_path: Pat
     assert reason is not None and "ema, fp16" in reason, reason
 
 
+def test_plain_shards_still_being_written_beside_a_variant_are_waited_for(tmp_path: Path) -> None:
+    """A variant saved, then the plain weights being saved sharded beside it (shards
+    written, their index not yet): the plain weights win once complete, so the folder is
+    not complete yet (it was read from the variant), and is read from them once the
+    index is there."""
+    from models import tiny_gpt2
+
+    model = tiny_gpt2()
+    folder = tmp_path / "step_4"
+    model.save_pretrained(folder, variant="ema")
+    model.save_pretrained(tmp_path / "plain", max_shard_size="20KB")
+    shards = sorted(n for n in _names(tmp_path / "plain") if n.endswith(".safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        os.replace(tmp_path / "plain" / name, folder / name)
+    ref = classify(folder, tmp_path)
+    assert ref is not None and ref.kind == "hf"
+    assert check_complete(ref) == "weight shards without their index yet (still being written)"
+    os.replace(
+        tmp_path / "plain" / "model.safetensors.index.json", folder / "model.safetensors.index.json"
+    )
+    assert check_complete(ref) is None
+    chosen = hf_weights(_names(folder))
+    assert (chosen.name, chosen.variant) == ("model.safetensors.index.json", None)
+    assert chosen.beside == ("model.ema.safetensors",)
+
+
 def test_variant_folders_are_scanned_without_a_model_at_their_steps(tmp_path: Path) -> None:
     from models import gpt2_probe, tiny_gpt2
 
