@@ -601,8 +601,9 @@ def linked_folders(directory: Path | str) -> list[tuple[Path, Path]]:
             target = path.resolve()
         except (OSError, RuntimeError):
             continue
-        if target == directory.resolve() or target in directory.resolve().parents:
-            continue
+        root = directory.resolve()
+        if target == root or target in root.parents or target.is_relative_to(root):
+            continue  # the tree's own folder (read under its own name) or one above it
         try:
             if discover(target):
                 found.append((path, target))

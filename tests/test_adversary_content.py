@@ -77,3 +77,20 @@ def test_a_symlinked_run_folder_is_named_not_silently_skipped(tmp_path: Path, pr
     assert err.count("is a symbolic link to the folder") == 1, err
     assert "1 read" in err, err
     assert only_run_steps(uri) == [2]  # the linked file's content says step 2
+
+
+def test_a_link_to_a_folder_inside_the_watched_tree_is_not_named(tmp_path: Path) -> None:
+    """``ckpts/alias -> ckpts/run``: the run folder is read under its own name, so the
+    link to it is no checkpoints left unread and is not named; a link out of the tree
+    is (review)."""
+    from fault_helpers import write_checkpoints
+
+    from ddsmon.checkpoints import discover, linked_folders
+
+    ckpts, outside = tmp_path / "ckpts", tmp_path / "scratch"
+    write_checkpoints(ckpts / "run", [1])
+    write_checkpoints(outside, [2])
+    (ckpts / "alias").symlink_to(ckpts / "run")
+    (ckpts / "away").symlink_to(outside)
+    assert [ref.path.name for ref in discover(ckpts)] == ["step_000001.pt"]
+    assert linked_folders(ckpts) == [(ckpts / "away", outside.resolve())]
