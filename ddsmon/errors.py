@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ("CheckpointError", "ConfigError", "DDSError", "ProbeError")
+__all__ = ("CheckpointError", "ConfigError", "DDSError", "KeysMismatch", "ProbeError")
 
 
 class DDSError(Exception):
@@ -26,3 +26,8 @@ class CheckpointError(DDSError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class KeysMismatch(CheckpointError):
+    """A checkpoint was read, but its state dict is not the model's (keys or shapes):
+    another model's weights, not a damaged file."""

@@ -124,3 +124,29 @@ def test_report_reads_the_second_model_when_named(tmp_path: Path, probe: Path) -
     import json
 
     assert json.loads(out.stdout)["step"] == 2
+
+
+def test_a_damaged_first_model_is_the_save_s_failure_not_the_other_model_s_reading(
+    tmp_path: Path, probe: Path
+) -> None:
+    """Two models of one architecture (a model and its EMA copy): when the first model's
+    file cannot be read (here a complex tensor at a real key), that save fails naming it;
+    the other model's weights are not logged at its step in its place. Only another
+    model's keys make ddsmon look at the save's other models (review)."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures_models import mlp
+
+    ckpts = _save_states(tmp_path / "project", lambda: mlp(1))
+    damaged = ckpts / "checkpoint_1" / "model.safetensors"
+    tensors = load_file(str(damaged))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].to(torch.complex64)
+    save_file(tensors, str(damaged))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, err = finish(spawn(cli_args("scan", ckpts, probe, uri)))
+    assert rc == 0, err  # a checkpoint's failure is that checkpoint's, not the scan's
+    assert "2 read" in err and "1 failed" in err, err
+    assert "complex" in err and key in err, err
+    assert only_run_steps(uri) == [0, 2]

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ddsmon.checkpoints import CheckpointRef, RefusedFile, accelerate_models
-from ddsmon.errors import CheckpointError, ConfigError
+from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
 from ddsmon.loading.huggingface import _load_hf_folder
@@ -88,18 +88,23 @@ def _load_file_or_sibling(
     (:func:`~ddsmon.checkpoints.accelerate_models`) whose keys are not the model's, the
     first of the save's other models (``model_1.safetensors``...) that is: ``--model``
     says which of the models given to ``prepare`` is read, each save once at its step.
-    The source says which was read and names the ones left beside it."""
+    The source says which was read and names the ones left beside it. Only a keys or
+    shapes mismatch (:class:`~ddsmon.errors.KeysMismatch`) looks further: a first model
+    that cannot be read (damaged, refused) is the save's failure, not a reason to log
+    another model's readings at its step. When none fits, each one's reason is said."""
     models = accelerate_models(path) if factory is not None else []
     others = models[1:]
     try:
         loaded = _load_file(path, kind, factory, trust)
-    except CheckpointError as first:
+    except KeysMismatch as first:  # another model's weights; a damaged file is its own failure
         if not others:
             raise
+        failures = []
         for other in others:
             try:
                 loaded = _load_file(other, kind, factory, trust)
-            except CheckpointError:
+            except CheckpointError as exc:
+                failures.append(f"{other.name}: {exc.reason}")
                 continue
             left = [p.name for p in models if p != other]
             loaded.source += (
@@ -107,11 +112,10 @@ def _load_file_or_sibling(
                 f"{path.name} is not the model --model builds (not read: {', '.join(left)})"
             )
             return loaded
-        names = ", ".join(p.name for p in others)
         raise CheckpointError(
             path,
-            f"{first.reason}; nor are the other models of this Accelerate save ({names}) "
-            "the model --model builds",
+            f"{first.reason}; nor is any other model of this Accelerate save the model "
+            f"--model builds ({'; '.join(failures)})",
         ) from None
     if others:
         loaded.source += (

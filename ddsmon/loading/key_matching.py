@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ddsmon.errors import CheckpointError
+from ddsmon.errors import CheckpointError, KeysMismatch
 from ddsmon.loading.wording import _LISTED, _listing, _short
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,9 @@ def _outside_state_dict(match: _Match, top: Mapping[Any, Any]) -> dict[Any, Any]
 
 
 def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
-    """The first candidate that matches the model exactly, else a CheckpointError."""
+    """The first candidate that matches the model exactly, else a CheckpointError
+    (:class:`~ddsmon.errors.KeysMismatch` where state dicts are there but none is the
+    model's)."""
     model_keys, model_state, tied = _model_keys(_unwrap(model))
     if not model_keys:
         return _Match(_Candidate("nothing (the model has no parameters or buffers)", {}), "", {})
@@ -279,7 +281,7 @@ def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Matc
         log.debug("%s: loaded the state dict %s", path, first.source())
         return first
     best = max(matches, key=lambda m: len(m.mapping))  # first of the best, by priority
-    raise CheckpointError(path, _mismatch_reason(best, list(model_keys.values())))
+    raise KeysMismatch(path, _mismatch_reason(best, list(model_keys.values())))
 
 
 def _mismatch_reason(match: _Match, model_keys: list[str]) -> str:
