@@ -569,8 +569,8 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
         raise ConfigError(
             f"{directory}: permission denied listing the checkpoint directory"
         ) from None
-    except FileNotFoundError:
-        return []
+    except OSError:  # gone (nothing to read), or an I/O error (EIO, ESTALE on a network
+        pass  # filesystem): _listdir says that once, and the next look tries again
     found: list[CheckpointRef] = []
     for entry in _listdir(directory):
         path = directory / entry
@@ -662,10 +662,11 @@ _UNLISTABLE: set[str] = set()
 
 def _listdir(directory: Path) -> list[str]:
     """The sorted names in ``directory``; [] when it is gone, or cannot be listed (said
-    once per folder: its checkpoints cannot be read, and a shared cluster's folder of
-    another user's is no reason to stop)."""
+    once per folder until it is listed again: its checkpoints cannot be read, and a
+    shared cluster's folder of another user's, or a network filesystem's I/O error, is
+    no reason to stop)."""
     try:
-        return sorted(os.listdir(directory))
+        names = sorted(os.listdir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
@@ -677,6 +678,8 @@ def _listdir(directory: Path) -> list[str]:
                 shown(exc.strerror or exc),
             )
         return []
+    _UNLISTABLE.discard(str(directory))  # listed again: a later failure is said again
+    return names
 
 
 # --------------------------------------------------------------------------- safe reads

@@ -53,3 +53,26 @@ def test_an_unreadable_subfolder_and_file_are_named_and_the_rest_is_read(
     assert "step_000002.pt" in out.stderr and "permission denied" in out.stderr, out.stderr
     assert "1 read" in out.stderr and "1 failed" in out.stderr, out.stderr
     assert only_run_steps(uri) == [1]
+
+
+def test_a_folder_that_cannot_be_listed_is_said_again_after_it_recovered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said once while it stays unlistable, and again if it fails again after it was
+    listed (here ELOOP, a link to itself, which fails for root too) (review)."""
+    import logging
+
+    from ddsmon.checkpoints import _listdir
+
+    loop = tmp_path / "run"
+    loop.symlink_to(loop)
+    with caplog.at_level(logging.WARNING, logger="ddsmon.checkpoints"):
+        assert _listdir(loop) == [] and _listdir(loop) == []
+        assert sum("cannot list" in r.getMessage() for r in caplog.records) == 1
+        loop.unlink()
+        loop.mkdir()
+        assert _listdir(loop) == []  # listed: empty
+        loop.rmdir()
+        loop.symlink_to(loop)
+        assert _listdir(loop) == []
+        assert sum("cannot list" in r.getMessage() for r in caplog.records) == 2
