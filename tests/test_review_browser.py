@@ -44,7 +44,7 @@ from ddsmon.readings import HEADLINE_READINGS, SCALAR_READINGS
 from ddsmon.sinks.mlflow_keys import (
     CHECKPOINT_METRIC,
     LEGACY_CHECKPOINT_METRIC,
-    event_tag_key,
+    event_tag_keys,
     event_tag_value,
     review_url,
 )
@@ -380,8 +380,16 @@ def test_event_tags_say_kind_reading_step_layer_and_magnitude(review: Review) ->
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(review.server.uri).get_run(review.run_id).data.tags
+    by_step: dict[int, list[dict]] = {}
     for e in review.events:
-        key = event_tag_key(e["step"], e["layer"], e["kind"])
+        by_step.setdefault(e["step"], []).append(e)
+    keys = [
+        key
+        for batch in by_step.values()
+        for key in event_tag_keys((e["step"], e["layer"], e["kind"], e["reading"]) for e in batch)
+    ]
+    assert len(set(keys)) == len(review.events)  # every event a tag of its own
+    for key, e in zip(keys, [e for batch in by_step.values() for e in batch], strict=True):
         value = event_tag_value(
             e["step"], e["layer"], e["kind"], e["reading"], e["magnitude"], e["message"]
         )

@@ -29,6 +29,7 @@ from ddsmon.sinks.mlflow_keys import (
     CHECKPOINT_METRIC,
     LIMITS,
     event_tag_key,
+    event_tag_keys,
     event_tag_value,
     metric_key,
     reading_metric_key,
@@ -337,6 +338,34 @@ def test_names_are_sanitised_to_mlflow_characters(store, tmp_path):
     assert run.data.metrics["train/val acc_top-1"] == 0.5
     assert run.data.tags["dds.event.1.enc_attn_q_a b.transition"] == _tag(event)
     assert run.data.params["odd_param_key"] == "v"
+
+
+def test_two_readings_with_events_of_one_kind_at_one_layer_and_step_keep_a_tag_each(
+    store, tmp_path
+):
+    """A layer whose lambda_ratio and log_volume both revive at one step: two events of
+    one (step, layer, kind). The second's tag key ends in its reading; neither
+    overwrites the other (the review's tag list showed one of them only)."""
+    layers = {"0": LayerSignature(name="0", n=2, N=2, d=2, lambda_min=0.5, x_rank=2)}
+    sig = Signatures(
+        layers=layers, n=2, device="cpu", forward_dtype="float64", fisher="both", loss="ce"
+    )
+    watched = tmp_path / "w"
+    watched.mkdir()
+    sink = _sink(store, StateDir.for_directory(watched), "pair", plots=False, artifacts=False)
+    ratio = Event(120, "0", "revival", "lambda_ratio", 0.0037, 0.019, 0.71, "r")
+    volume = Event(120, "0", "revival", "log_volume", -48.7, -18.3, 13.2, "v")
+    sink.start(RunInfo(watched, "scan", {}))
+    sink.on_reading(_reading(120, sig, watched), [ratio, volume])
+    sink.close()
+    tags = MlflowClient(store).get_run(_run_id(sink)).data.tags
+    assert tags["dds.event.120.0.revival"] == _tag(ratio)
+    assert tags["dds.event.120.0.revival.log_volume"] == _tag(volume)
+    assert event_tag_keys([(1, "a", "collapse", "x")] * 3) == [
+        "dds.event.1.a.collapse",
+        "dds.event.1.a.collapse.x",
+        "dds.event.1.a.collapse.x.2",
+    ]
 
 
 # ---------------------------------------------------------------------- spool without a server

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = (
@@ -52,6 +53,7 @@ __all__ = (
     "OWNED_TAG",
     "directory_id",
     "event_tag_key",
+    "event_tag_keys",
     "event_tag_value",
     "failure_tag_key",
     "metric_key",
@@ -148,6 +150,27 @@ def reading_metric_key(layer: str, name: str) -> str:
 def event_tag_key(step: int, layer: str, kind: str) -> str:
     """``dds.event.<step>.<layer>.<kind>`` (layer dots kept; other characters sanitised)."""
     return _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}")
+
+
+def event_tag_keys(events: Iterable[tuple[int, str, str, str]]) -> list[str]:
+    """The tag key of each event ``(step, layer, kind, reading)`` of one checkpoint's
+    batch, in order: :func:`event_tag_key`, and where an earlier event of the batch took
+    it (two readings of one layer collapsing at one step) that key with ``.<reading>``
+    after it (then ``.2``, ``.3``... if need be), so that no event's tag overwrites
+    another's."""
+    keys: list[str] = []
+    taken: set[str] = set()
+    for step, layer, kind, reading in events:
+        key = event_tag_key(step, layer, kind)
+        if key in taken:
+            base = _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}"
+                        f".{_component(reading)}")  # fmt: skip
+            key, i = base, 2
+            while key in taken:
+                key, i = _fit(f"{base}.{i}"), i + 1
+        taken.add(key)
+        keys.append(key)
+    return keys
 
 
 def event_tag_value(

@@ -40,7 +40,7 @@ from ddsmon.sinks.history import HistoryEntry, finite
 from ddsmon.sinks.mlflow_keys import (
     CHECKPOINT_METRIC,
     LIMITS,
-    event_tag_key,
+    event_tag_keys,
     event_tag_value,
     failure_tag_key,
     metric_key,
@@ -262,7 +262,8 @@ def reading_record(
     ``ddsmon/load_seconds`` / ``read_seconds``, and last
     :data:`~ddsmon.sinks.mlflow_keys.CHECKPOINT_METRIC` (``ddsmon/checkpoint``) = 1.
     The names are :func:`~ddsmon.sinks.mlflow_keys.reading_metric_key`'s. An event's tag
-    (:func:`~ddsmon.sinks.mlflow_keys.event_tag_key`) says its kind, reading, step,
+    (:func:`~ddsmon.sinks.mlflow_keys.event_tag_keys`: two readings of one layer with
+    an event of one kind at one step keep a tag each) says its kind, reading, step,
     layer and magnitude, then its message
     (:func:`~ddsmon.sinks.mlflow_keys.event_tag_value`). ``entry`` is the checkpoint's
     :meth:`HistoryEntry.of`; ``timestamp`` (ms) is that of every row; ``logged``: each
@@ -281,9 +282,11 @@ def reading_record(
                 add(reading_metric_key(name, reading_name), value)
     tags: dict[str, str] = {}
     by_kind: dict[str, float] = {}
-    for event in events:
+    events = list(events)
+    keys = event_tag_keys((e.step, e.layer, e.kind, e.reading) for e in events)
+    for key, event in zip(keys, events, strict=True):
         mag = finite(event.magnitude)
-        tags[event_tag_key(event.step, event.layer, event.kind)] = event_tag_value(
+        tags[key] = event_tag_value(
             event.step, event.layer, event.kind, event.reading, mag, event.message
         )
         mag = 1.0 if mag is None else mag
