@@ -147,9 +147,11 @@ def reading_metric_key(layer: str, name: str) -> str:
     return metric_key(prefix, name, layer)
 
 
-def event_tag_key(step: int, layer: str, kind: str) -> str:
-    """``dds.event.<step>.<layer>.<kind>`` (layer dots kept; other characters sanitised)."""
-    return _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}")
+def event_tag_key(step: int, layer: str, kind: str, *more: str) -> str:
+    """``dds.event.<step>.<layer>.<kind>`` (layer dots kept; other characters sanitised),
+    with ``.<part>`` for each of ``more``."""
+    parts = [str(int(step)), _component(layer), _component(kind), *map(_component, more)]
+    return _fit("dds.event." + ".".join(parts))
 
 
 def event_tag_keys(events: Iterable[tuple[int, str, str, str]]) -> list[str]:
@@ -162,12 +164,11 @@ def event_tag_keys(events: Iterable[tuple[int, str, str, str]]) -> list[str]:
     taken: set[str] = set()
     for step, layer, kind, reading in events:
         key = event_tag_key(step, layer, kind)
+        i = 2
         if key in taken:
-            base = _fit(f"dds.event.{int(step)}.{_component(layer)}.{_component(kind)}"
-                        f".{_component(reading)}")  # fmt: skip
-            key, i = base, 2
-            while key in taken:
-                key, i = _fit(f"{base}.{i}"), i + 1
+            key = event_tag_key(step, layer, kind, reading)
+        while key in taken:
+            key, i = event_tag_key(step, layer, kind, reading, str(i)), i + 1
         taken.add(key)
         keys.append(key)
     return keys

@@ -282,7 +282,6 @@ def reading_record(
                 add(reading_metric_key(name, reading_name), value)
     tags: dict[str, str] = {}
     by_kind: dict[str, float] = {}
-    events = list(events)
     keys = event_tag_keys((e.step, e.layer, e.kind, e.reading) for e in events)
     for key, event in zip(keys, events, strict=True):
         mag = finite(event.magnitude)
