@@ -61,6 +61,7 @@ differ between runs at the rounding level.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -627,6 +628,23 @@ def param_grams_functional(
     One vmapped pass over the probe (in chunks of samples so the per-sample gradients
     stay under ``chunk_bytes``) yields every module's J at once; each J is reduced to
     its Gram immediately.
+
+    Where ``vmap`` cannot batch the model's forward pass (``nn.LSTM`` / ``nn.GRU``
+    write their batched state into an unbatched buffer in place: "output with shape
+    [1, 128] doesn't match the broadcast shape [64, 1, 128]"; any other operator
+    without a batching rule that raises), J is built one sample at a time instead
+    (:func:`_per_sample_rows`): ``J_i = d loss_i / d theta`` by ``torch.autograd.grad``
+    of sample i's loss alone, the same rows exactly, n forward and backward passes
+    instead of ``n / chunk`` vmapped ones. Said once per model type at INFO level (then
+    at DEBUG); an
+    error of the per-sample loop too is raised (the model cannot run on one sample).
+
+    vmap's "There is a performance drop because we have not yet implemented the
+    batching rule for ..." UserWarnings (``nn.TransformerEncoderLayer``'s and
+    ``nn.MultiheadAttention``'s fused kernels in eval mode) are silenced inside this
+    call only: they are about torch's speed, not the reading, and under a caller's
+    ``warnings.simplefilter("error")`` (pytest's ``filterwarnings = error``) they would
+    otherwise be raised inside the vmapped pass.
     """
     names = {id(m): prefix for prefix, m in modules.items()}
     own: dict[str, Tensor] = {}
@@ -647,10 +665,60 @@ def param_grams_functional(
         out = model_output(_functional(model, {**params, **frozen}, x1))
         return loss_fn(out, y1)[0]
 
-    per_sample_grad = vmap(grad(one_loss), in_dims=(None, 0, 0))
     p_total = sum(v.numel() for v in own.values())
     itemsize = next(iter(own.values())).element_size()
     chunk = max(1, min(n, chunk_bytes // max(1, p_total * itemsize)))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+            rows = _vmapped_rows(one_loss, own, owner, modules, inputs, targets, n, chunk)
+    except Exception as exc:  # vmap cannot batch every operator: one sample at a time
+        key = type(model).__qualname__
+        level = logging.DEBUG if key in _SAID_PER_SAMPLE else logging.INFO
+        _SAID_PER_SAMPLE.add(key)
+        log.log(
+            level,
+            "parameter-side Gram of %s: torch.func.vmap cannot batch %s (%s); "
+            "computed one sample at a time instead (exact, slower)",
+            sorted(modules),
+            key,
+            _one_line(exc),
+        )
+        rows = _per_sample_rows(one_loss, own, owner, modules, inputs, targets, n)
+    grams = {}
+    for prefix, js in rows.items():
+        if js:
+            j = torch.cat(js, dim=0)
+            grams[prefix] = j @ j.T / n
+    return grams
+
+
+#: The message of vmap's fallback warnings (a batching rule torch has not written yet).
+_NO_BATCHING_RULE = (
+    r"There is a performance drop because we have not yet implemented the batching rule"
+)
+
+#: Model types whose per-sample fallback was already said (once per process).
+_SAID_PER_SAMPLE: set[str] = set()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _vmapped_rows(
+    one_loss: Callable[[dict[str, Tensor], Any, Any], Tensor],
+    own: dict[str, Tensor],
+    owner: dict[str, str],
+    modules: dict[str, nn.Module],
+    inputs: Any,
+    targets: Any,
+    n: int,
+    chunk: int,
+) -> dict[str, list[Tensor]]:
+    """Blocks of rows of each module's J, ``chunk`` samples per vmapped pass."""
+    per_sample_grad = vmap(grad(one_loss), in_dims=(None, 0, 0))
     blocks: dict[str, list[Tensor]] = {m: [] for m in modules}
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
@@ -660,12 +728,38 @@ def param_grams_functional(
             if parts:
                 blocks[prefix].append(torch.cat(parts, dim=1))
         del grads
-    grams = {}
-    for prefix, js in blocks.items():
-        if js:
-            j = torch.cat(js, dim=0)
-            grams[prefix] = j @ j.T / n
-    return grams
+    return blocks
+
+
+def _per_sample_rows(
+    one_loss: Callable[[dict[str, Tensor], Any, Any], Tensor],
+    own: dict[str, Tensor],
+    owner: dict[str, str],
+    modules: dict[str, nn.Module],
+    inputs: Any,
+    targets: Any,
+    n: int,
+) -> dict[str, list[Tensor]]:
+    """Each module's J a row at a time: ``J_i = d loss_i / d theta`` by
+    ``torch.autograd.grad`` of sample i's loss (sample i alone through the model,
+    ``one_loss`` as vmap calls it); a parameter the loss does not reach has a zero
+    gradient, as in vmap's ``grad``."""
+    blocks: dict[str, list[Tensor]] = {m: [] for m in modules}
+    keys = list(own)
+    for i in range(n):
+        params = {k: own[k].detach().requires_grad_(True) for k in keys}
+        with torch.enable_grad():
+            loss = one_loss(params, _index(inputs, i), _index(targets, i))
+            found = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True)
+        row = {
+            k: (torch.zeros_like(own[k]) if g is None else g.detach()).reshape(1, -1)
+            for k, g in zip(keys, found, strict=True)
+        }
+        for prefix in modules:
+            parts = [row[k] for k in keys if owner[k] == prefix]
+            if parts:
+                blocks[prefix].append(torch.cat(parts, dim=1))
+    return blocks
 
 
 def _functional(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Any:
@@ -693,4 +787,16 @@ def _slice(obj: Any, sl: slice) -> Any:
         return {k: _slice(v, sl) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return type(obj)(_slice(v, sl) for v in obj)
+    return obj
+
+
+def _index(obj: Any, i: int) -> Any:
+    """Sample i of a probe, without its batch axis (what vmap hands ``one_loss``); a 0-d
+    tensor or another object is the same for every sample and passes through."""
+    if isinstance(obj, Tensor):
+        return obj[i] if obj.ndim > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _index(v, i) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_index(v, i) for v in obj)
     return obj

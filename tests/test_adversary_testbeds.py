@@ -1,0 +1,171 @@
+"""Testbeds a new user brings: recurrent, attention, convolutional and reparametrised
+models, read the way they would be (``compute_signatures``, the real CLI on real
+checkpoints, a real MLflow store), each reading held to the per-sample loop of
+``tests/reference.py`` at 1e-10."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from reference import assert_close_report, per_sample_capture, readings
+from torch import nn
+
+from ddsmon import compute_signatures
+from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
+
+TOL = 1e-10
+REPO = Path(__file__).resolve().parents[1]
+
+#: The user's model file: the factories the CLI tests name as ``models_user.py:NAME``.
+USER_MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.lstm = nn.LSTM(4, 5, batch_first=True)
+            self.gru = nn.GRU(5, 5, batch_first=True)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h, _ = self.lstm(self.emb(x))
+            h, _ = self.gru(h)
+            return self.head(h[:, -1])
+
+
+    def recurrent():
+        return Recurrent()
+    """
+)
+
+
+def _scan(tmp_path: Path, factory: str, make, inputs, targets, *flags: str, verbose: bool = False):
+    """Save two checkpoints of ``make()`` (seeded), run ``ddsmon scan`` on them in a
+    subprocess against a fresh SQLite store; (process, the run's metrics by key)."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "models_user.py").write_text(USER_MODELS)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        torch.save({"state_dict": make().state_dict(), "step": step}, ckpts / f"s{step}.pt")
+    probe = tmp_path / "probe.pt"
+    torch.save({"inputs": inputs, "targets": targets}, probe)
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", *(["-v"] if verbose else []), "scan", str(ckpts), "--model",
+         f"{tmp_path / 'models_user.py'}:{factory}", "--probe", str(probe), "--loss", "ce",
+         "--tracking-uri", uri, "--no-plots", "--threads", "1", *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 read" in proc.stderr and "0 failed" in proc.stderr, proc.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, CHECKPOINT_METRIC))
+    assert steps == [1, 2]
+    return proc, run.data.metrics
+
+
+class Recurrent(nn.Module):
+    """A two-layer bidirectional LSTM or GRU (batch first) and a Linear head on the last
+    position: the modules torch.func.vmap cannot batch (in-place state writes)."""
+
+    def __init__(self, kind: str = "lstm") -> None:
+        super().__init__()
+        cls = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = cls(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x)
+        return self.head(h[:, -1])
+
+
+def _k_against_reference(model: nn.Module, x, y, layer: str) -> None:
+    sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+    got = sig.layers[layer]
+    ref = readings(per_sample_capture(model, x, y, "ce", [layer])[layer])
+    assert got.param_count == ref["param_count"]
+    k_ref = ref["param_spectrum"]
+    assert got.param_rank == ref["param_rank"]
+    assert_close_report(
+        got.param_spectrum[: len(k_ref)],
+        k_ref,
+        atol=TOL * k_ref[0],
+        what=f"{layer} K spectrum",
+    )
+    assert got.param_lambda_min == pytest.approx(ref["param_lambda_min"], abs=TOL * k_ref[0])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_layer_k_is_read_and_matches_the_per_sample_loop(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: "parameter-side Gram via torch.func failed for ['rnn']: output with shape
+    [1, 4] doesn't match the broadcast shape [6, 1, 4]", a warning on every checkpoint,
+    and the LSTM's / GRU's K readings missing. Now K is built one sample at a time
+    where vmap cannot batch the model, and equals the loop's J J^T / n."""
+    torch.manual_seed(3)
+    model = Recurrent(kind).eval()
+    x = torch.randn(6, 5, 3)
+    y = torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        _k_against_reference(model, x, y, "rnn")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_recurrent_checkpoints_scan_with_k_and_no_warning(tmp_path: Path) -> None:
+    """The CLI on an Embedding -> LSTM -> GRU -> Linear model's checkpoints: every
+    layer's K in the MLflow run, no warning, and the slower per-sample path said once
+    (at -v), not per checkpoint."""
+    import importlib.util
+
+    (tmp_path / "models_user.py").write_text(USER_MODELS)
+    spec = importlib.util.spec_from_file_location("models_user", tmp_path / "models_user.py")
+    assert spec is not None and spec.loader is not None
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    ids = torch.randint(0, 7, (8, 4))
+    proc, metrics = _scan(
+        tmp_path, "recurrent", user.recurrent, ids, torch.randint(0, 3, (8,)), verbose=True
+    )
+    assert "WARNING ddsmon.engine" not in proc.stderr, proc.stderr
+    assert "WARNING ddsmon.param_gram" not in proc.stderr, proc.stderr
+    for layer in ("emb", "lstm", "gru", "head"):
+        assert f"dds_detail/param_lambda_min/{layer}" in metrics, sorted(metrics)
+    assert proc.stderr.count("computed one sample at a time") == 1, proc.stderr
+
+
+def test_transformer_encoder_k_under_warnings_as_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """``nn.TransformerEncoder`` in eval mode: vmap's "There is a performance drop
+    because we have not yet implemented the batching rule" UserWarnings on its fused
+    attention kernels were raised as errors under pytest's ``filterwarnings = error``
+    inside the vmapped pass, and the layers' K lost. Now they are silenced inside
+    ddsmon's call (and only there), and K equals the per-sample loop's."""
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(12, 3)).eval()  # fmt: skip
+    x = torch.randn(5, 3, 4)
+    y = torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="ddsmon"):
+        warnings.simplefilter("error")
+        _k_against_reference(model, x, y, "0.layers.0.norm1")
+    assert "one sample at a time" not in caplog.text  # vmapped, not the slower fallback
+    assert "failed" not in caplog.text
+    with pytest.warns(UserWarning, match="a user's own"):  # the caller's filters are back
+        warnings.warn("a user's own", UserWarning, stacklevel=1)
