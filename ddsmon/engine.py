@@ -57,6 +57,7 @@ from ddsmon.param_gram import (
     FunctionalGram,
     ParamGramStrategy,
     StructuredGram,
+    own_parameters,
     param_gram_strategy,
     param_gram_structured,
     param_grams_functional,
@@ -558,7 +559,7 @@ def _param_fields(k: Tensor, module: nn.Module, eps: float, ridge: float) -> dic
     """The ``param_*`` fields from K (n x n)."""
     pr = read_gram(k, eps, ridge)
     return {
-        "param_count": sum(p.numel() for p in module.parameters(recurse=False)),
+        "param_count": sum(p.numel() for _, p in own_parameters(module)),
         "param_lambda_min": pr.lambda_min,
         "param_lambda_max": pr.lambda_max,
         "param_rank": pr.rank,

@@ -69,9 +69,10 @@ from typing import Any, Final, TypeAlias
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.parametrize import is_parametrized
 
 from ddsmon.errors import ProbeError
-from ddsmon.probe import LayerCapture, model_output
+from ddsmon.probe import READ_WHOLE, LayerCapture, model_output
 
 __all__ = (
     "EMBEDDING_GRAM",
@@ -87,6 +88,7 @@ __all__ = (
     "is_structured",
     "is_transposed_linear",
     "lookup_param_gram",
+    "own_parameters",
     "param_gram_strategy",
     "param_gram_structured",
     "param_grams_functional",
@@ -296,17 +298,40 @@ def lookup_param_gram(module_type: type[nn.Module]) -> ParamGramStrategy:
 
 
 def _registered(module: nn.Module) -> ParamGramStrategy:
-    """The strategy of this instance, ignoring whether it owns parameters."""
+    """The strategy of this instance, ignoring whether it owns parameters. A module
+    reparametrised by ``torch.nn.utils.parametrize`` goes through :data:`FUNCTIONAL`:
+    a structured strategy would give the gradient of the computed weight, not of the
+    parameters that are trained (``original0``, ``original1``, ...)."""
     strategy = lookup_param_gram(type(module))
-    if isinstance(strategy, StructuredGram) and not strategy.applies(module):
+    if isinstance(strategy, StructuredGram) and (
+        is_parametrized(module) or not strategy.applies(module)
+    ):
         return FUNCTIONAL
     return strategy
 
 
+def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters K of ``module`` is of, named relative to it: its own
+    (``recurse=False``); for a module reparametrised by ``torch.nn.utils.parametrize``
+    (``weight_norm``, ``spectral_norm``) also those of its parametrizations
+    (``parametrizations.weight.original0``, ...), which stand for the weight it
+    computes; for a module read whole (:data:`ddsmon.probe.READ_WHOLE`,
+    ``nn.MultiheadAttention``, whose ``out_proj`` never runs as a module of its own)
+    all of its parameters, its children's included."""
+    if isinstance(module, READ_WHOLE):
+        return list(module.named_parameters())
+    found = list(module.named_parameters(recurse=False))
+    extra = getattr(module, "parametrizations", None)
+    if is_parametrized(module) and isinstance(extra, nn.Module):
+        found += list(extra.named_parameters(prefix="parametrizations"))
+    return found
+
+
 def param_gram_strategy(module: nn.Module) -> ParamGramStrategy | None:
-    """How K of ``module`` is built: None when it owns no parameters (no K), else the
-    registered strategy, or :data:`FUNCTIONAL` where a structured one does not apply."""
-    if next(module.parameters(recurse=False), None) is None:
+    """How K of ``module`` is built: None when it owns no parameters (no K, see
+    :func:`own_parameters`), else the registered strategy, or :data:`FUNCTIONAL` where
+    a structured one does not apply."""
+    if not own_parameters(module):
         return None
     return _registered(module)
 
@@ -646,14 +671,15 @@ def param_grams_functional(
     ``warnings.simplefilter("error")`` (pytest's ``filterwarnings = error``) they would
     otherwise be raised inside the vmapped pass.
     """
-    names = {id(m): prefix for prefix, m in modules.items()}
+    canonical = {id(p): name for name, p in model.named_parameters()}  # tied: one name
     own: dict[str, Tensor] = {}
     owner: dict[str, str] = {}
-    for full_name, p in model.named_parameters():
-        prefix, _, _ = full_name.rpartition(".")
-        if prefix in modules and id(modules[prefix]) in names:
-            own[full_name] = p.detach()
-            owner[full_name] = prefix
+    for prefix, module in modules.items():
+        for _, p in own_parameters(module):
+            key = canonical.get(id(p))
+            if key is not None and key not in own:  # a shared tensor: its first module
+                own[key] = p.detach()
+                owner[key] = prefix
     if not own:
         return {}
     frozen = {k: v.detach() for k, v in model.named_parameters() if k not in own}

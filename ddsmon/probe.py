@@ -39,15 +39,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from ddsmon.errors import ProbeError
 
 __all__ = (
+    "READ_WHOLE",
     "LayerCapture",
     "PassMode",
     "ProbePass",
     "ProbeRun",
     "RetryPass",
+    "default_leaves",
     "model_output",
     "probe_batch_size",
     "run_probe_pass",
@@ -59,6 +62,44 @@ log = logging.getLogger(__name__)
 
 #: Leaf modules the default selection skips: in eval mode they repeat their input.
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+
+#: Modules read whole, as leaves: their children never run as modules of their own
+#: (``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its functional forward,
+#: so a hook on ``out_proj`` never fires). Their parameter-side Gram is of all their
+#: parameters, the children's included (:func:`ddsmon.param_gram.own_parameters`).
+READ_WHOLE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def _parametrizations(module: nn.Module) -> nn.Module | None:
+    """The ``parametrizations`` ModuleDict of a module reparametrised by
+    ``torch.nn.utils.parametrize`` (``weight_norm``, ``spectral_norm``, ``orthogonal``),
+    else None. Its modules compute the weight, not the layer's output."""
+    found = getattr(module, "parametrizations", None)
+    return found if isinstance(found, nn.ModuleDict) and is_parametrized(module) else None
+
+
+def default_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules the default selection hooks, in model order: leaf modules (pass-
+    throughs excepted), where a module whose only children are its parametrizations
+    (``weight_norm(nn.Linear(...))``, state-dict keys ``parametrizations.weight.original0``)
+    and a module of :data:`READ_WHOLE` count as leaves, and nothing inside either is
+    hooked (a parametrization's output is the weight, not a layer's output)."""
+    chosen: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # prefixes ("attn.", "fc.parametrizations.") not hooked
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside):
+            continue
+        extra = _parametrizations(m)
+        if extra is not None:
+            inside.append(f"{name}.parametrizations.")
+        if isinstance(m, READ_WHOLE):
+            inside.append(f"{name}.")
+            chosen.append((name, m))
+            continue
+        children = [c for c in m.children() if c is not extra]
+        if not children and not isinstance(m, _PASS_THROUGH):
+            chosen.append((name, m))
+    return chosen
 
 
 @dataclass
@@ -444,11 +485,7 @@ class ProbePass:
         if self.names is not None:
             wanted = set(self.names)
             return [(name, m) for name, m in model.named_modules() if name and name in wanted]
-        return [
-            (name, m)
-            for name, m in model.named_modules()
-            if name and next(m.children(), None) is None and not isinstance(m, _PASS_THROUGH)
-        ]
+        return default_leaves(model)
 
     def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         """The forward hook: capture X (and A), hand downstream a tensor Delta can reach."""

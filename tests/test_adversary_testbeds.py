@@ -16,6 +16,7 @@ import pytest
 import torch
 from reference import assert_close_report, per_sample_capture, readings
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from ddsmon import compute_signatures
 from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
@@ -169,3 +170,46 @@ def test_transformer_encoder_k_under_warnings_as_errors(caplog: pytest.LogCaptur
     assert "failed" not in caplog.text
     with pytest.warns(UserWarning, match="a user's own"):  # the caller's filters are back
         warnings.warn("a user's own", UserWarning, stacklevel=1)
+
+
+class Reparametrised(nn.Module):
+    """``weight_norm`` and ``spectral_norm`` Linears (state-dict keys
+    ``parametrizations.weight.original0``) around a self-attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = parametrizations.weight_norm(nn.Linear(3, 4))
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = parametrizations.spectral_norm(nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h, _ = self.attn(h, h, h)
+        return self.out(h.mean(dim=1))
+
+
+def test_reparametrised_and_attention_layers_are_read_by_default() -> None:
+    """Before: the default selection (leaf modules) silently left out every
+    ``weight_norm`` / ``spectral_norm`` layer (their parametrizations are children)
+    and ``nn.MultiheadAttention`` (its ``out_proj`` never runs as a module), reading
+    only ``head``-like plain leaves. Now they are read, and K is of the parameters
+    that are trained (``original0``, ``original1``, ``out_proj``'s included), equal to
+    the per-sample loop's."""
+    torch.manual_seed(7)
+    model = Reparametrised().eval()
+    x = torch.randn(6, 5, 3)
+    y = torch.randint(0, 3, (6,))
+    sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+    assert list(sig.layers) == ["inp", "attn", "out"]
+    refs = per_sample_capture(model, x, y, "ce", list(sig.layers))
+    for layer, got in sig.layers.items():
+        ref = readings(refs[layer])
+        assert (got.N, got.d) == (ref["N"], ref["d"]), layer
+        g_ref = ref["g_spectrum"]
+        k = min(ref["N"], ref["d"])
+        assert_close_report(got.g_spectrum[:k], g_ref[:k], atol=TOL * g_ref[0], what=layer)
+        assert got.param_count == ref["param_count"], layer
+        k_ref = ref["param_spectrum"]
+        assert_close_report(
+            got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what=f"{layer} K"
+        )
