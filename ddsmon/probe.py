@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from ddsmon.errors import ProbeError
 
 __all__ = (
+    "CHANNEL_FIRST",
     "READ_WHOLE",
     "LayerCapture",
     "PassMode",
@@ -51,6 +53,7 @@ __all__ = (
     "ProbeRun",
     "RetryPass",
     "default_leaves",
+    "feature_rows",
     "model_output",
     "probe_batch_size",
     "run_probe_pass",
@@ -68,6 +71,28 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identi
 #: so a hook on ``out_proj`` never fires). Their parameter-side Gram is of all their
 #: parameters, the children's included (:func:`ddsmon.param_gram.own_parameters`).
 READ_WHOLE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+#: Modules whose outputs (n, C, *spatial) hold their features on axis 1, the channels:
+#: their X and Delta rows are (sample, spatial position) pairs, sample-major, and d = C
+#: (for a 2-D output (n, C) that is the last axis anyway). Subclasses (the lazy
+#: variants, ``SyncBatchNorm``) included.
+CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
+    nn.LocalResponseNorm, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
+    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+)  # fmt: skip
+
+#: Modules that act on the last axis whatever their input's layout.
+_LAST_AXIS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag,
+    nn.MultiheadAttention, nn.RNNBase, nn.Flatten, nn.Unflatten,
+)  # fmt: skip
 
 
 def _parametrizations(module: nn.Module) -> nn.Module | None:
@@ -117,6 +142,10 @@ class LayerCapture:
     output: Tensor
     grad: Tensor | None = None
     inputs: Tensor | None = None
+    #: The axis of the module's output that holds the features: -1, or 1 for a
+    #: channel-first output (see :data:`CHANNEL_FIRST`); X and Delta rows are the
+    #: other axes flattened, sample-major, either way.
+    feature_axis: int = -1
 
     @property
     def rows(self) -> int:
@@ -147,6 +176,14 @@ def _first_tensor(out: Any) -> Tensor | None:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     return None
+
+
+def feature_rows(tensor: Tensor, axis: int) -> Tensor:
+    """``tensor`` (n, ..., d) as its N x d matrix of rows, the features on ``axis``
+    (-1, or 1 for channel-first (n, C, *spatial)); rows sample-major."""
+    if axis not in (-1, tensor.ndim - 1):
+        tensor = tensor.movedim(axis, -1)
+    return tensor.reshape(-1, tensor.shape[-1])
 
 
 def _batch_tensors(obj: Any) -> list[Tensor]:
@@ -378,6 +415,8 @@ class ProbePass:
         self.versions: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self._frozen: set[int] = set()  # ids of the parameters this pass froze
+        # channel-first tensors of this pass by id (weak: an id freed is not reused here)
+        self._layout: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self.losses: Tensor | None = None
         self.forward_order: list[str] = []
 
@@ -403,9 +442,16 @@ class ProbePass:
         less the named layers a non-strict pass left out. Raises RetryPass when the
         pass must run again in another mode.
         """
+        hooked = self._hooked(model)
         handles = [
             module.register_forward_hook(functools.partial(self._on_output, name))
-            for name, module in self._hooked(model)
+            for name, module in hooked
+        ]
+        seen = {id(m) for _, m in hooked}
+        handles += [  # the layout of the tensors the hooked modules are fed
+            module.register_forward_hook(self._on_layout)
+            for _, module in default_leaves(model)
+            if id(module) not in seen
         ]
         order: list[str] = []
         grads: Sequence[Tensor | None] = []
@@ -447,7 +493,7 @@ class ProbePass:
             if delta is None:
                 cap.grad = torch.zeros_like(cap.output)
             else:
-                cap.grad = delta.detach().reshape(cap.output.shape)
+                cap.grad = feature_rows(delta.detach(), cap.feature_axis)
         chosen = order if self.names is None else [x for x in self.names if x in self.captures]
         returned = set(chosen)
         self.forward_order = [name for name in self.captures if name in returned]
@@ -499,10 +545,14 @@ class ProbePass:
                     "DDS needs one output per sample"
                 )
             return None
-        tensor = self._readable(name, out)
+        first = _first_tensor(out)
+        axis = 1 if first is not None and self._is_channel_first(module, args, first) else -1
+        if axis == 1 and first is not None:
+            self._layout[id(first)] = first
+        tensor = self._readable(name, out, axis)
         if tensor is None:
             return None
-        rows = tensor.numel() // tensor.shape[-1]
+        rows = tensor.numel() // tensor.shape[axis]
         self._check_rows(name, rows)
         replaced = None
         if self.backward and not tensor.requires_grad:
@@ -520,11 +570,13 @@ class ProbePass:
             a = args[0].detach()
             a = a.reshape(rows, -1) if a.is_floating_point() else a.reshape(rows)
         self.captures[name] = LayerCapture(
-            name, module, tensor.detach().reshape(rows, tensor.shape[-1]), inputs=a
+            name, module, feature_rows(tensor.detach(), axis), inputs=a, feature_axis=axis
         )
         self.versions[name] = tensor._version
         if self.mode.copy_downstream and replaced is None:
             replaced = tensor.clone()
+        if replaced is not None and axis == 1:
+            self._layout[id(replaced)] = replaced
         if self.stop_early and self.names is not None and len(self.captures) == len(self.names):
             raise _StopForward
         if replaced is None:
@@ -533,8 +585,29 @@ class ProbePass:
             return replaced
         return (replaced, *out[1:]) if isinstance(out, tuple) else [replaced, *out[1:]]
 
-    def _readable(self, name: str, out: Any) -> Tensor | None:
-        """The output tensor (n, ..., d >= 2) to read, else None (a ProbeError if strict)."""
+    def _on_layout(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """The hook of a module not read: note a channel-first output it hands on."""
+        first = _first_tensor(out)
+        if first is not None and self._is_channel_first(module, args, first):
+            self._layout[id(first)] = first
+
+    def _is_channel_first(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> bool:
+        """Whether ``out`` (ndim >= 3) holds its features on axis 1: the output of a
+        :data:`CHANNEL_FIRST` module, or of a module keeping the shape of a channel-
+        first input it was handed (``nn.ReLU`` after ``nn.BatchNorm2d``), unless the
+        module acts on the last axis (``nn.Linear``). A tensor made by a function
+        between modules (``torch.relu(h) + x``) is not known to be channel-first: a
+        module fed it reads its last axis."""
+        if out.ndim < 3 or isinstance(module, _LAST_AXIS):
+            return False
+        if isinstance(module, CHANNEL_FIRST):
+            return True
+        a = args[0] if args else None
+        return isinstance(a, Tensor) and a.shape == out.shape and id(a) in self._layout
+
+    def _readable(self, name: str, out: Any, axis: int = -1) -> Tensor | None:
+        """The output tensor (n, ..., d >= 2; d on ``axis``) to read, else None (a
+        ProbeError if strict)."""
         n = self.n
         tensor = _first_tensor(out)
         if (
@@ -542,7 +615,7 @@ class ProbePass:
             and tensor.is_floating_point()
             and tensor.ndim >= 2
             and tensor.shape[0] == n
-            and tensor.shape[-1] >= 2
+            and tensor.shape[axis] >= 2
         ):
             return tensor
         if self.strict:

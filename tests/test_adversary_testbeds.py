@@ -12,6 +12,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from reference import assert_close_report, per_sample_capture, readings
@@ -213,3 +214,70 @@ def test_reparametrised_and_attention_layers_are_read_by_default() -> None:
         assert_close_report(
             got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what=f"{layer} K"
         )
+
+
+def _channel_first_loop(model: nn.Module, x, y, layers: list[str]) -> dict[str, tuple]:
+    """X and Delta of channel-first layers, the long way: per sample, one forward and
+    one backward, each output (1, C, *spatial) written as its positions x C matrix."""
+    import copy
+
+    ref = copy.deepcopy(model).double().eval()
+    mods = dict(ref.named_modules())
+    store: dict[str, torch.Tensor] = {}
+    handles = [
+        mods[name].register_forward_hook(
+            lambda _m, _a, out, name=name: store.__setitem__(name, out)
+        )
+        for name in layers
+    ]
+    xs: dict[str, list] = {name: [] for name in layers}
+    ds: dict[str, list] = {name: [] for name in layers}
+    try:
+        for i in range(x.shape[0]):
+            out = ref(x[i : i + 1].double())
+            loss = -torch.log_softmax(out, dim=-1)[0, y[i]]
+            for name in layers:
+                h = store[name]
+                (g,) = torch.autograd.grad(loss, [h], retain_graph=True)
+                c = h.shape[1]
+                xs[name].append(h[0].detach().reshape(c, -1).T.numpy())
+                ds[name].append(g[0].reshape(c, -1).T.numpy())
+    finally:
+        for hnd in handles:
+            hnd.remove()
+    return {name: (np.concatenate(xs[name]), np.concatenate(ds[name])) for name in layers}
+
+
+def test_convolutional_layers_read_channels_as_features() -> None:
+    """Before: a conv layer's output (n, C, H, W) was read with its last axis, the
+    image's *width*, as the features (d = W, N = n*C*H): ``x_dead`` counted dead image
+    columns, and ``AdaptiveAvgPool2d(1)`` (width 1) was left out. Now the channels are
+    the features of Conv / BatchNorm / pooling outputs and of the activations fed
+    them (d = C, N = n*H*W, rows sample-major), held to a per-sample loop."""
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    )  # fmt: skip
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(5, 2, 6, 7)
+    y = torch.randint(0, 3, (5,))
+    sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+    assert list(sig.layers) == ["0", "1", "2", "3", "4", "5", "6", "7"]
+    want = {"0": (5 * 42, 4), "1": (5 * 42, 4), "2": (5 * 42, 4), "3": (5 * 9, 4),
+            "4": (5, 5), "5": (5, 5), "6": (5, 5), "7": (5, 3)}  # fmt: skip
+    assert {k: (v.N, v.d) for k, v in sig.layers.items()} == want
+    loop = _channel_first_loop(model, x, y, ["0", "1", "2", "3", "4", "5"])
+    for name, (xm, dm) in loop.items():
+        got = sig.layers[name]
+        assert (got.N, got.d) == xm.shape, name
+        sv = np.linalg.svd(xm, compute_uv=False)
+        assert_close_report(got.x_spectrum[: len(sv)], sv, atol=TOL * sv[0], what=f"{name} X")
+        g = np.sort(np.linalg.eigvalsh(dm.T @ dm / 5))[::-1]
+        assert_close_report(got.g_spectrum[: len(g)], g, atol=TOL * g[0], what=f"{name} G")
+    ref = readings(per_sample_capture(model, x, y, "ce", ["4"])["4"])  # K: layout-free
+    k_ref = ref["param_spectrum"]
+    got = sig.layers["4"]
+    assert_close_report(got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what="K")
