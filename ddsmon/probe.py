@@ -146,6 +146,10 @@ class LayerCapture:
     #: channel-first output (see :data:`CHANNEL_FIRST`); X and Delta rows are the
     #: other axes flattened, sample-major, either way.
     feature_axis: int = -1
+    #: The axis of the module's output that holds the samples: 0, or 1 for a
+    #: sequence-first module (``batch_first=False``: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``,
+    #: ``nn.MultiheadAttention``), whose output is (T, n, d).
+    batch_axis: int = 0
 
     @property
     def rows(self) -> int:
@@ -178,12 +182,20 @@ def _first_tensor(out: Any) -> Tensor | None:
     return None
 
 
-def feature_rows(tensor: Tensor, axis: int) -> Tensor:
+def feature_rows(tensor: Tensor, axis: int, batch_axis: int = 0) -> Tensor:
     """``tensor`` (n, ..., d) as its N x d matrix of rows, the features on ``axis``
-    (-1, or 1 for channel-first (n, C, *spatial)); rows sample-major."""
+    (-1, or 1 for channel-first (n, C, *spatial)), the samples on ``batch_axis`` (0, or
+    1 for a sequence-first (T, n, d)); rows sample-major."""
+    if batch_axis != 0:
+        tensor = tensor.movedim(batch_axis, 0)
     if axis not in (-1, tensor.ndim - 1):
         tensor = tensor.movedim(axis, -1)
     return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _sequence_first(module: nn.Module, out: Tensor) -> bool:
+    """A module that says its output is (T, n, d): ``batch_first`` False, 3-D output."""
+    return getattr(module, "batch_first", None) is False and out.ndim == 3
 
 
 def _batch_tensors(obj: Any) -> list[Tensor]:
@@ -345,6 +357,31 @@ class RetryPass(Exception):
         return after
 
 
+#: (model type, layers) whose leaving out was already said (once per process).
+_SAID_UNREAD: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _say_unread(model: nn.Module, unread: dict[str, tuple[int, ...]], n: int) -> None:
+    """Say, once per model type and layers, the layers with parameters the default
+    selection left out because their output's first axis is not the probe's samples
+    (a sequence-first (T, n, d) layout of a module without ``batch_first``, such as
+    the Linears of ``nn.TransformerEncoderLayer(batch_first=False)``)."""
+    key = (type(model).__qualname__, tuple(unread))
+    if key in _SAID_UNREAD:
+        return
+    _SAID_UNREAD.add(key)
+    shown = ", ".join(f"{name} {list(shape)}" for name, shape in list(unread.items())[:8])
+    more = f" and {len(unread) - 8} more" if len(unread) > 8 else ""
+    log.warning(
+        "not read: %s%s (their outputs' first axis is not the probe's %d samples; a "
+        "sequence-first layout? ddsmon reads the samples on axis 0, or axis 1 of a "
+        "module with batch_first=False)",
+        shown,
+        more,
+        n,
+    )
+
+
 class _StopForward(BaseException):
     """Raised by the last wanted hook of a forward-only pass: nothing after it is read.
     A BaseException, so that a model's own ``except Exception`` does not swallow it."""
@@ -419,6 +456,8 @@ class ProbePass:
         self._layout: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self.losses: Tensor | None = None
         self.forward_order: list[str] = []
+        #: layers with parameters left out for want of a batch axis: name -> shape
+        self.unread: dict[str, tuple[int, ...]] = {}
 
     @property
     def output_layer(self) -> str | None:
@@ -484,6 +523,8 @@ class ProbePass:
                 handle.remove()
             for p in frozen:
                 p.requires_grad_(True)
+        if self.unread and not self.strict:
+            _say_unread(model, self.unread, self.n)
         if self.names is not None and self.strict:
             missing = [name for name in self.names if name not in self.captures]
             if missing:
@@ -493,7 +534,7 @@ class ProbePass:
             if delta is None:
                 cap.grad = torch.zeros_like(cap.output)
             else:
-                cap.grad = feature_rows(delta.detach(), cap.feature_axis)
+                cap.grad = feature_rows(delta.detach(), cap.feature_axis, cap.batch_axis)
         chosen = order if self.names is None else [x for x in self.names if x in self.captures]
         returned = set(chosen)
         self.forward_order = [name for name in self.captures if name in returned]
@@ -549,7 +590,8 @@ class ProbePass:
         axis = 1 if first is not None and self._is_channel_first(module, args, first) else -1
         if axis == 1 and first is not None:
             self._layout[id(first)] = first
-        tensor = self._readable(name, out, axis)
+        batch = 1 if first is not None and axis == -1 and _sequence_first(module, first) else 0
+        tensor = self._readable(name, module, out, axis, batch)
         if tensor is None:
             return None
         rows = tensor.numel() // tensor.shape[axis]
@@ -570,7 +612,12 @@ class ProbePass:
             a = args[0].detach()
             a = a.reshape(rows, -1) if a.is_floating_point() else a.reshape(rows)
         self.captures[name] = LayerCapture(
-            name, module, feature_rows(tensor.detach(), axis), inputs=a, feature_axis=axis
+            name,
+            module,
+            feature_rows(tensor.detach(), axis, batch),
+            inputs=a,
+            feature_axis=axis,
+            batch_axis=batch,
         )
         self.versions[name] = tensor._version
         if self.mode.copy_downstream and replaced is None:
@@ -605,19 +652,31 @@ class ProbePass:
         a = args[0] if args else None
         return isinstance(a, Tensor) and a.shape == out.shape and id(a) in self._layout
 
-    def _readable(self, name: str, out: Any, axis: int = -1) -> Tensor | None:
-        """The output tensor (n, ..., d >= 2; d on ``axis``) to read, else None (a
-        ProbeError if strict)."""
+    def _readable(
+        self, name: str, module: nn.Module, out: Any, axis: int = -1, batch: int = 0
+    ) -> Tensor | None:
+        """The output tensor (n, ..., d >= 2; d on ``axis``, n on ``batch``) to read,
+        else None (a ProbeError if strict). Left out of the default selection: a
+        module with parameters whose floating output has no axis ``batch`` of n
+        samples is noted in :attr:`unread` (said by :meth:`run`)."""
         n = self.n
         tensor = _first_tensor(out)
         if (
             tensor is not None
             and tensor.is_floating_point()
             and tensor.ndim >= 2
-            and tensor.shape[0] == n
+            and tensor.shape[batch] == n
             and tensor.shape[axis] >= 2
         ):
             return tensor
+        if (
+            tensor is not None
+            and tensor.is_floating_point()
+            and tensor.ndim >= 2
+            and tensor.shape[batch] != n
+            and next(module.parameters(), None) is not None
+        ):
+            self.unread[name] = tuple(tensor.shape)
         if self.strict:
             shape = None if tensor is None else tuple(tensor.shape)
             part = "" if n == self.total else f" (a micro-batch of the probe's {self.total})"

@@ -281,3 +281,49 @@ def test_convolutional_layers_read_channels_as_features() -> None:
     k_ref = ref["param_spectrum"]
     got = sig.layers["4"]
     assert_close_report(got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what="K")
+
+
+class SequenceFirst(nn.Module):
+    """A ``batch_first=False`` GRU (output (T, n, d)) beside a sequence-first
+    ``nn.TransformerEncoderLayer``, whose Linears have no ``batch_first`` of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, bidirectional=True)
+        layer = nn.TransformerEncoderLayer(8, 2, 8, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x.transpose(0, 1))
+        return self.head(self.enc(h)[-1])
+
+
+def test_sequence_first_layers_are_read_or_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: every layer of a sequence-first model but the head was silently left
+    out of the default selection (its output's first axis is T, not n). Now a module
+    with ``batch_first=False`` is read with its samples on axis 1 (rows sample-major,
+    equal to the per-sample loop), and the layers whose layout cannot be known are
+    named in one warning, said once however many checkpoints are read."""
+    torch.manual_seed(13)
+    model = SequenceFirst().eval()
+    x = torch.randn(6, 5, 3)
+    y = torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+        compute_signatures(model, x, y, loss="ce", device="cpu")
+    assert list(sig.layers) == ["rnn", "enc.layers.0.self_attn", "head"]
+    said = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "enc.layers.0.linear1 [5, 6, 8]" in said[0], said
+    refs = per_sample_capture(model, x, y, "ce", ["rnn", "enc.layers.0.self_attn"])
+    for layer in ("rnn", "enc.layers.0.self_attn"):
+        got, ref = sig.layers[layer], readings(refs[layer])
+        assert (got.N, got.d) == (ref["N"], ref["d"]) == (30, 8), layer
+        x_ref, g_ref = ref["x_spectrum"], ref["g_spectrum"]
+        assert_close_report(got.x_spectrum, x_ref, atol=TOL * x_ref[0], what=f"{layer} X")
+        assert_close_report(got.g_spectrum[:8], g_ref[:8], atol=TOL * g_ref[0], what=layer)
+        k_ref = ref["param_spectrum"]
+        assert_close_report(
+            got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what=f"{layer} K"
+        )
