@@ -657,8 +657,9 @@ class ProbePass:
     ) -> Tensor | None:
         """The output tensor (n, ..., d >= 2; d on ``axis``, n on ``batch``) to read,
         else None (a ProbeError if strict). Left out of the default selection: a
-        module with parameters whose floating output has no axis ``batch`` of n
-        samples is noted in :attr:`unread` (said by :meth:`run`)."""
+        module with parameters whose floating output has n samples on another axis
+        than ``batch`` is noted in :attr:`unread` (said by :meth:`run`); an output with
+        no axis of n (a position embedding's (1, T, d), shared by every sample) is not."""
         n = self.n
         tensor = _first_tensor(out)
         if (
@@ -674,6 +675,7 @@ class ProbePass:
             and tensor.is_floating_point()
             and tensor.ndim >= 2
             and tensor.shape[batch] != n
+            and n in tensor.shape[1:]  # the samples are there, on another axis
             and next(module.parameters(), None) is not None
         ):
             self.unread[name] = tuple(tensor.shape)

@@ -327,3 +327,26 @@ def test_sequence_first_layers_are_read_or_said(caplog: pytest.LogCaptureFixture
         assert_close_report(
             got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what=f"{layer} K"
         )
+
+
+def test_shared_outputs_are_left_out_without_a_word(caplog: pytest.LogCaptureFixture) -> None:
+    """A module whose output has no axis of the probe's n (a position embedding
+    called on ``arange(T)[None]``, shared by every sample) is left out quietly: it is
+    no layer of per-sample outputs, and no layout would make it one."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(9, 4)
+            self.pos = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            where = torch.arange(ids.shape[1])[None]
+            return self.head((self.tok(ids) + self.pos(where)).mean(dim=1))
+
+    ids = torch.randint(0, 9, (6, 5))
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        sig = compute_signatures(Positions().eval(), ids, torch.randint(0, 3, (6,)), device="cpu")
+    assert list(sig.layers) == ["tok", "head"]
+    assert "not read" not in caplog.text, caplog.text
