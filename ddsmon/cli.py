@@ -53,8 +53,33 @@ def _cli_process() -> bool:
     )
 
 
-# The first thing the command does (the imports below take a few hundred milliseconds);
+def _fill_closed_standard_streams() -> None:
+    """Put ``/dev/null`` on a standard descriptor the parent closed (``2>&-``, a job
+    launcher or daemonizer that closes what it does not pass on).
+
+    Python leaves ``sys.stderr`` None then, and the first log line raised (``scan 2>&-``
+    exited 1 at once, nothing read, nothing said). Worse, the next file opened takes the
+    free descriptor: the store, the state or a checkpoint would become "stderr", and
+    whatever writes there (a C library's warning, a child process) would land in it."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            mode = "r" if fd == 0 else "w"
+            setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))
+
+
+# The first things the command does (the imports below take a few hundred milliseconds);
 # a SIGINT a parent set to be ignored (a background job, nohup) stays ignored.
+if _cli_process():
+    _fill_closed_standard_streams()
 if _cli_process() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_starting)
 

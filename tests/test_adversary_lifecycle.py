@@ -1,0 +1,58 @@
+"""A training cluster's ways of running ``ddsmon``, on the real command in a subprocess
+beside a real store: launched with its standard streams closed (a job launcher, a
+daemonizer, ``2>&-``), hung up on, pointed at another store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from fault_helpers import REPO, cli_args, only_run_steps, wait_for, write_checkpoints
+
+
+def _closed_streams(args: list[str], closed: str) -> list[str]:
+    """``args`` run with the descriptors in ``closed`` ("012") closed, as ``cmd >&-``."""
+    redirs = " ".join(f"{fd}>&-" if fd != "0" else "<&-" for fd in closed)
+    return ["bash", "-c", f'exec "$@" {redirs}', "ddsmon", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_scan_with_stderr_or_every_stream_closed_still_records(tmp_path: Path, probe: Path) -> None:
+    """``scan 2>&-`` (here with stdin and stdout closed too) exited 1 at once, nothing read and nothing said (Python's
+    ``sys.stderr`` is None then, and the first log line raised); now /dev/null stands in
+    for a closed stream and the scan records every checkpoint."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2, 3])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("scan", ckpts, probe, uri)
+    proc = subprocess.run(_closed_streams(args, "012"), cwd=tmp_path, env=_env(), timeout=240)
+    assert proc.returncode == 0
+    assert only_run_steps(uri) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_watch_with_every_stream_closed_reads_new_checkpoints_and_stops_on_sigterm(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A ``watch`` started by a launcher that closes stdin, stdout and stderr reads what
+    lands and stops in order on SIGTERM (exit 0), everything recorded."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2")
+    proc = subprocess.Popen(_closed_streams(args, "012"), cwd=tmp_path, env=_env())
+    try:
+        wait_for(lambda: only_run_steps(uri) == [1], 120, "step 1 recorded")
+        write_checkpoints(ckpts, [1, 2])
+        wait_for(lambda: only_run_steps(uri) == [1, 2], 120, "step 2 recorded")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    assert only_run_steps(uri) == [1, 2]
