@@ -187,6 +187,7 @@ def test_llc_tiny(tmp_path: Path) -> None:
         assert "LLC not measured: devinterp cannot be imported" in md
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_daemon_tiny(tmp_path: Path) -> None:
     _, md = _run(
         "bench_daemon.py", tmp_path,

@@ -79,6 +79,7 @@ def test_two_watchers_with_different_state_dirs_log_each_step_once(
     assert run.data.tags["ddsmon.lease.1.heartbeat"] == "released"  # a clean stop releases
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_two_scans_at_once_against_a_real_server_log_each_step_once(
     tmp_path: Path, probe: Path
 ) -> None:
@@ -105,6 +106,7 @@ def test_two_scans_at_once_against_a_real_server_log_each_step_once(
         server.stop()
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_lease_of_a_killed_holder_is_taken_over_after_the_bound(
     tmp_path: Path, probe: Path
 ) -> None:
@@ -152,6 +154,7 @@ def test_lease_of_a_killed_holder_is_taken_over_after_the_bound(
     assert "ddsmon.lease.2" in run.data.params
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_daemons_opening_a_fresh_sqlite_store_at_once_all_succeed(
     tmp_path: Path, probe: Path
 ) -> None:

@@ -36,6 +36,7 @@ def _scan(ckpts: Path, probe: Path, uri: str, *extra: str, model: str = STRICT):
                   "--tracking-uri", uri, "--fisher", "activation", "--no-plots", *extra)  # fmt: skip
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_a_model_that_raises_fails_that_checkpoint_only(tmp_path: Path, probe: Path) -> None:
     ckpts = tmp_path / "ckpts"
     write_run(ckpts, [0, 10, 20, 30], nan_at=20)
@@ -216,6 +217,7 @@ def test_two_sigints_during_a_long_reading_stay_two(tmp_path: Path, probe: Path)
     assert not done.exists() or "step_000000" not in done.read_text()
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_scan_with_readings_left_in_the_spool_exits_3_naming_the_steps(
     tmp_path: Path, probe: Path
 ) -> None:

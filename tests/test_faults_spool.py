@@ -62,6 +62,7 @@ def _delete(spool: Path) -> set[int]:
     return set(STEPS)
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_records_lost_from_the_spool_are_read_again_and_logged_once(
     tmp_path: Path, probe: Path
 ) -> None:

@@ -103,6 +103,7 @@ def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
     } <= stored
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, monkeypatch):
     # ddsmon's own fail-fast HTTP settings, not the test suite's
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
@@ -159,6 +160,7 @@ def test_server_down_spools_and_replays_in_order_once(server, sigs, tmp_path, mo
     assert order == [0, 10, 20, 30, 40]
 
 
+@pytest.mark.slow  # 17-36 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_spool_is_replayed_once_the_server_answers_with_no_new_checkpoint(server, sigs, tmp_path):
     """A retry timer (exponential backoff, capped) replays the spool in the background:
     after an outage the records arrive within the cap, with no checkpoint to carry them."""
