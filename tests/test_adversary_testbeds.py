@@ -350,3 +350,70 @@ def test_shared_outputs_are_left_out_without_a_word(caplog: pytest.LogCaptureFix
         sig = compute_signatures(Positions().eval(), ids, torch.randint(0, 3, (6,)), device="cpu")
     assert list(sig.layers) == ["tok", "head"]
     assert "not read" not in caplog.text, caplog.text
+
+
+def _tiny_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, num_labels=3,
+    )  # fmt: skip
+    return transformers, transformers.ViTForImageClassification(config)
+
+
+def test_vit_folder_loads_with_transformers_renamed_keys(tmp_path: Path) -> None:
+    """A tiny ViT ``save_pretrained`` folder, read with no --model. Before: every
+    checkpoint failed, "missing 16 keys ('vit.layers.0.attention.q_proj.weight', ...);
+    unexpected 16 keys ('vit.encoder.layer.0.attention.attention.key.bias', ...)":
+    transformers 5 renamed ViT's modules and ``save_pretrained`` writes the old keys.
+    Now the keys are renamed as ``from_pretrained`` renames them: the weights equal
+    ``from_pretrained``'s."""
+    from ddsmon.checkpoints import classify
+    from ddsmon.loading import load_checkpoint
+
+    transformers, model = _tiny_vit()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        transformers.ViTForImageClassification(model.config).save_pretrained(
+            tmp_path / "ckpts" / f"step_{step}"
+        )
+    folder = tmp_path / "ckpts" / "step_2"
+    ref = classify(folder)
+    assert ref is not None
+    loaded = load_checkpoint(ref, None)
+    theirs = transformers.ViTForImageClassification.from_pretrained(folder).state_dict()
+    ours = loaded.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    assert "keys renamed by transformers' conversion mapping" in loaded.source
+
+
+@pytest.mark.slow
+def test_vit_folders_scan_without_a_model(tmp_path: Path) -> None:
+    """The CLI on two ViT ``save_pretrained`` folders (no --model): both steps read,
+    with the renamed layers' readings in the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    transformers, model = _tiny_vit()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        transformers.ViTForImageClassification(model.config).save_pretrained(
+            tmp_path / "ckpts" / f"step_{step}"
+        )
+    probe = tmp_path / "probe.pt"
+    torch.save({"inputs": {"pixel_values": torch.randn(4, 3, 8, 8)},
+                "targets": torch.randint(0, 3, (4,))}, probe)  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(tmp_path / "ckpts"), "--probe",
+         str(probe), "--loss", "ce", "--tracking-uri", uri, "--no-plots", "--threads", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 read" in proc.stderr and "0 failed" in proc.stderr, proc.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
+    assert "dds_detail/param_lambda_min/vit.layers.0.attention.q_proj" in run.data.metrics
+    assert "dds_detail/x_rank/vit.embeddings.patch_embeddings.projection" in run.data.metrics

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from ddsmon.loading.key_matching import _apply, _Candidate, _choose
 from ddsmon.loading.loaded import LoadedCheckpoint, TrainerLogEntry, _build
 from ddsmon.loading.step_and_meta import _as_step, _meta_of
 from ddsmon.loading.wording import _describe, _kind_of
+
+log = logging.getLogger(__name__)
 
 
 def _load_hf_folder(
@@ -83,18 +86,94 @@ def _load_hf_contents(
     files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
     skeleton = {k: t for f in files for k, t in f.skeleton.items()}
-    match = _choose(model, [_Candidate("in the weights files", skeleton)], path)
-    wanted = set(match.mapping.values())
+    candidates = [_Candidate("in the weights files", skeleton)]
+    renamed = _renamed_keys(model, skeleton, path) if factory is None else None
+    if renamed is not None:
+        candidates.append(
+            _Candidate(
+                "in the weights files, keys renamed by transformers' conversion mapping",
+                {new: skeleton[old] for new, old in renamed.items()},
+            )
+        )
+    match = _choose(model, candidates, path)
+    back = renamed if renamed is not None and match.candidate is candidates[-1] else {}
+    wanted = {back.get(k, k) for k in match.mapping.values()}
     tensors: dict[str, Tensor] = {}
     for f in files:
         names = sorted(wanted & f.skeleton.keys())
         if names:
             tensors.update(f.read(names, trust, path))
+    if back:
+        tensors = {new: tensors[old] for new, old in back.items() if old in tensors}
     _apply(model, match, tensors, path)
     names = [f.path.name for f in files]
     where = f"in {names[0]}" if len(names) == 1 else f"in {len(names)} shards ({', '.join(names)})"
     where += note
+    if back:
+        where += f", keys renamed by transformers' conversion mapping of {type(model).__name__}"
     return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
+
+
+def _renamed_keys(
+    model: nn.Module, skeleton: Mapping[str, Tensor], path: Path
+) -> dict[str, str] | None:
+    """The checkpoint's keys as transformers >= 5 loads them into a model built from
+    config.json: new key -> key in the files, or None where nothing is renamed.
+
+    transformers 5 renamed the modules of some architectures (ViT's
+    ``vit.encoder.layer.0.attention.attention.query`` is now ``vit.layers.0.attention.
+    q_proj``) and ``save_pretrained`` still writes the old keys; its ``from_pretrained``
+    renames them with the model's conversion mapping, and so does this (its
+    ``WeightRenaming`` entries, by transformers' own ``rename_source_key``). A mapping
+    that also *converts* tensors (``WeightConverter``: fused or split weights, stacked
+    experts) and matches a key of the checkpoint is a CheckpointError saying so: the
+    weights are not the model's without that conversion."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:  # transformers < 5: no conversion mappings
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception as exc:
+        log.debug("%s: no conversion mapping for %s (%s)", path, type(model).__name__, exc)
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not transforms:
+        return None
+    meta = {k: v for k, v in model.state_dict().items()}
+    renamed: dict[str, str] = {}
+    converted: list[str] = []
+    for old in skeleton:
+        try:
+            new, source = rename_source_key(
+                old, renamings, converters, getattr(model, "base_model_prefix", None), meta
+            )
+        except Exception as exc:
+            log.debug("%s: key %r not renamed (%s)", path, old, exc)
+            return None
+        if source is not None:
+            converted.append(old)
+        renamed[new] = old
+    if converted:
+        raise CheckpointError(
+            path,
+            f"{len(converted)} keys ({', '.join(converted[:3])}, ...) need transformers' "
+            f"weight conversion for {type(model).__name__} (tensors fused or split on "
+            "load), which ddsmon does not apply; pass --model with a factory of the model "
+            "these keys are of",
+        )
+    if len(renamed) < len(skeleton) or all(new == old for new, old in renamed.items()):
+        return None  # two keys renamed onto one, or nothing renamed
+    return renamed
 
 
 def _read_json(path: Path, folder: Path) -> Any:
