@@ -260,11 +260,39 @@ def _listing(names: list[str], limit: int = 30) -> str:
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """The model's output on the probe's inputs (a dict as keywords, a tuple or list as
+    positional arguments, else the one argument). An encoder-decoder (a config with
+    ``is_encoder_decoder``, T5, BART) given no decoder inputs fails in its decoder with
+    "You must specify exactly one of input_ids or inputs_embeds": that is a ProbeError
+    saying what the probe lacks."""
+    try:
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+    except Exception as exc:
+        hint = _decoder_inputs_missing(model, inputs)
+        if hint is None:
+            raise
+        raise ProbeError(f"{hint} ({type(exc).__name__}: {exc})") from exc
+
+
+_DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def _decoder_inputs_missing(model: nn.Module, inputs: Any) -> str | None:
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    if isinstance(inputs, dict) and any(k in inputs for k in _DECODER_KEYS):
+        return None
+    return (
+        f"{type(model).__name__} is an encoder-decoder: the probe's inputs must be a dict "
+        "with the decoder's inputs beside the encoder's, e.g. {'input_ids': ..., "
+        "'decoder_input_ids': ...} or {'input_ids': ..., 'labels': ...} (the targets then "
+        "the same labels)"
+    )
 
 
 def slice_batch(obj: Any, sl: slice) -> Any:

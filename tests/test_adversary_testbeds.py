@@ -417,3 +417,28 @@ def test_vit_folders_scan_without_a_model(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
     assert "dds_detail/param_lambda_min/vit.layers.0.attention.q_proj" in run.data.metrics
     assert "dds_detail/x_rank/vit.embeddings.patch_embeddings.projection" in run.data.metrics
+
+
+def test_encoder_decoder_probe_without_decoder_inputs_says_what_is_missing() -> None:
+    """A T5 probe of ``input_ids`` alone: before, each checkpoint failed with T5's
+    "You must specify exactly one of input_ids or inputs_embeds" (the *decoder*'s
+    input, not said). Now the ProbeError names the model and what the probe needs;
+    with ``labels`` beside ``input_ids`` the encoder and decoder layers are read."""
+    from ddsmon.errors import ProbeError
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(17)
+    config = transformers.T5Config(vocab_size=11, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0)  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 11, (4, 5))
+    labels = torch.randint(0, 11, (4, 3))
+    with pytest.raises(ProbeError, match=r"T5ForConditionalGeneration is an encoder-decoder.*"
+                       r"decoder_input_ids.*You must specify exactly one"):  # fmt: skip
+        compute_signatures(model, ids, labels, loss="ce", device="cpu")
+    sig = compute_signatures(
+        model, {"input_ids": ids, "labels": labels}, labels, loss="ce", device="cpu"
+    )
+    assert "encoder.block.0.layer.1.DenseReluDense.wi" in sig.layers
+    assert "decoder.block.0.layer.2.DenseReluDense.wi" in sig.layers
+    assert sig.layers["lm_head"].N == 4 * 3
