@@ -217,6 +217,8 @@ class Daemon:
                 raise
             except Exception as exc:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
+            else:
+                self._read_set_of_another_run()
         info = RunInfo(directory=self.config.directory, mode=mode, params=self.params())
         for sink in self.sinks:
             if sink is self.tracking:
@@ -480,6 +482,35 @@ class Daemon:
             return self.state.is_done(str(ref.path), fingerprint(ref))
         except OSError:
             return False
+
+    def _read_set_of_another_run(self) -> None:
+        """The read-set kept for another run: every step it marks as read is missing
+        from the run (and the spool), so those readings went to another store, experiment
+        or run (``--tracking-uri`` or ``--experiment`` changed, ``--run-id`` given, the
+        store deleted to start over). Then every checkpoint is read again, into this run,
+        with a fresh event history; before, they were all skipped as read, and the run
+        stayed empty. A run that holds some of them is this run's own history (a step the
+        store rejected is missing from it for good), and is left as it is."""
+        held = getattr(self.tracking, "run_steps", None)
+        if held is None:  # not known (the server unreachable): keep the read-set
+            return
+        done = self.state.done_steps()
+        if not done or done & self._recorded:
+            return
+        run_id = getattr(self.tracking, "run_id", None)
+        log.warning(
+            "the state %s marks %d checkpoint(s) as read (steps %s), but MLflow run %s "
+            "holds none of them: they were recorded elsewhere (another tracking URI, "
+            "experiment or run, or a store since deleted); reading them again into this run",
+            shown(self.state.root),
+            len(done),
+            _steps_shown(done),
+            run_id,
+        )
+        self.state.forget(done)
+        self.detector = EventDetector(self.config.events)
+        self._detector_step = -1
+        self.state.update({"detector": self.detector.to_state(), "detector_step": -1})
 
     def _load(self, ref: CheckpointRef) -> LoadedCheckpoint | CheckpointError:
         started = time.perf_counter()
@@ -856,6 +887,14 @@ def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> 
             return False
     log.warning("%s exists now; watching it", shown(directory))
     return True
+
+
+def _steps_shown(steps: Iterable[int], most: int = 8) -> str:
+    """``1, 2, 3`` or ``1, 2, ..., 500`` (a few, then the last)."""
+    ordered = sorted(steps)
+    if len(ordered) <= most:
+        return ", ".join(map(str, ordered))
+    return ", ".join(map(str, ordered[: most - 1])) + f", ..., {ordered[-1]}"
 
 
 def has_hf_folders(directory: Path) -> bool:

@@ -56,3 +56,29 @@ def test_watch_with_every_stream_closed_reads_new_checkpoints_and_stops_on_sigte
     finally:
         proc.kill()
     assert only_run_steps(uri) == [1, 2]
+
+
+def test_a_new_store_gets_every_checkpoint_the_state_marks_as_read_elsewhere(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The read-set in ``DIR/.ddsmon`` was kept for one store; the user deleted
+    ``mlflow.db`` to start over (or moved to the team's server, or another experiment):
+    the next scan read nothing ("0 read, 3 skipped") and the new run stayed empty. Now
+    a run holding none of the steps the state marks as read gets them all, and it is
+    said why."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2, 3])
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    proc = subprocess.run(cli_args("scan", ckpts, probe, first), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert only_run_steps(first) == [1, 2, 3]
+    (tmp_path / "first.db").unlink()  # start over: the store is gone, the state is not
+    proc = subprocess.run(cli_args("scan", ckpts, probe, first), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # read back under another spelling of the path: MLflow keeps one engine per URI in
+    # this process, still open on the deleted file
+    assert only_run_steps(f"sqlite:///{tmp_path}/./first.db") == [1, 2, 3], proc.stderr
+    assert "3 read" in proc.stderr, proc.stderr
+    assert "holds none of them" in proc.stderr and str(ckpts / ".ddsmon") in proc.stderr

@@ -226,6 +226,9 @@ class MlflowSink:
             on_spooled=self._retrier.poke,
         )
         self._spool_checked = False
+        #: the steps the run holds, as of the last :meth:`recorded_steps` (None: not
+        #: known, the server unreachable or the run not resolved yet)
+        self.run_steps: set[int] | None = None
         self._closed = False
         self._trainer_marks: dict[str, int] | None = None  # train/<name> -> highest step
         self._trainer_synced = False  # the marks include the run's histories
@@ -415,6 +418,7 @@ class MlflowSink:
                     "MLflow at %s unreachable; recorded steps known from the spool only",
                     self.display_uri,
                 )
+            self.run_steps = None if held is None else set(held)
             if not self._spool_checked:
                 self._check_spool(held)
             return self._outbox.pending_steps() | (held or set())
