@@ -130,6 +130,7 @@ def test_recurrent_layer_k_is_read_and_matches_the_per_sample_loop(
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
 
 
+@pytest.mark.slow  # 9 s on 2 cores (a CLI subprocess); the K itself is checked above
 def test_recurrent_checkpoints_scan_with_k_and_no_warning(tmp_path: Path) -> None:
     """The CLI on an Embedding -> LSTM -> GRU -> Linear model's checkpoints: every
     layer's K in the MLflow run, no warning, and the slower per-sample path said once
@@ -442,3 +443,24 @@ def test_encoder_decoder_probe_without_decoder_inputs_says_what_is_missing() -> 
     assert "encoder.block.0.layer.1.DenseReluDense.wi" in sig.layers
     assert "decoder.block.0.layer.2.DenseReluDense.wi" in sig.layers
     assert sig.layers["lm_head"].N == 4 * 3
+
+
+def test_a_compiled_model_is_read_eagerly_under_its_own_names() -> None:
+    """A factory returning ``torch.compile(model)``: before, the probe pass went
+    through dynamo with hooks (30 s for a 3-layer MLP on two cores) and the layers
+    were named ``_orig_mod.0``, ``_orig_mod.2``, unlike the checkpoint's keys. Now the
+    module inside is read, eagerly: the same readings as the eager model's."""
+    import time
+
+    torch.manual_seed(19)
+    eager = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    x = torch.randn(8, 4)
+    y = torch.randint(0, 3, (8,))
+    started = time.perf_counter()
+    got = compute_signatures(torch.compile(eager), x, y, loss="ce", device="cpu")
+    assert time.perf_counter() - started < 10
+    want = compute_signatures(eager, x, y, loss="ce", device="cpu")
+    assert list(got.layers) == list(want.layers) == ["0", "1", "2"]
+    for name, layer in want.layers.items():
+        assert got.layers[name].lambda_min == layer.lambda_min, name
+        assert got.layers[name].param_lambda_min == layer.param_lambda_min, name
