@@ -19,6 +19,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -889,6 +890,31 @@ def wait_for_directory(directory: Path, stop: threading.Event | None = None) -> 
     return True
 
 
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _detach_from_terminal(fds: list[int]) -> None:
+    """Point ``fds`` (standard streams that were on the terminal) at ``/dev/null``."""
+    if not fds:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for fd in fds:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
 def _steps_shown(steps: Iterable[int], most: int = 8) -> str:
     """``1, 2, 3`` or ``1, 2, ..., 500`` (a few, then the last)."""
     ordered = sorted(steps)
@@ -912,17 +938,29 @@ def has_hf_folders(directory: Path) -> bool:
 
 def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     """Run ``daemon.scan()`` or ``daemon.watch()``; the first SIGINT/SIGTERM asks it to stop
-    after the current checkpoint, a second one abandons that checkpoint."""
+    after the current checkpoint, a second one abandons that checkpoint.
+
+    SIGHUP (the terminal went away: an ssh session dropped, a window closed) stops it in
+    the same order, unless the parent set it to be ignored (``nohup``). Standard streams
+    on a terminal then point at ``/dev/null``: the terminal is gone, and what is still
+    said on the way out would fail on it. Before, a hangup killed the daemon where it
+    stood, the checkpoint being read lost and the MLflow run left running."""
     interrupts = {"count": 0}
+    on_terminal = [fd for fd in (1, 2) if _isatty(fd)]
 
     def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            _detach_from_terminal(on_terminal)
         interrupts["count"] += 1
         if interrupts["count"] > 1:
             raise KeyboardInterrupt
         log.warning("signal %d: finishing the current checkpoint, then stopping", signum)
         daemon.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signals.append(signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         return daemon.scan() if mode == "scan" else daemon.watch()
     finally:

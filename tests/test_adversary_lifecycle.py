@@ -82,3 +82,58 @@ def test_a_new_store_gets_every_checkpoint_the_state_marks_as_read_elsewhere(
     assert only_run_steps(f"sqlite:///{tmp_path}/./first.db") == [1, 2, 3], proc.stderr
     assert "3 read" in proc.stderr, proc.stderr
     assert "holds none of them" in proc.stderr and str(ckpts / ".ddsmon") in proc.stderr
+
+
+_ON_A_TERMINAL = (
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+@pytest.mark.slow
+def test_watch_on_a_terminal_that_hangs_up_stops_in_order(tmp_path: Path, probe: Path) -> None:
+    """``ddsmon watch`` in an ssh session that drops (its terminal hangs up: SIGHUP, and
+    the terminal fails every write). Before, the hangup killed it where it stood (status
+    -SIGHUP), the checkpoint being read lost and the MLflow run left RUNNING. Now it
+    stops as on SIGTERM: exit 0, every reading kept, the run ended."""
+    import pty
+    import select
+    import threading
+
+    from fault_helpers import runs_of
+    from mlflow.tracking import MlflowClient
+
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [args[0], "-c", _ON_A_TERMINAL, *args], stdin=slave, stdout=slave, stderr=slave,
+        cwd=tmp_path, env={**_env(), "COLUMNS": "120", "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(slave)
+    stop = threading.Event()
+
+    def drain() -> None:  # the terminal's reader: the view must not block on a full pty
+        while not stop.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: only_run_steps(uri) == [1, 2], 120, "steps 1 and 2 recorded")
+        stop.set()
+        reader.join()
+        os.close(master)  # the terminal goes away
+        status = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert status == 0, f"exit status {status} after the hangup"
+    assert only_run_steps(uri) == [1, 2]
+    run = MlflowClient(uri).get_run(runs_of(uri)[0].info.run_id)
+    assert run.info.status != "RUNNING"
