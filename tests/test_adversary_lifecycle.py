@@ -137,3 +137,43 @@ def test_watch_on_a_terminal_that_hangs_up_stops_in_order(tmp_path: Path, probe:
     assert only_run_steps(uri) == [1, 2]
     run = MlflowClient(uri).get_run(runs_of(uri)[0].info.run_id)
     assert run.info.status != "RUNNING"
+
+
+def _scan_peak_rss(tmp_path: Path, name: str, ckpts: Path, probe: Path, hook: str) -> int:
+    """``scan`` with ``--on-event hook``: its peak resident memory (KiB), after checking
+    that the hook ran and every step was recorded."""
+    uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+    marker = tmp_path / f"{name}.ran"
+    args = cli_args("scan", ckpts, probe, uri, "--state-dir", str(tmp_path / name),
+                    "--on-event", f"{hook}; touch {marker}")  # fmt: skip
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        proc.returncode = 0  # reaped by wait4
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert marker.exists(), "the hook did not run"
+    assert only_run_steps(uri) == [1, 2, 3]
+    return usage.ru_maxrss
+
+
+@pytest.mark.slow
+def test_a_hook_that_prints_without_end_costs_the_daemon_no_memory(
+    tmp_path: Path, probe: Path
+) -> None:
+    """An ``--on-event`` hook that prints hundreds of megabytes (a loop, ``yes``, a log
+    it tails): the daemon held all of it until the hook ended (its peak memory grew by
+    twice that, and a hook printing for its whole timeout could take the daemon down
+    with it). Now each stream is read to its end and only its last bytes are kept."""
+    import torch
+
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    bad = torch.load(ckpts / "step_000002.pt")
+    next(iter(bad["model"].values())).fill_(float("nan"))  # a nonfinite event at step 3
+    bad["step"] = 3
+    torch.save(bad, ckpts / "step_000003.pt")
+    quiet = _scan_peak_rss(tmp_path, "quiet", ckpts, probe, "true")
+    loud = _scan_peak_rss(tmp_path, "loud", ckpts, probe, "head -c 300000000 /dev/zero")
+    assert loud - quiet < 100 * 1024, f"peak {quiet} KiB with a quiet hook, {loud} KiB loud"

@@ -303,19 +303,22 @@ class CommandHookSink:
                 "--on-event hook %r could not start for the %s: %s", self.command, what, exc
             )
             return
+        assert proc.stdout is not None and proc.stderr is not None
+        # each stream read to its end on a thread of its own, its last bytes kept: a hook
+        # that prints without end (a loop, `yes`, a log it tails) costs no memory; before,
+        # everything it printed in its `timeout` was held, and the daemon could run out
+        tails = (_Tail(proc.stdout), _Tail(proc.stderr))
         deadline = time.monotonic() + self.timeout
         timed_out = False
-        out = err = b""
         while True:
             wait = min(0.1, max(deadline - time.monotonic(), 0.0))
-            try:
-                out, err = proc.communicate(timeout=wait)
+            if _finished(proc, tails, wait):
                 break
-            except subprocess.TimeoutExpired:
-                if self._abandon.is_set() or time.monotonic() >= deadline:
-                    timed_out = True
-                    out, err = self._terminate(proc)
-                    break
+            if self._abandon.is_set() or time.monotonic() >= deadline:
+                timed_out = True
+                self._terminate(proc, tails)
+                break
+        out, err = tails[0].data(), tails[1].data()
         if out:
             logger.debug("--on-event hook stdout for the %s: %s", what, _tail(out))
         if timed_out:
@@ -339,19 +342,69 @@ class CommandHookSink:
             )
 
     @staticmethod
-    def _terminate(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-        """SIGTERM the hook's process group, SIGKILL it a second later; collect output."""
+    def _terminate(proc: subprocess.Popen[bytes], tails: tuple[_Tail, _Tail]) -> None:
+        """SIGTERM the hook's process group, SIGKILL it a second later."""
         for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-            try:
-                return proc.communicate(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
+            if _finished(proc, tails, grace):
+                return
         proc.kill()  # pragma: no cover - the group survived SIGKILL
-        return proc.communicate()  # pragma: no cover
+        proc.wait()  # pragma: no cover
+
+
+#: bytes of each of a hook's streams kept (the rest is read and dropped)
+_KEEP_BYTES = 16 * 1024
+
+
+class _Tail:
+    """A hook's stdout or stderr, read to its end on a thread; only the last
+    :data:`_KEEP_BYTES` are kept."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._read, args=(stream,), name="ddsmon-on-event-output", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        fd = stream.fileno()
+        try:
+            while chunk := os.read(fd, 65536):
+                with self._lock:
+                    self._buf += chunk
+                    if len(self._buf) > 2 * _KEEP_BYTES:
+                        del self._buf[: len(self._buf) - _KEEP_BYTES]
+        except OSError:
+            pass
+        finally:
+            stream.close()
+
+    def closed(self, timeout: float) -> bool:
+        """Whether the stream reached its end (waiting up to ``timeout`` seconds)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def data(self) -> bytes:
+        with self._lock:
+            return bytes(self._buf[-_KEEP_BYTES:])
+
+
+def _finished(proc: subprocess.Popen[bytes], tails: tuple[_Tail, _Tail], wait: float) -> bool:
+    """Whether the hook is done: both its streams closed and its process exited (waiting
+    up to ``wait`` seconds in all)."""
+    end = time.monotonic() + wait
+    if not all(t.closed(max(end - time.monotonic(), 0.0)) for t in tails):
+        return False
+    try:
+        proc.wait(timeout=max(end - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _tail(data: bytes) -> str:
