@@ -229,7 +229,10 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
 
     ``layers`` is None (every leaf module whose output is a floating tensor with last
     dimension >= 2, decided during the probe pass), a list of ``named_modules()`` names,
-    or a regex string matched with ``re.search`` against those names.
+    or a regex string matched with ``re.search`` against those names. A regex does not
+    match the modules inside a :data:`READ_WHOLE` module (``attn.out_proj`` never runs)
+    or inside a module's ``parametrizations`` (their outputs are weights), which would
+    otherwise fail the pass ("did not run"); named in a list, they still do.
     """
     names = [name for name, _ in model.named_modules() if name]
     if layers is None:
@@ -239,7 +242,8 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
             pattern = re.compile(layers)
         except re.error as exc:
             raise ProbeError(f"layers regex {layers!r} is not valid: {exc}") from exc
-        chosen = [name for name in names if pattern.search(name)]
+        hidden = _never_layers(model)
+        chosen = [name for name in names if pattern.search(name) and name not in hidden]
         if not chosen:
             raise ProbeError(
                 f"layers regex {layers!r} matches no module; modules are: {_listing(names)}"
@@ -252,6 +256,22 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
     if unknown:
         raise ProbeError(f"unknown layer(s) {unknown}; modules are: {_listing(names)}")
     return chosen
+
+
+def _never_layers(model: nn.Module) -> set[str]:
+    """The modules that never run as layers of their own: those inside a module of
+    :data:`READ_WHOLE`, and a reparametrised module's ``parametrizations`` and theirs."""
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if _parametrizations(m) is not None:
+            inside.append(f"{name}.parametrizations" if name else "parametrizations")
+        if isinstance(m, READ_WHOLE):
+            inside.extend(f"{name}.{child}" if name else child for child, _ in m.named_children())
+    return {
+        name
+        for name, _ in model.named_modules()
+        if any(name == p or name.startswith(p + ".") for p in inside)
+    }
 
 
 def _listing(names: list[str], limit: int = 30) -> str:

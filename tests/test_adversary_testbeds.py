@@ -464,3 +464,18 @@ def test_a_compiled_model_is_read_eagerly_under_its_own_names() -> None:
     for name, layer in want.layers.items():
         assert got.layers[name].lambda_min == layer.lambda_min, name
         assert got.layers[name].param_lambda_min == layer.param_lambda_min, name
+
+
+def test_a_layers_regex_skips_modules_that_never_run_as_layers() -> None:
+    """``--layers 'attn|inp'`` on the reparametrised attention model: before, the regex
+    also matched ``attn.out_proj`` (never called as a module) and
+    ``inp.parametrizations.weight...`` (whose outputs are weights), and the pass failed
+    ("did not run" / "output cannot be read"). Now it reads the layers themselves."""
+    torch.manual_seed(23)
+    model = Reparametrised().eval()
+    x = torch.randn(4, 5, 3)
+    y = torch.randint(0, 3, (4,))
+    sig = compute_signatures(model, x, y, loss="ce", layers="attn|inp", device="cpu")
+    assert list(sig.layers) == ["inp", "attn"]
+    want = compute_signatures(model, x, y, loss="ce", device="cpu")
+    assert sig.layers["attn"].lambda_min == want.layers["attn"].lambda_min
