@@ -175,8 +175,12 @@ def model_output(out: Any) -> Tensor:
 
 
 def _first_tensor(out: Any) -> Tensor | None:
+    """The output tensor of a module: itself, or the first of a tuple or list; None for
+    a PackedSequence (a tuple whose first tensor is time-major across samples)."""
     if isinstance(out, Tensor):
         return out
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        return None
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     return None
@@ -409,25 +413,37 @@ class RetryPass(Exception):
 _SAID_UNREAD: set[tuple[str, tuple[str, ...]]] = set()
 
 
-def _say_unread(model: nn.Module, unread: dict[str, tuple[int, ...]], n: int) -> None:
+def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
     """Say, once per model type and layers, the layers with parameters the default
-    selection left out because their output's first axis is not the probe's samples
-    (a sequence-first (T, n, d) layout of a module without ``batch_first``, such as
-    the Linears of ``nn.TransformerEncoderLayer(batch_first=False)``)."""
+    selection left out for want of per-sample rows: an output whose first axis is not
+    the probe's samples (a sequence-first (T, n, d) layout of a module without
+    ``batch_first``, such as the Linears of ``nn.TransformerEncoderLayer(batch_first=
+    False)``), or a ``PackedSequence`` (an RNN fed a packed batch), whose rows are
+    time-major across samples. ``unread``: layer -> its output's shape, or
+    :data:`_PACKED`."""
     key = (type(model).__qualname__, tuple(unread))
     if key in _SAID_UNREAD:
         return
     _SAID_UNREAD.add(key)
-    shown = ", ".join(f"{name} {list(shape)}" for name, shape in list(unread.items())[:8])
+    shown = ", ".join(f"{name} {what}" for name, what in list(unread.items())[:8])
     more = f" and {len(unread) - 8} more" if len(unread) > 8 else ""
-    log.warning(
-        "not read: %s%s (their outputs' first axis is not the probe's %d samples; a "
-        "sequence-first layout? ddsmon reads the samples on axis 0, or axis 1 of a "
-        "module with batch_first=False)",
-        shown,
-        more,
-        n,
-    )
+    why = []
+    if any(what != _PACKED for what in unread.values()):
+        why.append(
+            f"outputs whose first axis is not the probe's {n} samples: a sequence-first "
+            "layout? ddsmon reads the samples on axis 0, or axis 1 of a module with "
+            "batch_first=False"
+        )
+    if _PACKED in unread.values():
+        why.append(
+            "a PackedSequence has no per-sample rows: read the layer after "
+            "nn.utils.rnn.pad_packed_sequence, or feed the probe unpacked"
+        )
+    log.warning("not read: %s%s (%s)", shown, more, "; ".join(why))
+
+
+#: What :attr:`ProbePass.unread` says of a layer whose output is a PackedSequence.
+_PACKED = "(a PackedSequence)"
 
 
 class _StopForward(BaseException):
@@ -505,7 +521,7 @@ class ProbePass:
         self.losses: Tensor | None = None
         self.forward_order: list[str] = []
         #: layers with parameters left out for want of a batch axis: name -> shape
-        self.unread: dict[str, tuple[int, ...]] = {}
+        self.unread: dict[str, str] = {}
 
     @property
     def output_layer(self) -> str | None:
@@ -706,8 +722,9 @@ class ProbePass:
         """The output tensor (n, ..., d >= 2; d on ``axis``, n on ``batch``) to read,
         else None (a ProbeError if strict). Left out of the default selection: a
         module with parameters whose floating output has n samples on another axis
-        than ``batch`` is noted in :attr:`unread` (said by :meth:`run`); an output with
-        no axis of n (a position embedding's (1, T, d), shared by every sample) is not."""
+        than ``batch``, or a ``PackedSequence``, is noted in :attr:`unread` (said by
+        :meth:`run`); an output with no axis of n (a position embedding's (1, T, d),
+        shared by every sample) is not."""
         n = self.n
         tensor = _first_tensor(out)
         if (
@@ -726,7 +743,12 @@ class ProbePass:
             and n in tensor.shape[1:]  # the samples are there, on another axis
             and next(module.parameters(), None) is not None
         ):
-            self.unread[name] = tuple(tensor.shape)
+            self.unread[name] = str(list(tensor.shape))
+        packed = out
+        if not isinstance(out, nn.utils.rnn.PackedSequence) and isinstance(out, tuple) and out:
+            packed = out[0]
+        if isinstance(packed, nn.utils.rnn.PackedSequence):
+            self.unread[name] = _PACKED
         if self.strict:
             shape = None if tensor is None else tuple(tensor.shape)
             part = "" if n == self.total else f" (a micro-batch of the probe's {self.total})"

@@ -479,3 +479,29 @@ def test_a_layers_regex_skips_modules_that_never_run_as_layers() -> None:
     assert list(sig.layers) == ["inp", "attn"]
     want = compute_signatures(model, x, y, loss="ce", device="cpu")
     assert sig.layers["attn"].lambda_min == want.layers["attn"].lambda_min
+
+
+def test_a_packed_sequence_layer_is_said_not_read(caplog: pytest.LogCaptureFixture) -> None:
+    """An LSTM fed a packed batch (``pack_padded_sequence``): its output is a
+    PackedSequence, time-major across samples, with no per-sample rows. Before, it was
+    left out without a word; now it is named, with what to do, once."""
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+            _, (h, _) = self.rnn(packed)
+            return self.head(h[-1])
+
+    torch.manual_seed(29)
+    x = torch.randn(5, 4, 3)
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        sig = compute_signatures(Packed().eval(), x, torch.randint(0, 2, (5,)), device="cpu")
+    assert list(sig.layers) == ["head"]
+    assert "not read: rnn (a PackedSequence)" in caplog.text, caplog.text
+    assert "pad_packed_sequence" in caplog.text
