@@ -419,8 +419,9 @@ def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
     the probe's samples (a sequence-first (T, n, d) layout of a module without
     ``batch_first``, such as the Linears of ``nn.TransformerEncoderLayer(batch_first=
     False)``), or a ``PackedSequence`` (an RNN fed a packed batch), whose rows are
-    time-major across samples. ``unread``: layer -> its output's shape, or
-    :data:`_PACKED`."""
+    time-major across samples, or a module run more than once in the pass (an
+    ``nn.LSTMCell`` stepped over time). ``unread``: layer -> its output's shape, or
+    :data:`_PACKED`, or :data:`_TWICE`."""
     key = (type(model).__qualname__, tuple(unread))
     if key in _SAID_UNREAD:
         return
@@ -428,11 +429,17 @@ def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
     shown = ", ".join(f"{name} {what}" for name, what in list(unread.items())[:8])
     more = f" and {len(unread) - 8} more" if len(unread) > 8 else ""
     why = []
-    if any(what != _PACKED for what in unread.values()):
+    if any(what not in (_PACKED, _TWICE) for what in unread.values()):
         why.append(
             f"outputs whose first axis is not the probe's {n} samples: a sequence-first "
             "layout? ddsmon reads the samples on axis 0, or axis 1 of a module with "
             "batch_first=False"
+        )
+    if _TWICE in unread.values():
+        why.append(
+            "a module run more than once in one forward pass (an RNN cell stepped over "
+            "time, an embedding shared by encoder and decoder) has no one output per "
+            "sample: name the module around the loop in --layers"
         )
     if _PACKED in unread.values():
         why.append(
@@ -444,6 +451,8 @@ def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
 
 #: What :attr:`ProbePass.unread` says of a layer whose output is a PackedSequence.
 _PACKED = "(a PackedSequence)"
+#: ... and of a module with parameters that ran more than once in the pass.
+_TWICE = "(runs more than once)"
 
 
 class _StopForward(BaseException):
@@ -644,6 +653,8 @@ class ProbePass:
         if self.calls[name] > 1:
             self.captures.pop(name, None)
             self.live.pop(name, None)
+            if next(module.parameters(), None) is not None:
+                self.unread[name] = _TWICE
             if self.strict:
                 raise ProbeError(
                     f"layer {name!r} runs more than once in one forward pass; "

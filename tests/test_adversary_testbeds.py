@@ -505,3 +505,32 @@ def test_a_packed_sequence_layer_is_said_not_read(caplog: pytest.LogCaptureFixtu
     assert list(sig.layers) == ["head"]
     assert "not read: rnn (a PackedSequence)" in caplog.text, caplog.text
     assert "pad_packed_sequence" in caplog.text
+
+
+def test_a_cell_stepped_over_time_is_said_not_read(caplog: pytest.LogCaptureFixture) -> None:
+    """An ``nn.LSTMCell`` called once per position: it has no one output per sample,
+    and the default selection leaves it out, as before; now it is named, once, with
+    what to do (name the module around the loop), while the layers that run once are
+    read."""
+
+    class Stepped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.LSTMCell(3, 4)
+            self.act = nn.Tanh()  # no parameters: run twice, left out without a word
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = x.new_zeros(x.shape[0], 4)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (self.act(h), c))
+            return self.head(h)
+
+    torch.manual_seed(31)
+    x = torch.randn(5, 3, 3)
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        sig = compute_signatures(Stepped().eval(), x, torch.randint(0, 2, (5,)), device="cpu")
+    assert list(sig.layers) == ["head"]
+    said = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(said) == 1 and "cell (runs more than once)" in said[0], caplog.text
+    assert "act" not in said[0].split("(")[0]
