@@ -178,6 +178,10 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("ddsmon").setLevel(max(level, logging.DEBUG))
     for noisy in ("mlflow", "alembic", "urllib3", "watchdog", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow's SQL store logs each OperationalError (a SQLite file another process holds
+    # locked) with its traceback and SQL, then raises it: ddsmon says it once, with its
+    # first line, as the store being unreachable (the readings spooled and replayed)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -109,6 +109,8 @@ class Outbox:
         self._clock = clock
         self._down_until = 0.0
         self._announced = False
+        #: the first line of the last failure's message (said when records are spooled)
+        self._reason = ""
 
     # ------------------------------------------------------------------ the store's state
     def waiting(self) -> bool:
@@ -119,6 +121,7 @@ class Outbox:
     def mark_down(self, exc: BaseException) -> None:
         """The store did not answer: wait ``retry_interval`` before trying again."""
         self._down_until = self._clock() + self.retry_interval
+        self._reason = _first_line(exc)
         log.debug("MLflow at %s unreachable: %s", self.display_uri, exc)
 
     def _back_up(self) -> None:
@@ -222,11 +225,12 @@ class Outbox:
         what = f"step {record.step}" if isinstance(record, ReadingRecord) else record.kind
         if not self._announced:
             log.warning(
-                "MLflow at %s unreachable: %s spooled to %s; records are replayed in order "
+                "MLflow at %s unreachable: %s spooled to %s%s; records are replayed in order "
                 "once it answers",
                 self.display_uri,
                 what,
                 self.state.root,
+                f" ({self._reason})" if self._reason else "",
             )
             self._announced = True
         else:
@@ -374,3 +378,20 @@ class Retrier:
                 log.warning("replaying the spool failed: %s", scrub(str(exc)))
                 ok = False
             delay = self.first if ok else min(delay * 2, self.cap)
+
+
+def _first_line(exc: BaseException, most: int = 200) -> str:
+    """Why the store did not answer: the first line of the innermost cause's message
+    (``database is locked``, ``[Errno 111] Connection refused``, not the SQL or the URL
+    wrapped around them), credentials scrubbed, at most ``most`` characters."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not seen for seen in chain):
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for each in reversed(chain):
+        lines = scrub(str(each)).strip().splitlines()
+        if lines and lines[0].strip():
+            line = lines[0].strip()
+            return line if len(line) <= most else line[: most - 1] + "…"
+    return ""
