@@ -716,13 +716,15 @@ class ProbePass:
     def _is_channel_first(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> bool:
         """Whether ``out`` (ndim >= 3) holds its features on axis 1: the output of a
         :data:`CHANNEL_FIRST` module, or of a module keeping the shape of a channel-
-        first input it was handed (``nn.ReLU`` after ``nn.BatchNorm2d``), unless the
-        module acts on the last axis (``nn.Linear``). A tensor made by a function
-        between modules (``torch.relu(h) + x``) is not known to be channel-first: a
-        module fed it reads its last axis."""
+        first input it was handed (``nn.ReLU`` after ``nn.BatchNorm2d``), or of a
+        module handing on a channel-first tensor a module inside it made (a named block
+        ``conv -> bn -> relu``, whatever its input's shape: its children's hooks ran
+        first), unless the module acts on the last axis (``nn.Linear``). A tensor made
+        by a function between modules (``torch.relu(h) + x``) is not known to be
+        channel-first: a module fed it reads its last axis."""
         if out.ndim < 3 or isinstance(module, _LAST_AXIS):
             return False
-        if isinstance(module, CHANNEL_FIRST):
+        if isinstance(module, CHANNEL_FIRST) or id(out) in self._layout:
             return True
         a = args[0] if args else None
         return isinstance(a, Tensor) and a.shape == out.shape and id(a) in self._layout
