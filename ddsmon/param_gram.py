@@ -60,9 +60,11 @@ differ between runs at the rounding level.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -666,8 +668,9 @@ def param_grams_functional(
 
     vmap's "There is a performance drop because we have not yet implemented the
     batching rule for ..." UserWarnings (``nn.TransformerEncoderLayer``'s and
-    ``nn.MultiheadAttention``'s fused kernels in eval mode) are silenced inside this
-    call only: they are about torch's speed, not the reading, and under a caller's
+    ``nn.MultiheadAttention``'s fused kernels in eval mode) are turned off inside this
+    call only, by functorch's switch (:func:`_vmap_fallback_warnings_off`; not by the
+    process-wide warnings filters, which other threads change meanwhile): they are about torch's speed, not the reading, and under a caller's
     ``warnings.simplefilter("error")`` (pytest's ``filterwarnings = error``) they would
     otherwise be raised inside the vmapped pass.
     """
@@ -695,8 +698,7 @@ def param_grams_functional(
     itemsize = next(iter(own.values())).element_size()
     chunk = max(1, min(n, chunk_bytes // max(1, p_total * itemsize)))
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+        with _vmap_fallback_warnings_off():
             rows = _vmapped_rows(one_loss, own, owner, modules, inputs, targets, n, chunk)
     except Exception as exc:  # vmap cannot batch every operator: one sample at a time
         key = type(model).__qualname__
@@ -723,6 +725,41 @@ def param_grams_functional(
 _NO_BATCHING_RULE = (
     r"There is a performance drop because we have not yet implemented the batching rule"
 )
+
+_FALLBACK_WARNING_LOCK = threading.Lock()
+_fallback_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _vmap_fallback_warnings_off() -> Iterator[None]:
+    """vmap's batching-rule fallback warnings off for the duration, by functorch's own
+    switch (``torch._C._functorch._set_vmap_fallback_warning_enabled``), not by
+    ``warnings.catch_warnings``: that one saves and restores the process-wide filter
+    list, and the reading runs in a worker thread ("ddsmon-read") while another
+    ("ddsmon-load") or the main thread may enter and leave catch_warnings blocks of
+    their own; interleaved, one block's exit puts back a list the other changed (a
+    filter of one leaks for good, or another's is dropped while it is still inside).
+    The switch is torch's and only ever set here (counted, so nested or concurrent
+    calls turn it back on once, at the last exit; on again is torch's default). On a
+    torch without it, the filter is used."""
+    switch = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if switch is None:  # pragma: no cover - every torch this project supports has it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+            yield
+        return
+    global _fallback_quiet_depth
+    with _FALLBACK_WARNING_LOCK:
+        _fallback_quiet_depth += 1
+        switch(False)
+    try:
+        yield
+    finally:
+        with _FALLBACK_WARNING_LOCK:
+            _fallback_quiet_depth -= 1
+            if _fallback_quiet_depth == 0:
+                switch(True)
+
 
 #: Model types whose per-sample fallback was already said (once per process).
 _SAID_PER_SAMPLE: set[str] = set()

@@ -4,13 +4,18 @@ output, and the vmap warning switch leaving other threads' warnings filters alon
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 
 import numpy as np
+import pytest
 import torch
 from reference import assert_close_report
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from ddsmon import compute_signatures
+from ddsmon.param_gram import param_grams_functional
 
 TOL = 1e-10
 
@@ -54,3 +59,80 @@ def test_a_named_block_of_a_conv_net_reads_its_channels_as_features() -> None:
     assert_close_report(b1.x_spectrum, relu.x_spectrum, atol=TOL * top_x, what="block 1 X")
     top_g = relu.g_spectrum[0]
     assert_close_report(b1.g_spectrum, relu.g_spectrum, atol=TOL * top_g, what="block 1 G")
+
+
+def test_k_leaves_the_warnings_filters_of_other_threads_alone() -> None:
+    """The reading runs in a worker thread ("ddsmon-read") while the loader thread (DCP's
+    ``catch_warnings``) or the main thread may be inside a ``catch_warnings`` block of
+    its own. K's vmapped pass silenced vmap's fallback warnings with
+    ``warnings.catch_warnings``, which saves and restores the process-wide filter
+    list: leaving it while this thread is inside its own block put back the list from
+    before that block (this thread's filter dropped), and this block's exit then put
+    back the vmapped pass's ignore filter for good."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        entered.set()
+        release.wait(30)
+        return ((out - t) ** 2).sum(-1)
+
+    def plain(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((out - t) ** 2).sum(-1)
+
+    param_grams_functional(model, {"0": model[0]}, x, y, plain, 5)  # imports done (sympy's filter)
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            box["k"] = param_grams_functional(model, {"0": model[0]}, x, y, loss, 5)
+        except BaseException as exc:  # re-raised below
+            box["error"] = exc
+
+    before = list(warnings.filters)
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        assert entered.wait(30), "the vmapped pass did not start"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # this thread's own
+            mine = list(warnings.filters)
+            release.set()
+            worker.join(30)
+            assert not worker.is_alive()
+            assert warnings.filters == mine, "the worker's exit dropped this block's filter"
+    finally:
+        release.set()
+        worker.join(30)
+    assert "error" not in box, box.get("error")
+    assert set(box["k"]) == {"0"}  # type: ignore[arg-type]
+    assert warnings.filters == before, "a filter of the vmapped pass leaked"
+
+
+def test_vmap_fallback_warnings_are_on_again_after_k() -> None:
+    """The switch that silences vmap's fallback warnings inside K's pass is turned back
+    on after it: a vmap of the caller's own, over an operator without a batching rule,
+    warns again (here raised, under a caller's ``simplefilter("error")``)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    grams = param_grams_functional(
+        model, {"2": model[2]}, x, y, lambda o, t: ((o - t) ** 2).sum(-1), 4
+    )
+    assert set(grams) == {"2"}
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0).eval().double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def f(p: dict[str, torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, p, (s[None],)).sum()
+
+    seqs = torch.randn(3, 5, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="performance drop"):
+            vmap(grad(f), in_dims=(None, 0))(params, seqs)
