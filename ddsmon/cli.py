@@ -182,6 +182,9 @@ def _setup_logging(verbose: int) -> None:
     # locked) with its traceback and SQL, then raises it: ddsmon says it once, with its
     # first line, as the store being unreachable (the readings spooled and replayed)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # and urllib3 warns of every retry of a request to a server that is down, each time
+    # the spool is tried again (ddsmon says it once, with the reason)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

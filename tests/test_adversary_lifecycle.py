@@ -230,3 +230,41 @@ def test_a_sqlite_store_locked_by_another_process_is_said_in_one_line(
     spooled = [line for line in text.splitlines() if "spooled to" in line]
     assert spooled and "database is locked" in spooled[0], text[-3000:]
     assert only_run_steps(uri) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_not_up_yet_is_said_in_one_line_with_its_reason(
+    tmp_path: Path, probe: Path
+) -> None:
+    """``watch`` on a GPU node starts before the real ``mlflow server`` it logs to is up
+    (a job array starting at once), then the server comes up. The readings were spooled
+    and replayed, but each attempt (the spool is tried again from 1 s, doubling to 30 s)
+    added urllib3's "Retrying (Retry(total=0, ...)) after connection broken by
+    NewConnectionError(...)" lines, and ddsmon's own line did not say why. Now: one line
+    naming the refused connection, and every step in the run once the server answers."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    err_path = tmp_path / "watch.err"
+    args = cli_args("watch", ckpts, probe, server.uri, "--quiet", "0.2")
+    out_path = tmp_path / "watch.out"
+    env = _env()
+    env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)  # ddsmon's default, as users have it
+    with open(err_path, "w") as err, open(out_path, "w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=err)
+    try:
+        wait_for(lambda: "step 2 " in out_path.read_text(), 120, "step 2 read")
+        server.start()
+        wait_for(lambda: only_run_steps(server.uri) == [1, 2], 120, "the spool replayed")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        server.stop()
+    text = err_path.read_text()
+    assert "Retrying" not in text and "Traceback" not in text, text[-3000:]
+    spooled = [line for line in text.splitlines() if "spooled to" in line]
+    assert spooled and "Connection refused" in spooled[0], text[-3000:]
