@@ -747,6 +747,18 @@ class Daemon:
             )
             self.summary.aliases.append((ref.path, step))
             return
+        if known is None and self._read_before_at(ref, step):
+            # the same file saved again with other weights: a run resumed from an earlier
+            # checkpoint re-saving a step it had saved before it was stopped
+            log.warning(
+                "%s was saved again at step %d with other weights (a run resumed from an "
+                "earlier checkpoint?): the MLflow run keeps the readings of the version "
+                "read first; not logged again",
+                shown(ref.path),
+                step,
+            )
+            self.summary.duplicates.append((ref.path, step))
+            return
         if known is None:  # other weights at a step the run holds: a duplicate step
             log.warning(
                 "%s holds step %d, which the run already has from another checkpoint with "
@@ -759,6 +771,14 @@ class Daemon:
         log.info(
             "step %d (%s) is already in the MLflow run; not logged again", step, shown(ref.path)
         )
+
+    def _read_before_at(self, ref: CheckpointRef, step: int) -> bool:
+        """Whether a file of this name was read at ``step`` (the weights digests kept)."""
+        for value in (self.state.get("digests") or {}).values():
+            if isinstance(value, list) and len(value) == 2:
+                if value[0] == step and value[1] == ref.path.name:
+                    return True
+        return False
 
     def _unstepped(self, ref: CheckpointRef, fp: tuple[int, int], digest: str) -> None:
         """A checkpoint with no step in its content or name: an alias, or unplaceable."""

@@ -268,3 +268,27 @@ def test_a_tracking_server_not_up_yet_is_said_in_one_line_with_its_reason(
     assert "Retrying" not in text and "Traceback" not in text, text[-3000:]
     spooled = [line for line in text.splitlines() if "spooled to" in line]
     assert spooled and "Connection refused" in spooled[0], text[-3000:]
+
+
+@pytest.mark.slow
+def test_a_step_saved_again_by_a_resumed_run_is_said_as_such(tmp_path: Path, probe: Path) -> None:
+    """A job stopped after saving step 3, resumed from step 1, saves ``step_000003.pt``
+    again with other weights. It was said to be "another checkpoint with other weights
+    (two checkpoints saved with one step?)"; now it is said to be the same file saved
+    again, which version the run keeps, and nothing is logged twice."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2, 3])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = subprocess.run(cli_args("scan", ckpts, probe, uri), cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    write_checkpoints(ckpts, [2, 3], seed=1)  # the resumed run's steps 2 and 3
+    again = subprocess.run(cli_args("scan", ckpts, probe, uri), cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    for name, step in (("step_000002.pt", 2), ("step_000003.pt", 3)):
+        said = [line for line in again.stderr.splitlines() if "other weights" in line]
+        said = [line for line in said if f"{name} " in line]
+        assert said and f"saved again at step {step}" in said[0], again.stderr
+    assert "two checkpoints saved with one step" not in again.stderr
+    assert only_run_steps(uri) == [1, 2, 3]
