@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,31 @@ def test_vmap_fallback_warnings_are_on_again_after_k() -> None:
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="performance drop"):
             vmap(grad(f), in_dims=(None, 0))(params, seqs)
+
+
+def test_a_folder_whose_keys_need_transformers_weight_conversion_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """transformers 5 fuses Mixtral's experts on load (``WeightConverter``), and its
+    ``save_pretrained`` writes them unfused (``experts.0.w1.weight``): ddsmon does not
+    convert tensors, so such a folder read without --model is a CheckpointError naming
+    the keys and the model, not a load of wrong or missing weights."""
+    transformers = pytest.importorskip("transformers")
+    from ddsmon.checkpoints import classify
+    from ddsmon.errors import CheckpointError
+    from ddsmon.loading import load_checkpoint
+
+    torch.manual_seed(1)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+        num_experts_per_tok=1, max_position_embeddings=32,
+    )  # fmt: skip
+    folder = tmp_path / "ckpts" / "step_1"
+    transformers.MixtralForCausalLM(config).save_pretrained(folder)
+    ref = classify(folder)
+    assert ref is not None
+    with pytest.raises(CheckpointError, match=r"need transformers' weight conversion") as got:
+        load_checkpoint(ref, None)
+    assert "experts.0.w1.weight" in str(got.value)
+    assert "MixtralForCausalLM" in str(got.value)
