@@ -88,6 +88,14 @@ CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
     nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
 )  # fmt: skip
 
+#: Modules that pad the trailing (spatial) axes and so keep their input's layout,
+#: though not its shape: channel-first when handed a channel-first tensor (the
+#: ``ReflectionPad2d`` between a ReLU and a Conv of a pix2pix / CycleGAN residual block).
+_KEEPS_LAYOUT: tuple[type[nn.Module], ...] = (
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
+)  # fmt: skip
+
 #: Modules that act on the last axis whatever their input's layout.
 _LAST_AXIS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag,
@@ -716,7 +724,8 @@ class ProbePass:
     def _is_channel_first(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> bool:
         """Whether ``out`` (ndim >= 3) holds its features on axis 1: the output of a
         :data:`CHANNEL_FIRST` module, or of a module keeping the shape of a channel-
-        first input it was handed (``nn.ReLU`` after ``nn.BatchNorm2d``), or of a
+        first input it was handed (``nn.ReLU`` after ``nn.BatchNorm2d``), or padding
+        one (:data:`_KEEPS_LAYOUT`), or of a
         module handing on a channel-first tensor a module inside it made (a named block
         ``conv -> bn -> relu``, whatever its input's shape: its children's hooks ran
         first), unless the module acts on the last axis (``nn.Linear``). A tensor made
@@ -727,7 +736,9 @@ class ProbePass:
         if isinstance(module, CHANNEL_FIRST) or id(out) in self._layout:
             return True
         a = args[0] if args else None
-        return isinstance(a, Tensor) and a.shape == out.shape and id(a) in self._layout
+        if not isinstance(a, Tensor) or id(a) not in self._layout:
+            return False
+        return a.shape == out.shape or (isinstance(module, _KEEPS_LAYOUT) and a.ndim == out.ndim)
 
     def _readable(
         self, name: str, module: nn.Module, out: Any, axis: int = -1, batch: int = 0

@@ -165,3 +165,32 @@ def test_a_folder_whose_keys_need_transformers_weight_conversion_is_refused_by_n
         load_checkpoint(ref, None)
     assert "experts.0.w1.weight" in str(got.value)
     assert "MixtralForCausalLM" in str(got.value)
+
+
+def test_padding_between_channel_first_layers_reads_its_channels_as_features() -> None:
+    """A padding module (``ReflectionPad2d`` between a ReLU and a Conv, as in a
+    pix2pix / CycleGAN residual block; ``ZeroPad2d``) keeps its input's channel-first
+    layout though not its shape; before, it was read with the padded *width* as d
+    (here 11 and 13 where its neighbours read d = 6). X and G held to the per-sample
+    loop at 1e-10."""
+    from test_adversary_testbeds import _channel_first_loop
+
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.InstanceNorm2d(6), nn.ReLU(), nn.ReflectionPad2d(1),
+        nn.Conv2d(6, 6, 3), nn.ReLU(), nn.ZeroPad2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 8, 9)
+    y = torch.randint(0, 3, (4,))
+    sig = compute_signatures(model, x, y, loss="ce", fisher="activation", device="cpu")
+    assert (sig.layers["3"].N, sig.layers["3"].d) == (4 * 10 * 11, 6)
+    assert (sig.layers["6"].N, sig.layers["6"].d) == (4 * 12 * 13, 6)
+    loop = _channel_first_loop(model, x, y, ["3", "6"])
+    for name, (xm, dm) in loop.items():
+        got = sig.layers[name]
+        assert (got.N, got.d) == xm.shape, name
+        sv = np.linalg.svd(xm, compute_uv=False)
+        assert_close_report(got.x_spectrum[: len(sv)], sv, atol=TOL * sv[0], what=f"{name} X")
+        g = np.sort(np.linalg.eigvalsh(dm.T @ dm / 4))[::-1]
+        assert_close_report(got.g_spectrum[: len(g)], g, atol=TOL * g[0], what=f"{name} G")
