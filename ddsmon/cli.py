@@ -368,6 +368,17 @@ def report(
     except DDSError as exc:
         click.echo(f"error: {checkpoint}: {exc}", err=True)
         ctx.exit(1)
+    except SystemExit as exc:  # user code called sys.exit: a failure, not report's exit
+        click.echo(f"error: {checkpoint}: user code called sys.exit({exc.code!r})", err=True)
+        ctx.exit(1)
+    except Exception as exc:  # the user's factory, model, probe or loss raised
+        log.debug("the reading of %s raised", checkpoint, exc_info=True)
+        click.echo(
+            f"error: {checkpoint}: {type(exc).__name__}: {exc} (raised by the model factory, "
+            "the model's forward, the probe or the loss; -vv shows where)",
+            err=True,
+        )
+        ctx.exit(1)
     if as_json:
         out = {
             "checkpoint": str(checkpoint),

@@ -573,3 +573,31 @@ def test_report_of_a_folder_holding_a_checkpoint_names_the_file_to_give(
     assert proc.returncode == 2, proc.stderr
     assert "is a folder, not a checkpoint" in proc.stderr, proc.stderr
     assert "mp_rank_00_model_states.pt" in proc.stderr and "optim_states" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "said"),
+    [
+        (torch.randn(32, 5), torch.randint(0, 4, (32,)), "RuntimeError: mat1 and mat2 shapes"),
+        (None, torch.full((32,), 99), "IndexError: Target 99 is out of bounds"),
+    ],
+    ids=["forward_raises", "loss_raises"],
+)
+def test_report_of_a_reading_that_raises_says_it_in_one_line(
+    tmp_path: Path, probe: Path, inputs, targets, said: str
+) -> None:
+    """The model's forward or the loss raising is one line naming the checkpoint and the
+    error, exit 1, as scan says it; before, report printed Python's whole traceback."""
+    write_run(tmp_path / "ckpts", [7])
+    good = torch.load(probe)
+    bad = tmp_path / "bad_probe.pt"
+    torch.save({"inputs": good["inputs"] if inputs is None else inputs, "targets": targets}, bad)
+    ckpt = tmp_path / "ckpts" / "step_000007.pt"
+    result = ddsmon("report", str(ckpt), "--model", FACTORY, "--probe", str(bad), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(ckpt) in lines[0] and said in lines[0], result.stderr
+    assert result.stdout == ""
+    verbose = ddsmon("-vv", "report", str(ckpt), "--model", FACTORY, "--probe", str(bad))
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -vv shows where
