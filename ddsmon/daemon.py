@@ -961,7 +961,9 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     after the current checkpoint, a second one abandons that checkpoint.
 
     SIGHUP (the terminal went away: an ssh session dropped, a window closed) stops it in
-    the same order, unless the parent set it to be ignored (``nohup``). Standard streams
+    the same order, unless the parent set it to be ignored (``nohup``); a SIGHUP after the
+    first signal changes nothing (a dropped ssh session hangs up its foreground job twice:
+    the kernel, then the shell), it never abandons the checkpoint. Standard streams
     on a terminal then point at ``/dev/null``: the terminal is gone, and what is still
     said on the way out would fail on it. Before, a hangup killed the daemon where it
     stood, the checkpoint being read lost and the MLflow run left running."""
@@ -971,6 +973,10 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
             _detach_from_terminal(on_terminal)
+            if interrupts["count"]:
+                # a hangup comes twice (the kernel signals the terminal's foreground job,
+                # then the shell, hung up too, each of its jobs): not someone asking again
+                return
         interrupts["count"] += 1
         if interrupts["count"] > 1:
             raise KeyboardInterrupt
