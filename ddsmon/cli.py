@@ -71,6 +71,9 @@ def _fill_closed_standard_streams() -> None:
         if null != fd:
             os.dup2(null, fd)
             os.close(null)
+        # os.open makes it close-on-exec: a child given the streams (a compiler or worker
+        # a model factory or torch.compile starts) would have it closed again
+        os.set_inheritable(fd, True)
         if getattr(sys, name) is None:
             mode = "r" if fd == 0 else "w"
             setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))

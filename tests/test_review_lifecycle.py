@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 import pytest
@@ -60,3 +63,30 @@ def test_sigterm_after_a_hangup_still_abandons(sighup_default: None) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_until_signalled(daemon, "watch")  # type: ignore[arg-type]
     assert daemon.stopped
+
+
+@pytest.mark.parametrize("closed", ["0", "1", "2", "012"])
+def test_a_closed_standard_stream_put_back_is_passed_on_to_children(closed: str) -> None:
+    """The ``/dev/null`` put on a closed standard descriptor came from ``os.open``, which
+    makes it close-on-exec: every child the daemon starts with the streams inherited (a
+    compiler or worker a model factory or torch.compile starts, git) had it closed again,
+    and its first file opened took the descriptor, the hazard the fix was for."""
+    code = (
+        "import os, subprocess, sys\n"
+        "from ddsmon.cli import _fill_closed_standard_streams\n"
+        "_fill_closed_standard_streams()\n"
+        "child = 'import os\\nfor fd in (0, 1, 2): os.fstat(fd)'\n"
+        "rc = subprocess.run([sys.executable, '-c', child]).returncode\n"
+        "open(os.environ['OUT_FILE'], 'w').write(str(rc))\n"
+    )
+    redirs = " ".join(f"{fd}>&-" if fd != "0" else "<&-" for fd in closed)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rc")
+        subprocess.run(
+            ["bash", "-c", f'exec "$@" {redirs}', "x", sys.executable, "-c", code],
+            env={**os.environ, "OUT_FILE": out},
+            timeout=60,
+            check=True,
+        )
+        with open(out) as f:
+            assert f.read() == "0", f"a child saw a standard stream closed ({closed} closed)"
