@@ -132,6 +132,9 @@ class Daemon:
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._recorded: set[int] = set()
+        #: steps read again into a run that did not hold them (the state's read-set was
+        #: kept for another run): the hooks and the events file had them already
+        self._told_before: set[int] = set()
         self._rejections: list[tuple[Path, str]] = []
         self._detector_step = -1
         self._faults = RepeatedFault()
@@ -509,6 +512,7 @@ class Daemon:
             run_id,
         )
         self.state.forget(done)
+        self._told_before = set(done)
         self.detector = EventDetector(self.config.events)
         self._detector_step = -1
         self.state.update({"detector": self.detector.to_state(), "detector_step": -1})
@@ -631,8 +635,13 @@ class Daemon:
                 return
         self._settle()
         for sink in self.sinks:
-            if sink is not self.tracking:
-                self._call(sink, "on_reading", reading, events)
+            if sink is self.tracking:
+                continue
+            if step in self._told_before and _told_once(sink):
+                # read again for a run that lacked it: its events were run through the
+                # hooks and written to --events-json when first read (no second page)
+                continue
+            self._call(sink, "on_reading", reading, events)
         self._recorded.add(step)
         self._remember(digest, step, ref)
         self._read_paths.add(ref.path)
@@ -933,6 +942,15 @@ def _detach_from_terminal(fds: list[int]) -> None:
                 pass
     finally:
         os.close(null)
+
+
+def _told_once(sink: Sink) -> bool:
+    """Whether ``sink`` is told of a step once, whatever run it goes to (the hooks, the
+    events file): a step read again into another run
+    (:meth:`Daemon._read_set_of_another_run`) is not passed to it a second time."""
+    from ddsmon.sinks.alerts import CommandHookSink, EventsJsonSink
+
+    return isinstance(sink, (CommandHookSink, EventsJsonSink))
 
 
 def _steps_shown(steps: Iterable[int], most: int = 8) -> str:

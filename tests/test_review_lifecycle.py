@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,3 +91,43 @@ def test_a_closed_standard_stream_put_back_is_passed_on_to_children(closed: str)
         )
         with open(out) as f:
             assert f.read() == "0", f"a child saw a standard stream closed ({closed} closed)"
+
+
+@pytest.mark.slow
+def test_a_new_store_does_not_run_the_hooks_again_for_events_already_told(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The user moves to the team's server (or deletes ``mlflow.db``): every checkpoint is
+    read again into the new run, with a fresh event history. Its events are the
+    training's, not the run's: the ``--on-event`` hook had paged for them and
+    ``--events-json`` had them; both got them all a second time (a page per old event
+    for a changed ``--tracking-uri``). Now the new run gets them, the hooks and the
+    events file do not."""
+    import torch
+    from fault_helpers import REPO, cli_args, only_run_steps, write_checkpoints
+
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    bad = torch.load(ckpts / "step_000002.pt")
+    next(iter(bad["model"].values())).fill_(float("nan"))  # a nonfinite event at step 3
+    bad["step"] = 3
+    torch.save(bad, ckpts / "step_000003.pt")
+    hook_log, events = tmp_path / "hook.log", tmp_path / "events.jsonl"
+    extra = ("--on-event", f"echo ran >> {hook_log}", "--events-json", str(events))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def scan(uri: str) -> str:
+        proc = subprocess.run(cli_args("scan", ckpts, probe, uri, *extra), cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    scan(f"sqlite:///{tmp_path / 'first.db'}")
+    hooks, told = hook_log.read_text(), events.read_text()
+    assert hooks and told, "no event at step 3: the test would prove nothing"
+    second = f"sqlite:///{tmp_path / 'second.db'}"  # another store: read again into it
+    err = scan(second)
+    assert "holds none of them" in err, err
+    assert only_run_steps(second) == [1, 2, 3]
+    assert hook_log.read_text() == hooks, "the hook ran again for events it had run for"
+    assert events.read_text() == told, "--events-json got the same events again"
