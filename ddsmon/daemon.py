@@ -990,6 +990,7 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
 
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
+            interrupts["hangup"] = 1
             _detach_from_terminal(on_terminal)
             if interrupts["count"]:
                 # a hangup comes twice (the kernel signals the terminal's foreground job,
@@ -1010,3 +1011,7 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if interrupts.get("hangup"):
+            # the terminal is gone: a late second hangup (the shell's) must not end the
+            # exit under way (the summary, the status) with -SIGHUP
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -55,6 +55,9 @@ def test_a_hangup_said_twice_still_stops_in_order(sighup_default: None) -> None:
     except KeyboardInterrupt:
         pytest.fail("the second SIGHUP abandoned the checkpoint being read")
     assert summary == ("finished", True)
+    # and a late one, while the command says its summary and exits, is ignored: the
+    # default action would end it with status -SIGHUP
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
 def test_sigterm_after_a_hangup_still_abandons(sighup_default: None) -> None:
