@@ -452,6 +452,14 @@ def slow_forward():
 """
 
 
+def _default_sigint() -> None:
+    """SIGINT's default disposition in the child: a test run started as a background job
+    of a non-interactive shell inherits SIGINT ignored, and the interpreter then installs
+    no KeyboardInterrupt handler, so a Ctrl-C before the daemon took over its signals
+    would not reach the command as a terminal's does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("mode", ["scan", "watch"])
 def test_interrupted_while_starting_up_exits_130_and_says_so(
     tmp_path: Path, probe: Path, mode: str
@@ -467,7 +475,8 @@ def test_interrupted_while_starting_up_exits_130_and_says_so(
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO),
-                                            "SLOW_IMPORT": "1"})  # fmt: skip
+                                            "SLOW_IMPORT": "1"},
+                            preexec_fn=_default_sigint)  # fmt: skip
     try:
         _wait(mark.exists, 60, "the model module to be imported")
         proc.send_signal(signal.SIGINT)
