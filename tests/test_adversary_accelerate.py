@@ -52,6 +52,7 @@ def _save_states(project: Path, second_factory) -> Path:
     return project / "checkpoints"
 
 
+@pytest.mark.slow  # 15-19 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_the_second_model_of_a_save_is_no_checkpoint_of_its_own(
     tmp_path: Path, probe: Path
 ) -> None:

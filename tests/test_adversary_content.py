@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from fault_helpers import REPO, cli_args, finish, only_run_steps, spawn
 
@@ -32,6 +33,7 @@ def test_complex_weights_are_refused_not_cast_to_real(tmp_path: Path, probe: Pat
     assert only_run_steps(uri) == [1]
 
 
+@pytest.mark.slow  # 15-19 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_two_run_folders_under_one_directory_are_said_to_mix(tmp_path: Path, probe: Path) -> None:
     """A restarted Lightning run's ``version_0/`` and ``version_1/`` (or two trainings)
     under the watched directory are read as one run: said once, naming both folders.

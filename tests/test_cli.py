@@ -67,6 +67,7 @@ def run_of(uri: str, experiment: str = "ddsmon"):
     return client, runs[0]
 
 
+@pytest.mark.slow  # 15-19 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_scan_logs_every_step_once_and_reads_back(tmp_path: Path, probe: Path) -> None:
     ckpts = tmp_path / "ckpts"
     write_run(ckpts, [0, 10, 20, 30])

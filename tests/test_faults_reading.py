@@ -151,6 +151,7 @@ def test_the_event_history_sees_steps_recorded_before_a_lost_state_write(
     assert after["detector"], "the detector history was rebuilt from the readings"
 
 
+@pytest.mark.slow  # 15-19 s on 2 cores: in .ci/run's slow suite, out of README command 2
 def test_a_full_disk_under_the_state_directory_stops_cleanly_and_loses_nothing(
     tmp_path: Path, probe: Path, request: pytest.FixtureRequest
 ) -> None:
