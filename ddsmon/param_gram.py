@@ -786,12 +786,20 @@ def _vmapped_rows(
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         grads = per_sample_grad(own, _slice(inputs, sl), _slice(targets, sl))
-        for prefix in modules:
-            parts = [g.reshape(g.shape[0], -1) for k, g in grads.items() if owner[k] == prefix]
-            if parts:
-                blocks[prefix].append(torch.cat(parts, dim=1))
+        _add_rows(blocks, grads, owner)
         del grads
     return blocks
+
+
+def _add_rows(
+    blocks: dict[str, list[Tensor]], grads: dict[str, Tensor], owner: dict[str, str]
+) -> None:
+    """Append to each module's blocks its rows of J: the gradients ``grads`` (parameter
+    key -> (rows, *shape)) of the parameters it owns, flattened and side by side."""
+    for prefix, rows in blocks.items():
+        parts = [g.reshape(g.shape[0], -1) for k, g in grads.items() if owner[k] == prefix]
+        if parts:
+            rows.append(torch.cat(parts, dim=1))
 
 
 def _per_sample_rows(
@@ -815,13 +823,10 @@ def _per_sample_rows(
             loss = one_loss(params, _index(inputs, i), _index(targets, i))
             found = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True)
         row = {
-            k: (torch.zeros_like(own[k]) if g is None else g.detach()).reshape(1, -1)
+            k: (torch.zeros_like(own[k]) if g is None else g.detach()).unsqueeze(0)
             for k, g in zip(keys, found, strict=True)
         }
-        for prefix in modules:
-            parts = [row[k] for k in keys if owner[k] == prefix]
-            if parts:
-                blocks[prefix].append(torch.cat(parts, dim=1))
+        _add_rows(blocks, row, owner)
     return blocks
 
 
