@@ -535,6 +535,8 @@ class ProbePass:
         self._frozen: set[int] = set()  # ids of the parameters this pass froze
         # channel-first tensors of this pass by id (weak: an id freed is not reused here)
         self._layout: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+        # ... and the sequence-first (T, n, ...) ones, samples on axis 1
+        self._sequence: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self.losses: Tensor | None = None
         self.forward_order: list[str] = []
         #: layers with parameters left out for want of a batch axis: name -> shape
@@ -673,7 +675,13 @@ class ProbePass:
         axis = 1 if first is not None and self._is_channel_first(module, args, first) else -1
         if axis == 1 and first is not None:
             self._layout[id(first)] = first
-        batch = 1 if first is not None and axis == -1 and _sequence_first(module, first) else 0
+        batch = (
+            1
+            if first is not None and axis == -1 and self._is_sequence_first(module, args, first)
+            else 0
+        )
+        if batch == 1 and first is not None:
+            self._sequence[id(first)] = first
         tensor = self._readable(name, module, out, axis, batch)
         if tensor is None:
             return None
@@ -693,6 +701,8 @@ class ProbePass:
         a = None
         if self.keep_inputs(module) and args and isinstance(args[0], Tensor):
             a = args[0].detach()
+            if batch != 0:  # a sequence-first (T, n, d_in): rows sample-major, as X's
+                a = a.movedim(batch, 0)
             a = a.reshape(rows, -1) if a.is_floating_point() else a.reshape(rows)
         self.captures[name] = LayerCapture(
             name,
@@ -707,6 +717,8 @@ class ProbePass:
             replaced = tensor.clone()
         if replaced is not None and axis == 1:
             self._layout[id(replaced)] = replaced
+        if replaced is not None and batch == 1:
+            self._sequence[id(replaced)] = replaced
         if self.stop_early and self.names is not None and len(self.captures) == len(self.names):
             raise _StopForward
         if replaced is None:
@@ -718,8 +730,33 @@ class ProbePass:
     def _on_layout(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """The hook of a module not read: note a channel-first output it hands on."""
         first = _first_tensor(out)
-        if first is not None and self._is_channel_first(module, args, first):
+        if first is None:
+            return
+        if self._is_channel_first(module, args, first):
             self._layout[id(first)] = first
+        elif self._is_sequence_first(module, args, first):
+            self._sequence[id(first)] = first
+
+    def _is_sequence_first(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> bool:
+        """Whether ``out`` (T, n, ...) holds the probe's samples on axis 1: the 3-D
+        output of a module with ``batch_first=False`` (:func:`_sequence_first`), or a
+        tensor such a module made, handed on by a module around it (a named block
+        holding a sequence-first ``nn.LSTM``: its children's hooks ran first), or the
+        output of a module fed a sequence-first tensor that keeps its two leading axes
+        (the ``nn.Linear`` decoder or ``nn.LayerNorm`` applied to an LSTM's (T, n, d)).
+        A tensor made by a function between modules (``x + attn(x)``, ``h.transpose(0,
+        1)``) is not known to be sequence-first: a module fed it is read, or named as
+        not read, by its own output's first axis."""
+        if out.ndim < 3:
+            return False
+        if _sequence_first(module, out):
+            return True
+        if out.shape[1] != self.n:
+            return False
+        if id(out) in self._sequence:
+            return True
+        a = args[0] if args else None
+        return isinstance(a, Tensor) and id(a) in self._sequence and a.shape[:2] == out.shape[:2]
 
     def _is_channel_first(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> bool:
         """Whether ``out`` (ndim >= 3) holds its features on axis 1: the output of a

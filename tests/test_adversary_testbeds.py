@@ -334,6 +334,85 @@ def test_sequence_first_layers_are_read_or_said(caplog: pytest.LogCaptureFixture
         )
 
 
+class SequenceFirstDecoder(nn.Module):
+    """Old-style sequence-first code fed a batch-first probe: the ids transposed into a
+    ``batch_first=False`` LSTM inside a named block, then a ReLU, a LayerNorm and the
+    Linear decoder applied to the whole (T, n, d) output (PyTorch's word-language-model
+    shape), pooled over time by a function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.block = nn.ModuleDict({"lstm": nn.LSTM(4, 5)})
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(5)
+        self.decoder = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.block["lstm"](self.emb(ids).transpose(0, 1))
+        return self.decoder(self.norm(self.act(h))).mean(dim=0)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
+
+
+class _Blocky(nn.Module):
+    """A named block handing on its sequence-first LSTM's (T, n, d) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.block, self.head = nn.Embedding(7, 4), _Block(), nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.emb(ids).transpose(0, 1))[-1])
+
+
+def test_sequence_first_layout_is_followed_downstream(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: only the module that says ``batch_first=False`` was read with its samples
+    on axis 1; the ReLU, LayerNorm and Linear decoder fed its (T, n, d) output were
+    named as not read ("a sequence-first layout?"), and a named block around the LSTM
+    (``--layers block``) failed the pass. Now the layout is followed, as channel-first
+    is: a module fed a sequence-first tensor that keeps its leading (T, n) axes is read
+    with the samples on axis 1, and so is a block handing on its LSTM's output. Every
+    reading equals the per-sample loop's, K of the Linear (built from its inputs, which
+    must be taken sample-major too) included."""
+    torch.manual_seed(17)
+    model = SequenceFirstDecoder().eval()
+    ids = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        sig = compute_signatures(model, ids, y, loss="ce", device="cpu")
+    assert list(sig.layers) == ["emb", "block.lstm", "act", "norm", "decoder"], caplog.text
+    assert "not read" not in caplog.text, caplog.text
+    refs = per_sample_capture(model, ids, y, "ce", list(sig.layers))
+    for layer, ref in refs.items():
+        got, want = sig.layers[layer], readings(ref)
+        assert (got.N, got.d) == (want["N"], want["d"]), layer
+        x_ref, g_ref = want["x_spectrum"], want["g_spectrum"]
+        assert_close_report(got.x_spectrum, x_ref, atol=TOL * x_ref[0], what=f"{layer} X")
+        assert_close_report(
+            got.g_spectrum[: len(g_ref)], g_ref, atol=TOL * g_ref[0], what=f"{layer} G"
+        )
+        if "param_spectrum" in want:
+            k_ref = want["param_spectrum"]
+            assert_close_report(
+                got.param_spectrum[: len(k_ref)], k_ref, atol=TOL * k_ref[0], what=f"{layer} K"
+            )
+
+    blocky = _Blocky()
+    sig = compute_signatures(blocky.eval(), ids, y, loss="ce", device="cpu", layers=["block"])
+    ref = readings(per_sample_capture(blocky, ids, y, "ce", ["block"])["block"])
+    got = sig.layers["block"]
+    assert (got.N, got.d) == (30, 5)
+    assert_close_report(got.x_spectrum, ref["x_spectrum"], atol=TOL * ref["x_spectrum"][0])
+
+
 def test_shared_outputs_are_left_out_without_a_word(caplog: pytest.LogCaptureFixture) -> None:
     """A module whose output has no axis of the probe's n (a position embedding
     called on ``arange(T)[None]``, shared by every sample) is left out quietly: it is
