@@ -111,24 +111,42 @@ def _parametrizations(module: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.ModuleDict) and is_parametrized(module) else None
 
 
+def _never_run_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of the modules that never run as layers of their own: a
+    reparametrised module's ``parametrizations`` (``"fc.parametrizations."``: their
+    outputs are the weight) and the children of a :data:`READ_WHOLE` module
+    (``"attn.out_proj."``: ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its
+    functional forward). A module named ``name`` is inside when ``name + "."`` starts
+    with one of them."""
+    prefixes: list[str] = []
+    for name, m in model.named_modules():
+        dotted = f"{name}." if name else ""
+        if _parametrizations(m) is not None:
+            prefixes.append(f"{dotted}parametrizations.")
+        if isinstance(m, READ_WHOLE):
+            prefixes.extend(f"{dotted}{child}." for child, _ in m.named_children())
+    return prefixes
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    return any(f"{name}.".startswith(p) for p in prefixes)
+
+
 def default_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules the default selection hooks, in model order: leaf modules (pass-
     throughs excepted), where a module whose only children are its parametrizations
     (``weight_norm(nn.Linear(...))``, state-dict keys ``parametrizations.weight.original0``)
     and a module of :data:`READ_WHOLE` count as leaves, and nothing inside either is
-    hooked (a parametrization's output is the weight, not a layer's output)."""
+    hooked (:func:`_never_run_prefixes`)."""
+    hidden = _never_run_prefixes(model)
     chosen: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []  # prefixes ("attn.", "fc.parametrizations.") not hooked
     for name, m in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside):
+        if not name or _inside(name, hidden):
             continue
-        extra = _parametrizations(m)
-        if extra is not None:
-            inside.append(f"{name}.parametrizations.")
         if isinstance(m, READ_WHOLE):
-            inside.append(f"{name}.")
             chosen.append((name, m))
             continue
+        extra = _parametrizations(m)
         children = [c for c in m.children() if c is not extra]
         if not children and not isinstance(m, _PASS_THROUGH):
             chosen.append((name, m))
@@ -271,19 +289,9 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
 
 
 def _never_layers(model: nn.Module) -> set[str]:
-    """The modules that never run as layers of their own: those inside a module of
-    :data:`READ_WHOLE`, and a reparametrised module's ``parametrizations`` and theirs."""
-    inside: list[str] = []
-    for name, m in model.named_modules():
-        if _parametrizations(m) is not None:
-            inside.append(f"{name}.parametrizations" if name else "parametrizations")
-        if isinstance(m, READ_WHOLE):
-            inside.extend(f"{name}.{child}" if name else child for child, _ in m.named_children())
-    return {
-        name
-        for name, _ in model.named_modules()
-        if any(name == p or name.startswith(p + ".") for p in inside)
-    }
+    """The modules that never run as layers of their own (:func:`_never_run_prefixes`)."""
+    hidden = _never_run_prefixes(model)
+    return {name for name, _ in model.named_modules() if name and _inside(name, hidden)}
 
 
 def _listing(names: list[str], limit: int = 30) -> str:
