@@ -127,6 +127,15 @@ def _matches(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool
     )
 
 
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
 def _positive_int(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ProbeError(f"{name} must be a positive integer or None, got {value!r}")
@@ -203,6 +212,8 @@ def compute_signatures(
     ``X^T X`` and ``Delta^T Delta`` (see :mod:`ddsmon.streaming` for why it is exact).
     """
     started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ProbeError(f"model must be a torch.nn.Module, got {_type_name(model)}")
     if fisher not in FISHER_FAMILIES:
         raise ProbeError(f"fisher must be one of {FISHER_FAMILIES}, got {fisher!r}")
     if forward_dtype not in (torch.float64, torch.float32):

@@ -238,12 +238,27 @@ def _batch_tensors(obj: Any) -> list[Tensor]:
     return []
 
 
+def _kinds(obj: Any) -> str:
+    """What a probe part holds, for an error: ``Tensor (32, 4)``, ``ndarray``, a dict's
+    or tuple's parts."""
+    if isinstance(obj, Tensor):
+        return f"Tensor {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k!r}: {_kinds(v)}" for k, v in list(obj.items())[:6]) + "}"
+    if isinstance(obj, (tuple, list)):
+        return f"{type(obj).__name__} of [" + ", ".join(_kinds(v) for v in obj[:6]) + "]"
+    return type(obj).__name__
+
+
 def probe_batch_size(inputs: Any, targets: Any) -> int:
     """The probe's n; a ProbeError names the tensors whose first axes disagree."""
     sizes = [("inputs", t.shape[0]) for t in _batch_tensors(inputs) if t.ndim > 0]
     sizes += [("targets", t.shape[0]) for t in _batch_tensors(targets) if t.ndim > 0]
     if not sizes or not any(k == "inputs" for k, _ in sizes):
-        raise ProbeError("the probe has no input tensor with a batch axis")
+        raise ProbeError(
+            f"the probe has no input tensor with a batch axis (inputs: {_kinds(inputs)}); "
+            "give torch tensors, a tuple or a dict of them (torch.as_tensor converts arrays)"
+        )
     n = sizes[0][1]
     bad = [(k, s) for k, s in sizes if s != n]
     if bad:

@@ -67,6 +67,23 @@ def test_tuple_inputs_with_disagreeing_batch_sizes_are_named() -> None:
         compute_signatures(Two(), (torch.randn(10, 4), torch.randn(9, 4)), y, device="cpu")
 
 
+def test_a_model_that_is_not_a_module_is_named() -> None:
+    """Before: ``AttributeError: 'function' object has no attribute 'named_modules'``."""
+    _, x, y = _mlp()
+    with pytest.raises(ProbeError, match=r"model must be a torch.nn.Module, got function"):
+        compute_signatures(lambda t: t, x, y, device="cpu")  # type: ignore[arg-type]
+
+
+def test_inputs_that_are_not_tensors_are_named() -> None:
+    """Before: "the probe has no input tensor with a batch axis", whatever was given
+    (a numpy array, a dict of arrays): now it says what the inputs were."""
+    model, x, y = _mlp()
+    with pytest.raises(ProbeError, match=r"inputs: ndarray\).*torch.as_tensor"):
+        compute_signatures(model, x.numpy(), y, device="cpu")
+    with pytest.raises(ProbeError, match=r"inputs: \{'x': ndarray\}"):
+        compute_signatures(model, {"x": x.numpy()}, y, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("bad_loss", "got"),
     [
