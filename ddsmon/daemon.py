@@ -54,6 +54,7 @@ from ddsmon.records import CheckpointFailure, CheckpointReading
 from ddsmon.redaction import redact_uri
 from ddsmon.shown import shown
 from ddsmon.sinks import RunInfo, Sink
+from ddsmon.sinks.mlflow_http import StoreNotUsable
 from ddsmon.sinks.mlflow_lease import RunLeaseError
 from ddsmon.state import StateDir, StateError
 from ddsmon.threads import keep_this_thread_single
@@ -216,8 +217,8 @@ class Daemon:
         if self.tracking is not None:
             try:
                 self._recorded = set(self.tracking.recorded_steps())
-            except RunLeaseError:  # another daemon writes this run: refused, exit 2
-                self.state.release()
+            except (RunLeaseError, StoreNotUsable):  # another daemon's run; a proxy's page,
+                self.state.release()  # a certificate refused: settings errors, exit 2
                 raise
             except Exception as exc:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
@@ -228,10 +229,10 @@ class Daemon:
             if sink is self.tracking:
                 try:
                     sink.start(info)
-                except (StateError, RunLeaseError):
+                except (StateError, RunLeaseError, StoreNotUsable):
                     self.state.release()
                     raise
-                except Exception as exc:  # refused credentials, a bad URI: stop before reading
+                except Exception as exc:  # a bad URI, a request refused: stop before reading
                     self.state.release()
                     raise ConfigError(
                         f"MLflow at {redact_uri(self.config.tracking.tracking_uri)} refused the run: {exc}"

@@ -16,7 +16,11 @@ When the store is down
     checkpoint, failure or start), regardless of the interval on start and close
     (``force``), and by a :class:`Retrier` (a background thread, exponential backoff up
     to a cap) while records wait, so that they arrive once the store answers again even
-    when no checkpoint comes. Any other error (a bad request) is raised to the caller;
+    when no checkpoint comes. A store that answers but is not usable as configured
+    (:class:`~ddsmon.sinks.mlflow_http.Misconfigured`: a certificate refused, a sign-in
+    page, credentials refused) is spooled the same way, its cause said instead of
+    "unreachable", and said again when the cause changes. Any other error (a bad
+    request) is raised to the caller;
     a :class:`~ddsmon.errors.ConfigError` (the run is another daemon's: the lease) stops
     the replay and is raised, the records staying spooled.
 The ledger
@@ -58,7 +62,7 @@ from pathlib import Path
 
 from ddsmon.errors import ConfigError
 from ddsmon.redaction import scrub
-from ddsmon.sinks.mlflow_http import Unreachable
+from ddsmon.sinks.mlflow_http import Misconfigured, Unreachable
 from ddsmon.sinks.mlflow_record import (
     ReadingRecord,
     Record,
@@ -108,7 +112,10 @@ class Outbox:
         self._deliver = deliver
         self._clock = clock
         self._down_until = 0.0
-        self._announced = False
+        #: the failure already said ("" when none was): "unreachable", or the cause of a
+        #: store not usable (:class:`~ddsmon.sinks.mlflow_http.Misconfigured`)
+        self._announced = ""
+        self._kind = "unreachable"
         #: the first line of the last failure's message (said when records are spooled)
         self._reason = ""
 
@@ -121,13 +128,22 @@ class Outbox:
     def mark_down(self, exc: BaseException) -> None:
         """The store did not answer: wait ``retry_interval`` before trying again."""
         self._down_until = self._clock() + self.retry_interval
-        self._reason = _first_line(exc)
-        log.debug("MLflow at %s unreachable: %s", self.display_uri, exc)
+        if isinstance(exc, Misconfigured):
+            self._kind, self._reason = "not usable", str(exc)
+        else:
+            self._kind, self._reason = "unreachable", _first_line(exc)
+        log.debug("MLflow at %s %s: %s", self.display_uri, self._kind, exc)
+
+    @property
+    def down_reason(self) -> str:
+        """The last failure as said after ``MLflow at URI``: ``unreachable`` or ``not
+        usable (<cause>)``."""
+        return self._kind if self._kind == "unreachable" else f"{self._kind} ({self._reason})"
 
     def _back_up(self) -> None:
         if self._announced:
             log.warning("MLflow at %s answers again", self.display_uri)
-        self._announced = False
+        self._announced = ""
         self._down_until = 0.0
 
     # ------------------------------------------------------------------ the spool
@@ -223,18 +239,31 @@ class Outbox:
         if self._on_spooled is not None:
             self._on_spooled()
         what = f"step {record.step}" if isinstance(record, ReadingRecord) else record.kind
-        if not self._announced:
-            log.warning(
-                "MLflow at %s unreachable: %s spooled to %s%s; records are replayed in order "
-                "once it answers",
-                self.display_uri,
-                what,
-                self.state.root,
-                f" ({self._reason})" if self._reason else "",
-            )
-            self._announced = True
+        # said at the first failure, and again when it changes kind (or cause, for a
+        # store not usable: each is another setting to fix)
+        said = self._kind if self._kind == "unreachable" else self._reason
+        if self._announced != said:
+            if self._kind == "unreachable":
+                log.warning(
+                    "MLflow at %s unreachable: %s spooled to %s%s; records are replayed in "
+                    "order once it answers",
+                    self.display_uri,
+                    what,
+                    self.state.root,
+                    f" ({self._reason})" if self._reason else "",
+                )
+            else:
+                log.warning(
+                    "MLflow at %s answers, but not as an MLflow server ddsmon can use: %s; "
+                    "%s spooled to %s, records are replayed in order once it does",
+                    self.display_uri,
+                    self._reason,
+                    what,
+                    self.state.root,
+                )
+            self._announced = said
         else:
-            log.info("MLflow still unreachable: %s spooled", what)
+            log.info("MLflow still %s: %s spooled", self._kind, what)
 
     def flush(self, *, force: bool = False) -> bool:
         """Replay the spool in order; True when it is empty afterwards. Within

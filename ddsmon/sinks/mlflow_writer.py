@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ddsmon.errors import ConfigError
 from ddsmon.events import EVENT_KINDS
 from ddsmon.redaction import redact_uri, scrub
-from ddsmon.sinks.mlflow_http import Unreachable, call, is_unreachable
+from ddsmon.sinks.mlflow_http import call, is_unreachable, store_fault
 from ddsmon.sinks.mlflow_keys import (
     CHECKPOINT_METRIC,
     CHECKPOINT_METRICS,
@@ -94,8 +94,9 @@ class MlflowWriter:
             try:
                 self._client = open_client(self.tracking_uri)
             except Exception as exc:
-                if is_unreachable(exc):
-                    raise Unreachable(scrub(str(exc))) from exc
+                fault = store_fault(exc)
+                if fault is not None:
+                    raise fault from exc
                 raise ConfigError(
                     f"MLflow tracking URI {self.display_uri}: {scrub(str(exc))}"
                 ) from exc

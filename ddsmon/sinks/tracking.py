@@ -93,8 +93,14 @@ Tracking server down
     in order before the next send (at most every ``retry_interval`` seconds, and on start
     and close), and by a background retry timer while records wait (``retry_first``
     seconds after the failure, doubling up to ``retry_max``), so they arrive once the
-    server answers even when no checkpoint comes. Nothing lost, nothing doubled. Any other error (a bad request) is raised
-    to the daemon, which reports it. So that a down server fails in seconds rather than
+    server answers even when no checkpoint comes. Nothing lost, nothing doubled. A store
+    that answers but not as a usable MLflow server (a TLS certificate that fails
+    verification, a sign-in page or proxy answering HTML, credentials refused:
+    :class:`~ddsmon.sinks.mlflow_http.Misconfigured`) is a settings error when it is met
+    at :meth:`MlflowSink.recorded_steps` or :meth:`MlflowSink.start`
+    (:class:`~ddsmon.sinks.mlflow_http.StoreNotUsable`, naming the URI and the cause),
+    and spooled with its cause said once the daemon is reading. Any other error (a bad
+    request) is raised to the daemon, which reports it. So that a down server fails in seconds rather than
     minutes, the sink sets :data:`~ddsmon.sinks.mlflow_http.HTTP_ENV_DEFAULTS` unless
     already set in the environment (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``,
     ``MLFLOW_HTTP_REQUEST_TIMEOUT=15`` seconds).
@@ -116,7 +122,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsmon.sinks.history import HistoryEntry, LocalHistory, event_dict
-from ddsmon.sinks.mlflow_http import Unreachable, call, configure_http_env
+from ddsmon.sinks.mlflow_http import (
+    Misconfigured,
+    StoreNotUsable,
+    Unreachable,
+    call,
+    configure_http_env,
+)
 from ddsmon.sinks.mlflow_lease import RunLease, RunLeaseError
 from ddsmon.sinks.mlflow_outbox import Outbox, Retrier
 from ddsmon.sinks.mlflow_record import (
@@ -313,6 +325,8 @@ class MlflowSink:
                 try:
                     self._run.ensure(directory)
                     held = set(self._run.steps or ())
+                except Misconfigured as exc:
+                    raise self._not_usable(exc) from exc
                 except Unreachable as exc:
                     self._outbox.mark_down(exc)
                 self._check_spool(held)
@@ -366,9 +380,10 @@ class MlflowSink:
             try:
                 if not self._outbox.flush(force=True):
                     log.warning(
-                        "MLflow at %s unreachable on close; %d records stay spooled in %s "
+                        "MLflow at %s %s on close; %d records stay spooled in %s "
                         "and are sent at the next start",
                         self.display_uri,
+                        self._outbox.down_reason,
                         self._outbox.count(),
                         self.state.root,
                     )
@@ -412,6 +427,8 @@ class MlflowSink:
                         held = set(self._run.steps or ())
                 else:
                     held = set(self._run.refresh_steps())
+            except Misconfigured as exc:
+                raise self._not_usable(exc) from exc
             except Unreachable as exc:
                 self._outbox.mark_down(exc)
                 log.warning(
@@ -422,6 +439,13 @@ class MlflowSink:
             if not self._spool_checked:
                 self._check_spool(held)
             return self._outbox.pending_steps() | (held or set())
+
+    def _not_usable(self, exc: Misconfigured) -> StoreNotUsable:
+        """A store not usable as configured, met before anything was read: a settings
+        error naming the URI and the cause (the state and the spool are kept)."""
+        waiting = self._outbox.count()
+        kept = f"; {waiting} records stay spooled in {self.state.root}" if waiting else ""
+        return StoreNotUsable(f"MLflow at {self.display_uri}: {exc}{kept}")
 
     def _check_spool(self, held: set[int] | None) -> None:
         """The spool against its ledger (see the module docstring): lost steps are

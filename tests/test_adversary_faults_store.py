@@ -1,0 +1,200 @@
+"""A tracking URI that answers but is wrong, against the real command in a subprocess:
+an ``https://`` server whose certificate fails verification, a plain server given as
+``https://``, a proxy or sign-in page answering with HTML instead of MLflow's JSON, a
+401 page. These are settings to fix, said once at start-up naming the URI and the
+cause (exit 2, nothing read); before, they were taken for a server that is down and
+the readings spooled for ever. A 502 stays an outage (spooled, exit 3). Once running,
+such an answer spools the readings, with its cause, and they are delivered when the
+real server answers again."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import signal
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fault_helpers import REPO, cli_args, only_run_steps, wait_for, write_checkpoints
+
+_SIGN_IN = b"<html><head><title>Sign in - Example SSO</title></head><body>...</body></html>"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@contextmanager
+def _answering(
+    status: int, body: bytes, *, port: int = 0, tls: tuple[Path, Path] | None = None
+) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 (TLS with ``tls`` = (cert, key)) answering every
+    request with ``status`` and ``body`` as text/html; yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def _scan(tmp_path: Path, ckpts: Path, probe: Path, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args("scan", ckpts, probe, uri), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "unreachable" not in proc.stderr and "spooled" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_an_untrusted_certificate_is_a_settings_error_naming_the_uri(
+    tmp_path: Path, probe: Path
+) -> None:
+    """``--tracking-uri https://...`` whose certificate is self-signed: every call failed
+    verification, was classed "unreachable", and the readings waited in the spool for
+    ever. Now one line names the URI, the certificate's fault and MLflow's two settings
+    for it; nothing is read, so a scan with the setting fixed reads every checkpoint."""
+    tls = _self_signed(tmp_path)
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    with _answering(200, b"{}", tls=tls) as port:
+        line = _one_error_line(_scan(tmp_path, ckpts, probe, f"https://127.0.0.1:{port}"))
+    assert f"https://127.0.0.1:{port}" in line
+    assert "TLS certificate failed verification (self-signed certificate)" in line
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in line and "MLFLOW_TRACKING_INSECURE_TLS" in line
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fixed = _scan(tmp_path, ckpts, probe, uri)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert only_run_steps(uri) == [1, 2]
+
+
+def test_https_to_a_plain_http_server_is_named(tmp_path: Path, probe: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    with _answering(200, b"{}") as port:
+        line = _one_error_line(_scan(tmp_path, ckpts, probe, f"https://127.0.0.1:{port}"))
+    assert "does not speak TLS" in line and "http://" in line
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (200, "HTTP 200 with an HTML page titled 'Sign in - Example SSO', not MLflow's JSON"),
+        (404, "HTTP 404 to /api/2.0/mlflow/"),
+        (401, "HTTP 401 (not signed in)"),
+    ],
+)
+def test_a_page_that_is_not_mlflow_is_a_settings_error(
+    tmp_path: Path, probe: Path, status: int, said: str
+) -> None:
+    """A sign-in proxy answering 200 with its HTML page was "unreachable", spooled for
+    ever; its 401 and a 404 page (a URI missing the server's path) were said as a raw
+    REST error. Now each is one line saying what answered and what to check."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    with _answering(status, _SIGN_IN) as port:
+        line = _one_error_line(_scan(tmp_path, ckpts, probe, f"http://127.0.0.1:{port}"))
+    assert f"MLflow at http://127.0.0.1:{port}: it answered {said}" in line, line
+    if status == 401:
+        assert "MLFLOW_TRACKING_USERNAME" in line
+    else:
+        assert "not an MLflow server" in line
+
+
+def test_a_bad_gateway_is_still_an_outage(tmp_path: Path, probe: Path) -> None:
+    """502 from a proxy whose MLflow server is restarting: transient, so the readings
+    are spooled (exit 3) and sent by the next run, as before."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    page = b"<html><head><title>502 Bad Gateway</title></head></html>"
+    with _answering(502, page) as port:
+        proc = _scan(tmp_path, ckpts, probe, f"http://127.0.0.1:{port}")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "unreachable" in proc.stderr and "not usable" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_proxy_refusing_mid_run_spools_and_the_readings_arrive_later(
+    tmp_path: Path, probe: Path
+) -> None:
+    """``watch`` logs to a real server; its proxy starts answering 401 (an expired
+    session) while a checkpoint lands. That reading was dropped (a 401 was a "bad
+    request": reported, never retried, the run lacking the step for good). Now it is
+    spooled with the cause said, and delivered once the real server answers again."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    server.start()
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    err_path = tmp_path / "watch.err"
+    args = cli_args("watch", ckpts, probe, server.uri, "--quiet", "0.2")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=err)  # fmt: skip
+    try:
+        wait_for(lambda: only_run_steps(server.uri) == [1], 120, "step 1 recorded")
+        server.stop()
+        page = b"<html><head><title>401 Authorization Required</title></head></html>"
+        with _answering(401, page, port=server.port):
+            write_checkpoints(ckpts, [1, 2])
+            wait_for(lambda: "step 2 spooled" in err_path.read_text(), 120, "step 2 spooled")
+        server.start()
+        wait_for(lambda: only_run_steps(server.uri) == [1, 2], 120, "the spool replayed")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        server.stop()
+    text = err_path.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    said = [line for line in text.splitlines() if "step 2 spooled" in line]
+    assert "answers, but not as an MLflow server ddsmon can use" in said[0], text[-3000:]
+    assert "HTTP 401 (not signed in)" in said[0], said[0]
