@@ -12,8 +12,9 @@ Time is counted in training steps. Every window (reference, lag, confirmation,
 transition, dying) is a number of steps, set in one of three ways (per window):
 
 * ``X_steps``: that many steps;
-* ``X``: that many checkpoints at the run's *cadence*, the median step gap of its first
-  ``cadence_checkpoints`` checkpoints (the old checkpoint counts keep this meaning);
+* ``X``: that many checkpoints at the run's *cadence*, the median step gap of its newest
+  ``cadence_checkpoints`` checkpoints (the old checkpoint counts keep this meaning; the
+  cadence follows a run whose checkpoints thin out, as a log-spaced start does);
 * neither (the default): a fixed fraction of the run's *age*, the steps since the first
   checkpoint read (:data:`AGE_FRACTIONS`: the reference is the half of the run before
   the last fifth, a transition's collapses fall within half of it and are held for 2%
@@ -76,8 +77,15 @@ message; some carry more, see :meth:`Event.to_dict`):
 
     Nothing is decided before ``min_reference`` values are in the reference (fewer when
     a reference window given in steps or checkpoints cannot hold that many at the run's
-    cadence), so the first checkpoints (``min_reference`` before the lag: about 7 by
-    default) are a warm-up: early training (memorisation) moves every reading by decades.
+    cadence), and nothing before the run's age passed the lag and ``min_reference - 1``
+    cadences (:attr:`EventWindows.warm_up`, at the cadence now), so the first
+    checkpoints (``min_reference`` before the lag: about 7 by default, at a regular
+    cadence) are a warm-up: early training (memorisation) moves every reading by
+    decades. A log-spaced start (steps 0, 1, 2, 4, ... 64, then every 25) stays in the
+    warm-up until its age is that of a run checkpointed at the later cadence; counted in
+    checkpoints alone, its warm-up ended at step 64, within memorisation, which made a
+    "not generalising" transition of the example's control. Once over, the warm-up stays
+    over, though the cadence grow later.
     A departure that already held at the previous checkpoint when a reading is first
     decided (its previous value past the same threshold of the same reference) happened
     in the warm-up: the state leaves normal silently, reporting neither it nor its
@@ -334,8 +342,8 @@ class EventConfig:
         above ``dying_min`` for a ``dying`` event (default: a tenth of the age, at least
         two checkpoints).
     cadence_steps: the run's cadence in steps; None (default): the median step gap of
-        its first ``cadence_checkpoints`` checkpoints.
-    cadence_checkpoints: how many first checkpoints the cadence is measured on.
+        its newest ``cadence_checkpoints`` checkpoints, as the run goes.
+    cadence_checkpoints: how many newest checkpoints the cadence is measured on.
 
     Thresholds:
 
@@ -460,11 +468,12 @@ class EventConfig:
                 )
         return cls(**_checked_values(data, source))
 
-    def windows(self, cadence: float, age: float = 0.0) -> EventWindows:
+    def windows(self, cadence: float, age: float = 0.0, warm: bool = False) -> EventWindows:
         """The windows in steps at a run's ``cadence`` (steps between checkpoints) and
         ``age`` (steps since the first checkpoint read): ``X_steps`` where set, else
         ``X`` checkpoints at the cadence, else the default fraction of the age
-        (:data:`AGE_FRACTIONS`)."""
+        (:data:`AGE_FRACTIONS`). ``warm``: the warm-up ended at an earlier checkpoint
+        (:attr:`EventWindows.warm`)."""
         if not (cadence > 0 and math.isfinite(cadence)):
             raise DDSError(f"cadence must be a positive number of steps, got {cadence!r}")
         age = max(0.0, float(age))
@@ -497,6 +506,7 @@ class EventConfig:
             confirm=spans["confirm"],
             dying_window=spans["dying_window"],
             min_reference=least,
+            warm=warm,
         )
 
 
@@ -521,7 +531,10 @@ class EventWindows:
     ``min_reference`` is the config's; where the reference window is given (in steps or
     checkpoints) it is cut to what the window holds at this cadence (at least 1).
     ``warm_up``: the age before which nothing is decided, the lag plus
-    ``min_reference - 1`` cadences.
+    ``min_reference - 1`` cadences (in steps, at the cadence now, so a log-spaced start
+    is a warm-up until its checkpoints are as far apart as the later ones). ``warm``: the
+    age passed ``warm_up`` at an earlier checkpoint; the warm-up, once over, stays over
+    when the cadence grows later (every 50 steps, then every 500).
     """
 
     cadence: float
@@ -532,10 +545,17 @@ class EventWindows:
     confirm: float
     dying_window: float
     min_reference: int
+    warm: bool = False
 
     @property
     def warm_up(self) -> float:
         return self.reference_lag + (self.min_reference - 1) * self.cadence
+
+    @property
+    def in_warm_up(self) -> bool:
+        """Nothing is decided yet: the age is below :attr:`warm_up`, and was at every
+        earlier checkpoint."""
+        return not self.warm and self.age < self.warm_up
 
     def describe(self) -> str:
         """One line for a log: the windows and the cadence they were derived at."""
@@ -856,70 +876,113 @@ def _thin(buffer: deque[Any]) -> None:
 
 
 class _Cadence:
-    """The run's cadence: pinned by the config, or the median step gap of its first
-    ``cadence_checkpoints`` checkpoints (provisional until that many were seen)."""
+    """The run's cadence: pinned by the config, or the median of its newest step gaps
+    (the last ``cadence_checkpoints`` checkpoints'), so it follows a run whose cadence
+    changes: a log-spaced start (steps 0, 1, 2, 4, ... 512, then every 1000) or a
+    trainer checkpointing every 50 steps, then every 500. A gap left by a few
+    checkpoints rotated away before they were read, or steps jittered around the
+    cadence, do not move the median.
+
+    ``warm``: the warm-up is over (:attr:`EventWindows.warm`); once over it stays over,
+    so a cadence growing later in the run does not start it again.
+    """
 
     def __init__(self, cfg: EventConfig) -> None:
         self.cfg = cfg
-        self.steps: list[int] = []
+        self.gaps: deque[int] = deque(maxlen=cfg.cadence_checkpoints - 1)
         self.value: float | None = (
             float(cfg.cadence_steps) if cfg.cadence_steps is not None else None
         )
-        self.frozen = cfg.cadence_steps is not None
+        self.pinned = cfg.cadence_steps is not None
+        self.seen = 0  # checkpoints seen
         self.first: int | None = None
         self.last: int | None = None
         self.warned = False
+        self.warm = False
+
+    @property
+    def settled(self) -> bool:
+        """Pinned, or measured on a full ``cadence_checkpoints`` (the windows are said)."""
+        return self.pinned or self.seen >= self.cfg.cadence_checkpoints
 
     def push(self, step: int) -> None:
-        if self.last is not None and self.value is not None and self.frozen and not self.warned:
+        if self.last is not None:
             gap = step - self.last
-            if gap > _CADENCE_DRIFT * self.value or gap * _CADENCE_DRIFT < self.value:
-                self.warned = True
-                log.warning(
-                    "event detector: checkpoints %d steps apart, the windows were set at a "
-                    "cadence of %g steps (the median gap of the first %d checkpoints); set "
-                    "the [events] *_steps keys (or cadence_steps) to fix them",
-                    gap,
-                    self.value,
-                    len(self.steps) or self.cfg.cadence_checkpoints,
-                )
+            self._drift(gap)
+            if not self.pinned:
+                self.gaps.append(gap)
+                self.value = float(_median(self.gaps))
         self.last = step
         if self.first is None:
             self.first = step
-        if self.frozen:
+        self.seen += 1
+        win = self.windows()
+        if win is not None and win.age >= win.warm_up:
+            self.warm = True
+
+    def _drift(self, gap: int) -> None:
+        """Warn, once, of a gap far off the cadence: the pinned one, or every recent gap
+        (a gap doubling at each checkpoint, as in a log-spaced start, is no drift)."""
+        if self.warned:
             return
-        self.steps.append(step)
-        gaps = [b - a for a, b in itertools.pairwise(self.steps)]
-        if gaps:
-            self.value = float(_median(gaps))
-        if len(self.steps) >= self.cfg.cadence_checkpoints:
-            self.frozen = True
+        if self.pinned and self.value is not None:
+            low = high = self.value
+            said = f"the windows were set at the pinned cadence_steps = {self.value:g}"
+            fix = "check cadence_steps, or set the [events] *_steps keys"
+        elif self.gaps:
+            low, high = float(min(self.gaps)), float(max(self.gaps))
+            said = (
+                f"after a cadence of {self.value:g} steps (checkpoints missing, or the "
+                f"cadence changed); the windows follow the median of the newest "
+                f"{self.gaps.maxlen} gaps"
+            )
+            fix = "to pin them, set the [events] *_steps keys (or cadence_steps)"
+        else:
+            return
+        if gap > _CADENCE_DRIFT * high or gap * _CADENCE_DRIFT < low:
+            self.warned = True
+            log.warning("event detector: checkpoints %d steps apart %s; %s", gap, said, fix)
 
     def windows(self) -> EventWindows | None:
         """The windows at the newest step (None while the cadence is unknown)."""
         if self.value is None:
             return None
         age = 0.0 if self.first is None or self.last is None else float(self.last - self.first)
-        return self.cfg.windows(self.value, age)
+        return self.cfg.windows(self.value, age, warm=self.warm)
 
     def to_state(self) -> dict[str, Any]:
         return {
-            "steps": list(self.steps),
+            "gaps": list(self.gaps),
             "value": self.value,
-            "frozen": self.frozen,
+            "seen": self.seen,
             "first": self.first,
             "last": self.last,
             "warned": self.warned,
+            "warm": self.warm,
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
-        if self.cfg.cadence_steps is None:
-            self.steps = [int(s) for s in state["steps"]]
-            self.value = None if state["value"] is None else float(state["value"])
-            self.frozen = bool(state["frozen"])
+        """Restore :meth:`to_state`'s dict; one saved when the cadence was the median gap
+        of the *first* checkpoints (``steps``, ``frozen``) starts from those gaps."""
+        if "gaps" in state:
+            gaps = [int(g) for g in state["gaps"]]
+        else:
+            gaps = [b - a for a, b in itertools.pairwise(int(s) for s in state["steps"])]
         self.first = None if state["first"] is None else int(state["first"])
         self.last = None if state["last"] is None else int(state["last"])
         self.warned = bool(state["warned"])
+        self.seen = int(state.get("seen", len(gaps) + 1 if gaps else 0))
+        if "steps" in state and state.get("frozen"):
+            self.seen = max(self.seen, self.cfg.cadence_checkpoints)
+        if not self.pinned:
+            self.gaps.clear()
+            self.gaps.extend(gaps)
+            self.value = None if state["value"] is None else float(state["value"])
+        if "warm" in state:
+            self.warm = bool(state["warm"])
+        else:
+            win = self.windows()
+            self.warm = win is not None and win.age >= win.warm_up
 
 
 # --------------------------------------------------------------------------- scanners
@@ -983,7 +1046,7 @@ class _LevelScanner:
         if value is None:
             return None
         event = None
-        if win is not None:
+        if win is not None and (self.decided or not win.in_warm_up):
             values = self._reference(step, win)
             if values and len(values) >= win.min_reference:
                 prior = self.buffer[-1][1] if self.buffer and not self.decided else None
@@ -1232,7 +1295,7 @@ class _DyingScanner:
         while len(self.run) >= 2 and self.run[1][0] <= step - window:
             self.run.popleft()
         _thin(self.run)
-        if not self.armed or step - self.start < window or win.age < win.warm_up:
+        if not self.armed or step - self.start < window or win.in_warm_up:
             return value, None
         first = self.run[0]
         now = self._ratio(point)
@@ -1781,7 +1844,7 @@ class EventDetector:
             raise DDSError(f"meta at step {step} must be a dict, got {type(meta).__name__}")
         self._cadence.push(step)
         win = self._cadence.windows()
-        if win is not None and self._cadence.frozen and not self._said_windows:
+        if win is not None and self._cadence.settled and not self._said_windows:
             self._said_windows = True
             log.info("event detector: %s", win.describe())
         self._trainer.push(step, meta, win)
@@ -1863,7 +1926,7 @@ class EventDetector:
             det = cls(config or EventConfig.from_dict(state["config"]))
             det._last_step = None if state["last_step"] is None else int(state["last_step"])
             det._cadence.load(state["cadence"])
-            det._said_windows = det._cadence.frozen
+            det._said_windows = det._cadence.settled
             det._trainer.load(state["trainer"])
             det._samples.load(state.get("samples_resolved", []))
             det._transitions.load(state["transitions"])
@@ -1905,12 +1968,14 @@ class EventDetector:
             cadence = float(_median(gaps))
             if det.config.cadence_steps is None:
                 det._cadence.value = cadence
-                det._cadence.frozen = True
-                det._cadence.steps = steps[: det.config.cadence_checkpoints]
+                det._cadence.gaps.extend(gaps[-(det.config.cadence_checkpoints - 1) :])
+            det._cadence.seen = max(len(steps), det.config.cadence_checkpoints)
             old = state["transitions"]
             index = int(old["index"])  # checkpoints seen, less one
             det._cadence.last = last
             det._cadence.first = last - round(index * cadence)
+            now = det._cadence.windows()
+            det._cadence.warm = now is not None and now.age >= now.warm_up
             det._said_windows = True
             det._transitions.quiet_until = (
                 None

@@ -1,0 +1,199 @@
+"""Events on checkpoint cadences nobody tuned on: a log-spaced start (Pythia-style: steps
+0, 1, 2, 4, ... then a regular cadence), a cadence that changes mid-run, checkpoints
+rotated away before they were read, jittered steps.
+
+The runs are the modular-addition example trained by its own ``train`` (every step
+saved, then the checkpoints off the schedule removed, as a trainer's rotation does), read
+in-process by the engine and the detector, and once through ``ddsmon scan`` with
+``--events-json`` and the MLflow store read back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from ddsmon import compute_signatures
+from ddsmon.events import Event, EventConfig, EventDetector
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "modular_addition"
+
+#: Pythia's schedule at this run's scale: log-spaced to 64, then every 25 steps.
+LOG_SPACED = [0, 1, 2, 4, 8, 16, 32, 64, *range(75, 201, 25)]
+
+
+def _example(name: str) -> ModuleType:
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    spec = importlib.util.spec_from_file_location(f"modadd_{name}_dyn", EXAMPLE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The weight-decay-free control (memorises within ~60 steps, never generalises),
+    200 steps, the checkpoints of :data:`LOG_SPACED` kept."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("control")
+    try:
+        _example("train").train(
+            run / "ckpts", steps=200, every=1, weight_decay=0.0, probe_out=run / "probe.pt"
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for path in (run / "ckpts").glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) not in LOG_SPACED:
+            path.unlink()  # rotated away before anything read it
+    yield run
+
+
+def _read(run: Path) -> list[tuple[int, dict, dict]]:
+    factory = _example("model").make_model
+    probe = torch.load(run / "probe.pt", weights_only=True)
+    rows = []
+    for path in sorted((run / "ckpts").glob("step_*.pt")):
+        ck = torch.load(path, weights_only=True)
+        model = factory()
+        model.load_state_dict(ck["model"])
+        sig = compute_signatures(model, probe["inputs"], probe["targets"], loss="ce", device="cpu")
+        meta = {k: float(v) for k, v in ck.items() if k not in ("model", "step")}
+        rows.append((int(ck["step"]), meta, {k: s.to_dict() for k, s in sig.layers.items()}))
+    return rows
+
+
+def test_a_log_spaced_start_is_a_warm_up_not_a_transition(
+    control: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The cadence was the median gap of the first 5 checkpoints (1.5 steps here) for
+    # good: the warm-up was over at the 8th checkpoint, step 64, in the middle of
+    # memorisation, which collapsed two readings against steps 1-32 and made a
+    # "not generalising" transition at step 75; and a gap of 8 steps was warned about
+    # as if the user had set the windows wrong. Now the cadence follows the newest gaps
+    # and the warm-up lasts until the checkpoints are as far apart as the later ones.
+    rows = _read(control)
+    assert [s for s, _, _ in rows] == LOG_SPACED
+    det = EventDetector()
+    events: list[Event] = []
+    with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
+        for step, meta, layers in rows:
+            events += det.update(step, layers, meta)
+    assert [e for e in events if e.kind in ("collapse", "transition")] == [], events
+    assert det.cadence == 25
+    assert "steps apart" not in caplog.text
+
+
+def _synthetic(lam: float, vol: float) -> dict:
+    from ddsmon.signature import LayerSignature
+
+    return LayerSignature(
+        "fc", 64, 64, 16,
+        sigma_min=0.3, sigma_max=3.0, x_rank=10, x_dead=6,
+        lambda_min=lam, lambda_max=1.0, g_rank=10, g_dead=6,
+        logdet=vol, log_volume=vol,
+    ).to_dict()  # fmt: skip
+
+
+def _feed(steps: Sequence[int], fall_at: float, cfg: EventConfig | None = None):
+    """Two layers whose lambda_ratio and log_volume fall 4 decades / 40 nats over 200
+    steps from ``fall_at`` (``b`` 100 steps later), with a small wobble."""
+    det = EventDetector(cfg or EventConfig())
+    events = []
+    for step in steps:
+        pts = {}
+        for name, shift in (("a", 0.0), ("b", 100.0)):
+            x = min(max((step - fall_at - shift) / 200, 0.0), 1.0)
+            wobble = 0.05 * math.sin(step / 37.0)
+            pts[name] = _synthetic(10 ** (-2.0 - 4.0 * x + wobble), -20.0 - 40.0 * x + wobble)
+        events += det.update(step, pts)
+    return det, events
+
+
+def test_the_cadence_follows_the_run_when_it_changes() -> None:
+    # Pythia-style: log-spaced to 512, then every 1000; windows counted in checkpoints
+    # span checkpoints of the cadence now, not of the first five (1.5 steps: a window
+    # of 8 "checkpoints" was 12 steps, holding none of them)
+    pythia = [0, *[2**k for k in range(10)], *range(1000, 20001, 1000)]
+    det, _ = _feed(pythia, 1e9, EventConfig(reference_window=8, reference_lag=2))
+    assert det.cadence == 1000
+    assert det.windows is not None and det.windows.reference_window == 8000
+    # every 50 steps, then every 500: the new cadence holds after a few checkpoints
+    det, _ = _feed([*range(0, 1000, 50), *range(1000, 8001, 500)], 1e9)
+    assert det.cadence == 500
+    # a few checkpoints rotated away, or steps jittered, do not move it
+    gaps = [s for s in range(0, 5001, 100) if not 2000 <= s <= 2300]
+    assert _feed(gaps, 1e9)[0].cadence == 100
+    jittered = [s + (7 * s // 100) % 21 - 10 for s in range(100, 5001, 100)]
+    assert 90 <= (_feed(jittered, 1e9)[0].cadence or 0) <= 110
+
+
+def test_a_cadence_that_grows_after_the_warm_up_does_not_start_it_again() -> None:
+    # every 50 to step 1000, then every 500: at the new cadence the warm-up would reach
+    # to age 3125 (the lag plus 5 cadences), but it ended at step ~350 and stays ended,
+    # so a phase change at 2000-2300 is seen as it happens
+    steps = [*range(0, 1000, 50), *range(1000, 8001, 500)]
+    _, events = _feed(steps, 2000)
+    transitions = [e for e in events if e.kind == "transition"]
+    assert len(transitions) == 1 and transitions[0].step <= 3500, events
+    # and a steady run on that schedule stays quiet
+    _, quiet = _feed(steps, 1e9)
+    assert [e for e in quiet if e.kind != "rank_change"] == []
+
+
+@pytest.mark.slow  # about 13 s: a scan's start-up (MLflow's store) on the shared 2 cores
+def test_a_log_spaced_start_is_quiet_through_scan(control: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
+    store = tmp_path / "mlflow.db"
+    events_json = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ddsmon"),
+            "scan",
+            str(control / "ckpts"),
+            "--model",
+            f"{EXAMPLE / 'model.py'}:make_model",
+            "--probe",
+            str(control / "probe.pt"),
+            "--loss",
+            "ce",
+            "--tracking-uri",
+            f"sqlite:///{store}",
+            "--events-json",
+            str(events_json),
+            "--no-plots",
+            "--threads",
+            "1",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"read {len(LOG_SPACED)}, failed 0, events 0" in proc.stdout, proc.stdout
+    assert "steps apart" not in proc.stderr, proc.stderr
+    assert not events_json.exists() or events_json.read_text() == ""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "ddsmon/checkpoint")]
+    assert sorted(steps) == LOG_SPACED
+    assert [k for k in run.data.tags if k.startswith("dds.event.")] == []
+    assert [k for k in run.data.metrics if k.startswith("dds/events/")] == []
