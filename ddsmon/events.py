@@ -104,7 +104,9 @@ message; some carry more, see :meth:`Event.to_dict`):
     within the last ``transition_window`` steps, each of which has held (no revival of
     the same pair) for at least ``confirm`` steps: a grokking-like phase change, the
     headline alert. A transient dip that recovers within ``confirm`` steps is a collapse
-    and a revival, never part of a transition; a collapse counts toward one transition
+    and a revival, never part of a transition; so are collapses whose layer turns
+    non-finite before they are confirmed (a run diverging: its loss blew up at the
+    checkpoint before its weights went NaN, and no reading held the collapses since); a collapse counts toward one transition
     only, and collapses in the ``transition_window`` steps after a transition belong to
     it (one alert per phase change). ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
@@ -1217,7 +1219,7 @@ class _NonfiniteScanner:
         self.was_finite = finite
         if not entered:
             return None
-        what = reading.get("nonfinite") or "activations or gradients"
+        what = reading.get("nonfinite") or "activations or gradients not finite"
         return Event(
             step,
             self.layer,
@@ -1226,7 +1228,8 @@ class _NonfiniteScanner:
             None,
             None,
             1.0,
-            f"nonfinite: {self.layer} {what} held NaN/inf",
+            f"nonfinite: {self.layer} {what} (NaN/inf); its readings are left out of the "
+            "event history until it is finite again",
         )
 
 
@@ -1454,8 +1457,9 @@ class _TransitionScanner:
     """Groups collapses across readings and layers into transitions.
 
     ``ledger`` holds the collapses of the last ``transition_window`` steps (dicts with
-    step, layer, reading, magnitude, dying, revived, claimed); collapses before
-    ``quiet_until`` (a step) belong to the transition just reported.
+    step, layer, reading, magnitude, dying, revived, claimed, and broken once their layer
+    turned non-finite); collapses before ``quiet_until`` (a step) belong to the
+    transition just reported.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
@@ -1488,6 +1492,13 @@ class _TransitionScanner:
                 for entry in self.ledger:
                     if entry["layer"] == ev.layer and entry["reading"] == ev.reading:
                         entry["revived"] = True
+            elif ev.kind == "nonfinite":
+                # the layer broke before its collapses were confirmed: they were the run
+                # diverging (its loss blowing up a checkpoint before the weights went
+                # NaN), held by no reading since, not a phase change
+                for entry in self.ledger:
+                    if entry["layer"] == ev.layer:
+                        entry["broken"] = True
         if win is None:
             return []
         span = win.transition_window
@@ -1495,7 +1506,8 @@ class _TransitionScanner:
         ready = [
             e
             for e in self.ledger
-            if not (e["revived"] or e["claimed"]) and e["step"] <= step - win.confirm
+            if not (e["revived"] or e["claimed"] or e.get("broken"))
+            and e["step"] <= step - win.confirm
         ]
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
         for e in ready:
@@ -1698,13 +1710,14 @@ def detect_transitions(
 ) -> list[Event]:
     """``transition`` events at the newest checkpoint ``steps[-1]``.
 
-    ``events`` are the collapse/revival events so far (any others are ignored), across
-    every layer; ``steps`` the checkpoint steps so far in order (the cadence is measured
+    ``events`` are the collapse/revival/nonfinite events so far (any others are
+    ignored), across every layer; ``steps`` the checkpoint steps so far in order (the cadence is measured
     on them); ``meta`` the trainer's scalars of each checkpoint (aligned with ``steps``),
     for the transition's ``trainer_before`` / ``trainer_after`` / ``label``. A collapse
     counts when it lies within the last ``transition_window`` steps, has not been
-    followed by a revival of the same (layer, reading), has held at least ``confirm``
-    steps, and did not already count toward an earlier transition.
+    followed by a revival of the same (layer, reading) nor by its layer turning
+    non-finite, has held at least ``confirm`` steps, and did not already count toward an
+    earlier transition.
     """
     if not steps:
         return []
@@ -1714,7 +1727,7 @@ def detect_transitions(
         raise DDSError(f"detect_transitions: {len(meta)} meta for {len(steps)} checkpoint steps")
     by_index: list[list[Event]] = [[] for _ in steps]
     for ev in events:
-        if ev.kind not in ("collapse", "revival"):
+        if ev.kind not in ("collapse", "revival", "nonfinite"):
             continue
         i = bisect.bisect_left(steps, ev.step)
         if i == len(steps) or steps[i] != ev.step:

@@ -26,7 +26,8 @@ How readings are shown:
   rose, ``↓`` when it fell. A reading that fell under its floor counts as ``↓``, one that
   rose above it as ``↑``; ranks move on any change. Readings that did not move carry no
   arrow, so a quiet table is a still one.
-* A layer whose activations or gradients held NaN/inf is shown in red with the reason.
+* A layer whose activations or gradients held NaN/inf is shown in red with the reason;
+  a checkpoint where every layer did is said to have diverged (:data:`_DIVERGED`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ EVENT_STYLES: dict[str, str] = {
     "nonfinite": "red",
     "dying": "magenta",
 }
+#: What the view says of a checkpoint where every layer read is non-finite.
+_DIVERGED = (
+    "every layer non-finite: the run diverged (NaN/inf weights or loss), or the probe holds NaN/inf"
+)
 
 UP, DOWN = "↑", "↓"
 
@@ -245,6 +250,8 @@ def _signatures_parts(
         for column, cell in zip(cells, row, strict=True):
             column.append(cell)
 
+    if notes and len(notes) == len(signatures.layers):
+        notes.insert(0, Text(_DIVERGED, style="bold red"))
     legend: list[str] = []
     if unresolved:
         legend.append("<f: unresolved, below the trust floor f")
@@ -507,10 +514,12 @@ def _run_label(params: Mapping[str, str]) -> str | None:
 
 def _event_cells(event: Event) -> tuple[Text, Text, Text]:
     style = EVENT_STYLES.get(event.kind, "bold")
-    detail = Text(f"'{escaped(event.layer)}' {event.reading} ")  # quoted: a layer "1" is no count
-    if event.before is not None or event.after is not None:
-        detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
-    detail.append(f" (magnitude {_num(event.magnitude)})", style="dim")
+    detail = Text(f"'{escaped(event.layer)}'")  # quoted: a layer "1" is no count
+    if event.kind != "nonfinite":  # its reading ("finite") and magnitude (1) say nothing
+        detail.append(f" {event.reading} ")
+        if event.before is not None or event.after is not None:
+            detail.append(f"{_num(event.before)} → {_num(event.after)}", style=style)
+        detail.append(f" (magnitude {_num(event.magnitude)})", style="dim")
     if event.message:
         detail.append(f"  {event.message}")
     return Text(f"step {event.step}", style="dim"), Text(event.kind.upper(), style=style), detail
@@ -794,6 +803,8 @@ class TerminalSink:
         bad = [name for name, s in layers.items() if not s.finite]
         if bad:
             parts.append(f"nonfinite=[{','.join(bad)}]")
+        if bad and len(bad) == len(layers):
+            parts.append(f"({_DIVERGED})")
         parts += [f"{k}={_num(v, '.4g')}" for k, v in reading.meta.items()]
         timing = f"read in {reading.read_seconds:.2f}s"
         if reading.load_seconds:
