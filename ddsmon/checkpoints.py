@@ -12,13 +12,16 @@ Recognised kinds (:data:`KINDS`):
                  ``save_pretrained`` folder of any name (``config.json`` beside the
                  weights of :data:`HF_WEIGHTS`, or a variant's (``model.ema.safetensors``),
                  and nothing else:
-                 :func:`is_pretrained_folder`; e.g. ``step_500/``)
+                 :func:`is_pretrained_folder`; e.g. ``step_500/``); either may hold a
+                 PEFT adapter instead of the model's weights (``adapter_config.json``
+                 beside ``adapter_model.safetensors``: :func:`adapter_weights`)
     dcp          a torch.distributed.checkpoint folder (holds a ``.metadata`` file)
 
 Never checkpoints: temporary names (``*.tmp``, ``*.partial``, ``*.part``, ``*.temp``,
 ``*~``, dot-files, Hugging Face's ``tmp-checkpoint-<step>/``), anything inside a
 dot-directory or a temporary folder (such as the daemon's own ``.ddsmon/`` state
-directory), files inside an hf/dcp folder (they belong to the folder), the Trainer's
+directory), files inside an hf/dcp folder (they belong to the folder), a PEFT adapter's weights
+(``adapter_model.safetensors``) until its ``adapter_config.json`` is beside it, the Trainer's
 side files that hold no weights (:data:`SIDE_FILES`: ``training_args.bin``,
 ``optimizer.pt``, ...), and, when a root is given, symbolic links that point back
 into the root (aliases such as Lightning's ``last.ckpt`` link).
@@ -39,7 +42,8 @@ place and events alone cannot tell a finished file from a paused writer:
                   folder holding the Trainer's files waits for it
                   (:func:`awaits_trainer_state`); a ``save_pretrained`` folder (which
                   has none, whatever its name) needs its ``config.json`` to parse
-                  instead.
+                  instead; a PEFT adapter folder, its ``adapter_config.json`` (peft
+                  writes it after the adapter's weights) and the adapter's weights.
     dcp           a non-empty ``.metadata`` (torch writes it last).
 
 Only regular files are ever opened (:func:`open_regular`: the type is checked with
@@ -77,6 +81,8 @@ from ddsmon.errors import ConfigError
 from ddsmon.shown import shown
 
 __all__ = (
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "HF_SHARD",
     "HF_WEIGHTS",
     "HF_WEIGHTS_NAME",
@@ -89,6 +95,7 @@ __all__ = (
     "Kind",
     "RefusedFile",
     "accelerate_models",
+    "adapter_weights",
     "awaits_trainer_state",
     "check_complete",
     "checkpoint_for",
@@ -139,6 +146,13 @@ HF_WEIGHTS: tuple[str, ...] = (
     "pytorch_model.bin.index.json",
 )
 """Weights files of a Hugging Face checkpoint folder, in the order they are looked for."""
+
+ADAPTER_WEIGHTS: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
+"""A PEFT adapter's weights (a LoRA fine-tune's ``checkpoint-N/``, ``PeftModel.save_pretrained``),
+in the order they are looked for: read only where the folder holds no model weights."""
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""The PEFT adapter's settings beside :data:`ADAPTER_WEIGHTS` (peft writes it after them)."""
 
 #: The HF Trainer's own files in ``checkpoint-N/`` (see :func:`awaits_trainer_state`).
 _TRAINER_NAMES = (
@@ -264,6 +278,16 @@ def hf_weights(names: list[str] | tuple[str, ...] | set[str]) -> HfWeights:
     return HfWeights(name, chosen, beside)
 
 
+def adapter_weights(names: list[str] | tuple[str, ...] | set[str]) -> str | None:
+    """The PEFT adapter weights file among a Hugging Face folder's entries (``names``)
+    (:data:`ADAPTER_WEIGHTS`, in that order) when the folder holds no model weights (no
+    file :func:`hf_weights` would read, no shard), else None: a folder holding the
+    model's weights is read from them, whatever adapter lies beside them."""
+    if hf_weights(names).name is not None or any(HF_SHARD.match(n) for n in names):
+        return None
+    return next((n for n in ADAPTER_WEIGHTS if n in names), None)
+
+
 _ACCELERATE_MODEL = re.compile(r"^(model|pytorch_model)(?:_(\d+))?\.(safetensors|bin)$")
 _ACCELERATE_STATE = re.compile(r"^random_states_\d+\.pkl$")
 
@@ -351,13 +375,16 @@ def is_hf_folder_name(name: str) -> bool:
 def is_pretrained_folder(path: Path | str) -> bool:
     """True for what ``save_pretrained`` writes: a folder holding ``config.json`` and
     the model's weights (a file of :data:`HF_WEIGHTS`, or shards still waiting for their
-    index: :data:`HF_SHARD`; present, not necessarily complete), and nothing that makes
+    index: :data:`HF_SHARD`; present, not necessarily complete), or a PEFT adapter's
+    (``adapter_config.json`` and a file of :data:`ADAPTER_WEIGHTS`), and nothing that makes
     it something else: no subfolder (a Trainer's ``output_dir`` holds ``checkpoint-N/``
     folders beside the final model's files) and no checkpoint file of another name (a
     custom loop's folder of ``step_N.pt`` files beside a ``config.json``). No check that
     ``path`` is a folder."""
     path = Path(path)
-    if not os.path.lexists(path / "config.json"):
+    model = os.path.lexists(path / "config.json")
+    adapter = os.path.lexists(path / ADAPTER_CONFIG)
+    if not model and not adapter:
         return False
     try:
         with os.scandir(path) as entries:
@@ -370,7 +397,9 @@ def is_pretrained_folder(path: Path | str) -> bool:
         return False
     weights = False
     for name in names:
-        if HF_WEIGHTS_NAME.match(name) or HF_SHARD.match(name):
+        if (model and (HF_WEIGHTS_NAME.match(name) or HF_SHARD.match(name))) or (
+            adapter and name in ADAPTER_WEIGHTS
+        ):
             weights = True
         elif (
             os.path.splitext(name)[1].lower() in _SUFFIX_KIND
@@ -508,6 +537,8 @@ def classify(
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
     if file_kind is None or SIDE_FILES.match(name) or HF_SHARD.match(name):
         return None
+    if name in ADAPTER_WEIGHTS and not os.path.lexists(path.parent / ADAPTER_CONFIG):
+        return None  # a PEFT adapter's weights, read once peft has written its config
     # model_1 of an Accelerate save (a subfolder of the root: never a file directly in
     # the root, so that a flat folder of model_<N> files costs no listing per file)
     if rel is not None and len(rel.parts) > 1 and not named:
@@ -536,7 +567,9 @@ def checkpoint_for(path: Path | str, root: Path | str, *, depth: int = 2) -> Che
     That is the hf/dcp folder holding it (``checkpoint-500/model.safetensors`` ->
     ``checkpoint-500/``; ``step9/.metadata`` -> ``step9/``), else ``path`` itself when it
     is a checkpoint no deeper than ``depth`` levels below the root (the depth
-    :func:`discover` looks at). Used by the watcher to map filesystem events.
+    :func:`discover` looks at); a PEFT ``adapter_config.json`` outside such a folder maps
+    to the adapter weights beside it (a Trainer's final ``save_model`` into the watched
+    folder). Used by the watcher to map filesystem events.
     """
     path, root = Path(path), Path(root)
     rel = _within(path, root)
@@ -550,6 +583,10 @@ def checkpoint_for(path: Path | str, root: Path | str, *, depth: int = 2) -> Che
             return classify(folder, root)
     if len(rel.parts) > depth:
         return None
+    if path.name == ADAPTER_CONFIG:  # written after the adapter's weights, which it completes
+        for weights in ADAPTER_WEIGHTS:
+            if os.path.lexists(path.parent / weights):
+                return classify(path.parent / weights, root)
     return classify(path, root)
 
 
@@ -979,11 +1016,19 @@ def _check_hf(path: Path) -> str | None:
     if reason is not None:
         return reason
     try:
-        chosen = hf_weights(os.listdir(path))
+        names = os.listdir(path)
     except FileNotFoundError:
         return "vanished (no such folder)"
+    chosen = hf_weights(names)
     if chosen.problem is not None:
         return chosen.problem
+    adapter = adapter_weights(names)
+    if adapter is not None:  # peft writes its adapter_config.json after the weights
+        _, reason = _check_json(path / ADAPTER_CONFIG)
+        if reason is not None:
+            return reason
+        reason = _check_weights_file(path / adapter)
+        return f"{adapter}: {reason}" if reason else None
     if chosen.name is not None:
         weights = path / chosen.name
         if chosen.name.endswith(".json"):
@@ -994,7 +1039,7 @@ def _check_hf(path: Path) -> str | None:
         return SHARDS_WITHOUT_INDEX
     return (
         f"no weights file (looked for {', '.join(HF_WEIGHTS)}, or a variant of one: "
-        "model.<variant>.safetensors ...)"
+        f"model.<variant>.safetensors ..., or a PEFT adapter's {' / '.join(ADAPTER_WEIGHTS)})"
     )
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ddsmon.checkpoints import CheckpointRef, RefusedFile, accelerate_models
+from ddsmon.checkpoints import ADAPTER_WEIGHTS, CheckpointRef, RefusedFile, accelerate_models
 from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
-from ddsmon.loading.huggingface import _load_hf_folder
+from ddsmon.loading.huggingface import _load_adapter_folder, _load_hf_folder
 from ddsmon.loading.key_matching import (
     _apply,
     _Candidate,
@@ -52,7 +52,12 @@ def load_checkpoint(
     path = Path(ref.path)
     kind = ref.kind
     try:
-        if kind in ("torch", "lightning", "safetensors"):
+        if path.name in ADAPTER_WEIGHTS and kind in ("torch", "safetensors"):
+            # a PEFT adapter saved into a folder of checkpoints (a Trainer's final
+            # save_model): read with the adapter_config.json beside it, as a folder's
+            model, source = _load_adapter_folder(path.parent, path.name, factory, trust)
+            loaded = LoadedCheckpoint(model, None, {}, source=source)
+        elif kind in ("torch", "lightning", "safetensors"):
             loaded = _load_file_or_sibling(path, kind, factory, trust)
         elif kind == "hf":
             loaded = _load_hf_folder(path, factory, trust)

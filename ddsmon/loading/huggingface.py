@@ -14,14 +14,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from ddsmon.checkpoints import (
+    ADAPTER_CONFIG,
     HF_WEIGHTS,
     JSON_LIMIT,
     RefusedFile,
+    adapter_weights,
     hf_weights,
     read_regular,
     stat_regular,
 )
 from ddsmon.errors import CheckpointError, ConfigError
+from ddsmon.loading.adapters import base_model_folder, load_adapter_into
 from ddsmon.loading.file_formats import (
     _open,
     _safetensors_header,
@@ -79,9 +82,17 @@ def _lost_entries(path: Path, before: set[str]) -> bool:
 
 
 def _load_hf_contents(
-    path: Path, factory: Callable[[], nn.Module] | None, trust: bool
+    path: Path, factory: Callable[[], nn.Module] | None, trust: bool, *, adapters: bool = True
 ) -> LoadedCheckpoint:
+    """adapters: whether a PEFT adapter folder is read (:func:`_load_adapter_folder`); not
+    for a base model an adapter names (an adapter is never the base of another)."""
     step, meta, trainer_log = _hf_trainer_state(path)
+    adapter = adapter_weights(_listing(path))
+    if adapter is not None:
+        if not adapters:
+            raise CheckpointError(path, f"a PEFT adapter ({adapter}), not a model's weights")
+        model, source = _load_adapter_folder(path, adapter, factory, trust)
+        return LoadedCheckpoint(model, step, meta, trainer_log, source=source)
     weights_files, note = _hf_weights_files(path)
     files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
@@ -112,6 +123,53 @@ def _load_hf_contents(
     if back:
         where += f", keys renamed by transformers' conversion mapping of {type(model).__name__}"
     return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
+
+
+def _listing(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except NotADirectoryError:
+        raise CheckpointError(
+            path, "not a folder (a Hugging Face checkpoint is a folder)"
+        ) from None
+
+
+def _load_adapter_folder(
+    path: Path, adapter: str, factory: Callable[[], nn.Module] | None, trust: bool
+) -> tuple[nn.Module, str]:
+    """A PEFT adapter folder (``adapter_config.json`` and ``adapter``, no model weights):
+    the adapter's tensors read, then put into the model :mod:`ddsmon.loading.adapters`
+    chooses; the base model without ``--model`` is the folder ``adapter_config.json``
+    names, read as a Hugging Face folder (its config.json, its weights)."""
+    config_file = path / ADAPTER_CONFIG
+    if not os.path.lexists(config_file):
+        raise CheckpointError(path, f"{adapter} without its {ADAPTER_CONFIG}")
+    try:
+        config = _read_json(config_file, path)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(path, f"{ADAPTER_CONFIG} is not JSON ({_describe(exc)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, f"{ADAPTER_CONFIG} is not a JSON object")
+    weights = _WeightsFile.open(path / adapter, trust, path)
+    tensors = weights.read(sorted(weights.skeleton), trust, path)
+    if factory is not None:
+        model = _build(factory)
+        whose = "the model --model builds"
+    else:
+        folder = base_model_folder(config, path)
+        try:
+            loaded = _load_hf_contents(folder, None, trust, adapters=False)
+        except FileNotFoundError:
+            raise CheckpointError(
+                path, f"the base model {folder} ({ADAPTER_CONFIG}) vanished while it was read"
+            ) from None
+        except CheckpointError as exc:
+            raise CheckpointError(
+                path, f"the base model {folder} ({ADAPTER_CONFIG}): {exc.reason}"
+            ) from None
+        model = loaded.model
+        whose = f"the base model {folder} {ADAPTER_CONFIG} names (its weights {loaded.source})"
+    return load_adapter_into(model, config, tensors, path, adapter, whose)
 
 
 def _renamed_keys(
