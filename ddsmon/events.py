@@ -929,7 +929,7 @@ class _Cadence:
             return
         if self.pinned and self.value is not None:
             low = high = self.value
-            said = f"the windows were set at the pinned cadence_steps = {self.value:g}"
+            said = f"while cadence_steps pins the cadence at {self.value:g} steps"
             fix = "check cadence_steps, or set the [events] *_steps keys"
         elif self.gaps:
             low, high = float(min(self.gaps)), float(max(self.gaps))
@@ -1122,15 +1122,17 @@ class _LevelScanner:
         mag = abs(delta)
         r, row = self.reading, self.row
         units = "decades" if row.in_decades else ""
+        own = " nats" if row.unit == "nats" else ""  # the values' unit, where not the depth's
         if recovered:
             what = (
-                f"recovered to {_fmt(row, raw)} (reference before the collapse {_fmt(row, before)})"
+                f"recovered to {_fmt(row, raw)}{own} (reference before the collapse "
+                f"{_fmt(row, before)}{own})"
             )
         else:
             verb = "fell below" if kind == "collapse" else "rose above"
             what = (
                 f"{verb} its trailing reference by {mag:.2f}{' ' + units if units else ''} "
-                f"({_fmt(row, before)} -> {_fmt(row, raw)})"
+                f"({_fmt(row, before)} -> {_fmt(row, raw)}{own})"
             )
         message = f"{kind}: {self.layer} {r} {what}"
         count = dying if kind == "collapse" else None

@@ -197,3 +197,20 @@ def test_a_log_spaced_start_is_quiet_through_scan(control: Path, tmp_path: Path)
     assert sorted(steps) == LOG_SPACED
     assert [k for k in run.data.tags if k.startswith("dds.event.")] == []
     assert [k for k in run.data.metrics if k.startswith("dds/events/")] == []
+
+
+def test_messages_say_their_units_and_a_pinned_cadence_in_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a log_volume collapse is measured in decades, its values are nats: "5.79 decades
+    # (-83.15 -> -96.49)" left the reader to guess why the two disagree
+    _, events = _feed([*range(0, 1000, 50), *range(1000, 8001, 500)], 2000)
+    volume = [e for e in events if e.kind == "collapse" and e.reading == "log_volume"]
+    assert volume and all(" nats)" in e.message for e in volume), volume
+    ratio = [e for e in events if e.kind == "collapse" and e.reading == "lambda_ratio"]
+    assert ratio and not any("nats" in e.message for e in ratio)
+    with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
+        _feed(range(0, 5001, 500), 1e9, EventConfig(cadence_steps=25))
+    assert "checkpoints 500 steps apart while cadence_steps pins the cadence at 25 steps" in (
+        caplog.text
+    )
