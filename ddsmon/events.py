@@ -1122,19 +1122,18 @@ class _LevelScanner:
         mag = abs(delta)
         r, row = self.reading, self.row
         units = "decades" if row.in_decades else ""
-        own = " nats" if row.unit == "nats" else ""  # the values' unit, where not the depth's
+        own = " (nats)" if row.unit == "nats" else ""  # the values' unit, not the depth's
         if recovered:
             what = (
-                f"recovered to {_fmt(row, raw)}{own} (reference before the collapse "
-                f"{_fmt(row, before)}{own})"
+                f"recovered to {_fmt(row, raw)} (reference before the collapse {_fmt(row, before)})"
             )
         else:
             verb = "fell below" if kind == "collapse" else "rose above"
             what = (
                 f"{verb} its trailing reference by {mag:.2f}{' ' + units if units else ''} "
-                f"({_fmt(row, before)} -> {_fmt(row, raw)}{own})"
+                f"({_fmt(row, before)} -> {_fmt(row, raw)})"
             )
-        message = f"{kind}: {self.layer} {r} {what}"
+        message = f"{kind}: {self.layer} {r}{own} {what}"
         count = dying if kind == "collapse" else None
         said = _dying_text(self.layer, count)
         if said:

@@ -206,7 +206,7 @@ def test_messages_say_their_units_and_a_pinned_cadence_in_words(
     # (-83.15 -> -96.49)" left the reader to guess why the two disagree
     _, events = _feed([*range(0, 1000, 50), *range(1000, 8001, 500)], 2000)
     volume = [e for e in events if e.kind == "collapse" and e.reading == "log_volume"]
-    assert volume and all(" nats)" in e.message for e in volume), volume
+    assert volume and all(" log_volume (nats) fell" in e.message for e in volume), volume
     ratio = [e for e in events if e.kind == "collapse" and e.reading == "lambda_ratio"]
     assert ratio and not any("nats" in e.message for e in ratio)
     with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
