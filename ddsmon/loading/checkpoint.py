@@ -3,16 +3,28 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from torch import nn
 
-from ddsmon.checkpoints import ADAPTER_WEIGHTS, CheckpointRef, RefusedFile, accelerate_models
+from ddsmon.checkpoints import (
+    ADAPTER_WEIGHTS,
+    HF_WEIGHTS_NAME,
+    CheckpointRef,
+    RefusedFile,
+    accelerate_models,
+)
 from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
-from ddsmon.loading.huggingface import _load_adapter_folder, _load_hf_folder
+from ddsmon.loading.huggingface import (
+    _hf_model_from_config,
+    _load_adapter_folder,
+    _load_hf_folder,
+)
 from ddsmon.loading.key_matching import (
     _apply,
     _Candidate,
@@ -58,6 +70,8 @@ def load_checkpoint(
             model, source = _load_adapter_folder(path.parent, path.name, factory, trust)
             loaded = LoadedCheckpoint(model, None, {}, source=source)
         elif kind in ("torch", "lightning", "safetensors"):
+            if factory is None and _beside_its_config(path):
+                factory = functools.partial(_hf_model_from_config, path.parent)
             loaded = _load_file_or_sibling(path, kind, factory, trust)
         elif kind == "hf":
             loaded = _load_hf_folder(path, factory, trust)
@@ -76,6 +90,15 @@ def load_checkpoint(
         raise CheckpointError(path, f"cannot be read ({_describe(exc)})") from None
     loaded.model.eval()
     return loaded
+
+
+def _beside_its_config(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face weights file (``model.safetensors``,
+    ``pytorch_model.bin``, a variant's) lying beside the ``config.json`` it was saved
+    with, outside a Hugging Face folder: a Trainer's final ``save_model`` into its
+    ``output_dir``, which holds ``checkpoint-N/`` folders too. Without ``--model`` its
+    model is built from that config.json, as a folder's is."""
+    return bool(HF_WEIGHTS_NAME.match(path.name)) and os.path.lexists(path.parent / "config.json")
 
 
 def _load_file(

@@ -1,0 +1,122 @@
+"""transformers' Trainer as users run it: ``trainer.save_model()`` at the end writes the
+final model into ``output_dir`` itself (``config.json`` + ``model.safetensors`` beside
+the ``checkpoint-N/`` folders). ddsmon reads ``output_dir`` as a folder of checkpoints,
+so the final model is a lone weights file there; without ``--model`` it was a failure
+("no model factory to load these weights into"), counted toward the setting faults that
+stop a watcher, though the config.json it was saved with lies beside it. Now its model
+is built from that config.json, as a folder's is, and it is read as what it is: the
+weights of the last step again (an alias).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "trainer_scripts"))
+
+from models import gpt2_probe, tiny_gpt2
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+
+TRAIN = """
+import sys, torch
+sys.path.insert(0, {scripts!r})
+torch.set_num_threads(1)
+from models import tiny_gpt2, token_data
+from transformers import Trainer, TrainingArguments
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        self.seq = token_data(n, 7, seed)
+
+    def __len__(self):
+        return len(self.seq)
+
+    def __getitem__(self, i):
+        return {{"input_ids": self.seq[i], "labels": self.seq[i]}}
+
+
+args = TrainingArguments(
+    output_dir=sys.argv[1], max_steps=10, save_steps=5, logging_steps=5, eval_strategy="steps",
+    eval_steps=5, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+    learning_rate=1e-2, disable_tqdm=True, save_only_model=True)
+trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0),
+                  eval_dataset=Tokens(16, 1))
+trainer.train()
+trainer.save_model()
+"""
+
+
+def scan(directory: Path, cwd: Path, *extra: object) -> str:
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    probe = cwd / "probe.pt"
+    inputs, targets = gpt2_probe()
+    torch.save({"inputs": inputs, "targets": targets}, probe)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(directory), "--probe", str(probe),
+         "--loss", "ce", "--tracking-uri", uri, "--no-plots", "--threads", "1", *map(str, extra)],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return " ".join((done.stdout + done.stderr).split())
+
+
+def test_a_final_model_saved_into_the_folder_of_checkpoints_is_read_from_its_config(
+    tmp_path: Path,
+) -> None:
+    """What the Trainer's output_dir holds, written by save_pretrained: checkpoint-5/ with
+    its trainer_state.json, then the final model beside it; scanned without a model."""
+    from ddsmon import Config, Reader
+    from ddsmon.daemon import Daemon
+
+    out = tmp_path / "out"
+    model = tiny_gpt2()
+    model.save_pretrained(out / "checkpoint-5")
+    (out / "checkpoint-5" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 5, "log_history": []})
+    )
+    model.save_pretrained(out)
+    config = Config.for_directory(out, fisher="none", state_dir=tmp_path / "state")
+    reader = Reader.from_parts(config.read, probe=gpt2_probe(), loss="ce")
+    summary = Daemon(config, sinks=[], reader=reader).scan()
+    assert [f.reason for f in summary.failures] == []
+    assert summary.read == 1
+    assert summary.aliases == [(out / "model.safetensors", 5)]
+
+
+@pytest.mark.slow
+def test_a_trainer_run_ending_in_save_model_is_scanned_without_a_failure(
+    tmp_path: Path,
+) -> None:
+    from mlflow import MlflowClient
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        TRAIN.format(scripts=str(Path(__file__).resolve().parent / "trainer_scripts"))
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)], cwd=tmp_path, env=ENV, capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-10").is_dir()
+    assert not (out / "checkpoint-10" / "optimizer.pt").exists()  # save_only_model
+    said = scan(out, tmp_path)
+    assert "out/model.safetensors holds the same weights as step 10 (checkpoint-10)" in said
+    assert "2 read, 1 skipped, 0 failed" in said
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(run.info.run_id, "train/eval_loss")
+    assert [m.step for m in history] == [5, 10]
