@@ -136,7 +136,8 @@ message; some carry more, see :meth:`Event.to_dict`):
 ``dying``
     A layer's ``dying_directions`` (the count of directions dying at the rate of the
     smallest, :func:`ddsmon.signature.dying_directions`, between each checkpoint and the
-    previous one) held at or above ``dying_min`` (default 1) at every checkpoint over the
+    previous one; None where that estimate is negative, and at most ``g_rank``) held at
+    or above ``dying_min`` (default 1) at every checkpoint over the
     last ``dying_window`` steps, while ``lambda_ratio`` fell by at least
     ``dying_decades`` over them. The second condition keeps a loss that merely shrinks
     quiet: every eigenvalue then falls together, the count is the whole rank, the ratio
@@ -1266,11 +1267,23 @@ class _DyingScanner:
         return math.log10(r) if r > 0 and math.isfinite(r) else None
 
     def count(self, point: Mapping[str, Any]) -> float | None:
-        """The count between the previous finite point and ``point`` (no state change)."""
+        """The count between the previous finite point and ``point`` (no state change).
+
+        The estimate is a count only within ``[0, g_rank]``: below 0 (``log det+`` rose
+        while lambda_min fell: the others grew, nothing dies with the smallest) it is
+        None; above the rank (the spectrum falling faster than its smallest) it is the
+        rank, every direction. Unclamped, the example's control logged counts down to
+        -269 (32 of its 33) and the terminal showed them; the grokking run's hidden layer
+        (g_rank 128) was said to have "about 183 directions dying"."""
         if self.prev is None or not _is_finite_point(point):
             return None
         value = dying_directions(self.prev, point)
-        return value if value is None or math.isfinite(value) else None
+        if value is None or not math.isfinite(value) or value < 0.0:
+            return None
+        rank = _number(self.layer, "g_rank", point.get("g_rank"))
+        if rank is not None and rank >= 0:
+            value = min(value, rank)
+        return value
 
     def push(
         self, step: int, point: Mapping[str, Any], win: EventWindows | None
