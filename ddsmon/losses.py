@@ -9,7 +9,10 @@ the gradient of that sum with respect to sample i's activations is exactly
   (n, C); logits (n, T, C) with targets (n, T): the mean over the positions of a sample
   (positions whose target is -100 are ignored, as in ``F.cross_entropy``).
 * ``"mse"``: mean over a sample's non-batch elements of ``(output - target)^2``.
-* a callable ``(outputs, targets) -> (n,)`` tensor of per-sample losses.
+* a callable ``(outputs, targets) -> (n,)`` tensor of per-sample losses: floating
+  point, a differentiable function of the outputs, and finite where the outputs are
+  (else a :class:`~ddsmon.errors.ProbeError` naming the loss: an integer, detached or
+  NaN result would be read as zero or missing gradients, readings of nothing).
 
 Scaling conventions matter only up to a constant factor for the scale-free readings
 (``log_volume``, ratios); the absolute eigenvalues scale with the square of it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -90,6 +94,37 @@ def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
             raise ProbeError(
                 f"loss {label!r} must return per-sample losses of shape ({n},), got {shape}"
             )
+        if not torch._C._are_functorch_transforms_active():  # vmap: no data-dependent checks
+            _check_values(label, outputs, values)  # (the probe pass checked the same loss)
         return values
 
     return checked
+
+
+def _check_values(label: str, outputs: Tensor, values: Tensor) -> None:
+    """A loss's per-sample values are ones the readings can be built from: floating
+    point, differentiable where the outputs are (else the gradients would be zeros, or
+    missing, and G empty: readings of nothing, recorded as if measured), and finite
+    where the outputs are (a NaN from the loss itself, not from the model: a model's
+    non-finite outputs are the checkpoint's state, recorded as not finite)."""
+    if not values.is_floating_point():
+        raise ProbeError(
+            f"loss {label!r} must return floating-point per-sample losses, got {values.dtype}"
+        )
+    if outputs.requires_grad and not values.requires_grad:
+        raise ProbeError(
+            f"loss {label!r} returned losses that do not depend on the model's outputs "
+            "(no gradient: detached, rebuilt from .item() or numpy, or computed under "
+            "torch.no_grad()); the readings are their gradients, so it must return a "
+            "differentiable function of the outputs"
+        )
+    finite = torch.isfinite(values.detach())
+    if bool(finite.all()) or not bool(torch.isfinite(outputs.detach()).all()):
+        return
+    bad = (~finite).nonzero().flatten()
+    first = int(bad[0])
+    raise ProbeError(
+        f"loss {label!r} returned non-finite losses for {bad.numel()} of {values.numel()} "
+        f"samples (sample {first}: {float(values.detach()[first])}) where the model's "
+        "outputs are finite"
+    )
