@@ -573,7 +573,11 @@ class Daemon:
             self._fail(ref, loaded.reason)
             return
         step = checkpoint_step(ref, loaded)
-        digest = weights_digest(loaded.model)
+        try:
+            digest = weights_digest(loaded.model)
+        except Exception as exc:  # the user's model holds tensors that cannot be read
+            self._reading_failed(ref, fp, f"{type(exc).__name__}: {exc}", step)
+            return
         if step is None:
             self._unstepped(ref, fp, digest)
             return

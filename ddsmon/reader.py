@@ -108,8 +108,12 @@ class Reader:
 
     # -------------------------------------------------------------- reading
     def load(self, ref: CheckpointRef) -> LoadedCheckpoint:
-        """Load ``ref`` into the model (CPU, eval mode); CheckpointError on failure."""
-        return load_checkpoint(ref, self.factory, trust=self.settings.trust_checkpoints)
+        """Load ``ref`` into the model (CPU, eval mode); CheckpointError on failure, and
+        ConfigError when the factory's model cannot hold weights (:func:`_materialised`)."""
+        factory = self.factory
+        if factory is not None:
+            factory = _Materialised(factory)
+        return load_checkpoint(ref, factory, trust=self.settings.trust_checkpoints)
 
     def read(self, model: nn.Module) -> Signatures:
         """Every selected layer's readings of ``model`` on the probe (one probe pass, in
@@ -152,6 +156,37 @@ class Reader:
             "memory_budget": _bytes(s.memory_budget, DEFAULT_MEMORY_BUDGET),
             "factor_budget": _bytes(s.factor_budget, DEFAULT_FACTOR_BUDGET),
         }
+
+
+class _Materialised:
+    """The model factory, whose model is refused when its tensors are on the ``meta``
+    device (``with torch.device("meta")``, ``init_empty_weights``): they hold no data,
+    so loading a checkpoint into them is a no-op (torch warns once per tensor) and the
+    reading fails further on with "Cannot copy out of meta tensor"."""
+
+    def __init__(self, factory: Callable[[], nn.Module]) -> None:
+        self.factory = factory
+
+    def __call__(self) -> nn.Module:
+        model = self.factory()
+        if isinstance(model, nn.Module):
+            meta = [
+                name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+            ]
+            if meta:
+                shown_names = ", ".join(meta[:3]) + (", ..." if len(meta) > 3 else "")
+                spec = getattr(self.factory, "spec", None)
+                label = repr(spec) if spec else getattr(self.factory, "__qualname__", "")
+                raise ConfigError(
+                    f"model factory {label or repr(self.factory)} built a model with "
+                    f"{len(meta)} tensors on the meta device ({shown_names}): they hold no data, and a checkpoint "
+                    "cannot be loaded into them; build it on the CPU (ddsmon moves it to "
+                    "--device), or return model.to_empty(device='cpu')"
+                )
+        return model
+
+    def __repr__(self) -> str:
+        return repr(self.factory)
 
 
 def _bytes(value: int | None, default: int) -> str:
