@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 _interrupt_line = b"ddsmon: interrupted while starting up; nothing was read\n"
 
@@ -188,6 +189,33 @@ def _setup_logging(verbose: int) -> None:
     # and urllib3 warns of every retry of a request to a server that is down, each time
     # the spool is tried again (ddsmon says it once, with the reason)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    threading.excepthook = _thread_raised
+
+
+def _thread_raised(args: threading.ExceptHookArgs) -> None:
+    """A thread that ended with an exception (one a model factory, a loss or a hook's
+    library started): one line naming the thread, the exception and where it was raised,
+    not Python's traceback between the readings (``-vv`` logs it); nothing else
+    changes."""
+    if args.exc_type is SystemExit:
+        return
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (
+        f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        if tb is not None
+        else ""
+    )
+    name = args.thread.name if args.thread is not None else "a thread"
+    log.warning(
+        "thread %r raised %s: %s%s; ddsmon goes on",
+        name,
+        args.exc_type.__name__,
+        args.exc_value,
+        where,
+        exc_info=args.exc_value if log.isEnabledFor(logging.DEBUG) else None,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
