@@ -40,7 +40,7 @@ from ddsmon.loading.loaded import (
     LoadedCheckpoint,
     _build,
 )
-from ddsmon.loading.step_and_meta import _meta_of, _step_of
+from ddsmon.loading.step_and_meta import _lightning_meta, _meta_of, _step_of
 from ddsmon.loading.wording import _describe
 
 
@@ -174,6 +174,8 @@ def _load_torch_file(
     model = built[0] if built else _build(factory)
     match = _load_into(model, _candidates(obj), path)
     meta = _meta_of(_outside_state_dict(match, obj)) if isinstance(obj, Mapping) else {}
+    if path.suffix.lower() == ".ckpt":
+        meta = {**_lightning_meta(obj, path.stem), **meta}
     return LoadedCheckpoint(model, _step_of(obj), meta, source=match.source())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,3 +86,34 @@ def _meta_of(obj: Any) -> dict[str, float]:
         if number is not None:
             meta[key] = number
     return meta
+
+
+#: A ``name=value`` pair of a Lightning checkpoint's name (``ModelCheckpoint(filename=
+#: "{epoch}-{step}-{val_loss:.2f}")`` writes ``epoch=2-step=24-val_loss=0.61.ckpt``), between
+#: the name's start or a ``-`` / ``_`` and the next ``-`` / ``_`` or its end.
+_NAMED_VALUE = re.compile(
+    r"(?:(?<=^)|(?<=[-_]))([A-Za-z][A-Za-z0-9_]*)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=[-_]|$)"
+)
+
+
+def _lightning_meta(obj: Any, stem: str) -> dict[str, float]:
+    """A Lightning checkpoint's validation scalars, which are not at its top level: the
+    score each ``ModelCheckpoint`` callback monitors, from its saved state
+    (``callbacks[...]["monitor"]`` -> ``current_score``, the score this checkpoint was
+    saved with), else the ``name=value`` pairs its file name carries (``stem``, the name
+    without ``.ckpt``; ``save_weights_only=True`` saves no callback state, and the name
+    then holds the only copy, rounded as the template says). The step and the epoch
+    are not meta here (the content holds them)."""
+    meta: dict[str, float] = {}
+    for name, text in _NAMED_VALUE.findall(stem):
+        if name not in _STEP_KEYS and name != "epoch":
+            meta[name] = float(text)
+    callbacks = obj.get("callbacks") if isinstance(obj, Mapping) else None
+    if isinstance(callbacks, Mapping):
+        for state in callbacks.values():
+            if not isinstance(state, Mapping) or not isinstance(state.get("monitor"), str):
+                continue
+            score = _as_number(state.get("current_score"))
+            if score is not None and state["monitor"] not in _STEP_KEYS:
+                meta[state["monitor"]] = score
+    return {k: v for k, v in meta.items() if math.isfinite(v)}
