@@ -494,8 +494,11 @@ class Daemon:
         or run (``--tracking-uri`` or ``--experiment`` changed, ``--run-id`` given, the
         store deleted to start over). Then every checkpoint is read again, into this run,
         with a fresh event history; before, they were all skipped as read, and the run
-        stayed empty. A run that holds some of them is this run's own history (a step the
-        store rejected is missing from it for good), and is left as it is."""
+        stayed empty. The checkpoints whose reading failed are read again too (their
+        failures were told to the other run only; a fault of the file fails again and
+        is recorded here, one the user has fixed since is read). A run that holds some
+        of them is this run's own history (a step the store rejected is missing from it
+        for good), and is left as it is."""
         held = getattr(self.tracking, "run_steps", None)
         if held is None:  # not known (the server unreachable): keep the read-set
             return
@@ -503,16 +506,22 @@ class Daemon:
         if not done or done & self._recorded:
             return
         run_id = getattr(self.tracking, "run_id", None)
+        failed = self.state.get("failed") or {}
         log.warning(
             "the state %s marks %d checkpoint(s) as read (steps %s), but MLflow run %s "
             "holds none of them: they were recorded elsewhere (another tracking URI, "
-            "experiment or run, or a store since deleted); reading them again into this run",
+            "experiment or run, or a store since deleted); reading them again into this run%s",
             shown(self.state.root),
             len(done),
             _steps_shown(done),
             run_id,
+            f", and the {len(failed)} that failed, so that it records their failures too"
+            if failed
+            else "",
         )
         self.state.forget(done)
+        if failed:  # their failures (ddsmon.failure.<file> tags) are the other run's too
+            self.state.set("failed", {})
         self._told_before = set(done)
         self.detector = EventDetector(self.config.events)
         self._detector_step = -1

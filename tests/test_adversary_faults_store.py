@@ -197,3 +197,39 @@ def test_a_proxy_refusing_mid_run_spools_and_the_readings_arrive_later(
     said = [line for line in text.splitlines() if "step 2 spooled" in line]
     assert "answers, but not as an MLflow server ddsmon can use" in said[0], text[-3000:]
     assert "HTTP 401 (not signed in)" in said[0], said[0]
+
+
+@pytest.mark.slow  # two scans
+def test_a_new_store_gets_the_failures_of_checkpoints_that_failed_before(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The user deletes ``mlflow.db`` to start over: the checkpoints read before were
+    read again into the new run, but one whose reading had failed (NaN weights the model
+    refuses) was skipped as "failed in an earlier run", so the new run showed neither
+    its reading nor its failure. Now it is read again too, and its failure is in the
+    new run (``ddsmon.failure.<file>``)."""
+    from mlflow.tracking import MlflowClient
+    from test_cli import write_run
+
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10, 20], nan_at=10)
+    strict = f"{REPO / 'tests' / 'fixtures_models.py'}:strict_mlp"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("scan", ckpts, probe, uri, "--fisher", "activation")
+    args[args.index("--model") + 1] = strict
+    first = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=240)  # fmt: skip
+    assert first.returncode == 0 and "1 failed" in first.stderr, first.stderr[-3000:]
+    (tmp_path / "mlflow.db").unlink()  # start over: the store is gone, the state is not
+    again = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=240)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "failed in an earlier run" not in again.stderr, again.stderr[-3000:]
+    assert "and the 1 that failed" in again.stderr, again.stderr[-3000:]
+    assert "2 read, 0 skipped, 1 failed" in again.stderr, again.stderr[-3000:]
+    uri_again = f"sqlite:///{tmp_path}/./mlflow.db"  # MLflow caches an engine per URI
+    (run,) = MlflowClient(uri_again).search_runs(
+        [MlflowClient(uri_again).get_experiment_by_name("ddsmon").experiment_id]
+    )
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("ddsmon.failure.")}
+    assert any("NaN in weight" in v for v in tags.values()), run.data.tags
