@@ -21,7 +21,12 @@ torn last line is cut off and never read):
     latest, the others thinned so that those left stay evenly spread over the steps.
 
 The files are read once, on first use, and survive restarts, so the plots drawn after a
-restart still show the whole run. They are a local copy, never the record of what MLflow
+restart still show the whole run. In memory the history holds at most about
+``2 * KEPT_ENTRIES`` checkpoints: past that the older ones are thinned to an even sample
+of about :data:`KEPT_ENTRIES` over the steps (the newest :data:`KEEP_NEWEST` always kept
+whole); the file keeps every one. A plot is a few hundred pixels wide, and a whole run
+held grew the daemon by about 2 KB per layer and checkpoint (12.5 MB for 2000
+checkpoints of 3 layers; a 100-layer model read 10000 times would hold 2 GB). They are a local copy, never the record of what MLflow
 holds: which steps a run holds is asked of the run (:mod:`ddsmon.sinks.mlflow_run`).
 """
 
@@ -46,6 +51,8 @@ if TYPE_CHECKING:
     from ddsmon.signature import Signatures
 
 __all__ = (
+    "KEEP_NEWEST",
+    "KEPT_ENTRIES",
     "KEPT_SPECTRA",
     "SPECTRUM_POINTS",
     "HistoryEntry",
@@ -62,6 +69,10 @@ EVENTS_FILE = "events.jsonl"
 SPECTRA_FOLDER = "dashboard_spectra"
 #: Checkpoints whose spectra the dashboard keeps (the first, the latest, the rest thinned).
 KEPT_SPECTRA = 16
+#: Checkpoints the history holds in memory for the plots, after a thinning (see above).
+KEPT_ENTRIES = 2048
+#: The newest checkpoints a thinning always keeps.
+KEEP_NEWEST = 64
 #: Values kept of one spectrum of one layer.
 SPECTRUM_POINTS = 160
 _CLIFF = 12  # values kept on each side of the rank (where a spectrum falls to its floor)
@@ -195,8 +206,9 @@ class LocalHistory:
     """The ``history.jsonl`` / ``events.jsonl`` of one state directory (not thread-safe:
     the sink that owns it serialises its calls)."""
 
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, *, kept: int = KEPT_ENTRIES) -> None:
         self.state = state
+        self.kept = max(int(kept), KEEP_NEWEST)
         self._entries: dict[int, HistoryEntry] | None = None
         self._event_keys: set[tuple[Any, ...]] = set()
         self._events: list[dict[str, Any]] = []
@@ -215,6 +227,7 @@ class LocalHistory:
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 entry = HistoryEntry.from_json(rec)
                 self._entries[entry.step] = entry
+                self._thin()
         self._event_keys = set()
         self._events = []
         for rec in read_jsonl(self.events_path):
@@ -226,6 +239,7 @@ class LocalHistory:
         self.load()
         assert self._entries is not None
         self._entries[entry.step] = entry
+        self._thin()
         append_jsonl_lines(self.state.path(HISTORY_FILE), [json.dumps(entry.to_json())])
         fresh = [dict(e) for e in events if event_key(e) not in self._event_keys]
         if fresh:
@@ -233,6 +247,24 @@ class LocalHistory:
             for e in fresh:
                 self._event_keys.add(event_key(e))
                 self._events.append(e)
+
+    def _thin(self) -> None:
+        """Past ``2 * kept`` checkpoints in memory, keep the first checkpoint of each of
+        ``kept`` equal spans of the older steps, and the newest :data:`KEEP_NEWEST`."""
+        entries = self._entries
+        assert entries is not None
+        if len(entries) <= 2 * self.kept:
+            return
+        steps = sorted(entries)
+        old, newest = steps[:-KEEP_NEWEST], steps[-KEEP_NEWEST:]
+        cell = max((old[-1] - old[0]) / self.kept, 1e-12)
+        keep, seen = set(newest), set()
+        for step in old:
+            k = int((step - old[0]) // cell)
+            if k not in seen:
+                seen.add(k)
+                keep.add(step)
+        self._entries = {step: entries[step] for step in steps if step in keep}
 
     def layers(self) -> dict[str, list[tuple[int, dict[str, Any]]]]:
         """layer -> ``[(step, readings), ...]`` in step order (what the plots draw)."""
