@@ -7,6 +7,7 @@ in memory was 12.5 MB (2.1 KB per layer and checkpoint), growing without end."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_the_history_in_memory_is_bounded_and_evenly_spread(tmp_path: Path) -> N
     # of its spans (a thinning of what an earlier one kept)
     assert steps[-KEEP_NEWEST:] == list(range(3 * (N - KEEP_NEWEST), 3 * N, 3))
     older = steps[: -KEEP_NEWEST + 1]
-    widest = max(b - a for a, b in zip(older, older[1:]))
+    widest = max(b - a for a, b in itertools.pairwise(older))
     assert widest <= 3 * (3 * N) / kept, widest
     assert [s for s, _ in history.train()["loss"]] == steps
     # the file keeps every checkpoint, and a restart reads it back within the bound
