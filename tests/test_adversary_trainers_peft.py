@@ -292,3 +292,20 @@ def test_an_adapter_whose_base_is_a_hub_id_says_what_to_pass(tmp_path: Path) -> 
     err = " ".join(done.stderr.split())
     assert "step_5" in err and "'openai-community/gpt2', is not a local folder" in err
     assert "pass --model MODULE:FACTORY returning the base model" in err
+
+
+def test_an_adapter_read_without_peft_installed_says_to_install_it(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    save_adapter(tmp_path / "ckpts" / "step_5", str(tmp_path / "base"))
+    inputs, targets = gpt2_probe()
+    torch.save({"inputs": inputs, "targets": targets}, tmp_path / "probe.pt")
+    no_peft = "import sys, runpy; sys.modules['peft'] = None; runpy.run_module('ddsmon.cli', run_name='__main__')"
+    done = subprocess.run(
+        [sys.executable, "-c", no_peft, "report", str(tmp_path / "ckpts" / "step_5"),
+         "--probe", str(tmp_path / "probe.pt"), "--loss", "ce", "--threads", "1"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode != 0
+    err = " ".join(done.stderr.split())
+    assert "step_5 is a PEFT adapter checkpoint (adapter_model.safetensors" in err
+    assert "pip install peft" in err and "Traceback" not in err

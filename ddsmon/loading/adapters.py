@@ -35,10 +35,11 @@ from torch import Tensor, nn
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.wording import _describe
 
-__all__ = ("base_model_folder", "load_adapter_into")
+__all__ = ("base_model_folder", "load_adapter_into", "require_peft")
 
 
-def _peft(path: Path, weights: str) -> Any:
+def require_peft(path: Path, weights: str) -> Any:
+    """The peft module; a ConfigError saying to install it when it is missing."""
     try:
         import peft
     except ImportError:
@@ -89,7 +90,7 @@ def load_adapter_into(
     ``whose`` saying where ``model`` came from
     (``in adapter_model.safetensors: a LORA adapter (r=4, 4 tensors) put onto
     GPT2LMHeadModel, the model --model builds``)."""
-    peft = _peft(path, weights)
+    peft = require_peft(path, weights)
     if isinstance(model, peft.PeftModel):
         adapter = model.active_adapter
         peft_config = model.peft_config[adapter]

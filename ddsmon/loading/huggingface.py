@@ -24,7 +24,7 @@ from ddsmon.checkpoints import (
     stat_regular,
 )
 from ddsmon.errors import CheckpointError, ConfigError
-from ddsmon.loading.adapters import base_model_folder, load_adapter_into
+from ddsmon.loading.adapters import base_model_folder, load_adapter_into, require_peft
 from ddsmon.loading.file_formats import (
     _open,
     _safetensors_header,
@@ -141,6 +141,7 @@ def _load_adapter_folder(
     the adapter's tensors read, then put into the model :mod:`ddsmon.loading.adapters`
     chooses; the base model without ``--model`` is the folder ``adapter_config.json``
     names, read as a Hugging Face folder (its config.json, its weights)."""
+    require_peft(path, adapter)  # before a base model is read for nothing
     config_file = path / ADAPTER_CONFIG
     if not os.path.lexists(config_file):
         raise CheckpointError(path, f"{adapter} without its {ADAPTER_CONFIG}")
