@@ -1550,7 +1550,7 @@ class _TransitionScanner:
         completed = sorted(e["step"] for e in picked)[self.cfg.min_collapses - 1]
         msg = (
             f"transition: {len(picked)} collapses within {span:.0f} steps, complete at step "
-            f"{completed}, held {win.confirm:.0f}+: {parts}"
+            f"{completed}, each held {win.confirm:.0f}+ steps: {parts}"
         )
         if said:
             msg += "; " + ", ".join(said)

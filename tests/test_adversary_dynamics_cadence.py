@@ -207,6 +207,10 @@ def test_messages_say_their_units_and_a_pinned_cadence_in_words(
     _, events = _feed([*range(0, 1000, 50), *range(1000, 8001, 500)], 2000)
     volume = [e for e in events if e.kind == "collapse" and e.reading == "log_volume"]
     assert volume and all(" log_volume (nats) fell" in e.message for e in volume), volume
+    (transition,) = [e for e in events if e.kind == "transition"]
+    assert "collapses within 1500 steps, complete at step 2500, each held 500+ steps: " in (
+        transition.message
+    ), transition.message  # "held 500+:" said neither what held nor in what unit
     ratio = [e for e in events if e.kind == "collapse" and e.reading == "lambda_ratio"]
     assert ratio and not any("nats" in e.message for e in ratio)
     with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
