@@ -220,6 +220,9 @@ class Daemon:
             except (RunLeaseError, StoreNotUsable):  # another daemon's run; a proxy's page,
                 self.state.release()  # a certificate refused: settings errors, exit 2
                 raise
+            except ConfigError as exc:  # a deleted experiment or --run-id: said once, exit 2
+                self.state.release()
+                raise self._refused(exc) from exc
             except Exception as exc:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
             else:
@@ -234,9 +237,7 @@ class Daemon:
                     raise
                 except Exception as exc:  # a bad URI, a request refused: stop before reading
                     self.state.release()
-                    raise ConfigError(
-                        f"MLflow at {redact_uri(self.config.tracking.tracking_uri)} refused the run: {exc}"
-                    ) from exc
+                    raise self._refused(exc) from exc
             else:
                 self._call(sink, "start", info)
         self.reading_started = True
@@ -247,6 +248,10 @@ class Daemon:
             self.config.directory,
             redact_uri(self.config.tracking.tracking_uri),
         )
+
+    def _refused(self, exc: Exception) -> ConfigError:
+        uri = redact_uri(self.config.tracking.tracking_uri)
+        return ConfigError(f"MLflow at {uri} refused the run: {exc}")
 
     def _finish(self) -> None:
         for sink in self.sinks:

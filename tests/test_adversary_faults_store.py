@@ -233,3 +233,49 @@ def test_a_new_store_gets_the_failures_of_checkpoints_that_failed_before(
     )
     tags = {k: v for k, v in run.data.tags.items() if k.startswith("ddsmon.failure.")}
     assert any("NaN in weight" in v for v in tags.values()), run.data.tags
+
+
+def test_a_deleted_experiment_at_start_up_is_said_once(tmp_path: Path, probe: Path) -> None:
+    """Started on a store whose experiment was deleted: the cause was said twice, as a
+    warning ("could not read recorded steps from MLflow: ...") and then as the error."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("ddsmon", str(tmp_path / "art")))
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    proc = _scan(tmp_path, ckpts, probe, uri)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "is deleted" in line]
+    assert len(said) == 1 and said[0].startswith("error:"), proc.stderr
+    assert "mlflow experiments restore" in said[0]
+
+
+@pytest.mark.slow
+def test_an_experiment_deleted_while_watching_is_named_with_what_to_do(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The experiment is deleted in the UI while ``watch`` logs into one of its runs:
+    the daemon stopped saying only that the run was deleted. Now it names the experiment
+    and what to do (exit 2)."""
+    from mlflow.tracking import MlflowClient
+
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: only_run_steps(uri) == [1], 120, "step 1 recorded")
+        client = MlflowClient(uri)
+        client.delete_experiment(client.get_experiment_by_name("ddsmon").experiment_id)
+        write_checkpoints(ckpts, [1, 2])
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert said and "was deleted with its experiment 'ddsmon'" in said[0], err[-3000:]
+    assert "mlflow experiments restore" in said[0]

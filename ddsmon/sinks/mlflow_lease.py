@@ -366,15 +366,32 @@ class RunLease:
         except RunGone:
             run = None
         if run is None:
+            why = self._deleted()
             with self._lock:
                 if self._lost is None:
-                    self._lost = LeaseLost(
-                        f"{self.label} was deleted; this daemon stops writing it",
-                        run_id=self.run_id,
-                        holder={},
-                    )
+                    self._lost = LeaseLost(why, run_id=self.run_id, holder={})
             raise self._lost
         self.check(run)
+
+    def _deleted(self) -> str:
+        """What to say of the run found deleted: with its experiment or alone, and what
+        the next start does then."""
+        client = self.writer.client
+        try:
+            run = call(client.get_run, self.run_id)
+            exp = call(client.get_experiment, run.info.experiment_id)
+        except Exception:  # gone for good, or the store not answering now
+            exp = None
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            return (
+                f"{self.label} was deleted with its experiment {exp.name!r}; this daemon stops "
+                "writing it (restore the experiment, mlflow experiments restore, or give "
+                "another --experiment, and start ddsmon again)"
+            )
+        return (
+            f"{self.label} was deleted; this daemon stops writing it (started again, "
+            "ddsmon logs into a new run and reads every checkpoint into it)"
+        )
 
     def _beat(self) -> None:
         self._beats += 1
