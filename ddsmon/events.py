@@ -924,8 +924,10 @@ class _Cadence:
             self.warm = True
 
     def _drift(self, gap: int) -> None:
-        """Warn, once, of a gap far off the cadence: the pinned one, or every recent gap
-        (a gap doubling at each checkpoint, as in a log-spaced start, is no drift)."""
+        """Warn, once, of a gap far off the cadence: the pinned one (either way), or
+        longer than every recent gap (a gap doubling at each checkpoint, as in a
+        log-spaced start, is no drift; a short one, a checkpoint saved beside the periodic
+        ones, as a trainer's final save is, moves neither the median nor the windows)."""
         if self.warned:
             return
         if self.pinned and self.value is not None:
@@ -933,7 +935,7 @@ class _Cadence:
             said = f"while cadence_steps pins the cadence at {self.value:g} steps"
             fix = "check cadence_steps, or set the [events] *_steps keys"
         elif self.gaps:
-            low, high = float(min(self.gaps)), float(max(self.gaps))
+            low, high = 0.0, float(max(self.gaps))
             said = (
                 f"after a cadence of {self.value:g} steps (checkpoints missing, or the "
                 f"cadence changed); the windows follow the median of the newest "
