@@ -11,6 +11,7 @@ in-process by the engine and the detector, and once through ``ddsmon scan`` with
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -224,3 +225,26 @@ def test_messages_say_their_units_and_a_pinned_cadence_in_words(
     with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
         det, _ = _feed([*range(0, 1001, 100), 1001, *range(1100, 3001, 100)], 1e9)
     assert "steps apart" not in caplog.text and det.cadence == 100
+
+
+@pytest.mark.parametrize("stop", [3, 9, 14, 25])
+def test_a_restart_anywhere_in_a_changing_cadence_changes_nothing(stop: int) -> None:
+    # the cadence's newest gaps and the warm-up's end travel in the saved state
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, *range(100, 1000, 50), *range(1000, 8001, 500)]
+
+    def run(restart: int | None) -> list[Event]:
+        det = EventDetector()
+        events: list[Event] = []
+        for i, step in enumerate(steps):
+            if i == restart:
+                det = EventDetector.from_state(json.loads(json.dumps(det.to_state())))
+            pts = {}
+            for name, shift in (("a", 0.0), ("b", 100.0)):
+                x = min(max((step - 2000 - shift) / 200, 0.0), 1.0)
+                pts[name] = _synthetic(10 ** (-2.0 - 4.0 * x), -20.0 - 40.0 * x)
+            events += det.update(step, pts)
+        return events
+
+    whole = run(None)
+    assert any(e.kind == "transition" for e in whole)
+    assert run(stop) == whole
