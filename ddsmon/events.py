@@ -85,7 +85,7 @@ message; some carry more, see :meth:`Event.to_dict`):
     warm-up until its age is that of a run checkpointed at the later cadence; counted in
     checkpoints alone, its warm-up ended at step 64, within memorisation, which made a
     "not generalising" transition of the example's control. Once over, the warm-up stays
-    over, though the cadence grow later.
+    over, even if the cadence grows later.
     A departure that already held at the previous checkpoint when a reading is first
     decided (its previous value past the same threshold of the same reference) happened
     in the warm-up: the state leaves normal silently, reporting neither it nor its
@@ -106,9 +106,10 @@ message; some carry more, see :meth:`Event.to_dict`):
     headline alert. A transient dip that recovers within ``confirm`` steps is a collapse
     and a revival, never part of a transition; so are collapses whose layer turns
     non-finite before they are confirmed (a run diverging: its loss blew up at the
-    checkpoint before its weights went NaN, and no reading held the collapses since); a collapse counts toward one transition
-    only, and collapses in the ``transition_window`` steps after a transition belong to
-    it (one alert per phase change). ``layer`` and ``reading`` list the layers and
+    checkpoint before its weights went NaN, and no reading held the collapses since). A
+    collapse counts toward one transition only, and collapses in the
+    ``transition_window`` steps after a transition belong to it (one alert per phase
+    change). ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
     with its depth and step and each layer's dying directions, ``before``/``after`` are
     None, and ``magnitude`` is the number of collapsed pairs. ``step`` is where the
@@ -137,8 +138,8 @@ message; some carry more, see :meth:`Event.to_dict`):
     A layer's ``dying_directions`` (the count of directions dying at the rate of the
     smallest, :func:`ddsmon.signature.dying_directions`, between each checkpoint and the
     previous one; None where that estimate is negative, and at most ``g_rank``) held at
-    or above ``dying_min`` (default 1) at every checkpoint over the
-    last ``dying_window`` steps, while ``lambda_ratio`` fell by at least
+    or above ``dying_min`` (default 1) at every checkpoint over the last
+    ``dying_window`` steps, while ``lambda_ratio`` fell by at least
     ``dying_decades`` over them. The second condition keeps a loss that merely shrinks
     quiet: every eigenvalue then falls together, the count is the whole rank, the ratio
     stays. Reported once per stretch (a stretch ends when no checkpoint qualified for a
@@ -1727,10 +1728,10 @@ def detect_transitions(
     """``transition`` events at the newest checkpoint ``steps[-1]``.
 
     ``events`` are the collapse/revival/nonfinite events so far (any others are
-    ignored), across every layer; ``steps`` the checkpoint steps so far in order (the cadence is measured
-    on them); ``meta`` the trainer's scalars of each checkpoint (aligned with ``steps``),
-    for the transition's ``trainer_before`` / ``trainer_after`` / ``label``. A collapse
-    counts when it lies within the last ``transition_window`` steps, has not been
+    ignored), across every layer; ``steps`` the checkpoint steps so far in order (the
+    cadence is measured on them); ``meta`` the trainer's scalars of each checkpoint
+    (aligned with ``steps``), for the transition's ``trainer_before`` /
+    ``trainer_after`` / ``label``. A collapse counts when it lies within the last ``transition_window`` steps, has not been
     followed by a revival of the same (layer, reading) nor by its layer turning
     non-finite, has held at least ``confirm`` steps, and did not already count toward an
     earlier transition.
