@@ -54,6 +54,7 @@ from ddsmon.options import (
     DEFAULT_FISHER,
     DEFAULT_FORWARD_DTYPE,
     DEFAULT_LOSS,
+    DEFAULT_MAX_WIDTH,
     DEVICE_AUTO,
     FISHER_FAMILIES,
     FORWARD_DTYPES,
@@ -190,7 +191,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("loss", "str", DEFAULT_LOSS, "read", metavar="ce|mse|MODULE:FUNCTION", runs_code=_loss_runs_code,
                 help="Per-sample loss: 'ce', 'mse' or a callable (outputs, targets) -> (n,)."),
         Setting("layers", "layers", None, "read", metavar="NAMES|REGEX",
-                help="Comma-separated module names, or a regex; default: every leaf module with a floating output of width >= 2."),
+                help="Comma-separated module names, or a regex; default: every leaf module with a floating output of width 2 to --max-width."),
         Setting("device", "str", DEVICE_AUTO, "read",
                 help="auto (CUDA when present), cpu, cuda, cuda:K."),
         Setting("fisher", "choice", DEFAULT_FISHER, "read", choices=FISHER_FAMILIES,
@@ -199,6 +200,10 @@ SETTINGS: dict[str, Setting] = {
                 help="dtype of the probe pass (float32 only for models too large for float64)."),
         Setting("max_probe_rows", "int", None, "read", minimum=1,
                 help="Refuse layers with more probe rows (samples x positions) than this."),
+        Setting("max_width", "int", DEFAULT_MAX_WIDTH, "read", minimum=2, metavar="D",
+                help="The default layer selection leaves out outputs wider than this (a language model's "
+                     "vocabulary head), named once in a warning; layers named in --layers are read whatever "
+                     f"their width (default {DEFAULT_MAX_WIDTH})."),
         Setting("threads", "int", None, "read", minimum=1, metavar="N",
                 help="torch intra-op CPU threads of a reading. Default: per reading, the cores not busy with other work "
                      "(1-minute load average less ddsmon's own share, and the tasks runnable now), at least 1, "
@@ -262,6 +267,7 @@ class ReadSettings:
     fisher: str = _default("fisher")
     forward_dtype: str = _default("forward_dtype")
     max_probe_rows: int | None = _default("max_probe_rows")
+    max_width: int = _default("max_width")
     threads: int | None = _default("threads")
     probe_batch: int | None = _default("probe_batch")
     memory_budget: int | None = _default("memory_budget")

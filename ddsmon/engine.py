@@ -49,6 +49,7 @@ from ddsmon.losses import LossSpec, per_sample_loss_fn
 from ddsmon.options import (
     DEFAULT_FISHER,
     DEFAULT_LOSS,
+    DEFAULT_MAX_WIDTH,
     DEVICE_AUTO,
     FISHER_FAMILIES,
     FORWARD_DTYPES,
@@ -153,6 +154,7 @@ def compute_signatures(
     forward_dtype: torch.dtype = torch.float64,
     ridge: float = 0.0,
     max_probe_rows: int | None = None,
+    max_width: int | None = DEFAULT_MAX_WIDTH,
     probe_batch: int | None = None,
     memory_budget: int | None = None,
     factor_budget: int | None = None,
@@ -172,7 +174,8 @@ def compute_signatures(
             per-sample (row i from sample i alone): the probe may be read in
             micro-batches.
         layers: None (every leaf module with a floating output of last dimension
-            >= 2, dropout/identity excepted), a list of module names, or a regex.
+            >= 2 and at most ``max_width``, dropout/identity excepted), a list of module
+            names, or a regex.
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``; the spectra are
             computed there, in float64.
         fisher: ``"activation"`` (X and G), ``"parameter"`` (K), ``"both"``, or
@@ -183,6 +186,11 @@ def compute_signatures(
         ridge: Tikhonov term added to G and K before the eigensolve. Only for the
             recipe ablation of the paper's Figure 7: leave it 0.
         max_probe_rows: refuse (ProbeError) a layer with more rows N than this.
+        max_width: the default selection (``layers`` None) leaves out layers whose
+            output has more features d than this, named once in a warning: a language
+            model's vocabulary head (:data:`~ddsmon.options.DEFAULT_MAX_WIDTH`), whose
+            decompositions cost about 2 N^2 d. None reads every width; named layers are
+            read whatever their width.
         probe_batch: samples per micro-batch of the streamed probe pass
             (:mod:`ddsmon.streaming`); None (default) sizes them from ``memory_budget``.
             A value of n or more reads the probe in one pass.
@@ -220,6 +228,7 @@ def compute_signatures(
         raise ProbeError(
             f"forward_dtype must be torch.float64 or torch.float32, got {forward_dtype}"
         )
+    _positive_int("max_width", max_width)
     _positive_int("probe_batch", probe_batch)
     _positive_int("memory_budget", memory_budget)
     _positive_int("factor_budget", factor_budget)
@@ -248,6 +257,7 @@ def compute_signatures(
             loss_fn,
             n=n,
             max_rows=max_probe_rows,
+            max_width=max_width,
             backward=backward,
             probe_batch=probe_batch,
             memory_budget=memory_budget or streaming.DEFAULT_MEMORY_BUDGET,

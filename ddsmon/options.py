@@ -11,6 +11,7 @@ __all__ = (
     "DEFAULT_FISHER",
     "DEFAULT_FORWARD_DTYPE",
     "DEFAULT_LOSS",
+    "DEFAULT_MAX_WIDTH",
     "DEVICE_AUTO",
     "FISHER_FAMILIES",
     "FORWARD_DTYPES",
@@ -31,3 +32,10 @@ DEVICE_AUTO = "auto"
 DEFAULT_FISHER = "both"
 DEFAULT_FORWARD_DTYPE = "float64"
 DEFAULT_LOSS = "ce"
+#: The widest layer output (features d) the default layer selection reads: wider than
+#: the hidden and MLP widths of models up to 70B parameters (Llama-3-70B's 28672),
+#: narrower than the vocabulary heads of language models (BERT's 30522, Llama's 32000,
+#: GPT-2's 50257, Llama-3's 128256). Decomposing a layer of N probe rows and width d
+#: costs about 2 N^2 d when d > N (GPT-2's head on a 32 x 128 probe: 1.7 TFLOP, 272 s
+#: and 9.3 GB on 2 cores), and its readings are bounded by N and by its input width.
+DEFAULT_MAX_WIDTH = 30000

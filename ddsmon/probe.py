@@ -384,6 +384,7 @@ def run_probe_pass(
     n: int,
     keep_inputs: Callable[[nn.Module], bool],
     max_rows: int | None = None,
+    max_width: int | None = None,
 ) -> ProbeRun:
     """Run the one forward/backward pass over the whole probe: a capture per layer, the
     per-sample losses and the output layer (:class:`ProbeRun`).
@@ -399,7 +400,7 @@ def run_probe_pass(
     """
     mode = PassMode()
     while True:
-        probe = ProbePass(names, n, keep_inputs, max_rows, mode)
+        probe = ProbePass(names, n, keep_inputs, max_rows, mode, max_width=max_width)
         try:
             captures = probe.run(model, inputs, targets, loss_fn)
         except RetryPass as retry:
@@ -444,15 +445,18 @@ class RetryPass(Exception):
 _SAID_UNREAD: set[tuple[str, tuple[str, ...]]] = set()
 
 
-def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
+def _say_unread(
+    model: nn.Module, unread: dict[str, str], n: int, max_width: int | None = None
+) -> None:
     """Say, once per model type and layers, the layers with parameters the default
     selection left out for want of per-sample rows: an output whose first axis is not
     the probe's samples (a sequence-first (T, n, d) layout of a module without
     ``batch_first``, such as the Linears of ``nn.TransformerEncoderLayer(batch_first=
     False)``), or a ``PackedSequence`` (an RNN fed a packed batch), whose rows are
     time-major across samples, or a module run more than once in the pass (an
-    ``nn.LSTMCell`` stepped over time). ``unread``: layer -> its output's shape, or
-    :data:`_PACKED`, or :data:`_TWICE`."""
+    ``nn.LSTMCell`` stepped over time); and, for their cost, outputs wider than
+    ``max_width`` (any layer). ``unread``: layer -> its output's shape, or
+    :data:`_PACKED`, :data:`_TWICE`, or :data:`_WIDE` and the width."""
     key = (type(model).__qualname__, tuple(unread))
     if key in _SAID_UNREAD:
         return
@@ -460,7 +464,15 @@ def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
     shown = ", ".join(f"{name} {what}" for name, what in list(unread.items())[:8])
     more = f" and {len(unread) - 8} more" if len(unread) > 8 else ""
     why = []
-    if any(what not in (_PACKED, _TWICE) for what in unread.values()):
+    if any(what.startswith(_WIDE) for what in unread.values()):
+        why.append(
+            f"outputs wider than max_width = {max_width} features (a vocabulary head?): "
+            "decomposing one costs about 2 N^2 d, and its readings are bounded by the "
+            "probe's rows and the layer's input width; name it in --layers, or raise "
+            "--max-width, to read it"
+        )
+    shapes = [w for w in unread.values() if w not in (_PACKED, _TWICE) and not w.startswith(_WIDE)]
+    if shapes:
         why.append(
             f"outputs whose first axis is not the probe's {n} samples: a sequence-first "
             "layout? ddsmon reads the samples on axis 0, or axis 1 of a module with "
@@ -484,6 +496,9 @@ def _say_unread(model: nn.Module, unread: dict[str, str], n: int) -> None:
 _PACKED = "(a PackedSequence)"
 #: ... and of a module with parameters that ran more than once in the pass.
 _TWICE = "(runs more than once)"
+#: ... and, followed by the width and ")", of one the default selection left out for
+#: its width (``max_width``).
+_WIDE = "(width"
 
 
 class _StopForward(BaseException):
@@ -498,13 +513,16 @@ class ProbePass:
     capture (X, and A where ``keep_inputs`` asks), the live output tensor whose
     gradient is Delta, and that tensor's version counter, to tell when a later in-place
     op overwrote it. ``names`` None selects by the default rule: leaf modules,
-    pass-throughs excepted, whose output is a floating tensor (n, ..., d >= 2); a
+    pass-throughs excepted, whose output is a floating tensor (n, ..., 2 <= d <= max_width); a
     module that runs twice in one forward pass is dropped from that selection.
 
     * ``n``: the samples of this pass; ``total``: those of the whole probe (the rows
       that ``max_rows`` caps are ``total`` samples' worth), n by default.
     * ``strict``: named layers that cannot be read, run twice or do not run are a
       ProbeError (default: when ``names`` is given); else they are left out.
+    * ``max_width``: the default selection leaves out outputs of more than this many
+      features (a vocabulary head), noted in :attr:`unread`; named layers are read
+      whatever their width.
     * ``backward`` False: a forward pass only, under ``torch.no_grad`` (no loss, no
       graph; captures have ``grad`` None). ``stop_early``: end the forward pass (by an
       exception from the hook) once every named layer is captured; forward-only only.
@@ -540,8 +558,10 @@ class ProbePass:
         backward: bool = True,
         stop_early: bool = False,
         graph_only: bool = False,
+        max_width: int | None = None,
     ) -> None:
         self.names = names
+        self.max_width = max_width
         self.n = n
         self.total = n if total is None else total
         self.keep_inputs = keep_inputs
@@ -630,7 +650,7 @@ class ProbePass:
             for p in frozen:
                 p.requires_grad_(True)
         if self.unread and not self.strict:
-            _say_unread(model, self.unread, self.n)
+            _say_unread(model, self.unread, self.n, self.max_width)
         if self.names is not None and self.strict:
             missing = [name for name in self.names if name not in self.captures]
             if missing:
@@ -818,6 +838,10 @@ class ProbePass:
             and tensor.shape[batch] == n
             and tensor.shape[axis] >= 2
         ):
+            width = tensor.shape[axis]
+            if self.names is None and self.max_width is not None and width > self.max_width:
+                self.unread[name] = f"{_WIDE} {width})"
+                return None
             return tensor
         if (
             tensor is not None

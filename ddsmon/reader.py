@@ -131,6 +131,7 @@ class Reader:
                 fisher=s.fisher,
                 forward_dtype=self.dtype,
                 max_probe_rows=s.max_probe_rows,
+                max_width=s.max_width,
                 probe_batch=s.probe_batch,
                 memory_budget=s.memory_budget,
                 factor_budget=s.factor_budget,
@@ -145,7 +146,8 @@ class Reader:
             "probe": str(s.probe),
             "model": str(s.model),
             "loss": s.loss,
-            "layers": s.layers or "default (leaf modules with outputs of width >= 2)",
+            "layers": s.layers
+            or f"default (leaf modules with outputs of width 2 to {s.max_width})",
             "fisher": s.fisher,
             "recipe": RECIPE.format(dtype=s.forward_dtype),
             "device": str(self.device),

@@ -481,6 +481,7 @@ class StreamedProbe:
         backward: bool,
         probe_batch: int | None,
         memory_budget: int,
+        max_width: int | None = None,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -488,6 +489,7 @@ class StreamedProbe:
         self.loss_fn = loss_fn
         self.n = n
         self.max_rows = max_rows
+        self.max_width = max_width
         self.backward = backward
         self.batch = probe_batch
         self.memory_budget = memory_budget
@@ -573,7 +575,7 @@ class StreamedProbe:
             probe = ProbePass(
                 names if chosen is None else chosen, size, keep_inputs, self.max_rows,
                 self.mode, total=self.n, strict=strict, backward=self.backward,
-                stop_early=chosen is not None,
+                stop_early=chosen is not None, max_width=self.max_width,
             )  # fmt: skip
             caps = probe.run(
                 self.model,
