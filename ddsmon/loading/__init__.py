@@ -2,8 +2,9 @@
 
 Modules: ``factories`` (``MODULE:NAME`` specs), ``probes`` (the probe batch),
 ``checkpoint`` (``load_checkpoint``, dispatching on the kind), ``file_formats`` (torch
-and safetensors files), ``huggingface`` and ``dcp`` (the two folder kinds),
-``key_matching`` (finding the state dict and matching its keys), ``step_and_meta``,
+and safetensors files), ``huggingface`` and ``dcp`` (the two folder kinds), ``adapters``
+(a PEFT adapter put into its model with peft's API, for Hugging Face folders holding
+one), ``key_matching`` (finding the state dict and matching its keys), ``step_and_meta``,
 ``loaded`` (the result, and building the model from its factory), ``wording`` (errors).
 
 Three entry points, each turning every failure into an error that names the file,
@@ -73,7 +74,10 @@ to the number in the name). ``meta``: the checkpoint's own scalars, at its step:
 top-level real scalar (``val_acc``, ``epoch``, ``loss`` ...; booleans excluded) as a
 float, and the numeric strings of a safetensors file's ``__metadata__``; for Hugging
 Face, ``trainer_state.json``'s ``epoch`` and ``best_metric`` and the ``log_history``
-entries logged at the checkpoint's own step. A tensor of the state dict is never a
+entries logged at the checkpoint's own step; for a Lightning ``.ckpt``, the score each
+``ModelCheckpoint`` monitors (its saved ``current_score``) and the ``name=value`` pairs
+of the file's name (``epoch=2-step=24-val_loss=0.61.ckpt``; all that
+``save_weights_only`` leaves). A tensor of the state dict is never a
 scalar: where the state dict is the top level (``torch.save(model.state_dict())``),
 only its dotless 0-dim tensors that are not the model's (``step``, ``val_acc``) may be,
 so a one-output layer's ``4.bias`` or an EMA copy's ``ema_model.4.bias`` is not; and no
