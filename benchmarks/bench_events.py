@@ -57,6 +57,7 @@ decides their collapse (:func:`window_moves`).
     python benchmarks/bench_events.py [--seeds 6,7,8] [--tune-seeds 0,1,2] [--write BENCHMARKS.md]
     python benchmarks/bench_events.py --runs parity,schedule   # some of the run kinds
     python benchmarks/bench_events.py --quick        # a smoke test, well under a minute
+    python benchmarks/bench_events.py --cadences --seeds 0   # irregular schedules only
 
 Runs and readings are cached under ``--workdir`` (default: a temporary directory), so a
 rerun with another ``--events`` config only re-detects.
@@ -503,6 +504,95 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------ irregular cadences
+#
+# The runs above are checkpointed at a fixed cadence. Trainers also write log-spaced
+# starts (Pythia: steps 0, 1, 2, 4, ... 512, then every 1000), change their cadence
+# mid-run, lose checkpoints to rotation before ddsmon reads them, and save at jittered
+# steps. ``--cadences`` reads the modular-addition runs checkpointed at every step
+# through each of :func:`schedules` (the detector's windows come from the run's own
+# cadence): a steady run and the control must stay quiet under every one, and the
+# grokking run's transition should stay where the regular reading puts it.
+
+#: The runs of the cadence table: the three modular-addition runs, saved at every step.
+CADENCE_SPECS = (
+    RunSpec("grok-every-step", 1e-2, 1.0, 1000, 1, True),
+    RunSpec("control-every-step", 1e-2, 0.0, 1000, 1, False),
+    RunSpec("steady-every-step", 1e-4, 1.0, 1000, 1, False, init_from="grok-every-step"),
+)
+#: The cadence the schedules are built around (the example's default).
+CADENCE = 25
+
+
+def schedules(first: int, last: int, every: int = CADENCE) -> dict[str, list[int]]:
+    """The checkpoint steps of each schedule of a run from ``first`` to ``last``:
+
+    ``regular`` every ``every``; ``log-spaced`` steps ``first + 1, 2, 4, ...`` below
+    ``3 every``, then every ``every`` (Pythia's start at this run's scale);
+    ``fine-then-coarse`` every ``every / 5`` for the first 30% of the run, then every
+    ``2 every``; ``gaps`` regular with four consecutive checkpoints from 40% of the run
+    rotated away; ``jittered`` each regular step moved by up to a third of ``every``
+    (a fixed pseudo-random pattern)."""
+    span = last - first
+    regular = list(range(first, last + 1, every))
+    log = [first, *(first + 2**k for k in range(32) if 2**k < 3 * every)]
+    log += [s for s in regular if s > log[-1]]
+    switch = first + round(0.3 * span)
+    fine = list(range(first, switch, max(every // 5, 1)))
+    fine += list(range(switch, last + 1, 2 * every))
+    cut = first + round(0.4 * span)
+    gone = [s for s in regular if s >= cut][:4]
+    third = every // 3
+    jitter = sorted(
+        {min(last, max(first, s + (7919 * i) % (2 * third + 1) - third)) for i, s in
+         enumerate(regular)}
+    )  # fmt: skip
+    return {
+        "regular": regular,
+        "log-spaced": sorted(set(log)),
+        "fine-then-coarse": fine,
+        "gaps": [s for s in regular if s not in gone],
+        "jittered": jitter,
+    }
+
+
+def cadence_table(
+    seeds: Sequence[int], work: Path, extra: Mapping[str, Any], say: Any
+) -> list[str]:
+    """Train and read :data:`CADENCE_SPECS` on ``seeds`` and tabulate each schedule."""
+    cfg = DETECTORS["DDS"](extra)
+    lines = [
+        "| run | seed | schedule | ckpts | cadence at the end | DDS transitions (label) "
+        "| false | first collapse |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        for spec in CADENCE_SPECS:
+            run, _ = train_run(spec, seed, work)
+            readings, _ = read_run(run, spec.task)
+            by_step = {s: (m, r) for s, m, r in readings}
+            steps = sorted(by_step)
+            for name, schedule in schedules(steps[0], steps[-1]).items():
+                det = EventDetector(cfg)
+                score = Score()
+                for step in schedule:
+                    meta, layers = by_step[step]
+                    for ev in det.update(step, layers, meta):
+                        if ev.kind == "transition":
+                            score.transitions.append(ev)
+                        elif ev.kind == "collapse":
+                            score.collapses.append(ev)
+                first = score.collapses[0].step if score.collapses else None
+                lines.append(
+                    f"| {spec.kind.removesuffix('-every-step')} | {seed} | {name} "
+                    f"| {len(schedule)} | {det.cadence or 0:g} | {_fmt_transitions(score)} "
+                    f"| {false_transitions(score, spec.generalises)} "
+                    f"| {'—' if first is None else first} |"
+                )
+            say(f"cadences: {spec.kind} seed {seed} done")
+    return lines
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -754,6 +844,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(RUN_KINDS),
         help=f"run kinds to run, comma-separated (default: all of {','.join(RUN_KINDS)})",
     )
+    ap.add_argument(
+        "--cadences",
+        action="store_true",
+        help="only the table of irregular checkpoint schedules (log-spaced start, a "
+        "cadence change, rotated-away gaps, jittered steps) of the modular-addition runs",
+    )
     args = ap.parse_args(argv)
     unknown = [k for k in args.runs if k not in RUN_KINDS]
     if unknown:
@@ -762,6 +858,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # Adam's tiny late updates crawl as subnormal floats
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     extra = json.loads(args.events)
+    if args.cadences:
+        with tempfile.TemporaryDirectory(prefix="bench_events_") as tmp:
+            work = args.workdir or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            text = "\n".join(
+                [
+                    "### Event detection on irregular checkpoint schedules "
+                    "(`benchmarks/bench_events.py --cadences`)",
+                    "",
+                    f"- command: `{command_line(sys.argv[1:] if argv is None else argv).strip()}`",
+                    *machine_lines(),
+                    "",
+                    *cadence_table(
+                        args.seeds, work, extra, lambda t: print(t, file=sys.stderr, flush=True)
+                    ),
+                ]
+            )
+        print(text)
+        if args.write:
+            write_section(args.write, "bench_events_cadences", text)
+        return 0
     if args.quick:
         args.seeds, args.tune_seeds = [0], []
     started = time.perf_counter()

@@ -248,3 +248,21 @@ def test_a_restart_anywhere_in_a_changing_cadence_changes_nothing(stop: int) -> 
     whole = run(None)
     assert any(e.kind == "transition" for e in whole)
     assert run(stop) == whole
+
+
+def test_the_bench_schedules_are_what_they_say() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events
+
+    got = bench_events.schedules(0, 1000, 25)
+    assert got["regular"] == list(range(0, 1001, 25))
+    assert got["log-spaced"][:8] == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert got["log-spaced"][8:] == list(range(75, 1001, 25))
+    fine = got["fine-then-coarse"]
+    assert fine[:3] == [0, 5, 10] and fine[-2:] == [950, 1000]
+    assert sorted(set(got["regular"]) - set(got["gaps"])) == [400, 425, 450, 475]
+    jittered = got["jittered"]
+    assert len(jittered) == len(got["regular"]) and jittered == sorted(jittered)
+    assert all(abs(j - r) <= 8 for j, r in zip(jittered, got["regular"], strict=True))
+    steady = bench_events.schedules(1000, 2000, 25)
+    assert all(1000 <= s <= 2000 for v in steady.values() for s in v)
