@@ -309,3 +309,77 @@ def test_an_adapter_read_without_peft_installed_says_to_install_it(tmp_path: Pat
     err = " ".join(done.stderr.split())
     assert "step_5 is a PEFT adapter checkpoint (adapter_model.safetensors" in err
     assert "pip install peft" in err and "Traceback" not in err
+
+
+LLAMA = """
+import sys, torch
+sys.path.insert(0, {scripts!r})
+torch.set_num_threads(1)
+torch.manual_seed(0)
+from models import VOCAB, token_data
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from peft import LoraConfig, get_peft_model
+
+base_dir, out = sys.argv[1], sys.argv[2]
+LlamaForCausalLM(LlamaConfig(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+)).save_pretrained(base_dir)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        self.seq = token_data(n, 7, seed)
+
+    def __len__(self):
+        return len(self.seq)
+
+    def __getitem__(self, i):
+        return {{"input_ids": self.seq[i], "labels": self.seq[i]}}
+
+
+model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(
+    task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    modules_to_save=["lm_head"]))
+args = TrainingArguments(
+    output_dir=out, max_steps=5, save_steps=5, per_device_train_batch_size=8, report_to=[],
+    use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
+Trainer(model=model, args=args, train_dataset=Tokens(64, 0)).train()
+"""
+
+
+@pytest.mark.slow
+def test_a_llama_lora_with_a_task_type_and_modules_to_save_is_read_as_peft_loads_it(
+    tmp_path: Path,
+) -> None:
+    """task_type CAUSAL_LM (peft's PeftModelForCausalLM) and a head trained whole
+    (modules_to_save: its copy is the one that runs)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from ddsmon import compute_signatures
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        LLAMA.format(scripts=str(Path(__file__).resolve().parent / "trainer_scripts"))
+    )
+    base, run = tmp_path / "base", tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(script), str(base), str(run)],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = tmp_path / "probe.pt"
+    inputs, targets = gpt2_probe()
+    torch.save({"inputs": inputs, "targets": targets}, probe)
+    done = ddsmon(
+        "report", run / "checkpoint-5", "--probe", probe, "--loss", "ce", "--json", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    layers = json.loads(done.stdout)["layers"]
+    assert "base_model.model.lm_head.modules_to_save.default" in layers
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(str(base)), str(run / "checkpoint-5")
+    )
+    sig = compute_signatures(model.eval(), inputs, targets, loss="ce", device="cpu")
+    assert_same_readings(layers, {name: layer.to_dict() for name, layer in sig.layers.items()})
