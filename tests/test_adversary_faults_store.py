@@ -279,3 +279,40 @@ def test_an_experiment_deleted_while_watching_is_named_with_what_to_do(
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert said and "was deleted with its experiment 'ddsmon'" in said[0], err[-3000:]
     assert "mlflow experiments restore" in said[0]
+
+
+@pytest.mark.slow
+def test_a_server_restarted_on_an_empty_store_is_said_and_the_next_start_recovers(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The tracking server restarts on an empty backend (a container without its
+    volume) while ``watch`` logs to it: every later checkpoint failed with "readings not
+    recorded in MLflow: RESOURCE_DOES_NOT_EXIST: Run ... not found", for ever. Now the
+    daemon says the run is not in the store any more and stops (exit 2); started again,
+    it logs into a new run and reads every checkpoint into it."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    server.start()
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    args = cli_args("watch", ckpts, probe, server.uri, "--quiet", "0.2")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: only_run_steps(server.uri) == [1], 120, "step 1 recorded")
+        server.stop()
+        server.db.unlink()
+        server.start()
+        write_checkpoints(ckpts, [1, 2])
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        said = [line for line in err.splitlines() if line.startswith("error:")]
+        assert said and f"is not in the store at {server.uri} any more" in said[0], err[-3000:]
+        again = _scan(tmp_path, ckpts, probe, server.uri)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert only_run_steps(server.uri) == [1, 2]
+    finally:
+        proc.kill()
+        server.stop()

@@ -247,7 +247,16 @@ class RunLease:
         )
 
     def _get(self) -> Run:
-        run = call(self.writer.client.get_run, self.run_id)
+        """The run; :class:`RunGone` when it is deleted or the store does not hold it
+        any more (deleted for good, or the server restarted on an empty or other store)."""
+        try:
+            run = call(self.writer.client.get_run, self.run_id)
+        except Unreachable:
+            raise
+        except Exception as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                raise RunGone(self.run_id) from exc
+            raise
         if run.info.lifecycle_stage == "deleted":
             raise RunGone(self.run_id)
         return run
@@ -380,8 +389,15 @@ class RunLease:
         try:
             run = call(client.get_run, self.run_id)
             exp = call(client.get_experiment, run.info.experiment_id)
-        except Exception:  # gone for good, or the store not answering now
+        except Unreachable:
             exp = None
+        except Exception:  # not in the store at all
+            return (
+                f"{self.label} is not in the store at {self.writer.display_uri} any more "
+                "(deleted for good, or the server restarted on an empty or another store); "
+                "this daemon stops writing it (started again, ddsmon logs into a new run "
+                "and reads every checkpoint into it)"
+            )
         if exp is not None and exp.lifecycle_stage == "deleted":
             return (
                 f"{self.label} was deleted with its experiment {exp.name!r}; this daemon stops "
