@@ -188,8 +188,9 @@ SETTINGS: dict[str, Setting] = {
                 help="Zero-argument callable returning the nn.Module: 'pkg.mod:make' or 'path/to/file.py:make'."),
         Setting("probe", "str", None, "read", metavar="FILE|MODULE:FUNCTION", runs_code=_probe_runs_code,
                 help="Torch file holding {'inputs', 'targets'}, or a function returning (inputs, targets)."),
-        Setting("loss", "str", DEFAULT_LOSS, "read", metavar="ce|mse|MODULE:FUNCTION", runs_code=_loss_runs_code,
-                help="Per-sample loss: 'ce', 'mse' or a callable (outputs, targets) -> (n,)."),
+        Setting("loss", "str", DEFAULT_LOSS, "read", metavar="ce|lm|mse|MODULE:FUNCTION", runs_code=_loss_runs_code,
+                help="Per-sample loss: 'ce', 'lm' (next-token, for causal language models), 'mse' "
+                     "or a callable (outputs, targets) -> (n,)."),
         Setting("layers", "layers", None, "read", metavar="NAMES|REGEX",
                 help="Comma-separated module names, or a regex; default: every leaf module with a floating output of width 2 to --max-width."),
         Setting("device", "str", DEVICE_AUTO, "read",

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ddsmon import streaming
 from ddsmon.errors import ConfigError, ProbeError
-from ddsmon.losses import LossSpec, per_sample_loss_fn
+from ddsmon.losses import LossSpec, per_sample_loss_fn, warn_if_copying
 from ddsmon.options import (
     DEFAULT_FISHER,
     DEFAULT_LOSS,
@@ -237,6 +237,7 @@ def compute_signatures(
     model = _eager(model)
     names = select_layers(model, layers)
     loss_fn = per_sample_loss_fn(loss)
+    warn_if_copying(loss, inputs, targets)
     eps = torch.finfo(forward_dtype).eps
     want_activation = fisher in ("both", "activation")
     want_param = fisher in ("both", "parameter")

@@ -8,6 +8,11 @@ the gradient of that sum with respect to sample i's activations is exactly
 * ``"ce"``: cross-entropy. Logits (n, C) with class targets (n,) or probability targets
   (n, C); logits (n, T, C) with targets (n, T): the mean over the positions of a sample
   (positions whose target is -100 are ignored, as in ``F.cross_entropy``).
+* ``"lm"``: next-token cross-entropy, as Hugging Face's causal language models compute
+  it from ``labels`` = the input ids: logits (n, T, C) at position t scored against
+  the target at t + 1, the mean over a sample's T - 1 scored positions (targets -100
+  ignored). With ``"ce"`` and targets equal to the input ids, every position is scored
+  against its own token: a copying loss, not the one the model was trained on.
 * ``"mse"``: mean over a sample's non-batch elements of ``(output - target)^2``.
 * a callable ``(outputs, targets) -> (n,)`` tensor of per-sample losses: floating
   point, a differentiable function of the outputs, and finite where the outputs are
@@ -20,6 +25,7 @@ Scaling conventions matter only up to a constant factor for the scale-free readi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Union
 
@@ -29,7 +35,9 @@ from torch import Tensor
 
 from ddsmon.errors import ProbeError
 
-__all__ = ("LossSpec", "per_sample_loss_fn")
+__all__ = ("LossSpec", "per_sample_loss_fn", "warn_if_copying")
+
+log = logging.getLogger(__name__)
 
 LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
@@ -43,7 +51,7 @@ def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
                 f"loss 'ce': logits have shape {tuple(outputs.shape)}, so targets must be "
                 f"({outputs.shape[0]},) class ids, got {tuple(targets.shape)}"
             )
-        return F.cross_entropy(outputs, targets.long(), reduction="none")
+        return F.cross_entropy(outputs, _class_ids("ce", targets, outputs), reduction="none")
     if outputs.ndim == 3:
         n, t, c = outputs.shape
         if targets.shape != (n, t):
@@ -51,15 +59,55 @@ def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
                 f"loss 'ce': logits have shape {(n, t, c)}, so targets must be {(n, t)}, "
                 f"got {tuple(targets.shape)}"
             )
-        targets = targets.long()
-        token = F.cross_entropy(
-            outputs.reshape(n * t, c), targets.reshape(n * t), reduction="none"
-        ).view(n, t)
-        valid = (targets != -100).to(token.dtype)
-        return (token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        return _token_mean(outputs, _class_ids("ce", targets, outputs))
     raise ProbeError(
         f"loss 'ce' needs logits of shape (n, C) or (n, T, C), got {tuple(outputs.shape)}"
     )
+
+
+def _next_token(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Next-token cross-entropy: ``outputs[:, t]`` against ``targets[:, t + 1]``, the
+    mean over each sample's scored positions (HF's ``labels`` convention)."""
+    if outputs.ndim != 3:
+        raise ProbeError(f"loss 'lm' needs logits of shape (n, T, C), got {tuple(outputs.shape)}")
+    n, t, c = outputs.shape
+    if targets.shape != (n, t):
+        raise ProbeError(
+            f"loss 'lm': logits have shape {(n, t, c)}, so targets must be the {(n, t)} "
+            f"token ids (the input ids, as Hugging Face's labels), got {tuple(targets.shape)}"
+        )
+    if t < 2:
+        raise ProbeError(f"loss 'lm' needs at least 2 positions per sample, got {t}")
+    return _token_mean(outputs[:, :-1], _class_ids("lm", targets, outputs)[:, 1:])
+
+
+def _token_mean(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample mean of the token cross-entropies of ``outputs`` (n, T, C) against
+    ``targets`` (n, T), positions whose target is -100 left out."""
+    n, t, c = outputs.shape
+    token = F.cross_entropy(
+        outputs.reshape(n * t, c), targets.reshape(n * t), reduction="none"
+    ).view(n, t)
+    valid = (targets != -100).to(token.dtype)
+    return (token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def _class_ids(label: str, targets: Tensor, outputs: Tensor) -> Tensor:
+    """``targets`` as class ids (long); a ProbeError names a target outside the logits'
+    classes (-100 is ignored, as in ``F.cross_entropy``). Not checked under vmap."""
+    ids = targets.long()
+    if ids.numel() == 0 or torch._C._are_functorch_transforms_active():
+        return ids
+    classes = outputs.shape[-1]
+    bad = ((ids < 0) & (ids != -100)) | (ids >= classes)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        value = int(ids[tuple(where)])
+        raise ProbeError(
+            f"loss {label!r}: the targets hold {value} at {tuple(where)}, but the logits "
+            f"have {classes} classes (ids 0 to {classes - 1}; -100 is ignored)"
+        )
+    return ids
 
 
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -74,6 +122,39 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs - targets.to(outputs.dtype)).pow(2).reshape(outputs.shape[0], -1).mean(1)
 
 
+#: Whether :func:`warn_if_copying` has said its warning (once per process).
+_SAID_COPYING = False
+
+
+def warn_if_copying(loss: LossSpec, inputs: object, targets: object) -> None:
+    """Warn, once, when ``loss`` is ``"ce"`` and the targets (n, T) are one of the probe's
+    input tensors: every position is then scored against its own token (a copying
+    loss), where a causal language model's is the next token's (``"lm"``)."""
+    global _SAID_COPYING
+    if _SAID_COPYING or loss != "ce" or not isinstance(targets, Tensor) or targets.ndim != 2:
+        return
+    if targets.is_floating_point():
+        return
+    if isinstance(inputs, dict):
+        parts = list(inputs.values())
+    else:
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    for part in parts:
+        if (
+            isinstance(part, Tensor)
+            and part.shape == targets.shape
+            and not part.is_floating_point()
+            and torch.equal(part.cpu(), targets.cpu())
+        ):
+            _SAID_COPYING = True
+            log.warning(
+                "loss 'ce' with targets equal to the probe's input ids scores every "
+                "position against its own token; for a causal language model's "
+                "next-token loss (Hugging Face's labels = input_ids), use --loss lm"
+            )
+            return
+
+
 def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-sample loss function for ``loss``, checking the shape it returns."""
     if callable(loss):
@@ -81,10 +162,12 @@ def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
         label = getattr(loss, "__name__", repr(loss))
     elif loss == "ce":
         fn, label = _cross_entropy, "ce"
+    elif loss == "lm":
+        fn, label = _next_token, "lm"
     elif loss == "mse":
         fn, label = _mse, "mse"
     else:
-        raise ProbeError(f"unknown loss {loss!r}: use 'ce', 'mse' or a callable")
+        raise ProbeError(f"unknown loss {loss!r}: use 'ce', 'lm', 'mse' or a callable")
 
     def checked(outputs: Tensor, targets: Tensor) -> Tensor:
         values = fn(outputs, targets)

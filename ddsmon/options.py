@@ -24,7 +24,7 @@ FISHER_FAMILIES: tuple[str, ...] = ("both", "activation", "parameter", "none")
 #: dtypes of the probe pass, by name (the spectra are always float64).
 FORWARD_DTYPES: tuple[str, ...] = ("float64", "float32")
 #: Per-sample losses built in; anything else is ``MODULE:FUNCTION``.
-BUILTIN_LOSSES: tuple[str, ...] = ("ce", "mse")
+BUILTIN_LOSSES: tuple[str, ...] = ("ce", "lm", "mse")
 #: The device setting that picks CUDA when torch sees it, else the CPU.
 DEVICE_AUTO = "auto"
 

@@ -50,6 +50,8 @@ def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: LossSpec
     """Per-sample losses, shape ``(n,)``, written out element by element.
 
     ``"ce"``: ``-log softmax(z)[y]``, averaged over positions for ``(n, T, C)`` logits.
+    ``"lm"``: next-token: ``-log softmax(z_t)[y_{t+1}]`` averaged over the positions
+    whose next target is not -100.
     ``"mse"``: ``mean over non-batch elements of (out - target)^2``.
     A callable is used as given.
     """
@@ -60,6 +62,17 @@ def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: LossSpec
         logp = outputs - torch.logsumexp(outputs, dim=-1, keepdim=True)
         picked = torch.gather(logp, -1, targets.long().unsqueeze(-1)).squeeze(-1)
         return (-picked).reshape(n, -1).mean(dim=1)
+    if loss == "lm":  # position t scored against the token at t + 1, -100 skipped
+        logp = outputs - torch.logsumexp(outputs, dim=-1, keepdim=True)
+        rows = []
+        for i in range(n):
+            scored = [
+                -logp[i, t, int(targets[i, t + 1])]
+                for t in range(outputs.shape[1] - 1)
+                if int(targets[i, t + 1]) != -100
+            ]
+            rows.append(torch.stack(scored).mean() if scored else logp.new_zeros(()))
+        return torch.stack(rows)
     if loss == "mse":
         diff = outputs - targets.to(outputs.dtype)
         return (diff * diff).reshape(n, -1).mean(dim=1)
