@@ -275,9 +275,10 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
     ``layers`` is None (every leaf module whose output is a floating tensor with last
     dimension >= 2, decided during the probe pass), a list of ``named_modules()`` names,
     or a regex string matched with ``re.search`` against those names. A regex does not
-    match the modules inside a :data:`READ_WHOLE` module (``attn.out_proj`` never runs)
-    or inside a module's ``parametrizations`` (their outputs are weights), which would
-    otherwise fail the pass ("did not run"); named in a list, they still do.
+    match the modules inside a :data:`READ_WHOLE` module (``attn.out_proj`` never runs),
+    inside a module's ``parametrizations`` (their outputs are weights), or a module
+    without a forward (``ModuleDict``, ``ModuleList``), which would otherwise fail the
+    pass ("did not run"); named in a list, they still do.
     """
     names = [name for name, _ in model.named_modules() if name]
     if layers is None:
@@ -304,9 +305,16 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
 
 
 def _never_layers(model: nn.Module) -> set[str]:
-    """The modules that never run as layers of their own (:func:`_never_run_prefixes`)."""
+    """The modules that never run as layers of their own (:func:`_never_run_prefixes`),
+    and the modules without a forward of their own (containers: ``nn.ModuleDict``,
+    ``nn.ModuleList``; peft's ``lora_A`` holds ``lora_A.default``, and a regex ``lora_``
+    matches both)."""
     hidden = _never_run_prefixes(model)
-    return {name for name, _ in model.named_modules() if name and _inside(name, hidden)}
+    return {
+        name
+        for name, m in model.named_modules()
+        if name and (_inside(name, hidden) or type(m).forward is nn.Module.forward)
+    }
 
 
 def _listing(names: list[str], limit: int = 30) -> str:

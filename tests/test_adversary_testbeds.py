@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from ddsmon import compute_signatures
+from ddsmon.errors import ProbeError
 from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
 
 TOL = 1e-10
@@ -562,6 +563,32 @@ def test_a_layers_regex_skips_modules_that_never_run_as_layers() -> None:
     assert list(sig.layers) == ["inp", "attn"]
     want = compute_signatures(model, x, y, loss="ce", device="cpu")
     assert sig.layers["attn"].lambda_min == want.layers["attn"].lambda_min
+
+
+def test_a_layers_regex_skips_containers_without_a_forward() -> None:
+    """A regex matching a ``ModuleDict`` and its members (peft's LoRA layers hold
+    ``lora_A.default`` inside the ModuleDict ``lora_A``: ``--layers lora_`` matches both):
+    before, the container was selected too, and every checkpoint failed "layer(s)
+    ['fc.lora_A'] did not run in the model's forward pass". Now its members are read;
+    named in a list, the container still fails, by name."""
+
+    class Adapted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.lora_A = nn.ModuleDict({"default": nn.Linear(3, 2, bias=False)})
+            self.lora_B = nn.ModuleDict({"default": nn.Linear(2, 4, bias=False)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+    torch.manual_seed(29)
+    model = Adapted().eval()
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    sig = compute_signatures(model, x, y, loss="ce", layers="lora_", device="cpu")
+    assert list(sig.layers) == ["lora_A.default", "lora_B.default"]
+    with pytest.raises(ProbeError, match=r"\['lora_A'\] did not run"):
+        compute_signatures(model, x, y, loss="ce", layers=["lora_A"], device="cpu")
 
 
 def test_a_packed_sequence_layer_is_said_not_read(caplog: pytest.LogCaptureFixture) -> None:
