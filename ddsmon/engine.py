@@ -128,6 +128,27 @@ def _matches(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool
     )
 
 
+def _check_scored(loss: LossSpec, targets: Any) -> None:
+    """A ProbeError when the class targets of ``"ce"`` or ``"lm"`` score no position
+    at all (every one -100, ignored; with ``"lm"`` a sample's first target is never
+    scored): every sample's loss is then 0 and its gradients zeros, and G and K would
+    be readings of nothing, recorded as if measured."""
+    if loss not in ("ce", "lm") or not isinstance(targets, Tensor) or targets.numel() == 0:
+        return
+    if targets.is_floating_point():
+        return
+    scored = targets[:, 1:] if loss == "lm" and targets.ndim == 2 else targets
+    if scored.numel() == 0 or not bool((scored == -100).all()):
+        return
+    which = "every target after each sample's first" if scored is not targets else "every target"
+    raise ProbeError(
+        f"loss {loss!r}: {which} of the probe's {tuple(targets.shape)} targets is -100 "
+        "(ignored), so no position is scored: every sample's loss is 0 and its "
+        "gradients are zeros; give targets that hold the token or class ids, or "
+        "--fisher none for activation readings only"
+    )
+
+
 def _type_name(obj: Any) -> str:
     kind = type(obj)
     return (
@@ -242,6 +263,8 @@ def compute_signatures(
     want_activation = fisher in ("both", "activation")
     want_param = fisher in ("both", "parameter")
     backward = fisher != "none"
+    if backward:
+        _check_scored(loss, targets)
 
     flags = {m: m.training for m in model.modules()}
     in_place = _matches(model, dev, forward_dtype)

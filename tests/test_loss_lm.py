@@ -130,3 +130,22 @@ def test_lm_is_hugging_faces_causal_lm_loss() -> None:
         ]
     # HF's ForCausalLMLoss casts the logits to float32 first: agreement to float32's
     torch.testing.assert_close(ours, torch.stack(theirs).double(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "blank"),
+    [("lm", (slice(None), slice(1, None))), ("ce", (slice(None), slice(None)))],
+)
+def test_targets_that_score_no_position_are_a_probe_error(loss: str, blank: tuple) -> None:
+    """Every target -100 (with 'lm', every one after each sample's first): no position is
+    scored, every loss is 0 and every gradient zero. Before, G and K were recorded as
+    readings (g_rank 0, spectra of zeros) as if measured."""
+    model, ids = TinyLM().eval(), _probe()
+    targets = ids.clone()
+    targets[blank] = -100
+    with pytest.raises(ProbeError, match=r"-100.*no position is scored"):
+        compute_signatures(model, ids, targets, loss=loss, device="cpu")
+    sig = compute_signatures(model, ids, targets, loss=loss, device="cpu", fisher="none")
+    assert sig.layers  # activation readings need no scored position
+    targets[0, -1] = ids[0, -1]  # one scored position: read
+    compute_signatures(model, ids, targets, loss=loss, device="cpu")
