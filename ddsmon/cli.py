@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 _interrupt_line = b"ddsmon: interrupted while starting up; nothing was read\n"
 
@@ -190,6 +191,9 @@ def _setup_logging(verbose: int) -> None:
     # the spool is tried again (ddsmon says it once, with the reason)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     threading.excepthook = _thread_raised
+    # MLFLOW_TRACKING_INSECURE_TLS=true: urllib3 warns at every request (its filter says
+    # "always"); the user chose it, so it is said once
+    warnings.filterwarnings("once", message="Unverified HTTPS request")
 
 
 def _thread_raised(args: threading.ExceptHookArgs) -> None:

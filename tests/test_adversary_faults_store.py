@@ -10,6 +10,7 @@ real server answers again."""
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import signal
 import ssl
@@ -26,8 +27,6 @@ _SIGN_IN = b"<html><head><title>Sign in - Example SSO</title></head><body>...</b
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -67,21 +66,27 @@ def _answering(
         server.server_close()
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+def _self_signed(tmp_path: Path, *, san: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key; ``san``: with the address in
+    its subjectAltName (else in its CN only, which verification does not accept)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    extra = ["-addext", "subjectAltName=IP:127.0.0.1"] if san else []
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"],
+         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", *extra],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert, key
 
 
-def _scan(tmp_path: Path, ckpts: Path, probe: Path, uri: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_args("scan", ckpts, probe, uri), cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+def _scan(
+    tmp_path: Path, ckpts: Path, probe: Path, uri: str, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args("scan", ckpts, probe, uri), cwd=tmp_path,
+                          env={**_env(), **env}, capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -111,6 +116,80 @@ def test_an_untrusted_certificate_is_a_settings_error_naming_the_uri(
     assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in line and "MLFLOW_TRACKING_INSECURE_TLS" in line
     done = ckpts / ".ddsmon" / "done.jsonl"
     assert not done.exists() or not done.read_text().strip()  # nothing marked read
+
+
+def test_a_certificate_issued_for_another_name_is_named(tmp_path: Path, probe: Path) -> None:
+    """Its CA given (MLFLOW_TRACKING_SERVER_CERT_PATH), a certificate naming the host
+    only in its CN fails as issued for another name: the advice is the name, not a CA."""
+    cert, key = _self_signed(tmp_path)
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    with _answering(200, b"{}", tls=(cert, key)) as port:
+        proc = _scan(tmp_path, ckpts, probe, f"https://127.0.0.1:{port}",
+                     MLFLOW_TRACKING_SERVER_CERT_PATH=str(cert))  # fmt: skip
+    line = _one_error_line(proc)
+    assert "its TLS certificate was issued for another name" in line, line
+    assert "subjectAltName" in line and "MLFLOW_TRACKING_SERVER_CERT_PATH" not in line
+
+
+@pytest.mark.slow
+def test_the_settings_the_certificate_error_names_do_reach_a_real_tls_server(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A real ``mlflow server`` serving TLS with a self-signed certificate: refused by
+    default, read with MLFLOW_TRACKING_SERVER_CERT_PATH, and with
+    MLFLOW_TRACKING_INSECURE_TLS=true, where urllib3's warning (once per request
+    before) is said once."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    cert, key = _self_signed(tmp_path, san=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--uvicorn-opts", f"--ssl-keyfile {key} --ssl-certfile {cert}"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    log.close()
+    uri = f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2, context=context):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the TLS server did not come up"
+                time.sleep(0.3)
+        ckpts = tmp_path / "ckpts"
+        write_checkpoints(ckpts, [1, 2])
+        line = _one_error_line(_scan(tmp_path, ckpts, probe, uri))
+        assert "self-signed certificate" in line, line
+        trusted = _scan(tmp_path, ckpts, probe, uri, MLFLOW_TRACKING_SERVER_CERT_PATH=str(cert))
+        assert trusted.returncode == 0, trusted.stderr[-3000:]
+        write_checkpoints(ckpts, [1, 2, 3])
+        insecure = _scan(tmp_path, ckpts, probe, uri, MLFLOW_TRACKING_INSECURE_TLS="true")
+        assert insecure.returncode == 0, insecure.stderr[-3000:]
+        assert insecure.stderr.count("Unverified HTTPS request") == 1, insecure.stderr[-3000:]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ddsmon/checkpoint"))
+    assert steps == [1, 2, 3]
 
 
 def test_https_to_a_plain_http_server_is_named(tmp_path: Path, probe: Path) -> None:

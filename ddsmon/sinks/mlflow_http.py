@@ -156,9 +156,22 @@ def _cut(text: str, most: int) -> str:
     return scrub(text if len(text) <= most else text[: most - 1] + "…")
 
 
+#: OpenSSL's verify codes of a certificate issued for another name, and of one expired.
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
+_EXPIRED = frozenset({10})  # X509_V_ERR_CERT_HAS_EXPIRED
+
+
 def _tls_fault(exc: ssl.SSLError) -> str | None:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or exc.reason or str(exc)
+        why = str(exc.verify_message or exc.reason or exc).rstrip(".")
+        if exc.verify_code in _NAME_MISMATCH:
+            return (
+                f"its TLS certificate was issued for another name ({why}); use the host "
+                "name the certificate names in the URI, or have it issued with this one "
+                "in its subjectAltName"
+            )
+        if exc.verify_code in _EXPIRED:
+            return f"its TLS certificate has expired ({why}); renew it at the server"
         return f"its TLS certificate failed verification ({why}); {_CERT_ADVICE}"
     if exc.reason == "WRONG_VERSION_NUMBER":
         return (
