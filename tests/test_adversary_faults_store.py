@@ -192,6 +192,7 @@ def test_the_settings_the_certificate_error_names_do_reach_a_real_tls_server(
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow  # one scan each: the default suite keeps the 200 page and the certificate
 def test_https_to_a_plain_http_server_is_named(tmp_path: Path, probe: Path) -> None:
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1])
@@ -204,8 +205,8 @@ def test_https_to_a_plain_http_server_is_named(tmp_path: Path, probe: Path) -> N
     ("status", "said"),
     [
         (200, "HTTP 200 with an HTML page titled 'Sign in - Example SSO', not MLflow's JSON"),
-        (404, "HTTP 404 to /api/2.0/mlflow/"),
-        (401, "HTTP 401 (not signed in)"),
+        pytest.param(404, "HTTP 404 to /api/2.0/mlflow/", marks=pytest.mark.slow),
+        pytest.param(401, "HTTP 401 (not signed in)", marks=pytest.mark.slow),
     ],
 )
 def test_a_page_that_is_not_mlflow_is_a_settings_error(
