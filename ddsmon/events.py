@@ -1280,13 +1280,8 @@ class _DyingScanner:
         (g_rank 128) was said to have "about 183 directions dying"."""
         if self.prev is None or not _is_finite_point(point):
             return None
-        value = dying_directions(self.prev, point)
-        if value is None or not math.isfinite(value) or value < 0.0:
-            return None
-        rank = _number(self.layer, "g_rank", point.get("g_rank"))
-        if rank is not None and rank >= 0:
-            value = min(value, rank)
-        return value
+        value = dying_directions(self.prev, point)  # within [0, g_rank], or None
+        return value if value is None or math.isfinite(value) else None
 
     def push(
         self, step: int, point: Mapping[str, Any], win: EventWindows | None

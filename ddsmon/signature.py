@@ -349,8 +349,11 @@ def dying_directions(
     ``prev`` and ``cur`` are two readings of one layer, each a :class:`LayerSignature` or
     its :meth:`~LayerSignature.to_dict`. Returns None where lambda_min did not fall (or
     either reading is unresolved or non-finite), or where the active rank changed between
-    the two (the volumes then sum different sets). Note that a loss that merely shrinks
-    lowers every eigenvalue together, and the count is then the whole active rank.
+    the two (the volumes then sum different sets), or where ``log det+(G)`` rose while
+    lambda_min fell (the other directions grew: the estimate would be negative and counts
+    nothing). An estimate above the rank (the spectrum falling faster than its smallest)
+    is the rank: every direction is dying. Note that a loss that merely shrinks lowers
+    every eigenvalue together, and the count is then the whole active rank.
     """
     readings = [(_get(r, "lambda_min"), _get(r, "logdet"), _get(r, "g_rank")) for r in (prev, cur)]
     if any(_get(r, "finite") is False for r in (prev, cur)):
@@ -364,4 +367,7 @@ def dying_directions(
     d_log_min = math.log(lam1) - math.log(lam0)
     if not d_log_min < 0.0:
         return None
-    return (vol1 - vol0) / d_log_min
+    count = (vol1 - vol0) / d_log_min
+    if not count >= 0.0:
+        return None
+    return min(count, float(rank1)) if isinstance(rank1, (int, float)) else count

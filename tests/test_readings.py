@@ -266,3 +266,19 @@ def test_dying_directions_reads_signatures_and_their_dicts_alike() -> None:
     other_rank = dataclasses.replace(cur, g_rank=2)
     assert signature.dying_directions(prev, other_rank) is None
     assert signature.dying_directions(prev.to_dict(), dict(cur.to_dict(), finite=False)) is None
+
+
+def test_dying_directions_is_a_count_within_zero_and_the_rank() -> None:
+    """The volume identity's estimate is a count only within [0, g_rank]: None where
+    log det+ rose while lambda_min fell, the rank where the spectrum fell faster than its
+    smallest (before: -269 and 183-of-128 were logged and shown as counts)."""
+    dying_directions = signature.dying_directions
+    prev = {"lambda_min": 1e-3, "logdet": -10.0, "g_rank": 5}
+
+    def cur(dying: float) -> dict[str, float]:
+        return {"lambda_min": 1e-4, "logdet": -10.0 - dying * math.log(10), "g_rank": 5}
+
+    assert dying_directions(prev, cur(2.0)) == pytest.approx(2.0, rel=1e-12)
+    assert dying_directions(prev, cur(-3.0)) is None
+    assert dying_directions(prev, cur(8.0)) == 5.0
+    assert dying_directions(prev, cur(0.0)) == 0.0
