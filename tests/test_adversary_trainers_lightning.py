@@ -79,7 +79,8 @@ def test_the_validation_scalars_of_a_lightning_checkpoints_name() -> None:
     for stem in ("last", "step=5", "epoch=3", "model-val_loss=nan", "val_loss=1.2x"):
         assert _lightning_meta({}, stem) == {}, stem
     state = {"callbacks": {"ModelCheckpoint{...}": {"monitor": "val_loss",
-                           "current_score": torch.tensor(1.25), "best_model_score": 0.5}}}  # fmt: skip
+                           "current_score": torch.tensor(1.25), "best_model_score": 0.5,
+                           "best_k_models": {"/ck/epoch=0-step=4-val_loss=1.30.ckpt": torch.tensor(1.25)}}}}  # fmt: skip
     assert _lightning_meta(state, "epoch=0-step=4-val_loss=1.30") == {"val_loss": 1.25}
 
 

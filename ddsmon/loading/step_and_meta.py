@@ -98,12 +98,15 @@ _NAMED_VALUE = re.compile(
 
 def _lightning_meta(obj: Any, stem: str) -> dict[str, float]:
     """A Lightning checkpoint's validation scalars, which are not at its top level: the
-    score each ``ModelCheckpoint`` callback monitors, from its saved state
-    (``callbacks[...]["monitor"]`` -> ``current_score``, the score this checkpoint was
-    saved with), else the ``name=value`` pairs its file name carries (``stem``, the name
-    without ``.ckpt``; ``save_weights_only=True`` saves no callback state, and the name
-    then holds the only copy, rounded as the template says). The step and the epoch
-    are not meta here (the content holds them)."""
+    score each ``ModelCheckpoint`` callback monitors, from its saved state when the
+    callback saved this very file (``callbacks[...]["best_k_models"]``, which maps the
+    paths it saved to their scores, holds a path of this name), else the
+    ``name=value`` pairs its file name carries (``stem``, the name without ``.ckpt``;
+    ``save_weights_only=True`` saves no callback state, and the name then holds the
+    only copy, rounded as the template says). A callback's ``current_score`` is not
+    read: it is the score of the last file that callback saved, stale in a file it did
+    not save (``last.ckpt`` after an epoch outside its top k, another callback's file).
+    The step and the epoch are not meta here (the content holds them)."""
     meta: dict[str, float] = {}
     for name, text in _NAMED_VALUE.findall(stem):
         if name not in _STEP_KEYS and name != "epoch":
@@ -113,7 +116,19 @@ def _lightning_meta(obj: Any, stem: str) -> dict[str, float]:
         for state in callbacks.values():
             if not isinstance(state, Mapping) or not isinstance(state.get("monitor"), str):
                 continue
-            score = _as_number(state.get("current_score"))
-            if score is not None and state["monitor"] not in _STEP_KEYS:
-                meta[state["monitor"]] = score
+            saved = state.get("best_k_models")
+            if not isinstance(saved, Mapping) or state["monitor"] in _STEP_KEYS:
+                continue
+            for path, value in saved.items():
+                score = _as_number(value)
+                if score is not None and _stem(path) == stem:
+                    meta[state["monitor"]] = score
     return {k: v for k, v in meta.items() if math.isfinite(v)}
+
+
+def _stem(path: Any) -> str | None:
+    """The file name of a path a callback saved, without ``.ckpt`` (any separator)."""
+    if not isinstance(path, str):
+        return None
+    name = re.split(r"[/\\]", path)[-1]
+    return name[: -len(".ckpt")] if name.lower().endswith(".ckpt") else name
