@@ -26,7 +26,8 @@ Scaling conventions matter only up to a constant factor for the scale-free readi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Union
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ddsmon.errors import ProbeError
 
-__all__ = ("LossSpec", "per_sample_loss_fn", "warn_if_copying")
+__all__ = ("LossSpec", "kept_torch_modes", "per_sample_loss_fn", "warn_if_copying")
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
         raise ProbeError(f"unknown loss {loss!r}: use 'ce', 'lm', 'mse' or a callable")
 
     def checked(outputs: Tensor, targets: Tensor) -> Tensor:
-        values = fn(outputs, targets)
+        with kept_torch_modes(f"loss {label!r}"):
+            values = fn(outputs, targets)
         n = outputs.shape[0]
         if not isinstance(values, Tensor) or values.shape != (n,):
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
@@ -182,6 +184,36 @@ def per_sample_loss_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor]:
         return values
 
     return checked
+
+
+_said_changed: set[tuple[str, str]] = set()
+
+
+@contextmanager
+def kept_torch_modes(label: str) -> Iterator[None]:
+    """Run user code (a loss, a model factory) and put back what it changed of torch's
+    global modes: gradient mode (``torch.set_grad_enabled(False)`` left behind turns the
+    backward pass of every later reading into no gradients at all: readings of nothing)
+    and the default dtype. Each change is said once per ``label``."""
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        changed = []
+        if torch.is_grad_enabled() != grad:
+            torch.set_grad_enabled(grad)
+            changed.append(f"torch.set_grad_enabled({not grad})")
+        if torch.get_default_dtype() != dtype:
+            changed.append(f"torch.set_default_dtype({torch.get_default_dtype()})")
+            torch.set_default_dtype(dtype)
+        for what in changed:
+            if (label, what) not in _said_changed:
+                _said_changed.add((label, what))
+                log.warning(
+                    "%s called %s, which would change every later reading; ddsmon put it back",
+                    label,
+                    what,
+                )
 
 
 def _check_values(label: str, outputs: Tensor, values: Tensor) -> None:

@@ -34,6 +34,7 @@ from ddsmon.engine import compute_signatures, forward_dtype, resolve_device
 from ddsmon.errors import ConfigError, DDSError
 from ddsmon.loading import LoadedCheckpoint, load_checkpoint, load_probe, resolve_callable
 from ddsmon.loading import resolve_factory as _resolve_factory
+from ddsmon.losses import kept_torch_modes
 from ddsmon.options import BUILTIN_LOSSES
 from ddsmon.probe import probe_batch_size
 from ddsmon.signature import Signatures
@@ -170,22 +171,26 @@ class _Materialised:
         self.factory = factory
 
     def __call__(self) -> nn.Module:
-        model = self.factory()
+        with kept_torch_modes(f"model factory {self._label()}"):
+            model = self.factory()
         if isinstance(model, nn.Module):
             meta = [
                 name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
             ]
             if meta:
                 shown_names = ", ".join(meta[:3]) + (", ..." if len(meta) > 3 else "")
-                spec = getattr(self.factory, "spec", None)
-                label = repr(spec) if spec else getattr(self.factory, "__qualname__", "")
                 raise ConfigError(
-                    f"model factory {label or repr(self.factory)} built a model with "
+                    f"model factory {self._label()} built a model with "
                     f"{len(meta)} tensors on the meta device ({shown_names}): they hold no data, and a checkpoint "
                     "cannot be loaded into them; build it on the CPU (ddsmon moves it to "
                     "--device), or return model.to_empty(device='cpu')"
                 )
         return model
+
+    def _label(self) -> str:
+        spec = getattr(self.factory, "spec", None)
+        label = repr(spec) if spec else getattr(self.factory, "__qualname__", "")
+        return label or repr(self.factory)
 
     def __repr__(self) -> str:
         return repr(self.factory)

@@ -46,6 +46,12 @@ USER_CODE = textwrap.dedent(
 
     def detached_loss(outputs, targets):
         return F.cross_entropy(outputs, targets, reduction="none").detach()
+
+
+    def grad_off_loss(outputs, targets):
+        values = F.cross_entropy(outputs, targets, reduction="none")
+        torch.set_grad_enabled(False)  # left behind, as a helper's cleanup might
+        return values
     """
 )
 
@@ -160,4 +166,21 @@ def test_a_thread_the_factory_started_raising_is_one_line(tmp_path: Path, probe:
     assert said, proc.stderr[-3000:]
     assert "raised RuntimeError: the prefetcher of the user's data failed at " in said[0]
     assert f"{user}:" in said[0] and "in work" in said[0]
+    assert only_run_steps(uri) == [1, 2]
+
+
+def test_a_loss_that_turns_gradients_off_does_not_empty_the_readings(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A loss that leaves ``torch.set_grad_enabled(False)`` behind: the backward pass
+    gave no gradients and every checkpoint was recorded without its G-side readings
+    (no lambda_min), nothing said. Now the mode is put back after the loss, said once,
+    and every checkpoint has them."""
+    user = _user_module(tmp_path)
+    proc, uri = _scan(tmp_path, probe, "--loss", f"{user}:grad_off_loss")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "set_grad_enabled(False)" in line]
+    assert len(said) == 1 and "loss 'grad_off_loss'" in said[0], proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all("lambda_min[" in line for line in steps), proc.stdout
     assert only_run_steps(uri) == [1, 2]
