@@ -83,6 +83,7 @@ from ddsmon.shown import shown
 __all__ = (
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "FSDP_SHARDED",
     "HF_SHARD",
     "HF_WEIGHTS",
     "HF_WEIGHTS_NAME",
@@ -150,6 +151,12 @@ HF_WEIGHTS: tuple[str, ...] = (
 ADAPTER_WEIGHTS: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
 """A PEFT adapter's weights (a LoRA fine-tune's ``checkpoint-N/``, ``PeftModel.save_pretrained``),
 in the order they are looked for: read only where the folder holds no model weights."""
+
+FSDP_SHARDED = "pytorch_model_fsdp_0"
+"""The torch.distributed.checkpoint folder inside a Hugging Face Trainer's ``checkpoint-N/``
+run under FSDP with sharded state dicts (accelerate's ``save_fsdp_model``: ``dist_cp.save(
+{"model": state_dict}, FileSystemWriter(...))``; its optimizer in ``optimizer_0/``), where
+the folder holds no model weights file: read only then."""
 
 ADAPTER_CONFIG = "adapter_config.json"
 """The PEFT adapter's settings beside :data:`ADAPTER_WEIGHTS` (peft writes it after them)."""
@@ -1037,9 +1044,13 @@ def _check_hf(path: Path) -> str | None:
         return f"{chosen.name}: {reason}" if reason else None
     if _has_shards(path):
         return SHARDS_WITHOUT_INDEX
+    if FSDP_SHARDED in names:  # FSDP's sharded state dict: its .metadata is written last
+        reason = _check_dcp(path / FSDP_SHARDED)
+        return f"{FSDP_SHARDED}/: {reason}" if reason else None
     return (
         f"no weights file (looked for {', '.join(HF_WEIGHTS)}, or a variant of one: "
-        f"model.<variant>.safetensors ..., or a PEFT adapter's {' / '.join(ADAPTER_WEIGHTS)})"
+        f"model.<variant>.safetensors ..., or a PEFT adapter's {' / '.join(ADAPTER_WEIGHTS)}, "
+        f"or FSDP's sharded {FSDP_SHARDED}/)"
     )
 
 

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from ddsmon.checkpoints import (
     ADAPTER_CONFIG,
+    FSDP_SHARDED,
+    HF_SHARD,
     HF_WEIGHTS,
     JSON_LIMIT,
     RefusedFile,
@@ -25,6 +27,7 @@ from ddsmon.checkpoints import (
 )
 from ddsmon.errors import CheckpointError, ConfigError
 from ddsmon.loading.adapters import base_model_folder, load_adapter_into, require_peft
+from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import (
     _open,
     _safetensors_header,
@@ -93,6 +96,14 @@ def _load_hf_contents(
             raise CheckpointError(path, f"a PEFT adapter ({adapter}), not a model's weights")
         model, source = _load_adapter_folder(path, adapter, factory, trust)
         return LoadedCheckpoint(model, step, meta, trainer_log, source=source)
+    sharded = _fsdp_sharded(path)
+    if sharded is not None:
+        built = factory if factory is not None else _config_factory(path, sharded)
+        loaded = _load_dcp_folder(sharded, built, trust)
+        source = f"{loaded.source} (FSDP's sharded state dict, {sharded.name}/)"
+        return LoadedCheckpoint(
+            loaded.model, step, {**loaded.meta, **meta}, trainer_log, source=source
+        )
     weights_files, note = _hf_weights_files(path)
     files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
@@ -123,6 +134,32 @@ def _load_hf_contents(
     if back:
         where += f", keys renamed by transformers' conversion mapping of {type(model).__name__}"
     return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
+
+
+def _fsdp_sharded(path: Path) -> Path | None:
+    """The folder's ``pytorch_model_fsdp_0/`` (a Trainer's checkpoint under FSDP with
+    sharded state dicts: a torch.distributed.checkpoint of ``{"model": state_dict}``) when
+    the folder holds no model weights file of its own, else None."""
+    names = _listing(path)
+    if FSDP_SHARDED not in names or hf_weights(names).name is not None:
+        return None
+    if any(HF_SHARD.match(n) for n in names):
+        return None
+    return path / FSDP_SHARDED
+
+
+def _config_factory(path: Path, sharded: Path) -> Callable[[], nn.Module]:
+    """The model of the folder's config.json, built as a factory would be; without one
+    (a Trainer saves none beside FSDP's sharded state dict), a ConfigError saying to
+    pass --model."""
+    if not os.path.lexists(path / "config.json"):
+        raise ConfigError(
+            f"{path}: its weights are FSDP's sharded state dict ({sharded.name}/, a "
+            "torch.distributed.checkpoint) and the folder has no config.json to build the "
+            "model from; pass --model MODULE:FACTORY"
+        )
+    model = _hf_model_from_config(path)
+    return lambda: model
 
 
 def _listing(path: Path) -> list[str]:
