@@ -110,6 +110,7 @@ __all__ = (
     "is_pretrained_folder",
     "is_temporary",
     "linked_folders",
+    "named_adapters",
     "open_regular",
     "read_regular",
     "stat_regular",
@@ -293,6 +294,19 @@ def adapter_weights(names: list[str] | tuple[str, ...] | set[str]) -> str | None
     if hf_weights(names).name is not None or any(HF_SHARD.match(n) for n in names):
         return None
     return next((n for n in ADAPTER_WEIGHTS if n in names), None)
+
+
+def named_adapters(path: Path, names: list[str] | tuple[str, ...] | set[str]) -> list[str]:
+    """The subfolders of a Hugging Face folder (entries ``names``) holding a PEFT adapter
+    saved under a name of its own (``PeftModel.save_pretrained`` writes an adapter not
+    named ``default`` into ``<name>/``: ``checkpoint-N/my_lora/adapter_config.json``),
+    sorted, when the folder holds no weights of its own (no model weights, no shard, no
+    adapter's), else none."""
+    if hf_weights(names).name is not None or any(HF_SHARD.match(n) for n in names):
+        return []
+    if any(n in ADAPTER_WEIGHTS for n in names):
+        return []
+    return sorted(n for n in names if os.path.lexists(path / n / ADAPTER_CONFIG))
 
 
 _ACCELERATE_MODEL = re.compile(r"^(model|pytorch_model)(?:_(\d+))?\.(safetensors|bin)$")
@@ -1044,6 +1058,19 @@ def _check_hf(path: Path) -> str | None:
         return f"{chosen.name}: {reason}" if reason else None
     if _has_shards(path):
         return SHARDS_WITHOUT_INDEX
+    named = named_adapters(path, names)
+    if len(named) == 1:  # peft writes the adapter's weights, then its config
+        try:
+            inside = os.listdir(path / named[0])
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{named[0]}/ vanished"
+        adapter = adapter_weights(inside)
+        if adapter is None:
+            return f"{named[0]}/: {ADAPTER_CONFIG} without the adapter's weights"
+        reason = _check_weights_file(path / named[0] / adapter)
+        return f"{named[0]}/{adapter}: {reason}" if reason else None
+    if named:
+        return None  # read, and refused with what it holds
     if FSDP_SHARDED in names:  # FSDP's sharded state dict: its .metadata is written last
         reason = _check_dcp(path / FSDP_SHARDED)
         return f"{FSDP_SHARDED}/: {reason}" if reason else None

@@ -22,6 +22,7 @@ from ddsmon.checkpoints import (
     RefusedFile,
     adapter_weights,
     hf_weights,
+    named_adapters,
     read_regular,
     stat_regular,
 )
@@ -104,6 +105,11 @@ def _load_hf_contents(
         return LoadedCheckpoint(
             loaded.model, step, {**loaded.meta, **meta}, trainer_log, source=source
         )
+    named = named_adapters(path, _listing(path))
+    if named:
+        if not adapters:
+            raise CheckpointError(path, f"a PEFT adapter ({named[0]}/), not a model's weights")
+        return _load_named_adapter(path, named, factory, trust, (step, meta, trainer_log))
     weights_files, note = _hf_weights_files(path)
     files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
@@ -134,6 +140,38 @@ def _load_hf_contents(
     if back:
         where += f", keys renamed by transformers' conversion mapping of {type(model).__name__}"
     return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
+
+
+def _load_named_adapter(
+    path: Path,
+    named: list[str],
+    factory: Callable[[], nn.Module] | None,
+    trust: bool,
+    state: tuple[int | None, dict[str, float], list[TrainerLogEntry]],
+) -> LoadedCheckpoint:
+    """The adapter a folder holds in its one subfolder ``named[0]`` (an adapter saved
+    under a name of its own), read as :func:`_load_adapter_folder` reads a folder
+    (PeftModel.from_pretrained of the subfolder); a CheckpointError names the adapters
+    when there are several (one model per checkpoint: which one ran is not saved)."""
+    if len(named) > 1:
+        listed = ", ".join(f"{n}/" for n in named)
+        raise CheckpointError(
+            path,
+            f"holds {len(named)} PEFT adapters, each in its subfolder ({listed}); ddsmon "
+            "reads one model per checkpoint, and which adapter was active is not saved: "
+            "save the one to monitor (save_pretrained(..., selected_adapters=[NAME]))",
+        )
+    folder = path / named[0]
+    try:
+        adapter = adapter_weights(os.listdir(folder))
+    except NotADirectoryError:
+        adapter = None
+    if adapter is None:
+        raise CheckpointError(path, f"{named[0]}/ holds {ADAPTER_CONFIG} without adapter weights")
+    model, source = _load_adapter_folder(folder, adapter, factory, trust)
+    step, meta, trainer_log = state
+    where = f"{source} (the adapter {named[0]!r}, saved in {named[0]}/)"
+    return LoadedCheckpoint(model, step, meta, trainer_log, source=where)
 
 
 def _fsdp_sharded(path: Path) -> Path | None:
