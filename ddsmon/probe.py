@@ -289,7 +289,16 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[
         except re.error as exc:
             raise ProbeError(f"layers regex {layers!r} is not valid: {exc}") from exc
         hidden = _never_layers(model)
-        chosen = [name for name in names if pattern.search(name) and name not in hidden]
+        matched = [name for name in names if pattern.search(name)]
+        chosen = [name for name in matched if name not in hidden]
+        if matched and not chosen:
+            raise ProbeError(
+                f"layers regex {layers!r} matches only modules that never run as layers of "
+                f"their own (containers without a forward, such as a ModuleDict, or modules "
+                f"inside a module read whole or inside parametrizations): "
+                f"{_listing(matched, 5)}; match the modules inside them instead "
+                f"(modules are: {_listing(names)})"
+            )
         if not chosen:
             raise ProbeError(
                 f"layers regex {layers!r} matches no module; modules are: {_listing(names)}"
