@@ -317,6 +317,10 @@ def scan(ctx: click.Context, directory: Path, **flags: Any) -> None:
         )
         if items
     )
+    if summary.nonfinite:
+        steps = summary.nonfinite
+        where = f"step {steps[0]}" if len(steps) == 1 else f"steps {min(steps)}-{max(steps)}"
+        extra += f", {len(steps)} non-finite in every layer ({where}: the run diverged?)"
     click.echo(
         f"scan: {summary.read} read, {summary.skipped} skipped, {summary.failed} failed, "
         f"{len(summary.events)} events{extra}",

@@ -91,6 +91,8 @@ class Summary:
     vanished: list[Path] = field(default_factory=list)
     #: checkpoints holding other weights at a step the run already has: (path, step)
     duplicates: list[tuple[Path, int]] = field(default_factory=list)
+    #: steps read where every layer was non-finite (the run diverged?)
+    nonfinite: list[int] = field(default_factory=list)
 
     def flagged(self, kinds: Iterable[str]) -> list[Event]:
         wanted = set(kinds)
@@ -671,6 +673,8 @@ class Daemon:
         )
         self.summary.read += 1
         self.summary.events.extend(events)
+        if sig.layers and not any(s.finite for s in sig.layers.values()):
+            self.summary.nonfinite.append(step)
 
     def _read(self, model: Any) -> Any:
         """The reading, in a worker thread when called from the main thread, so that

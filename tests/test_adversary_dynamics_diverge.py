@@ -130,6 +130,9 @@ def test_a_divergence_is_said_once_and_the_history_survives_it(
     lines = {int(ln.split()[1]): ln for ln in proc.stdout.splitlines() if ln.startswith("step ")}
     assert "the run diverged" in lines[nan_at], lines[nan_at]
     assert "the run diverged" not in lines[RESTART] and "nonfinite" not in lines[RESTART]
+    nan_steps = [s for s in steps if nan_at <= s < RESTART]
+    summary = f"{len(nan_steps)} non-finite in every layer (steps {nan_at}-{nan_steps[-1]}: "
+    assert summary + "the run diverged?)" in proc.stderr, proc.stderr
     # one nonfinite event per layer, where it turned non-finite, in words
     records = [json.loads(line) for line in events_json.read_text().splitlines()]
     nonfinite = [r for r in records if r["kind"] == "nonfinite"]
@@ -197,6 +200,8 @@ def test_the_live_view_says_the_run_diverged(diverged: Path) -> None:
     # the blow-up's collapses, held by NaN checkpoints only, make no transition
     assert summary.flagged(["collapse"]) and not summary.flagged(["transition"])
     assert {e.step for e in summary.flagged(["nonfinite"])} == {nan_at}
+    # the scan's summary line counts them (before, it said nothing of a diverged run)
+    assert min(summary.nonfinite) == nan_at and max(summary.nonfinite) < RESTART
     at = frames[nan_at]
     assert "every layer non-finite: the run diverged" in at, at
     event_lines = [ln for ln in at.splitlines() if "NONFINITE" in ln]
