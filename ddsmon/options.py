@@ -37,5 +37,5 @@ DEFAULT_LOSS = "ce"
 #: narrower than the vocabulary heads of language models (BERT's 30522, Llama's 32000,
 #: GPT-2's 50257, Llama-3's 128256). Decomposing a layer of N probe rows and width d
 #: costs about 2 N^2 d when d > N (GPT-2's head on a 32 x 128 probe: 1.7 TFLOP, 272 s
-#: and 9.3 GB on 2 cores), and its readings are bounded by N and by its input width.
+#: and 8.8 GiB on 2 busy cores), and its readings are bounded by N and by its input width.
 DEFAULT_MAX_WIDTH = 30000

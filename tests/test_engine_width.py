@@ -2,7 +2,7 @@
 model's vocabulary head), names them once, and reads them when they are named.
 
 Before: GPT-2's ``lm_head`` (d = 50257) was read by default; on a 32 x 128 probe it
-alone took 272 s and 9.3 GB on 2 cores, for readings bounded by the probe's rows
+alone took 272 s and 8.8 GiB on 2 busy cores, for readings bounded by the probe's rows
 (4096) and its input width (768)."""
 
 from __future__ import annotations
