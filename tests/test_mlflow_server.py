@@ -59,7 +59,7 @@ def _steps(client: MlflowClient, run_id: str, key: str = CHECKPOINT_METRIC) -> l
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
+def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path, capfd):
     watched = tmp_path / "ckpts"
     watched.mkdir()
     sink = MlflowSink(
@@ -74,6 +74,9 @@ def test_logs_over_http_with_proxied_artifacts(server, sigs, tmp_path):
     sink.on_reading(_reading(0, sigs[0], watched), [])
     sink.on_reading(_reading(10, sigs[10], watched), [event])
     sink.close()
+    # MLflow's client prints "View run ... at: URL" to stdout on ending a run against a
+    # server; stdout is ddsmon's record of the readings (scan | head, a CI log)
+    assert "View run" not in capfd.readouterr().out
     run_id = sink.run_id
     assert run_id is not None
     client = MlflowClient(server.uri)

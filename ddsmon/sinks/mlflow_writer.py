@@ -70,6 +70,23 @@ log = logging.getLogger(__name__)
 NOTE_HEADER = "### ddsmon: dead-direction readings"
 
 
+#: MLflow's switch for the run URLs its client prints to stdout on ending a run.
+_SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+@contextlib.contextmanager
+def _url_printing_off() -> Iterator[None]:
+    """MLflow's run-URL print to stdout off for the duration, unless the user set it."""
+    if _SUPPRESS_URL in os.environ:
+        yield
+        return
+    os.environ[_SUPPRESS_URL] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop(_SUPPRESS_URL, None)
+
+
 class MlflowWriter:
     """MLflow calls for one tracking URI (``None``: MLflow's default); ``client``: one
     already made (else it is made on first use)."""
@@ -118,7 +135,13 @@ class MlflowWriter:
         call(self.client.log_artifacts, run_id, folder, artifact_dir)
 
     def set_terminated(self, run_id: str, status: str) -> None:
-        call(self.client.set_terminated, run_id, status=status)
+        """End the run. On a server, MLflow's client first prints "View run ... at: URL"
+        and "View experiment at: URL" to stdout, which is ddsmon's record of the readings
+        (``scan | head``, a CI log), and fetches the run again to do so; that print is
+        off for the call (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``, unless the user
+        set it)."""
+        with _url_printing_off():
+            call(self.client.set_terminated, run_id, status=status)
 
     def delete_run(self, run_id: str) -> None:
         call(self.client.delete_run, run_id)
