@@ -105,9 +105,10 @@ message; some carry more, see :meth:`Event.to_dict`):
     the same pair) for at least ``confirm`` steps: a grokking-like phase change, the
     headline alert. A transient dip that recovers within ``confirm`` steps is a collapse
     and a revival, never part of a transition; so are collapses whose layer turns
-    non-finite before they are confirmed (a run diverging: its loss blew up at the
-    checkpoint before its weights went NaN, and no reading held the collapses since). A
-    collapse counts toward one transition only, and collapses in the
+    non-finite before they are confirmed and stays so (a run diverging: its loss blew up
+    at the checkpoint before its weights went NaN, and no reading held the collapses
+    since); a layer finite again (one bad checkpoint) has its collapses held or revived
+    as before. A collapse counts toward one transition only, and collapses in the
     ``transition_window`` steps after a transition belong to it (one alert per phase
     change). ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
@@ -1469,9 +1470,11 @@ class _TransitionScanner:
     """Groups collapses across readings and layers into transitions.
 
     ``ledger`` holds the collapses of the last ``transition_window`` steps (dicts with
-    step, layer, reading, magnitude, dying, revived, claimed, and broken once their layer
-    turned non-finite); collapses before ``quiet_until`` (a step) belong to the
-    transition just reported.
+    step, layer, reading, magnitude, dying, revived, claimed, and broken while their
+    layer is non-finite: a broken collapse counts toward none, and is held or revived as
+    any other once its layer reads finite again, so only a layer that stays non-finite
+    (a run diverging) takes its collapses out of a transition); collapses before
+    ``quiet_until`` (a step) belong to the transition just reported.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
@@ -1486,7 +1489,15 @@ class _TransitionScanner:
         win: EventWindows | None,
         trainer: _Trainer | None = None,
         samples: _ResolvedSamples | None = None,
+        finite: Mapping[str, bool] | None = None,
     ) -> list[Event]:
+        """``finite``: whether each layer read at this checkpoint is finite (None: not
+        known; a layer broken stays broken)."""
+        for entry in self.ledger:
+            if entry.get("broken") and finite is not None and finite.get(entry["layer"]):
+                # finite again (a bad batch at one save, a probe overflowing once): no
+                # divergence; its readings are read again, and a revival marks it
+                entry["broken"] = False
         for ev in events:
             if ev.kind == "collapse":
                 self.ledger.append(
@@ -1719,6 +1730,7 @@ def detect_transitions(
     steps: Sequence[int],
     cfg: EventConfig = EventConfig(),
     meta: Sequence[Mapping[str, Any] | None] | None = None,
+    finite: Sequence[Mapping[str, bool]] | None = None,
 ) -> list[Event]:
     """``transition`` events at the newest checkpoint ``steps[-1]``.
 
@@ -1727,8 +1739,10 @@ def detect_transitions(
     cadence is measured on them); ``meta`` the trainer's scalars of each checkpoint
     (aligned with ``steps``), for the transition's ``trainer_before`` /
     ``trainer_after`` / ``label``. A collapse counts when it lies within the last ``transition_window`` steps, has not been
-    followed by a revival of the same (layer, reading) nor by its layer turning
-    non-finite, has held at least ``confirm`` steps, and did not already count toward an
+    followed by a revival of the same (layer, reading), its layer is not non-finite
+    since (``finite``: whether each layer read at each checkpoint is finite, aligned with
+    ``steps``, as the detector knows; without it a layer turned non-finite is taken to
+    stay so), has held at least ``confirm`` steps, and did not already count toward an
     earlier transition.
     """
     if not steps:
@@ -1737,6 +1751,10 @@ def detect_transitions(
         raise DDSError("detect_transitions: checkpoint steps must increase")
     if meta is not None and len(meta) != len(steps):
         raise DDSError(f"detect_transitions: {len(meta)} meta for {len(steps)} checkpoint steps")
+    if finite is not None and len(finite) != len(steps):
+        raise DDSError(
+            f"detect_transitions: {len(finite)} finite maps for {len(steps)} checkpoint steps"
+        )
     by_index: list[list[Event]] = [[] for _ in steps]
     for ev in events:
         if ev.kind not in ("collapse", "revival", "nonfinite"):
@@ -1753,7 +1771,9 @@ def detect_transitions(
     found: list[Event] = []
     for i, (step, win) in enumerate(zip(steps, _replay_windows(steps, cfg))):
         trainer.push(step, None if meta is None else meta[i], win)
-        found = scanner.push(step, by_index[i], win, trainer)
+        found = scanner.push(
+            step, by_index[i], win, trainer, None, None if finite is None else finite[i]
+        )
     return found
 
 
@@ -1891,7 +1911,10 @@ class EventDetector:
                 found += [sc.push(step, point.get(r), win, count) for r, sc in st.levels.items()]
                 found.append(dying)
             events.extend(ev for ev in found if ev is not None)
-        events.extend(self._transitions.push(step, events, win, self._trainer, self._samples))
+        finite = {name: _is_finite_point(reading) for name, reading in readings.items()}
+        events.extend(
+            self._transitions.push(step, events, win, self._trainer, self._samples, finite)
+        )
         self._last_step = step
         self._derived = derived
         for ev in events:
