@@ -968,23 +968,39 @@ class _Cadence:
             "warm": self.warm,
         }
 
-    def load(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`to_state`'s dict; one saved when the cadence was the median gap
-        of the *first* checkpoints (``steps``, ``frozen``) starts from those gaps."""
+    def load(self, state: Mapping[str, Any], recent: Sequence[int] = ()) -> None:
+        """Restore :meth:`to_state`'s dict.
+
+        One saved by the previous release, whose cadence was the median gap of the
+        *first* checkpoints (``steps``, ``frozen``), takes the newest gaps from
+        ``recent``, the newest checkpoint steps its saved history holds (those first
+        steps' gaps where it holds fewer than two): a run whose cadence changed before the
+        restart (every 50 steps, then every 500) carries on at its cadence now, not at
+        the first checkpoints' for the next few."""
         if "gaps" in state:
             gaps = [int(g) for g in state["gaps"]]
+            seen = int(state["seen"])
+            value = None if state["value"] is None else float(state["value"])
         else:
-            gaps = [b - a for a, b in itertools.pairwise(int(s) for s in state["steps"])]
+            first = [int(s) for s in state["steps"]]
+            newest = sorted({int(s) for s in recent})
+            known = newest if len(newest) >= 2 else first
+            gaps = [b - a for a, b in itertools.pairwise(known)]
+            seen = max(len(first), len(newest))
+            if state.get("frozen"):
+                seen = max(seen, self.cfg.cadence_checkpoints)
+            keep = gaps[len(gaps) - min(len(gaps), self.cfg.cadence_checkpoints - 1) :]
+            value = float(_median(keep)) if keep else None
+            if value is None and state["value"] is not None:
+                value = float(state["value"])
         self.first = None if state["first"] is None else int(state["first"])
         self.last = None if state["last"] is None else int(state["last"])
         self.warned = bool(state["warned"])
-        self.seen = int(state.get("seen", len(gaps) + 1 if gaps else 0))
-        if "steps" in state and state.get("frozen"):
-            self.seen = max(self.seen, self.cfg.cadence_checkpoints)
+        self.seen = seen
         if not self.pinned:
             self.gaps.clear()
             self.gaps.extend(gaps)
-            self.value = None if state["value"] is None else float(state["value"])
+            self.value = value
         if "warm" in state:
             self.warm = bool(state["warm"])
         else:
@@ -1973,7 +1989,8 @@ class EventDetector:
         try:
             det = cls(config or EventConfig.from_dict(state["config"]))
             det._last_step = None if state["last_step"] is None else int(state["last_step"])
-            det._cadence.load(state["cadence"])
+            recent = [int(s) for saved in state["layers"].values() for s, _ in saved["history"]]
+            det._cadence.load(state["cadence"], recent)
             det._said_windows = det._cadence.settled
             det._trainer.load(state["trainer"])
             det._samples.load(state.get("samples_resolved", []))
