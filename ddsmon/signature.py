@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -370,4 +371,5 @@ def dying_directions(
     count = (vol1 - vol0) / d_log_min
     if not count >= 0.0:
         return None
-    return min(count, float(rank1)) if isinstance(rank1, (int, float)) else count
+    # numbers.Real: a numpy integer (np.int64) is no int, and was left unclamped
+    return min(count, float(rank1)) if isinstance(rank1, numbers.Real) else count
