@@ -356,7 +356,8 @@ def test_pure_functions_replayed_point_by_point_match_the_detector(seed: int) ->
                 at_step += detect_level_shifts(hist, CFG, layer=name)
                 at_step += detect_dying(hist, CFG, layer=name)
         replayed += at_step
-        replayed += detect_transitions(replayed, steps[: i + 1], CFG)
+        finite = [{n: bool(pts[j]["finite"]) for n, pts in layers.items()} for j in range(i + 1)]
+        replayed += detect_transitions(replayed, steps[: i + 1], CFG, finite=finite)
     assert replayed == events
     assert det.history("a") == list(zip(steps, layers["a"]))
 
