@@ -389,9 +389,12 @@ def report(
                 ".safetensors files; checkpoint-N/, save_pretrained and "
                 "torch.distributed.checkpoint folders)"
             )
-        if config.read.model is None and ref.kind != "hf":
+        if config.read.model is None and ref.kind != "hf" and not config.read.trust_checkpoints:
             why = "".join(f"; {i} was ignored (not allowed)" for i in config.ignored)
-            raise ConfigError("no model factory: give --model MODULE:FACTORY" + why)
+            raise ConfigError(
+                "no model factory: give --model MODULE:FACTORY (a checkpoint that holds the "
+                "pickled model itself, torch.save(model), is read with --trust-checkpoints)" + why
+            )
         reader = Reader.from_settings(config.read)
     except DDSError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from exc

@@ -344,7 +344,11 @@ class Daemon:
             if not waiting:
                 raise ConfigError(f"checkpoint directory {shown(directory)} does not exist")
             wait_for_directory(directory, self._stop)
-        if self.reader.factory is None and not has_hf_folders(directory):
+        if (
+            self.reader.factory is None
+            and not self.reader.settings.trust_checkpoints  # torch.save(model) files
+            and not has_hf_folders(directory)
+        ):
             if waiting:
                 log.warning(
                     "no --model: waiting for a Hugging Face folder in %s (checkpoint-N/, or "
@@ -355,8 +359,9 @@ class Daemon:
                 return
             why = "".join(f"; {i} was ignored (not allowed)" for i in self.config.ignored)
             raise ConfigError(
-                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml)"
-                + why
+                "no model factory: give --model MODULE:FACTORY (or model = ... in ddsmon.toml; "
+                "checkpoints that hold the pickled model itself, torch.save(model), are read "
+                "with --trust-checkpoints)" + why
             )
 
     def scan(self) -> Summary:
