@@ -233,10 +233,14 @@ def main(verbose: int) -> None:
 def _run_daemon(ctx: click.Context, mode: str, directory: Path, flags: dict[str, Any]) -> Any:
     config_file = flags.pop("config_file", None)
     try:
-        _take_over_interrupts()
         from ddsmon.threads import keep_this_thread_single
 
-        keep_this_thread_single()  # before any parallel region (imports torch: interruptible)
+        # before any parallel region; it imports torch, still under the start-up handler
+        # (one line, exit 130): a KeyboardInterrupt raised inside torch's import, in Python
+        # code its C++ calls back into, aborts the process through pybind11
+        # ("terminate called after throwing an instance of 'pybind11::error_already_set'")
+        keep_this_thread_single()
+        _take_over_interrupts()
         return _start_and_run(ctx, mode, directory, flags, config_file)
     except KeyboardInterrupt:  # not from the daemon's handler: before it, or a second signal
         click.echo(

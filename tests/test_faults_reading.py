@@ -64,7 +64,7 @@ def test_a_model_that_raises_fails_that_checkpoint_only(tmp_path: Path, probe: P
     ("fault", "expected"),
     [
         ("probe_shape", "mat1 and mat2 shapes cannot be multiplied"),
-        ("targets_out_of_range", "out of bounds"),
+        ("targets_out_of_range", "the targets hold 99 at (0,), but the logits have 4 classes"),
         ("loss_raises", "the loss is broken on purpose"),
     ],
 )
