@@ -19,7 +19,10 @@ period (zero bytes, truncated, random bytes, a lying header) is *rejected*: drop
 until its next change and reported to ``on_rejected(path, reason)`` once per (path,
 fingerprint), by default a warning (:func:`log_rejected`). A file that is merely still
 being written is never rejected: a close-write alone does not reject an incomplete file,
-only a quiet period without change does. hf/dcp folders are rejected only when the file
+only a quiet period without change does; and under native events a file whose last
+event was a write, with no close-after-write since, is still held open by its writer
+(a copy or a save stalled on a slow filesystem): it is rejected only after
+:func:`open_write_grace` seconds without change, not after ``quiet``. hf/dcp folders are rejected only when the file
 their writer puts down last is there (``trainer_state.json``; a dcp folder's
 ``.metadata`` completes it), as a folder waiting for it is still being written. One that
 vanishes before it is ready is dropped and reported to ``on_vanished``.
@@ -96,6 +99,16 @@ _MIN_WAIT = 0.01  # seconds; floor of a timer wait, so a due entry can never spi
 MAX_SECONDS = 86400.0
 
 
+#: Under native events, a file written and not closed since is rejected after this many
+#: seconds without change (or 4 quiet periods, if longer), not after one quiet period.
+OPEN_WRITE_GRACE = 60.0
+
+
+def open_write_grace(quiet: float) -> float:
+    """Seconds an incomplete file still open for writing is waited for."""
+    return max(OPEN_WRITE_GRACE, 4 * quiet)
+
+
 #: Seconds between checks that the watched directory is still the one watched.
 _ROOT_CHECK = 1.0
 
@@ -155,6 +168,8 @@ class _Pending:
     closed_fp: fingerprint when the file was closed after writing / renamed into
         place; ready without waiting for quiet while the fingerprint still equals it.
     due: when the timer looks at it next. gen: bumped by every event.
+    writing: the last event was a write to the file itself under native events, with no
+        close-after-write since: its writer still holds it open.
     """
 
     ref: CheckpointRef
@@ -163,6 +178,7 @@ class _Pending:
     due: float
     closed_fp: tuple[int, int] | None = None
     gen: int = 0
+    writing: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -363,10 +379,14 @@ class CheckpointWatcher:
             if src is not None:
                 self._gone(src)
         elif kind in ("created", "modified", "closed") and src is not None:
-            self._touch(src, settled=kind == "closed")
+            # inotify reports every close of a file opened for writing: until then a
+            # write's file is still open (a polling observer never sees a close)
+            writing = kind != "closed" and self.poll is None and not event.is_directory
+            self._touch(src, settled=kind == "closed", writing=writing)
 
-    def _touch(self, path: Path, *, settled: bool) -> None:
-        """``path`` was written (or closed / renamed into place when ``settled``)."""
+    def _touch(self, path: Path, *, settled: bool, writing: bool = False) -> None:
+        """``path`` was written (or closed / renamed into place when ``settled``);
+        ``writing``: by a writer that has not closed it yet."""
         ref = checkpoint_for(path, self._root)
         if ref is None:
             self._gone_unseen(path)
@@ -386,6 +406,7 @@ class CheckpointWatcher:
             entry.changed_at = now
             entry.gen += 1
             entry.closed_fp = fp if fast else None
+            entry.writing = writing and ref.path == path and ref.kind not in _FOLDER_KINDS
             entry.due = now if fast else now + self.quiet
         self._wake.set()
 
@@ -468,11 +489,12 @@ class CheckpointWatcher:
             entry = self._pending.get(key)
             if entry is None:
                 return
-            gen, last_fp, changed_at, closed_fp = (
+            gen, last_fp, changed_at, closed_fp, writing = (
                 entry.gen,
                 entry.fp,
                 entry.changed_at,
                 entry.closed_fp,
+                entry.writing,
             )
         ref = classify(key, self._root)
         if ref is None:
@@ -508,6 +530,18 @@ class CheckpointWatcher:
                     entry.due = changed_at + self.quiet
             log.debug(
                 "%s closed but not complete yet (%s); waiting for quiet", shown(key), shown(reason)
+            )
+            return
+        grace = open_write_grace(self.quiet)
+        if reason is not None and writing and now - changed_at < grace:
+            with self._lock:
+                if entry.gen == gen:
+                    entry.due = changed_at + grace
+            log.debug(
+                "%s incomplete (%s) and still open for writing; waiting up to %g s",
+                shown(key),
+                shown(reason),
+                grace,
             )
             return
         try:
