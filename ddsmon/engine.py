@@ -66,7 +66,7 @@ from ddsmon.param_gram import (
 from ddsmon.probe import probe_batch_size, select_layers
 from ddsmon.signature import LayerSignature, Signatures, loss_spread, resolved_samples
 from ddsmon.spectra import SingularReading, gram_of_rows, read_gram, read_singular_values
-from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe
+from ddsmon.streaming import LayerStream, LayerStreams, StreamedProbe, release_freed_memory
 
 __all__ = ("FISHER_FAMILIES", "compute_signatures", "forward_dtype", "resolve_device")
 
@@ -219,9 +219,11 @@ def compute_signatures(
             one sample before the pass; None is
             :data:`~ddsmon.streaming.DEFAULT_MEMORY_BUDGET` (1 GiB). A probe whose
             graph fits is read in one pass.
-        factor_budget: bytes of A and Delta rows one pass keeps for the parameter-side
-            Gram of structured layers; layers beyond it are read in further passes.
-            None is :data:`~ddsmon.streaming.DEFAULT_FACTOR_BUDGET` (4 GiB).
+        factor_budget: bytes of per-layer state one pass holds (X's and Delta's R
+            factors, the A and Delta rows of K from structure, summed over the layers
+            read at once); the layers beyond it are read in further passes, a group
+            at a time (:class:`~ddsmon.streaming.LayerStreams`). None is
+            :data:`~ddsmon.streaming.DEFAULT_FACTOR_BUDGET` (4 GiB).
 
     Returns:
         :class:`~ddsmon.signature.Signatures`; ``.layers[name]`` is a LayerSignature,
@@ -286,22 +288,33 @@ def compute_signatures(
             probe_batch=probe_batch,
             memory_budget=memory_budget or streaming.DEFAULT_MEMORY_BUDGET,
         )
-        streams = LayerStreams(
-            n,
-            x=want_activation or not backward,
-            g=want_activation,
-            factors=strategies.keeps_inputs,
-            factor_budget=factor_budget or streaming.DEFAULT_FACTOR_BUDGET,
-        )
-        chosen = probe.run(
-            names, streams, keep_inputs=streams.keeps_inputs, strict=names is not None
-        )
-        fields = _read_layers(
-            streams.layers, chosen, dev, n, eps, ridge, want_activation, not backward, strategies
-        )
+
+        def streams_of(budget: int | None) -> LayerStreams:
+            return LayerStreams(
+                n,
+                x=want_activation or not backward,
+                g=want_activation,
+                factors=strategies.keeps_inputs,
+                budget=budget,
+            )
+
+        def read(streams: LayerStreams, chosen: list[str]) -> dict[str, dict[str, Any]]:
+            kept = [name for name in chosen if name in streams.layers]
+            return _read_layers(
+                streams.layers, kept, dev, n, eps, ridge, want_activation, not backward, strategies
+            )
+
+        first = streams_of(factor_budget or streaming.DEFAULT_FACTOR_BUDGET)
+        chosen = probe.run(names, first, keep_inputs=first.keeps_inputs, strict=names is not None)
+        fields = read(first, chosen)
+        for group in first.deferred_groups():  # each within the budget (or one layer)
+            if dev.type == "cpu":
+                release_freed_memory()  # the last group's rows, freed, back to the system
+            more = streams_of(None)
+            group = probe.run(group, more, keep_inputs=more.keeps_inputs, strict=True)
+            fields.update(read(more, group))
+        fields = {name: fields[name] for name in chosen if name in fields}
         bad = {name for name, f in fields.items() if not f.get("finite", True)}
-        for group in streams.deferred_groups(skip=bad):
-            _read_deferred(probe, group, fields, n, eps, ridge, strategies)
         if want_param:
             _read_functional(work, x, y, loss_fn, n, eps, ridge, fields, bad, strategies)
         losses = None if probe.losses is None else probe.losses.to(torch.float64).cpu().numpy()
@@ -504,8 +517,8 @@ def _parts_of(
 ) -> list[str]:
     """The parts (:data:`_PARTS`) of this layer's reading: ``want_activation``, X and G;
     ``x_only`` (a forward-only pass), X alone; K where ``strategy`` is structured and
-    this pass kept the layer's A and Delta rows (else K is read by a further pass,
-    :func:`_read_deferred`, or ``torch.func``, :func:`_read_functional`). None for a
+    this pass kept the layer's A and Delta rows (else K is read by ``torch.func``,
+    :func:`_read_functional`). None for a
     layer whose activations or gradients were not finite."""
     if stream.nonfinite is not None:
         return []
@@ -629,29 +642,6 @@ def _eager(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
-
-
-def _read_deferred(
-    probe: StreamedProbe,
-    group: list[str],
-    fields: dict[str, dict[str, Any]],
-    n: int,
-    eps: float,
-    ridge: float,
-    strategies: _Strategies,
-) -> None:
-    """K of structured layers whose A and Delta rows the first pass could not keep
-    within ``factor_budget``: one more streamed pass keeping this group's rows only."""
-    streams = LayerStreams(n, x=False, g=False, factors=lambda _m: True, factor_budget=None)
-    probe.run(group, streams, keep_inputs=streams.keeps_inputs, strict=True)
-    for name in group:
-        stream = streams.layers.pop(name)
-        strategy = strategies.of(stream.module)
-        cap = stream.factor_capture()
-        if stream.nonfinite is None and isinstance(strategy, StructuredGram) and cap is not None:
-            k = param_gram_structured(cap, n, strategy=strategy)
-            fields[name].update(_param_fields(k, stream.module, eps, ridge))
-        del stream, cap
 
 
 def _read_functional(

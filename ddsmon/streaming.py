@@ -45,12 +45,17 @@ from a d x d accumulation), X's from the QR of X^T. Such a layer's rows are smal
 **The parameter-side Gram K** (n x n, :mod:`ddsmon.param_gram`) couples every pair of
 samples, ``K_ij = <J_i, J_j> / n``, so it needs all samples' A and Delta rows of a layer
 at once: ``N (d_in + d_out)`` numbers per structured layer (A is N token ids for an
-Embedding). They are kept, in the forward dtype, for at most ``factor_budget`` bytes
-in one pass; the layers beyond it are read in further passes, as many as it takes,
-each keeping the next group's rows (a layer whose rows alone exceed the budget gets
-a pass of its own). Every extra pass is a full forward/backward (exact: the same
-rows again). ``torch.func`` K (modules without a structured strategy) is computed
-after the passes, as before (its J is n x p per module, chunked by samples).
+Embedding), kept in the forward dtype. ``torch.func`` K (modules without a structured
+strategy) is computed after the passes, as before (its J is n x p per module, chunked
+by samples).
+
+**The layers in groups.** What the layers hold through a pass (their R factors, and
+the A and Delta rows for K) is bounded by ``factor_budget`` bytes (4 GiB by default):
+the layers beyond it are read by further passes, a group within the budget at a time,
+each group's decompositions read and its rows freed before the next pass
+(:class:`LayerStreams`). Every extra pass is a full forward/backward (exact: the same
+rows again). Without it a reading held every layer's state at once: 19.4 GiB on GPT-2
+small's 73 default layers.
 
 **The micro-batch size.** ``probe_batch`` samples if given; else the most samples
 whose graph fits ``memory_budget`` bytes. That is measured before the probe pass, by
@@ -97,6 +102,8 @@ __all__ = (
     "RowFactor",
     "StreamedProbe",
     "all_finite",
+    "default_fold_rows",
+    "factor_bytes",
     "micro_batch_sizes",
     "release_freed_memory",
 )
@@ -182,6 +189,21 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def default_fold_rows(width: int) -> int:
+    """The rows a :class:`RowFactor` of this width buffers before it folds: ``4 d`` or
+    :data:`FOLD_BYTES` of rows, whichever is fewer, but never fewer than d."""
+    return max(width, min(4 * width, FOLD_BYTES // (8 * max(1, width))))
+
+
+def factor_bytes(rows: int, width: int, block: int) -> int:
+    """Bytes a :class:`RowFactor` of width d holds at most, for ``rows`` rows in all (N)
+    added ``block`` rows at a time (float64): ``8 d min(N, max(fold_rows, d + block))``
+    (its buffer never passes ``fold_rows`` unless it holds fewer than d rows, and right
+    after a fold it holds R, d x d, and a block). The QR's own copy during a fold, and
+    the factor's concatenation when it is read, come and go."""
+    return 8 * width * min(rows, max(default_fold_rows(width), width + block))
+
+
 class RowFactor:
     """M with ``M^T M = Z^T Z`` for the rows of Z (N x ``width``) added block by block.
 
@@ -192,9 +214,7 @@ class RowFactor:
     def __init__(self, width: int, *, fold_rows: int | None = None) -> None:
         self.width = width
         self.rows = 0  # rows added in all
-        if fold_rows is None:
-            fold_rows = min(4 * width, FOLD_BYTES // (8 * max(1, width)))
-        self.fold_rows = max(width, fold_rows)
+        self.fold_rows = default_fold_rows(width) if fold_rows is None else max(width, fold_rows)
         self.folds = 0
         self._parts: list[Tensor] = []  # [R (if folded), buffered blocks...]
         self._held = 0  # rows in _parts
@@ -294,12 +314,23 @@ class BatchSink(Protocol):
 
 
 class LayerStreams:
-    """The :class:`LayerStream` of every layer of one streamed pass (a BatchSink).
+    """The :class:`LayerStream` of every layer one streamed pass keeps (a BatchSink).
 
     ``x``, ``g``: keep X's and Delta's factors (the activation side). ``factors(module)``:
-    whether the module's K is built from structure (A and Delta kept). Which such layers this pass keeps is decided at the first micro-batch, from
-    their rows' projected bytes (``n / size`` times the micro-batch's), first fit
-    within ``factor_budget`` (None: no limit); the rest are :attr:`deferred`.
+    whether the module's K is built from structure (its A and Delta rows kept).
+
+    **A budget on what the layers hold.** A layer's stream holds, through the pass, X's
+    R factor and Delta's (:func:`factor_bytes`: up to ``min(N, max(fold_rows, d +
+    block))`` rows of d each, float64) or, for K from structure, all N rows of A and Delta (in the
+    forward dtype). Summed over every layer read at once that is what bounds a
+    reading's memory once the graph is streamed: on GPT-2 small's 73 default layers,
+    11 GB. So which layers this pass keeps is decided at the first micro-batch, from
+    each layer's bytes projected to the whole probe (``n / size`` times the
+    micro-batch's rows): the layers in model order up to the first that would pass
+    ``budget`` (None: no limit; the first layer is always kept, a layer over the budget
+    alone in its pass). The rest are :attr:`deferred` whole, and read by further passes in the groups of
+    :meth:`deferred_groups`, each a full forward/backward of the probe (exact: the same
+    rows again), each group's decompositions read and freed before the next pass.
     """
 
     def __init__(
@@ -309,16 +340,17 @@ class LayerStreams:
         x: bool,
         g: bool,
         factors: Callable[[nn.Module], bool],
-        factor_budget: int | None,
+        budget: int | None,
     ) -> None:
         self.n = n
         self.x = x
         self.g = g
-        self.factor_budget = factor_budget
+        self.budget = budget
         self._factors = factors
         self.layers: dict[str, LayerStream] = {}
         self.deferred: list[str] = []
-        self.factor_bytes: dict[str, int] = {}
+        #: each layer's projected bytes (see the class docstring), kept or deferred
+        self.layer_bytes: dict[str, int] = {}
         self._keep: dict[int, bool] | None = None  # by id(module), once decided
 
     def keeps_inputs(self, module: nn.Module) -> bool:
@@ -331,31 +363,46 @@ class LayerStreams:
         if self._keep is None:
             self._start(caps, size)
         for name, cap in caps.items():
-            self.layers[name].add(cap)
+            stream = self.layers.get(name)
+            if stream is not None:  # else deferred to a later pass
+                stream.add(cap)
+
+    def _bytes(self, cap: LayerCapture, size: int, rows_kept: bool) -> int:
+        """A layer's bytes through the pass, projected from this micro-batch's."""
+        rows = cap.rows * self.n // size
+        need = factor_bytes(rows, cap.width, cap.rows) if self.x else 0
+        if rows_kept:
+            assert cap.inputs is not None and cap.grad is not None
+            block = cap.inputs.numel() * cap.inputs.element_size()
+            block += cap.grad.numel() * cap.grad.element_size()
+            need += block * self.n // size
+        elif self.g and cap.grad is not None:
+            need += factor_bytes(rows, cap.width, cap.rows)
+        return need
 
     def _start(self, caps: dict[str, LayerCapture], size: int) -> None:
-        left = self.factor_budget
+        left = self.budget
         self._keep = {}
         for name, cap in caps.items():
-            keep = False
-            if self._factors(cap.module) and cap.inputs is not None and cap.grad is not None:
-                per_block = cap.inputs.numel() * cap.inputs.element_size()
-                per_block += cap.grad.numel() * cap.grad.element_size()
-                need = per_block * self.n // size
-                self.factor_bytes[name] = need
-                if left is None or need <= left:
-                    keep = True
-                    left = None if left is None else left - need
-                else:
-                    self.deferred.append(name)
-            self._keep[id(cap.module)] = keep
-            self.layers[name] = LayerStream(cap, x=self.x, g=self.g, factors=keep)
+            rows_kept = (
+                self._factors(cap.module) and cap.inputs is not None and cap.grad is not None
+            )
+            need = self._bytes(cap, size, rows_kept)
+            self.layer_bytes[name] = need
+            if not self.deferred and (left is None or need <= left or not self.layers):
+                left = None if left is None else left - need
+                self._keep[id(cap.module)] = rows_kept
+                self.layers[name] = LayerStream(cap, x=self.x, g=self.g, factors=rows_kept)
+            else:
+                self._keep[id(cap.module)] = False
+                self.deferred.append(name)
         if self.deferred:
             log.info(
-                "parameter-side rows of %d layer(s) exceed factor_budget=%s bytes in one "
-                "pass: read in further passes",
+                "the state of %d layer(s) would exceed factor_budget=%s bytes in one pass: "
+                "read in %d further pass(es)",
                 len(self.deferred),
-                self.factor_budget,
+                self.budget,
+                len(self.deferred_groups()),
             )
 
     def drop(self, name: str) -> None:
@@ -366,21 +413,18 @@ class LayerStreams:
     def reset(self) -> None:
         self.layers.clear()
         self.deferred.clear()
-        self.factor_bytes.clear()
+        self.layer_bytes.clear()
         self._keep = None
 
-    def deferred_groups(self, skip: set[str] | frozenset[str] = frozenset()) -> list[list[str]]:
-        """The deferred layers (less ``skip``) in passes of at most ``factor_budget``
-        bytes each, in model order (a layer over the budget alone in its pass)."""
+    def deferred_groups(self) -> list[list[str]]:
+        """The deferred layers in passes of at most ``budget`` bytes each, in model
+        order (a layer over the budget alone in its pass)."""
         groups: list[list[str]] = []
         current: list[str] = []
         used = 0
         for name in self.deferred:
-            if name in skip:
-                continue
-            need = self.factor_bytes[name]
-            budget = self.factor_budget
-            if current and budget is not None and used + need > budget:
+            need = self.layer_bytes[name]
+            if current and self.budget is not None and used + need > self.budget:
                 groups.append(current)
                 current, used = [], 0
             current.append(name)
@@ -465,7 +509,7 @@ class StreamedProbe:
 
     ``backward`` False: forward passes only (no loss, no graph). ``probe_batch``:
     samples per micro-batch, or None to size them from ``memory_budget`` (bytes) on
-    the first :meth:`run`; later runs (the further passes of deferred K layers) use
+    the first :meth:`run`; later runs (the further passes of deferred layers) use
     the same sizes and the mode (:class:`~ddsmon.probe.PassMode`) the first learnt.
     """
 
@@ -495,11 +539,13 @@ class StreamedProbe:
         self.memory_budget = memory_budget
         self.mode = PassMode()
         self.sample_bytes: int | None = None  # measured graph bytes of one sample
-        self.passes = 0
+        self.passes = 0  # passes started, a retried one counted again
+        self.runs = 0  # runs completed
         self.micro_batches = 0
         #: the per-sample losses (n,) of the last completed backward run, sample order
         self.losses: Tensor | None = None
-        #: the last layer read to run in the forward pass (of the last completed run)
+        #: the last layer read to run in the forward pass (of the first completed run,
+        #: which read every layer; later runs read groups of them)
         self.output_layer: str | None = None
 
     def sizes(self, names: list[str] | None) -> list[int]:
@@ -516,7 +562,7 @@ class StreamedProbe:
             meter = _GraphMeter(self.model)
             probe = ProbePass(
                 names, 1, lambda _m: False, None, self.mode, total=self.n, strict=False,
-                backward=self.backward, graph_only=True,
+                backward=self.backward, graph_only=True, max_width=self.max_width,
             )  # fmt: skip
             try:
                 with meter:
@@ -598,8 +644,10 @@ class StreamedProbe:
             del caps, probe
             if size < self.n and _on_host(self.model):
                 release_freed_memory()
-        kept = [name for name in forward_order if name in set(chosen or [])]
-        self.output_layer = kept[-1] if kept else None
+        if not self.runs:  # later runs read groups of the first run's layers
+            kept = [name for name in forward_order if name in set(chosen or [])]
+            self.output_layer = kept[-1] if kept else None
+        self.runs += 1
         if losses and sum(t.shape[0] for t in losses) == self.n:
             self.losses = _cat(losses)
         return chosen or []

@@ -5,8 +5,8 @@
 
 With it, the default ``memory_budget`` is 1 byte (micro-batches of 2 samples, then 1),
 a :class:`~ddsmon.streaming.RowFactor` folds as soon as it holds more than d rows, and
-the default ``factor_budget`` is 1 byte (each structured layer's K in a pass of its
-own): every path of :mod:`ddsmon.streaming` runs under the engine's existing tests.
+the default ``factor_budget`` is 1 byte (each layer read in a pass of its own):
+every path of :mod:`ddsmon.streaming` runs under the engine's existing tests.
 Tests that pass their own ``probe_batch`` or budgets keep them. Expected to fail:
 ``test_engine_streaming.py`` (it tests these defaults) and
 ``test_loss_of_the_wrong_shape_is_named[too-short]``, whose loss keeps the first 5 rows
