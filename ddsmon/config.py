@@ -215,8 +215,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("memory_budget", "size", None, "read", metavar="SIZE",
                 help="Bytes one micro-batch's autograd graph may hold, e.g. 512MiB, 4GiB (default 1GiB)."),
         Setting("factor_budget", "size", None, "read", metavar="SIZE",
-                help="Bytes of layer inputs and output gradients kept at once for the parameter-side Gram; "
-                     "layers beyond it are read in further probe passes (default 4GiB)."),
+                help="Bytes of per-layer state one probe pass holds (R factors of X and Delta, inputs and "
+                     "output gradients for the parameter-side Gram); the layers beyond it are read in "
+                     "further probe passes, a group at a time (default 4GiB)."),
         Setting("trust_checkpoints", "bool", False, "read", runs_code=lambda v: v is True,
                 help="Allow full unpickling of checkpoints. UNSAFE for files from others: a pickle can run code."),
         # where readings go
