@@ -321,16 +321,17 @@ class LayerStreams:
 
     **A budget on what the layers hold.** A layer's stream holds, through the pass, X's
     R factor and Delta's (:func:`factor_bytes`: up to ``min(N, max(fold_rows, d +
-    block))`` rows of d each, float64) or, for K from structure, all N rows of A and Delta (in the
-    forward dtype). Summed over every layer read at once that is what bounds a
-    reading's memory once the graph is streamed: on GPT-2 small's 73 default layers,
-    11 GB. So which layers this pass keeps is decided at the first micro-batch, from
-    each layer's bytes projected to the whole probe (``n / size`` times the
+    block))`` rows of d each, float64) or, for K from structure, all N rows of A and
+    Delta (in the forward dtype). Summed over every layer read at once that is what
+    bounds a reading's memory once the graph is streamed: on GPT-2 small's 73 default
+    layers, 11 GB. So which layers this pass keeps is decided at the first micro-batch,
+    from each layer's bytes projected to the whole probe (``n / size`` times the
     micro-batch's rows): the layers in model order up to the first that would pass
     ``budget`` (None: no limit; the first layer is always kept, a layer over the budget
-    alone in its pass). The rest are :attr:`deferred` whole, and read by further passes in the groups of
-    :meth:`deferred_groups`, each a full forward/backward of the probe (exact: the same
-    rows again), each group's decompositions read and freed before the next pass.
+    alone in its pass). The rest are :attr:`deferred` whole, and read by further passes
+    in the groups of :meth:`deferred_groups`, each a full forward/backward of the probe
+    (exact: the same rows again), each group's decompositions read and freed before the
+    next pass.
     """
 
     def __init__(
