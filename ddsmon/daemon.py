@@ -610,6 +610,9 @@ class Daemon:
         if replaying and step <= self._detector_step:
             self._already_recorded(ref, step, digest)
             self.state.mark_done(str(ref.path), fp, step)
+            forgotten = self._failure_forgotten(ref)
+            if forgotten:
+                self.state.update(forgotten)
             self.summary.skipped += 1
             return
         load_seconds = float(loaded.meta.pop("_load_seconds", 0.0))
@@ -674,7 +677,11 @@ class Daemon:
         self.state.mark_done(str(ref.path), fp, step)
         self._detector_step = max(self._detector_step, step)
         self.state.update(
-            {"detector": self.detector.to_state(), "detector_step": self._detector_step}
+            {
+                "detector": self.detector.to_state(),
+                "detector_step": self._detector_step,
+                **self._failure_forgotten(ref),
+            }
         )
         self.summary.read += 1
         self.summary.events.extend(events)
@@ -729,6 +736,15 @@ class Daemon:
         failed = dict(self.state.get("failed") or {})
         failed[str(ref.path)] = [fp[0], fp[1], self._settings_id, reason]
         self.state.set("failed", failed)
+
+    def _failure_forgotten(self, ref: CheckpointRef) -> dict[str, Any]:
+        """The state's ``failed`` without ``ref``'s entry, as ``{"failed": ...}`` to
+        write, when it has one (an earlier version of the file failed, this one was
+        read); else ``{}``."""
+        failed = dict(self.state.get("failed") or {})
+        if failed.pop(str(ref.path), None) is None:
+            return {}
+        return {"failed": failed}
 
     def _failed_before(self, ref: CheckpointRef, fp: tuple[int, int]) -> str | None:
         """The reason an unchanged checkpoint failed in an earlier run with the same read

@@ -43,7 +43,10 @@ Exactly once per step
     runs); a spooled reading of a step it holds is acknowledged without being sent. A
     crash between delivery and acknowledgement therefore leaves a record that the next
     replay drops, and a reading cut off part-way (the checkpoint marker is
-    its last metric) is sent again whole, its rows identical (fixed timestamps).
+    its last metric) is sent again whole, its rows identical (fixed timestamps). Tags
+    set again are equal, and a tag deletion sent again finds nothing to delete, which is
+    no error (:meth:`MlflowWriter.delete_tags
+    <ddsmon.sinks.mlflow_writer.MlflowWriter.delete_tags>`).
 Files
     A reading's artifact files live in ``<state>/outbox/<step>-<random>/`` from the time
     the record is built until it is delivered or acknowledged; :meth:`Outbox.clean`

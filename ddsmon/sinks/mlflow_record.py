@@ -17,9 +17,14 @@ spooled (:mod:`ddsmon.sinks.mlflow_outbox`) and sent later, identical:
     at, only the rows the run does not hold yet.
 :class:`TagsRecord`
     Tags only (a checkpoint that could not be read: ``ddsmon.failure.<file>``).
+:class:`DeleteTagsRecord`
+    Tags to delete (a checkpoint that failed and was read since: its
+    ``ddsmon.failure.<file>``). Deleting a tag the run does not hold is no error, so
+    the record can be sent twice (a crash between delivery and acknowledgement).
 
 ``to_json()`` / :func:`record_from_json` are the spool's line format, one JSON object
-with a ``"kind"`` (``"start"``, ``"reading"`` or ``"tags"``); ``from_json(to_json())``
+with a ``"kind"`` (``"start"``, ``"reading"``, ``"tags"`` or ``"delete_tags"``);
+``from_json(to_json())``
 gives the record back. A line that is no record raises :class:`RecordFormatError`.
 """
 
@@ -56,12 +61,14 @@ if TYPE_CHECKING:
 __all__ = (
     "FLOOR_READINGS",
     "ArtifactFile",
+    "DeleteTagsRecord",
     "MetricRow",
     "ReadingRecord",
     "Record",
     "RecordFormatError",
     "StartRecord",
     "TagsRecord",
+    "failure_cleared_record",
     "failure_record",
     "reading_record",
     "record_from_json",
@@ -141,7 +148,18 @@ class TagsRecord:
         return {"kind": self.kind, "tags": dict(self.tags)}
 
 
-Record = StartRecord | ReadingRecord | TagsRecord
+@dataclass(frozen=True)
+class DeleteTagsRecord:
+    """Tag keys to delete from the run (those it does not hold are left alone)."""
+
+    kind: ClassVar[str] = "delete_tags"
+    keys: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "keys": list(self.keys)}
+
+
+Record = StartRecord | ReadingRecord | TagsRecord | DeleteTagsRecord
 
 
 def record_from_json(data: Mapping[str, Any]) -> Record:
@@ -164,6 +182,11 @@ def record_from_json(data: Mapping[str, Any]) -> Record:
             )
         if kind == TagsRecord.kind:
             return TagsRecord(tags=_strings(data["tags"]))
+        if kind == DeleteTagsRecord.kind:
+            keys = data["keys"]
+            if not isinstance(keys, list):
+                raise TypeError(f"expected a list, got {type(keys).__name__}")
+            return DeleteTagsRecord(keys=tuple(_text(k) for k in keys))
     except (KeyError, TypeError, ValueError) as exc:
         raise RecordFormatError(f"{kind} record: {type(exc).__name__}: {exc}") from exc
     raise RecordFormatError(f"unknown record kind {kind!r}")
@@ -322,6 +345,12 @@ def failure_record(failure: CheckpointFailure) -> TagsRecord:
     """``ddsmon.failure.<file name>`` = the reason, so failed checkpoints show in the UI."""
     key = failure_tag_key(Path(failure.path).name)
     return TagsRecord(tags={key: truncate(failure.reason, LIMITS["tag_value"])})
+
+
+def failure_cleared_record(path: Path | str) -> DeleteTagsRecord:
+    """The deletion of the :func:`failure_record` tag of the checkpoint at ``path``, once
+    it was read: ``ddsmon.failure.<file name>``."""
+    return DeleteTagsRecord(keys=(failure_tag_key(Path(path).name),))
 
 
 def write_spectra(signatures: Signatures, path: Path) -> None:

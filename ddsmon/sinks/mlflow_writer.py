@@ -14,6 +14,8 @@ writes a resolved run id's records:
   keeps a note of its own, and gets ``ddsmon.note`` instead).
 * :meth:`~MlflowWriter.write_reading`: a checkpoint's artifact files, ``events.jsonl``
   when it raised events, then its metrics and tags.
+* :meth:`~MlflowWriter.delete_tags`: tags deleted, one ``delete_tag`` call each; a tag
+  the run does not hold (deleted already) is no error.
 
 Every call goes through :func:`ddsmon.sinks.mlflow_http.call`: a store that does not
 answer raises :class:`~ddsmon.sinks.mlflow_http.Unreachable` (the caller spools), any
@@ -198,6 +200,21 @@ class MlflowWriter:
         if events_file is not None and record.events and events_file.exists():
             self.log_artifact(run_id, str(events_file))
         self.log_batch(run_id, metrics=record.metrics, tags=record.tags)
+
+    def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
+        """Delete each of ``keys`` from the run. A key it does not hold (never set, or
+        deleted by an earlier delivery of the same record) is skipped: MLflow answers
+        ``RESOURCE_DOES_NOT_EXIST`` for it, which is the only error ignored here (the run
+        itself was found just before, by the lease's check)."""
+        from mlflow.exceptions import MlflowException
+
+        for key in keys:
+            try:
+                call(self.client.delete_tag, run_id, key)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.debug("tag %s is not in run %s; nothing to delete", key, run_id)
 
     def log_batch(
         self,

@@ -49,7 +49,12 @@ What a run holds (also written into the run's note, ``mlflow.note.content``)
       ``param_spectrum`` and the floors ``floor_x``, ``floor_g``, ``param_floor``),
       ``events.jsonl``, and ``plots/trajectories.png`` / ``plots/spectra.png``
       (:mod:`ddsmon.plots`), refreshed at most every ``plot_interval`` seconds and on close.
-    * a checkpoint that could not be read: tag ``ddsmon.failure.<file>`` = the reason.
+    * a checkpoint that could not be read: tag ``ddsmon.failure.<file>`` = the reason,
+      deleted once that file is read (a checkpoint incomplete or corrupt at first, then
+      saved again): the sink keeps the paths whose failure it told the run in the state
+      directory (``state.json``, key :data:`FAILURE_TAGS_KEY`), and a reading of one of
+      them sends the tag's deletion ahead of its readings, through the spool like any
+      record. A tag that another file of the same name still failing holds is kept.
 
 Exactly once
     :meth:`MlflowSink.recorded_steps` reads the run's history of the checkpoint marker
@@ -129,14 +134,17 @@ from ddsmon.sinks.mlflow_http import (
     call,
     configure_http_env,
 )
+from ddsmon.sinks.mlflow_keys import failure_tag_key
 from ddsmon.sinks.mlflow_lease import RunLease, RunLeaseError
 from ddsmon.sinks.mlflow_outbox import Outbox, Retrier
 from ddsmon.sinks.mlflow_record import (
     ArtifactFile,
+    DeleteTagsRecord,
     MetricRow,
     ReadingRecord,
     Record,
     StartRecord,
+    failure_cleared_record,
     failure_record,
     reading_record,
     start_record,
@@ -154,7 +162,7 @@ if TYPE_CHECKING:
     from ddsmon.records import CheckpointFailure, CheckpointReading
     from ddsmon.sinks import RunInfo
 
-__all__ = ("TRAINER_LOG_KEY", "MlflowSink")
+__all__ = ("FAILURE_TAGS_KEY", "TRAINER_LOG_KEY", "MlflowSink")
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,9 @@ log = logging.getLogger(__name__)
 #: sent or spooled}}``: what the trainer's log left to send, across a restart while the
 #: server cannot be reached.
 TRAINER_LOG_KEY = "mlflow_trainer_log"
+#: The state directory's key of the paths whose failure was sent or spooled
+#: (``ddsmon.failure.<file>``) and whose file has not been read since.
+FAILURE_TAGS_KEY = "mlflow_failure_tags"
 
 
 class MlflowSink:
@@ -342,6 +353,7 @@ class MlflowSink:
     def on_reading(self, reading: CheckpointReading, events: list[Event]) -> None:
         """Log one checkpoint (metrics, event tags, artifacts), or spool it."""
         with self._lock:
+            self._clear_failure(reading.path)
             step = int(reading.step)
             if self._run.holds(step):
                 log.info("step %d is already in MLflow run %s; not logged again", step, self.run_id)
@@ -365,9 +377,32 @@ class MlflowSink:
             self._refresh_plots()
 
     def on_failure(self, failure: CheckpointFailure) -> None:
-        """A tag ``ddsmon.failure.<file>`` = reason, so failed checkpoints show in the UI."""
+        """A tag ``ddsmon.failure.<file>`` = reason, so failed checkpoints show in the UI;
+        the path is noted first (:data:`FAILURE_TAGS_KEY`), so that a crash never leaves
+        a tag that a later reading of the file does not delete."""
         with self._lock:
+            failed = self._failed_paths()
+            if str(failure.path) not in failed:
+                self.state.set(FAILURE_TAGS_KEY, [*failed, str(failure.path)])
             self._outbox.send(failure_record(failure))
+
+    def _failed_paths(self) -> list[str]:
+        """The paths noted by :meth:`on_failure` and not read since."""
+        stored = self.state.get(FAILURE_TAGS_KEY)
+        return [p for p in stored if isinstance(p, str)] if isinstance(stored, list) else []
+
+    def _clear_failure(self, path: Path) -> None:
+        """``path`` was read: when its failure was told, delete its tag (sent or spooled
+        ahead of the reading), unless another failed path of the same file name holds
+        it; then forget the path."""
+        failed = self._failed_paths()
+        if str(path) not in failed:
+            return
+        rest = [p for p in failed if p != str(path)]
+        key = failure_tag_key(Path(path).name)
+        if all(failure_tag_key(Path(p).name) != key for p in rest):
+            self._outbox.send(failure_cleared_record(path))
+        self.state.set(FAILURE_TAGS_KEY, rest)
 
     def close(self, status: str = "FINISHED") -> None:
         """Stop the retry timer, replay the spool, draw the final plots and, for a run
@@ -567,6 +602,10 @@ class MlflowSink:
             events_file = self._history.events_path if self.artifacts else None
             self._writer.write_reading(run_id, record, events_file=events_file)
             self._run.add_step(record.step)
+        elif isinstance(record, DeleteTagsRecord):
+            run_id = self._run.ensure()
+            self._run.verify()
+            self._writer.delete_tags(run_id, record.keys)
         else:
             run_id = self._run.ensure()
             self._run.verify()
