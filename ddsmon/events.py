@@ -47,7 +47,7 @@ message; some carry more, see :meth:`Event.to_dict`):
     (``log_volume = log det+(G) - rank * log lambda_max``: ``value / ln 10``); as they
     are for a fraction in [0, 1] (``x_entropy``, not watched by default).
 
-    The reference ``ref`` is the median of the values in the ``reference_window`` steps
+    The reference ``ref`` is the median over time (below) of the values in the ``reference_window`` steps
     that end ``reference_lag`` steps before the newest checkpoint (where that window holds
     fewer than ``min_reference`` values, the ``min_reference`` newest values before the
     lag; where it holds many, an even sample of about 128 of them). The lag matters: a phase change spread over a few checkpoints is compared with
@@ -75,6 +75,10 @@ message; some carry more, see :meth:`Event.to_dict`):
     * ``revival``: that recovery, or ``value >= ref + thr`` from the normal state (a
       reading rising to a new level). A rise is reported once, its return not at all.
 
+    The reference is a median over time: each value weighs the span of training it
+    stands for (half the gaps to its neighbours), so a run read every 5 steps and then
+    every 50 has the reference a run read regularly has.
+
     Nothing is decided before ``min_reference`` values are in the reference (fewer when
     a reference window given in steps or checkpoints cannot hold that many at the run's
     cadence), and nothing before the run's age passed the lag and ``min_reference - 1``
@@ -85,7 +89,10 @@ message; some carry more, see :meth:`Event.to_dict`):
     warm-up until its age is that of a run checkpointed at the later cadence; counted in
     checkpoints alone, its warm-up ended at step 64, within memorisation, which made a
     "not generalising" transition of the example's control. Once over, the warm-up stays
-    over, even if the cadence grows later.
+    over, even if the cadence grows later. Where the checkpoints carry the trainer's
+    training loss, the warm-up also lasts while that loss is in its first fall
+    (``warm_up_loss_fall``, :attr:`EventWindows.loss_falling`), so early training ends in
+    steps whatever the cadence.
     A departure that already held at the previous checkpoint when a reading is first
     decided (its previous value past the same threshold of the same reference) happened
     in the warm-up: the state leaves normal silently, reporting neither it nor its
@@ -188,6 +195,7 @@ __all__ = (
     "detect_nonfinite",
     "detect_rank_change",
     "detect_transitions",
+    "training_loss",
     "transition_label",
     "validation_scalars",
 )
@@ -349,6 +357,11 @@ class EventConfig:
     cadence_steps: the run's cadence in steps; None (default): the median step gap of
         its newest ``cadence_checkpoints`` checkpoints, as the run goes.
     cadence_checkpoints: how many newest checkpoints the cadence is measured on.
+    warm_up_loss_fall: the warm-up also lasts while the trainer's training loss, where
+        the checkpoints carry one (:func:`training_loss`), fell by more than this
+        fraction of its first value over the last ``reference_lag`` steps: early
+        training is over when the loss's first fall is, in steps, whatever the cadence
+        (:attr:`EventWindows.loss_falling`); 0 turns the rule off.
 
     Thresholds:
 
@@ -416,6 +429,7 @@ class EventConfig:
     dying_window_steps: int | None = None
     cadence_steps: int | None = None
     cadence_checkpoints: int = 5
+    warm_up_loss_fall: float = 0.02
     label_acc_gain: float = 0.01
     label_loss_drop: float = 0.05
 
@@ -473,12 +487,15 @@ class EventConfig:
                 )
         return cls(**_checked_values(data, source))
 
-    def windows(self, cadence: float, age: float = 0.0, warm: bool = False) -> EventWindows:
+    def windows(
+        self, cadence: float, age: float = 0.0, warm: bool = False, loss_falling: bool = False
+    ) -> EventWindows:
         """The windows in steps at a run's ``cadence`` (steps between checkpoints) and
         ``age`` (steps since the first checkpoint read): ``X_steps`` where set, else
         ``X`` checkpoints at the cadence, else the default fraction of the age
         (:data:`AGE_FRACTIONS`). ``warm``: the warm-up ended at an earlier checkpoint
-        (:attr:`EventWindows.warm`)."""
+        (:attr:`EventWindows.warm`); ``loss_falling``: the training loss is still in its
+        first fall (:attr:`EventWindows.loss_falling`)."""
         if not (cadence > 0 and math.isfinite(cadence)):
             raise DDSError(f"cadence must be a positive number of steps, got {cadence!r}")
         age = max(0.0, float(age))
@@ -512,6 +529,7 @@ class EventConfig:
             dying_window=spans["dying_window"],
             min_reference=least,
             warm=warm,
+            loss_falling=loss_falling,
         )
 
 
@@ -539,7 +557,14 @@ class EventWindows:
     ``min_reference - 1`` cadences (in steps, at the cadence now, so a log-spaced start
     is a warm-up until its checkpoints are as far apart as the later ones). ``warm``: the
     age passed ``warm_up`` at an earlier checkpoint; the warm-up, once over, stays over
-    when the cadence grows later (every 50 steps, then every 500).
+    when the cadence grows later (every 50 steps, then every 500). ``loss_falling``: the
+    trainer's training loss fell by more than ``warm_up_loss_fall`` of its first value
+    over the last ``reference_lag`` steps (:class:`_Cadence`), which holds the warm-up
+    past ``warm_up``: a run read every 5 steps passes ``warm_up`` at step 35, in the
+    middle of the modular-addition runs' memorisation (the control's loss falls from
+    4.0 to about 0.01 over steps 15-60), and reported that memorisation as a "not generalising"
+    transition (``bench_events.py --cadences``, the fine-then-coarse schedule); read
+    every 25, the warm-up ends at step 175, after it.
     """
 
     cadence: float
@@ -551,6 +576,7 @@ class EventWindows:
     dying_window: float
     min_reference: int
     warm: bool = False
+    loss_falling: bool = False
 
     @property
     def warm_up(self) -> float:
@@ -558,9 +584,10 @@ class EventWindows:
 
     @property
     def in_warm_up(self) -> bool:
-        """Nothing is decided yet: the age is below :attr:`warm_up`, and was at every
-        earlier checkpoint."""
-        return not self.warm and self.age < self.warm_up
+        """Nothing is decided yet: the age is below :attr:`warm_up`, or the training loss
+        is still in its first fall (``loss_falling``), and was so at every earlier
+        checkpoint."""
+        return not self.warm and (self.age < self.warm_up or self.loss_falling)
 
     def describe(self) -> str:
         """One line for a log: the windows and the cadence they were derived at."""
@@ -667,6 +694,7 @@ def _checked_values(data: Mapping[str, Any], source: str | None) -> dict[str, An
         "dying_decades",
         "label_acc_gain",
         "label_loss_drop",
+        "warm_up_loss_fall",
     )
     for key in non_negative:
         if values[key] is not None and values[key] < 0:
@@ -783,6 +811,33 @@ def validation_scalars(meta: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+#: The training loss's names, most specific first (compared as :func:`_metric_kind`
+#: compares, with Lightning's ``_step`` / ``_epoch`` suffixes): Lightning's usual
+#: ``train_loss``, Hugging Face's ``log_history`` ``loss``, a script's ``loss``.
+_TRAIN_LOSS_NAMES = ("train_loss", "training_loss", "loss")
+_TRAIN_LOSS = re.compile(rf"^(?P<name>{'|'.join(_TRAIN_LOSS_NAMES)})(?:_step|_epoch)?$")
+
+
+def training_loss(meta: Mapping[str, Any] | None) -> tuple[str, float] | None:
+    """The trainer's training loss among a checkpoint's scalar meta, as ``(key, value)``:
+    the first finite number under the most specific of :data:`_TRAIN_LOSS_NAMES`
+    (``train_loss``, ``train/loss``, ``train_loss_epoch``, ``training_loss``, ``loss``);
+    None when the checkpoint carries none. A validation loss (``val_loss``) is not one."""
+    found: dict[str, tuple[str, float]] = {}
+    for key, value in (meta or {}).items():
+        if not isinstance(key, str) or isinstance(value, bool):
+            continue
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            continue
+        match = _TRAIN_LOSS.match(re.sub(r"[/.\- ]+", "_", key.strip().lower()))
+        if match is not None:
+            found.setdefault(match.group("name"), (key, float(value)))
+    for name in _TRAIN_LOSS_NAMES:
+        if name in found:
+            return found[name]
+    return None
+
+
 def transition_label(
     before: Mapping[str, float], after: Mapping[str, float], cfg: EventConfig = EventConfig()
 ) -> str:
@@ -834,6 +889,40 @@ def _median(values: Iterable[float]) -> float:
     s = sorted(values)
     m = len(s) // 2
     return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def _weighted_median(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The median of ``values`` where each counts by its weight (``> 0``): the smallest
+    value whose cumulative weight, in value order, passes half the total; where a prefix
+    holds exactly half, the mean of its last value and the next, so equal weights give
+    :func:`_median`'s answer."""
+    pairs = sorted(zip(values, weights))
+    half = 0.5 * sum(w for _, w in pairs)
+    tol = 1e-12 * half
+    cum = 0.0
+    for i, (v, w) in enumerate(pairs):
+        cum += w
+        if abs(cum - half) <= tol and i + 1 < len(pairs):
+            return 0.5 * (v + pairs[i + 1][0])
+        if cum > half:
+            return v
+    return pairs[-1][0]
+
+
+def _time_weights(steps: Sequence[int]) -> list[float]:
+    """The span of training each of a time-ordered sample of ``steps`` stands for: half
+    the gap to each neighbour (the one gap at either end), so a stretch checkpointed every
+    5 steps weighs no more, per step, than one checkpointed every 50. At a regular cadence
+    every weight is the cadence."""
+    n = len(steps)
+    if n < 2:
+        return [1.0] * n
+    out = []
+    for i in range(n):
+        lo = steps[i] - steps[i - 1] if i > 0 else steps[1] - steps[0]
+        hi = steps[i + 1] - steps[i] if i + 1 < n else steps[i] - steps[i - 1]
+        out.append(max(0.5 * (lo + hi), 1e-9))
+    return out
 
 
 def _fmt(row: Reading, value: float) -> str:
@@ -889,7 +978,13 @@ class _Cadence:
     cadence, do not move the median.
 
     ``warm``: the warm-up is over (:attr:`EventWindows.warm`); once over it stays over,
-    so a cadence growing later in the run does not start it again.
+    so a cadence growing later in the run does not start it again. Until then it keeps
+    the trainer's training loss of the recent checkpoints (:func:`training_loss`, under
+    the key first found) and its first value, for ``loss_falling``
+    (:attr:`EventWindows.loss_falling`): the newest loss at least
+    ``warm_up_loss_fall * |first|`` below the last one at or before ``reference_lag``
+    steps earlier. A run whose checkpoints carry no training loss, or carried it for less
+    than the lag, is not held.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
@@ -904,13 +999,17 @@ class _Cadence:
         self.last: int | None = None
         self.warned = False
         self.warm = False
+        self.loss_key: str | None = None
+        self.loss_first: float | None = None
+        self.losses: deque[tuple[int, float]] = deque(maxlen=_MAX_BUFFER)
+        self.loss_falling = False
 
     @property
     def settled(self) -> bool:
         """Pinned, or measured on a full ``cadence_checkpoints`` (the windows are said)."""
         return self.pinned or self.seen >= self.cfg.cadence_checkpoints
 
-    def push(self, step: int) -> None:
+    def push(self, step: int, meta: Mapping[str, Any] | None = None) -> None:
         if self.last is not None:
             gap = step - self.last
             self._drift(gap)
@@ -921,9 +1020,39 @@ class _Cadence:
         if self.first is None:
             self.first = step
         self.seen += 1
+        if self.warm:
+            return
+        self._note_loss(step, meta)
         win = self.windows()
-        if win is not None and win.age >= win.warm_up:
+        self.loss_falling = win is not None and self._loss_falling(step, win.reference_lag)
+        if win is not None and win.age >= win.warm_up and not self.loss_falling:
             self.warm = True
+            self.loss_falling = False
+            self.losses.clear()
+
+    def _note_loss(self, step: int, meta: Mapping[str, Any] | None) -> None:
+        found = training_loss(meta)
+        if found is None or (self.loss_key is not None and found[0] != self.loss_key):
+            return
+        key, value = found
+        if self.loss_key is None:
+            self.loss_key, self.loss_first = key, value
+        self.losses.append((step, value))
+        _thin(self.losses)
+
+    def _loss_falling(self, step: int, lag: float) -> bool:
+        """The training loss fell by more than ``warm_up_loss_fall`` of its first value
+        over the last ``lag`` steps (the newest loss against the last at or before
+        ``step - lag``); False without a loss reaching back that far."""
+        q = self.cfg.warm_up_loss_fall
+        if q <= 0 or self.loss_first is None or not self.losses:
+            return False
+        while len(self.losses) >= 2 and self.losses[1][0] <= step - lag:
+            self.losses.popleft()  # one at or before step - lag is all a later step needs
+        then_step, then = self.losses[0]
+        if then_step > step - lag:
+            return False
+        return then - self.losses[-1][1] > q * abs(self.loss_first)
 
     def _drift(self, gap: int) -> None:
         """Warn, once, of a gap far off the cadence: the pinned one (either way), or
@@ -955,7 +1084,7 @@ class _Cadence:
         if self.value is None:
             return None
         age = 0.0 if self.first is None or self.last is None else float(self.last - self.first)
-        return self.cfg.windows(self.value, age, warm=self.warm)
+        return self.cfg.windows(self.value, age, warm=self.warm, loss_falling=self.loss_falling)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -966,6 +1095,10 @@ class _Cadence:
             "last": self.last,
             "warned": self.warned,
             "warm": self.warm,
+            "loss_key": self.loss_key,
+            "loss_first": self.loss_first,
+            "losses": [[s, v] for s, v in self.losses],
+            "loss_falling": self.loss_falling,
         }
 
     def load(self, state: Mapping[str, Any], recent: Sequence[int] = ()) -> None:
@@ -1001,6 +1134,12 @@ class _Cadence:
             self.gaps.clear()
             self.gaps.extend(gaps)
             self.value = value
+        self.loss_key = None if state.get("loss_key") is None else str(state["loss_key"])
+        loss_first = state.get("loss_first")
+        self.loss_first = None if loss_first is None else float(loss_first)
+        self.losses.clear()
+        self.losses.extend((int(s), float(v)) for s, v in state.get("losses", []))
+        self.loss_falling = bool(state.get("loss_falling", False))
         if "warm" in state:
             self.warm = bool(state["warm"])
         else:
@@ -1030,16 +1169,24 @@ class _LevelScanner:
         self.decided = False  # a decision was made: the warm-up is over for this reading
         self.silent = False  # the state left normal before the first decision: no news
 
-    def _reference(self, step: int, win: EventWindows) -> list[float]:
-        """The values in the reference window ``[step - lag - window, step - lag)``; where
-        it holds fewer than ``min_reference``, the newest ``min_reference`` before the lag."""
+    def _reference(self, step: int, win: EventWindows) -> tuple[list[float], list[float]]:
+        """The values in the reference window ``[step - lag - window, step - lag)`` (where
+        it holds fewer than ``min_reference``, the newest ``min_reference`` before the
+        lag) and each value's weight, the span of training it stands for
+        (:func:`_time_weights` over the buffer, this step included), so that the
+        reference is a median over time, not over checkpoints: read every 5 steps and then
+        every 50, a window straddling the switch was otherwise the level of its dense
+        first stretch (``bench_events.py --cadences``: the steady run's fine-then-coarse
+        schedule flagged a transition at step 1800 that its regular schedule did not)."""
         end = step - win.reference_lag
         start = end - win.reference_window
-        before_lag = [(s, v) for s, v in self.buffer if s < end]
-        values = [v for s, v in before_lag if s >= start]
-        if len(values) < win.min_reference:
-            values = [v for _, v in before_lag[-win.min_reference :]]
-        return values
+        steps = [s for s, _ in self.buffer] + [step]
+        weights = _time_weights(steps)
+        before_lag = [(s, v, w) for (s, v), w in zip(self.buffer, weights) if s < end]
+        kept = [(v, w) for s, v, w in before_lag if s >= start]
+        if len(kept) < win.min_reference:
+            kept = [(v, w) for _, v, w in before_lag[-win.min_reference :]]
+        return [v for v, _ in kept], [w for _, w in kept]
 
     def _prune(self, step: int, win: EventWindows) -> None:
         """Drop what no later reference needs: values older than the window, beyond the
@@ -1052,6 +1199,12 @@ class _LevelScanner:
             before_lag -= 1
 
     def _threshold(self, values: list[float], centre: float) -> float:
+        """The collapse threshold (module docstring) from the reference values' MAD
+        about ``centre``. The MAD counts every checkpoint alike (each is a sample of the
+        reading's scatter), where the centre is weighted by time (:meth:`_reference`):
+        weighted too, a window of 20 values read every 50 steps and 2 read every 500
+        took its scatter mostly from the 2, and a steady reading's wobble passed the
+        threshold (``tests/test_review_session_events_oldstate.py``'s run)."""
         if self.row.unit not in ("nats", "fraction"):
             if self.cfg.ratio_mad_k <= 0:
                 return self.cfg.ratio_decades
@@ -1070,10 +1223,10 @@ class _LevelScanner:
             return None
         event = None
         if win is not None and (self.decided or not win.in_warm_up):
-            values = self._reference(step, win)
+            values, weights = self._reference(step, win)
             if values and len(values) >= win.min_reference:
                 prior = self.buffer[-1][1] if self.buffer and not self.decided else None
-                event = self._decide(step, value, float(raw), values, dying, prior)
+                event = self._decide(step, value, float(raw), values, weights, dying, prior)
                 self.decided = True
         self.buffer.append((step, value))
         if win is not None:
@@ -1087,6 +1240,7 @@ class _LevelScanner:
         value: float,
         raw: float,
         values: list[float],
+        weights: list[float],
         dying: float | None,
         prior: float | None = None,
     ) -> Event | None:
@@ -1096,7 +1250,7 @@ class _LevelScanner:
         or ``>= ref + thr`` for a rise), the departure happened before anything could be
         decided, in the warm-up: the state leaves normal *silently* (no collapse, and no
         revival when it returns), so it counts toward no transition."""
-        ref = _median(values)
+        ref = _weighted_median(values, weights)
         if self.state == "low":
             if value >= self.anchor - self.thr / 2:
                 self.state = "normal"
@@ -1903,7 +2057,7 @@ class EventDetector:
                 )
         if meta is not None and not isinstance(meta, Mapping):
             raise DDSError(f"meta at step {step} must be a dict, got {type(meta).__name__}")
-        self._cadence.push(step)
+        self._cadence.push(step, meta)
         win = self._cadence.windows()
         if win is not None and self._cadence.settled and not self._said_windows:
             self._said_windows = True

@@ -98,6 +98,47 @@ def test_a_log_spaced_start_is_a_warm_up_not_a_transition(
     assert "steps apart" not in caplog.text
 
 
+@pytest.fixture(scope="module")
+def fine_control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The control of seed 2 (``bench_events.py --cadences``), 150 steps, a checkpoint
+    every 5 steps kept: the fine start of its fine-then-coarse schedule."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("fine_control")
+    try:
+        _example("train").train(
+            run / "ckpts",
+            steps=150,
+            every=5,
+            weight_decay=0.0,
+            seed=2,
+            probe_out=run / "probe.pt",
+        )
+    finally:
+        torch.set_num_threads(threads)
+    yield run
+
+
+def test_a_fine_start_is_a_warm_up_through_memorisation(fine_control: Path) -> None:
+    # Read every 5 steps, the warm-up passed its age (the lag and 5 cadences) at step
+    # 35, while the loss was falling from 4.0 to 0.01 (steps 15-60): the memorisation's
+    # collapses made a "not generalising" transition at step 45, where the run read
+    # every 25 was still warming up. The warm-up now lasts while the training loss is
+    # in its first fall (warm_up_loss_fall), so it ends after memorisation, in steps.
+    rows = _read(fine_control)
+    assert [s for s, _, _ in rows] == list(range(0, 151, 5))
+    assert rows[0][1]["loss"] > 3.5 and rows[-1][1]["loss"] < 0.05  # it memorised
+
+    def events(cfg: EventConfig) -> list[Event]:
+        det = EventDetector(cfg)
+        return [e for step, meta, layers in rows for e in det.update(step, layers, meta)]
+
+    before = [e for e in events(EventConfig(warm_up_loss_fall=0.0)) if e.kind == "transition"]
+    assert before and before[0].step <= 60 and before[0].label == "not generalising"
+    now = events(EventConfig())
+    assert [e for e in now if e.kind in ("collapse", "transition")] == [], now
+
+
 def _synthetic(lam: float, vol: float) -> dict:
     from ddsmon.signature import LayerSignature
 
