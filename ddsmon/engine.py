@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ddsmon import streaming
 from ddsmon.errors import ConfigError, ProbeError
-from ddsmon.losses import LossSpec, per_sample_loss_fn, warn_if_copying
+from ddsmon.losses import LossSpec, check_scored, per_sample_loss_fn, warn_if_copying
 from ddsmon.options import (
     DEFAULT_FISHER,
     DEFAULT_LOSS,
@@ -125,27 +125,6 @@ def _matches(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool
         and (device.index is None or t.device.index == device.index)
         and (not t.is_floating_point() or t.dtype == dtype)
         for t in tensors
-    )
-
-
-def _check_scored(loss: LossSpec, targets: Any) -> None:
-    """A ProbeError when the class targets of ``"ce"`` or ``"lm"`` score no position
-    at all (every one -100, ignored; with ``"lm"`` a sample's first target is never
-    scored): every sample's loss is then 0 and its gradients zeros, and G and K would
-    be readings of nothing, recorded as if measured."""
-    if loss not in ("ce", "lm") or not isinstance(targets, Tensor) or targets.numel() == 0:
-        return
-    if targets.is_floating_point():
-        return
-    scored = targets[:, 1:] if loss == "lm" and targets.ndim == 2 else targets
-    if scored.numel() == 0 or not bool((scored == -100).all()):
-        return
-    which = "every target after each sample's first" if scored is not targets else "every target"
-    raise ProbeError(
-        f"loss {loss!r}: {which} of the probe's {tuple(targets.shape)} targets is -100 "
-        "(ignored), so no position is scored: every sample's loss is 0 and its "
-        "gradients are zeros; give targets that hold the token or class ids, or "
-        "--fisher none for activation readings only"
     )
 
 
@@ -266,7 +245,7 @@ def compute_signatures(
     want_param = fisher in ("both", "parameter")
     backward = fisher != "none"
     if backward:
-        _check_scored(loss, targets)
+        check_scored(loss, targets)
 
     flags = {m: m.training for m in model.modules()}
     in_place = _matches(model, dev, forward_dtype)

@@ -36,11 +36,21 @@ from torch import Tensor
 
 from ddsmon.errors import ProbeError
 
-__all__ = ("LossSpec", "kept_torch_modes", "per_sample_loss_fn", "warn_if_copying")
+__all__ = (
+    "IGNORE_INDEX",
+    "LossSpec",
+    "check_scored",
+    "kept_torch_modes",
+    "per_sample_loss_fn",
+    "warn_if_copying",
+)
 
 log = logging.getLogger(__name__)
 
 LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
+#: The class target that scores nothing (``F.cross_entropy``'s ``ignore_index``): its
+#: position is left out of a sample's loss, by ``"ce"`` and ``"lm"`` alike.
+IGNORE_INDEX = -100
 
 
 def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -89,7 +99,7 @@ def _token_mean(outputs: Tensor, targets: Tensor) -> Tensor:
     token = F.cross_entropy(
         outputs.reshape(n * t, c), targets.reshape(n * t), reduction="none"
     ).view(n, t)
-    valid = (targets != -100).to(token.dtype)
+    valid = (targets != IGNORE_INDEX).to(token.dtype)
     return (token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 
@@ -100,15 +110,37 @@ def _class_ids(label: str, targets: Tensor, outputs: Tensor) -> Tensor:
     if ids.numel() == 0 or torch._C._are_functorch_transforms_active():
         return ids
     classes = outputs.shape[-1]
-    bad = ((ids < 0) & (ids != -100)) | (ids >= classes)
+    bad = ((ids < 0) & (ids != IGNORE_INDEX)) | (ids >= classes)
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
         value = int(ids[tuple(where)])
         raise ProbeError(
             f"loss {label!r}: the targets hold {value} at {tuple(where)}, but the logits "
-            f"have {classes} classes (ids 0 to {classes - 1}; -100 is ignored)"
+            f"have {classes} classes (ids 0 to {classes - 1}; {IGNORE_INDEX} is ignored)"
         )
     return ids
+
+
+def check_scored(loss: LossSpec, targets: object) -> None:
+    """A ProbeError when the class targets of ``"ce"`` or ``"lm"`` score no position
+    at all (every one :data:`IGNORE_INDEX`, ignored; with ``"lm"`` a sample's first
+    target is never scored): every sample's loss is then 0 and its gradients zeros, and
+    G and K would be readings of nothing, recorded as if measured. The engine calls it
+    once, on the whole probe's targets."""
+    if loss not in ("ce", "lm") or not isinstance(targets, Tensor) or targets.numel() == 0:
+        return
+    if targets.is_floating_point():
+        return
+    scored = targets[:, 1:] if loss == "lm" and targets.ndim == 2 else targets
+    if scored.numel() == 0 or not bool((scored == IGNORE_INDEX).all()):
+        return
+    which = "every target after each sample's first" if scored is not targets else "every target"
+    raise ProbeError(
+        f"loss {loss!r}: {which} of the probe's {tuple(targets.shape)} targets is "
+        f"{IGNORE_INDEX} (ignored), so no position is scored: every sample's loss is 0 and its "
+        "gradients are zeros; give targets that hold the token or class ids, or "
+        "--fisher none for activation readings only"
+    )
 
 
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
