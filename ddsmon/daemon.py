@@ -628,7 +628,10 @@ class Daemon:
         self._faults.success()
         meta = {k: float(v) for k, v in loaded.meta.items()}
         events = self.detector.update(
-            step, {name: s.to_dict() for name, s in sig.layers.items()}, meta=meta
+            step,
+            {name: s.to_dict() for name, s in sig.layers.items()},
+            meta=meta,
+            probe_loss=sig.fitted_loss,
         )
         sig = sig.with_derived(self.detector.last_derived)  # dying_directions, per layer
         reading = CheckpointReading(

@@ -186,6 +186,7 @@ __all__ = (
     "AGE_FRACTIONS",
     "EVENT_KINDS",
     "LABELS",
+    "PROBE_LOSS_KEY",
     "Event",
     "EventConfig",
     "EventDetector",
@@ -815,6 +816,10 @@ def validation_scalars(meta: Mapping[str, Any] | None) -> dict[str, float]:
 #: compares, with Lightning's ``_step`` / ``_epoch`` suffixes): Lightning's usual
 #: ``train_loss``, Hugging Face's ``log_history`` ``loss``, a script's ``loss``.
 _TRAIN_LOSS_NAMES = ("train_loss", "training_loss", "loss")
+#: The key the warm-up's loss is kept under when it is the probe's
+#: (:attr:`ddsmon.signature.Signatures.fitted_loss`, the checkpoints carrying no training
+#: loss: a Lightning checkpoint's, by default).
+PROBE_LOSS_KEY = "probe loss (10th percentile)"
 _TRAIN_LOSS = re.compile(rf"^(?P<name>{'|'.join(_TRAIN_LOSS_NAMES)})(?:_step|_epoch)?$")
 
 
@@ -980,11 +985,12 @@ class _Cadence:
     ``warm``: the warm-up is over (:attr:`EventWindows.warm`); once over it stays over,
     so a cadence growing later in the run does not start it again. Until then it keeps
     the trainer's training loss of the recent checkpoints (:func:`training_loss`, under
-    the key first found) and its first value, for ``loss_falling``
+    the key first found; where the checkpoints carry none, the probe's fitted loss the
+    daemon passes, :data:`PROBE_LOSS_KEY`) and its first value, for ``loss_falling``
     (:attr:`EventWindows.loss_falling`): the newest loss at least
     ``warm_up_loss_fall * |first|`` below the last one at or before ``reference_lag``
-    steps earlier. A run whose checkpoints carry no training loss, or carried it for less
-    than the lag, is not held.
+    steps earlier. A run with neither loss, or with one for less than the lag, is not
+    held.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
@@ -1009,7 +1015,9 @@ class _Cadence:
         """Pinned, or measured on a full ``cadence_checkpoints`` (the windows are said)."""
         return self.pinned or self.seen >= self.cfg.cadence_checkpoints
 
-    def push(self, step: int, meta: Mapping[str, Any] | None = None) -> None:
+    def push(
+        self, step: int, meta: Mapping[str, Any] | None = None, probe_loss: float | None = None
+    ) -> None:
         if self.last is not None:
             gap = step - self.last
             self._drift(gap)
@@ -1022,7 +1030,7 @@ class _Cadence:
         self.seen += 1
         if self.warm:
             return
-        self._note_loss(step, meta)
+        self._note_loss(step, meta, probe_loss)
         win = self.windows()
         self.loss_falling = win is not None and self._loss_falling(step, win.reference_lag)
         if win is not None and win.age >= win.warm_up and not self.loss_falling:
@@ -1030,8 +1038,14 @@ class _Cadence:
             self.loss_falling = False
             self.losses.clear()
 
-    def _note_loss(self, step: int, meta: Mapping[str, Any] | None) -> None:
+    def _note_loss(
+        self, step: int, meta: Mapping[str, Any] | None, probe_loss: float | None
+    ) -> None:
+        """Keep this checkpoint's training loss: the trainer's (:func:`training_loss`),
+        else the probe's fitted loss; the source first found is the run's for good."""
         found = training_loss(meta)
+        if found is None and probe_loss is not None and math.isfinite(probe_loss):
+            found = (PROBE_LOSS_KEY, float(probe_loss))
         if found is None or (self.loss_key is not None and found[0] != self.loss_key):
             return
         key, value = found
@@ -2038,9 +2052,13 @@ class EventDetector:
         step: int,
         readings: Mapping[str, Mapping[str, Any]],
         meta: Mapping[str, Any] | None = None,
+        probe_loss: float | None = None,
     ) -> list[Event]:
         """Add one checkpoint's readings (layer -> reading dict) and its scalar ``meta``;
-        return its new events (and set :attr:`last_derived`)."""
+        return its new events (and set :attr:`last_derived`). ``probe_loss``: the loss of
+        the probe's best-fit samples (:attr:`ddsmon.signature.Signatures.fitted_loss`),
+        which stands in for the training loss of the warm-up (``warm_up_loss_fall``)
+        where ``meta`` carries none."""
         step = int(step)
         if self._last_step is not None and step <= self._last_step:
             log.warning(
@@ -2057,7 +2075,7 @@ class EventDetector:
                 )
         if meta is not None and not isinstance(meta, Mapping):
             raise DDSError(f"meta at step {step} must be a dict, got {type(meta).__name__}")
-        self._cadence.push(step, meta)
+        self._cadence.push(step, meta, probe_loss)
         win = self._cadence.windows()
         if win is not None and self._cadence.settled and not self._said_windows:
             self._said_windows = True

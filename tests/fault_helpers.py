@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +66,62 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
         _, err = proc.communicate(timeout=30)
         raise AssertionError(f"ddsmon did not finish in {timeout}s:\n{err[-3000:]}") from None
     return proc.returncode, err
+
+
+@contextmanager
+def watching(
+    directory: Path, probe: Path, uri: str, *, stderr_to: Path, cwd: Path
+) -> Iterator[subprocess.Popen]:
+    """``ddsmon watch directory --quiet 0.2`` into ``uri`` (:func:`cli_args`), run from
+    ``cwd`` with the repository on PYTHONPATH, its stdout dropped and its stderr written
+    to ``stderr_to``; killed when the block ends (a no-op once it has exited)."""
+    args = cli_args("watch", directory, probe, uri, "--quiet", "0.2")
+    with open(stderr_to, "w") as err:
+        proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+#: Holds the SQLite database ``argv[1]`` locked (``BEGIN EXCLUSIVE``) from its line
+#: "locked" until a line on its stdin, then commits and exits 0.
+_SQLITE_LOCKER = (
+    "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline(); "
+    "c.execute('COMMIT')"
+)
+
+
+class SqliteLock:
+    """Another process holding the SQLite database ``db`` locked, as ``mlflow ui``
+    migrating it or a ``sqlite3`` shell in a transaction does: locked once the object
+    exists (the process said "locked"), until :meth:`release`; as a context manager the
+    process is killed when the block ends (a no-op once released)."""
+
+    def __init__(self, db: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SQLITE_LOCKER, str(db)], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            assert self.proc.stdout.readline().strip() == "locked"
+        except BaseException:
+            self.proc.kill()
+            raise
+
+    def release(self) -> None:
+        """Commit and let the process exit (asserting that it exits 0 within 60 s)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=60) == 0
+
+    def __enter__(self) -> SqliteLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

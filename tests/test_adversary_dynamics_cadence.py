@@ -10,38 +10,26 @@ in-process by the engine and the detector, and once through ``ddsmon scan`` with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
-import os
-import subprocess
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from event_helpers import layer_reading
+from modular_addition_helpers import example_module, scan_with_events
 
 from ddsmon import compute_signatures
 from ddsmon.events import Event, EventConfig, EventDetector
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "modular_addition"
 
 #: Pythia's schedule at this run's scale: log-spaced to 64, then every 25 steps.
 LOG_SPACED = [0, 1, 2, 4, 8, 16, 32, 64, *range(75, 201, 25)]
-
-
-def _example(name: str) -> ModuleType:
-    if str(EXAMPLE) not in sys.path:
-        sys.path.insert(0, str(EXAMPLE))
-    spec = importlib.util.spec_from_file_location(f"modadd_{name}_dyn", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +40,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("control")
     try:
-        _example("train").train(
+        example_module("train").train(
             run / "ckpts", steps=200, every=1, weight_decay=0.0, probe_out=run / "probe.pt"
         )
     finally:
@@ -64,7 +52,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _read(run: Path) -> list[tuple[int, dict, dict]]:
-    factory = _example("model").make_model
+    factory = example_module("model").make_model
     probe = torch.load(run / "probe.pt", weights_only=True)
     rows = []
     for path in sorted((run / "ckpts").glob("step_*.pt")):
@@ -106,7 +94,7 @@ def fine_control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("fine_control")
     try:
-        _example("train").train(
+        example_module("train").train(
             run / "ckpts",
             steps=150,
             every=5,
@@ -139,17 +127,6 @@ def test_a_fine_start_is_a_warm_up_through_memorisation(fine_control: Path) -> N
     assert [e for e in now if e.kind in ("collapse", "transition")] == [], now
 
 
-def _synthetic(lam: float, vol: float) -> dict:
-    from ddsmon.signature import LayerSignature
-
-    return LayerSignature(
-        "fc", 64, 64, 16,
-        sigma_min=0.3, sigma_max=3.0, x_rank=10, x_dead=6,
-        lambda_min=lam, lambda_max=1.0, g_rank=10, g_dead=6,
-        logdet=vol, log_volume=vol,
-    ).to_dict()  # fmt: skip
-
-
 def _feed(steps: Sequence[int], fall_at: float, cfg: EventConfig | None = None):
     """Two layers whose lambda_ratio and log_volume fall 4 decades / 40 nats over 200
     steps from ``fall_at`` (``b`` 100 steps later), with a small wobble."""
@@ -160,7 +137,7 @@ def _feed(steps: Sequence[int], fall_at: float, cfg: EventConfig | None = None):
         for name, shift in (("a", 0.0), ("b", 100.0)):
             x = min(max((step - fall_at - shift) / 200, 0.0), 1.0)
             wobble = 0.05 * math.sin(step / 37.0)
-            pts[name] = _synthetic(10 ** (-2.0 - 4.0 * x + wobble), -20.0 - 40.0 * x + wobble)
+            pts[name] = layer_reading(10 ** (-2.0 - 4.0 * x + wobble), -20.0 - 40.0 * x + wobble)
         events += det.update(step, pts)
     return det, events
 
@@ -198,47 +175,43 @@ def test_a_cadence_that_grows_after_the_warm_up_does_not_start_it_again() -> Non
 
 @pytest.mark.slow  # about 13 s: a scan's start-up (MLflow's store) on the shared 2 cores
 def test_a_log_spaced_start_is_quiet_through_scan(control: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
-    store = tmp_path / "mlflow.db"
-    events_json = tmp_path / "events.jsonl"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ddsmon"),
-            "scan",
-            str(control / "ckpts"),
-            "--model",
-            f"{EXAMPLE / 'model.py'}:make_model",
-            "--probe",
-            str(control / "probe.pt"),
-            "--loss",
-            "ce",
-            "--tracking-uri",
-            f"sqlite:///{store}",
-            "--events-json",
-            str(events_json),
-            "--no-plots",
-            "--threads",
-            "1",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc, uri, events_json = scan_with_events(control, tmp_path, COLUMNS="120")
     assert proc.returncode == 0, proc.stderr
     assert f"read {len(LOG_SPACED)}, failed 0, events 0" in proc.stdout, proc.stdout
     assert "steps apart" not in proc.stderr, proc.stderr
     assert not events_json.exists() or events_json.read_text() == ""
-    import mlflow
+    from fault_helpers import logged_steps, runs_of
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "ddsmon/checkpoint")]
-    assert sorted(steps) == LOG_SPACED
+    (run,) = runs_of(uri)
+    assert logged_steps(uri, run.info.run_id) == LOG_SPACED
     assert [k for k in run.data.tags if k.startswith("dds.event.")] == []
     assert [k for k in run.data.metrics if k.startswith("dds/events/")] == []
+
+
+@pytest.mark.slow  # about 15 s: a scan's start-up (MLflow's store) on the shared 2 cores
+def test_a_fine_start_without_a_training_loss_warms_up_on_the_probe_loss(
+    fine_control: Path, tmp_path: Path
+) -> None:
+    # checkpoints that carry no training loss (a Lightning checkpoint's, by default):
+    # the daemon passes the probe's fitted loss (the 10th percentile of its per-sample
+    # losses) to the detector, whose warm-up follows it; with nothing passed, or the
+    # probe's mean loss (it rises: half the probe is held out), this run's memorisation
+    # was a "not generalising" transition at step 45
+    run = tmp_path / "run"
+    (run / "ckpts").mkdir(parents=True)
+    shutil.copy(fine_control / "probe.pt", run / "probe.pt")
+    for path in sorted((fine_control / "ckpts").glob("step_*.pt")):
+        ck = torch.load(path, weights_only=True)
+        torch.save({k: v for k, v in ck.items() if k != "loss"}, run / "ckpts" / path.name)
+    proc, _, events_json = scan_with_events(run, tmp_path, COLUMNS="120")
+    assert proc.returncode == 0, proc.stderr
+    assert "read 31, failed 0" in proc.stdout, proc.stdout
+    told = (
+        [json.loads(line) for line in events_json.read_text().splitlines()]
+        if (events_json.exists())
+        else []
+    )
+    assert [e for e in told if e["kind"] in ("collapse", "transition")] == [], told
 
 
 def test_messages_say_their_units_and_a_pinned_cadence_in_words(
@@ -286,7 +259,7 @@ def test_a_restart_anywhere_in_a_changing_cadence_changes_nothing(stop: int) -> 
             pts = {}
             for name, shift in (("a", 0.0), ("b", 100.0)):
                 x = min(max((step - 2000 - shift) / 200, 0.0), 1.0)
-                pts[name] = _synthetic(10 ** (-2.0 - 4.0 * x), -20.0 - 40.0 * x)
+                pts[name] = layer_reading(10 ** (-2.0 - 4.0 * x), -20.0 - 40.0 * x)
             events += det.update(step, pts)
         return events
 

@@ -7,14 +7,12 @@ The runs are the modular-addition example trained by its own ``train``."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from modular_addition_helpers import example_module
 from rich.console import Console
 
 from ddsmon import compute_signatures
@@ -24,25 +22,12 @@ from ddsmon.events import EventDetector
 from ddsmon.reader import Reader
 from ddsmon.sinks.terminal import TerminalSink
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "modular_addition"
-
-
-def _example(name: str) -> ModuleType:
-    if str(EXAMPLE) not in sys.path:
-        sys.path.insert(0, str(EXAMPLE))
-    spec = importlib.util.spec_from_file_location(f"modadd_{name}_cnt", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _train(run: Path, steps: int, every: int, weight_decay: float) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _example("train").train(
+        example_module("train").train(
             run / "ckpts",
             steps=steps,
             every=every,
@@ -57,7 +42,7 @@ def test_the_count_is_a_count_in_a_real_run(tmp_path: Path) -> None:
     # the weight-decay-free control memorises: its log det+(G) rises while lambda_min
     # falls, which made the estimate negative (down to -269) at nearly every checkpoint
     _train(tmp_path, 300, 25, 0.0)
-    factory = _example("model").make_model
+    factory = example_module("model").make_model
     probe = torch.load(tmp_path / "probe.pt", weights_only=True)
     det = EventDetector()
     counts: list[tuple[int, str, float, int]] = []
@@ -85,7 +70,7 @@ def test_three_checkpoints_decide_nothing_and_show_no_negative_count(tmp_path: P
     config = Config.for_directory(tmp_path / "ckpts", state_dir=tmp_path / "state")
     reader = Reader.from_parts(
         config.read,
-        factory=_example("model").make_model,
+        factory=example_module("model").make_model,
         probe=(probe["inputs"], probe["targets"]),
         loss="ce",
     )

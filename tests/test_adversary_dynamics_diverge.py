@@ -9,18 +9,14 @@ after that, and the weights NaN from step 44)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
+from modular_addition_helpers import example_module, scan_with_events
 from rich.console import Console
 
 from ddsmon.config import Config
@@ -29,23 +25,11 @@ from ddsmon.reader import Reader
 from ddsmon.sinks import RunInfo
 from ddsmon.sinks.terminal import TerminalSink, render_dashboard
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "modular_addition"
 BLOW_UP, RESTART = 40, 62
 
 
-def _example(name: str) -> ModuleType:
-    if str(EXAMPLE) not in sys.path:
-        sys.path.insert(0, str(EXAMPLE))
-    spec = importlib.util.spec_from_file_location(f"modadd_{name}_div", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _train(out: Path, model: torch.nn.Module, steps: range, lr_at: dict[int, float]) -> None:
-    train = _example("train")
+    train = example_module("train")
     x, y, _, _ = train.make_split(53, 0.5, 0)
     opt = torch.optim.SGD(model.parameters(), lr=lr_at[min(lr_at)])
     for step in steps:
@@ -66,12 +50,12 @@ def _train(out: Path, model: torch.nn.Module, steps: range, lr_at: dict[int, flo
 def diverged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("diverged")
     (run / "ckpts").mkdir()
-    torch.save(_example("train").make_probe(53, 128), run / "probe.pt")
+    torch.save(example_module("train").make_probe(53, 128), run / "probe.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = _example("model").ModularAdditionMLP()
+        model = example_module("model").ModularAdditionMLP()
         _train(run / "ckpts", model, range(0, RESTART - 1), {0: 1.0, BLOW_UP: 1e6})
         # restarted from the sane checkpoint at step 38, numbered on from 62
         model.load_state_dict(torch.load(run / "ckpts" / "step_000038.pt")["model"])
@@ -95,33 +79,7 @@ def test_a_divergence_is_said_once_and_the_history_survives_it(
 ) -> None:
     nan_at = _first_nan(diverged)
     assert BLOW_UP < nan_at < RESTART
-    store, events_json = tmp_path / "mlflow.db", tmp_path / "events.jsonl"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ddsmon"),
-            "scan",
-            str(diverged / "ckpts"),
-            "--model",
-            f"{EXAMPLE / 'model.py'}:make_model",
-            "--probe",
-            str(diverged / "probe.pt"),
-            "--loss",
-            "ce",
-            "--tracking-uri",
-            f"sqlite:///{store}",
-            "--events-json",
-            str(events_json),
-            "--no-plots",
-            "--threads",
-            "1",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=300,
-    )
+    proc, uri, events_json = scan_with_events(diverged, tmp_path)
     assert proc.returncode == 0, proc.stderr
     steps = sorted(int(p.stem[5:]) for p in (diverged / "ckpts").glob("step_*.pt"))
     assert f"read {len(steps)}, failed 0" in proc.stdout, proc.stdout
@@ -153,19 +111,17 @@ def test_a_divergence_is_said_once_and_the_history_survives_it(
     after = [r for r in records if r["step"] == RESTART]
     assert {r["kind"] for r in after} == {"revival"}
     assert {(r["layer"], r["reading"]) for r in after} <= blown
-    import mlflow
+    from fault_helpers import logged_steps, runs_of
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])
-    logged = [m.step for m in client.get_metric_history(run.info.run_id, "ddsmon/checkpoint")]
-    assert sorted(logged) == steps
+    (run,) = runs_of(uri)
+    assert logged_steps(uri, run.info.run_id) == steps
     tags = [k for k in run.data.tags if k.startswith("dds.event.") and k.endswith(".nonfinite")]
     assert len(tags) == 4, tags
 
 
 def test_the_live_view_says_the_run_diverged(diverged: Path) -> None:
     nan_at = _first_nan(diverged)
-    train_model = _example("model").make_model
+    train_model = example_module("model").make_model
     probe = torch.load(diverged / "probe.pt", weights_only=True)
     config = Config.for_directory(diverged / "ckpts", state_dir=diverged / "live-state")
     reader = Reader.from_parts(

@@ -10,7 +10,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fault_helpers import REPO, cli_args, only_run_steps, wait_for, write_checkpoints
+from fault_helpers import (
+    REPO,
+    SqliteLock,
+    cli_args,
+    only_run_steps,
+    wait_for,
+    watching,
+    write_checkpoints,
+)
 
 
 def _closed_streams(args: list[str], closed: str) -> list[str]:
@@ -179,13 +187,6 @@ def test_a_hook_that_prints_without_end_costs_the_daemon_no_memory(
     assert loud - quiet < 100 * 1024, f"peak {quiet} KiB with a quiet hook, {loud} KiB loud"
 
 
-_LOCKER = (
-    "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
-    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline(); "
-    "c.execute('COMMIT')"
-)
-
-
 @pytest.mark.slow
 def test_a_sqlite_store_locked_by_another_process_is_said_in_one_line(
     tmp_path: Path, probe: Path
@@ -195,36 +196,20 @@ def test_a_sqlite_store_locked_by_another_process_is_said_in_one_line(
     and replayed, but each attempt printed MLflow's 60-line traceback with its SQL, and
     ddsmon's own line said "unreachable" and not why. Now: no traceback, one line that
     says ``database is locked``, and the step is in the run once the lock is gone."""
-    import sys
-
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1])
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     err_path = tmp_path / "watch.err"
-    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2")
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=err)  # fmt: skip
-    locker = None
-    try:
+    with watching(ckpts, probe, uri, stderr_to=err_path, cwd=tmp_path) as proc:
         wait_for(lambda: only_run_steps(uri) == [1], 120, "step 1 recorded")
-        locker = subprocess.Popen([sys.executable, "-c", _LOCKER, str(db)], text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
-        assert locker.stdin is not None and locker.stdout is not None
-        assert locker.stdout.readline().strip() == "locked"
-        write_checkpoints(ckpts, [1, 2])
-        wait_for(lambda: "spooled" in err_path.read_text(), 180, "step 2 spooled")
-        locker.stdin.write("\n")
-        locker.stdin.flush()
-        assert locker.wait(timeout=60) == 0
+        with SqliteLock(db) as lock:
+            write_checkpoints(ckpts, [1, 2])
+            wait_for(lambda: "spooled" in err_path.read_text(), 180, "step 2 spooled")
+            lock.release()
         wait_for(lambda: only_run_steps(uri) == [1, 2], 120, "step 2 replayed")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
-    finally:
-        proc.kill()
-        if locker is not None:
-            locker.kill()
     text = err_path.read_text()
     assert "Traceback" not in text, text[-3000:]
     spooled = [line for line in text.splitlines() if "spooled to" in line]

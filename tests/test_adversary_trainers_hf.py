@@ -11,41 +11,21 @@ weights of the last step again (an alias).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "trainer_scripts"))
 
+from hf_trainer_helpers import metric_steps, run_ddsmon, run_script, save_gpt2_probe, trainer_script
 from models import gpt2_probe, tiny_gpt2
 
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-
-TRAIN = """
-import sys, torch
-sys.path.insert(0, {scripts!r})
-torch.set_num_threads(1)
-from models import tiny_gpt2, token_data
+TRAIN = trainer_script("""from models import tiny_gpt2
 from transformers import Trainer, TrainingArguments
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        self.seq = token_data(n, 7, seed)
-
-    def __len__(self):
-        return len(self.seq)
-
-    def __getitem__(self, i):
-        return {{"input_ids": self.seq[i], "labels": self.seq[i]}}
-
 
 args = TrainingArguments(
     output_dir=sys.argv[1], max_steps=10, save_steps=5, logging_steps=5, eval_strategy="steps",
@@ -55,18 +35,15 @@ trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0),
                   eval_dataset=Tokens(16, 1))
 trainer.train()
 trainer.save_model()
-"""
+""")
 
 
 def scan(directory: Path, cwd: Path, *extra: object) -> str:
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    probe = cwd / "probe.pt"
-    inputs, targets = gpt2_probe()
-    torch.save({"inputs": inputs, "targets": targets}, probe)
-    done = subprocess.run(
-        [sys.executable, "-m", "ddsmon.cli", "scan", str(directory), "--probe", str(probe),
-         "--loss", "ce", "--tracking-uri", uri, "--no-plots", "--threads", "1", *map(str, extra)],
-        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240,
+    probe = save_gpt2_probe(cwd / "probe.pt")
+    done = run_ddsmon(
+        "scan", directory, "--probe", probe, "--loss", "ce", "--tracking-uri", uri, "--no-plots",
+        *extra, cwd=cwd,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return " ".join((done.stdout + done.stderr).split())
@@ -99,24 +76,11 @@ def test_a_final_model_saved_into_the_folder_of_checkpoints_is_read_from_its_con
 def test_a_trainer_run_ending_in_save_model_is_scanned_without_a_failure(
     tmp_path: Path,
 ) -> None:
-    from mlflow import MlflowClient
-
-    script = tmp_path / "train.py"
-    script.write_text(
-        TRAIN.format(scripts=str(Path(__file__).resolve().parent / "trainer_scripts"))
-    )
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(script), str(out)], cwd=tmp_path, env=ENV, capture_output=True,
-        text=True, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(TRAIN, tmp_path, out)
     assert (out / "model.safetensors").exists() and (out / "checkpoint-10").is_dir()
     assert not (out / "checkpoint-10" / "optimizer.pt").exists()  # save_only_model
     said = scan(out, tmp_path)
     assert "out/model.safetensors holds the same weights as step 10 (checkpoint-10)" in said
     assert "2 read, 1 skipped, 0 failed" in said
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    history = client.get_metric_history(run.info.run_id, "train/eval_loss")
-    assert [m.step for m in history] == [5, 10]
+    assert metric_steps(f"sqlite:///{tmp_path / 'mlflow.db'}", "train/eval_loss") == [5, 10]

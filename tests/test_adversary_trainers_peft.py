@@ -13,46 +13,33 @@ PeftModel (or the base model) the factory builds. The oracle is peft's own loadi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "trainer_scripts"))
 
+from hf_trainer_helpers import (
+    ENV,
+    metric_steps,
+    run_ddsmon,
+    run_script,
+    save_gpt2_probe,
+    trainer_script,
+)
 from models import gpt2_probe, tiny_gpt2
 
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-
-TRAIN = """
-import sys, torch
-sys.path.insert(0, {scripts!r})
-torch.set_num_threads(1)
-from models import tiny_gpt2, token_data
+TRAIN = trainer_script("""from models import tiny_gpt2
 from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
 from peft import LoraConfig, get_peft_model
 
 base_dir, out = sys.argv[1], sys.argv[2]
 tiny_gpt2().save_pretrained(base_dir)
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        self.seq = token_data(n, 7, seed)
-
-    def __len__(self):
-        return len(self.seq)
-
-    def __getitem__(self, i):
-        return {{"input_ids": self.seq[i], "labels": self.seq[i]}}
-
-
 model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir), LoraConfig(
     r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
 args = TrainingArguments(
@@ -62,7 +49,7 @@ args = TrainingArguments(
 trainer = Trainer(model=model, args=args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(16, 1))
 trainer.train()
 trainer.save_model()  # the final adapter, into output_dir beside checkpoint-N/
-"""
+""")
 
 FACTORIES = """
 from transformers import GPT2LMHeadModel
@@ -85,28 +72,14 @@ def lora_r8():
 """
 
 
-def ddsmon(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "ddsmon.cli", *map(str, args), "--threads", "1"]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
-
-
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real LoRA fine-tune: base/ (save_pretrained), run/checkpoint-{5,10}/, probe.pt,
     factories.py (``base``: the base from its folder; ``lora``: the PeftModel)."""
     root = tmp_path_factory.mktemp("lora")
-    script = root / "train.py"
-    scripts = str(Path(__file__).resolve().parent / "trainer_scripts")
-    script.write_text(TRAIN.format(scripts=scripts))
     base, run = root / "base", root / "run"
-    done = subprocess.run(
-        [sys.executable, str(script), str(base), str(run)],
-        cwd=root, env=ENV, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    probe = root / "probe.pt"
-    inputs, targets = gpt2_probe()
-    torch.save({"inputs": inputs, "targets": targets}, probe)
+    run_script(TRAIN, root, base, run)
+    probe = save_gpt2_probe(root / "probe.pt")
     factories = root / "factories.py"
     factories.write_text(FACTORIES.format(base=str(base)))
     return {"root": root, "base": base, "run": run, "probe": probe, "factories": factories}
@@ -114,7 +87,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def report(lora_run: dict[str, Path], *extra: object) -> dict:
     ckpt = lora_run["run"] / "checkpoint-10"
-    done = ddsmon(
+    done = run_ddsmon(
         "report", ckpt, "--probe", lora_run["probe"], "--loss", "ce", "--json", *extra,
         cwd=lora_run["root"],
     )  # fmt: skip
@@ -172,10 +145,8 @@ def test_lora_trainer_checkpoints_are_read_without_a_model_as_peft_loads_them(
 def test_lora_trainer_run_is_scanned_into_mlflow_at_its_steps(
     lora_run: dict[str, Path], tmp_path: Path
 ) -> None:
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = ddsmon(
+    done = run_ddsmon(
         "scan", lora_run["run"], "--probe", lora_run["probe"], "--loss", "ce",
         "--tracking-uri", uri, "--no-plots", cwd=tmp_path,
     )  # fmt: skip
@@ -185,14 +156,9 @@ def test_lora_trainer_run_is_scanned_into_mlflow_at_its_steps(
     assert "run/adapter_model.safetensors holds the same weights as step 10" in said
     assert "2 read, 1 skipped, 0 failed, 0 events, 1 aliases" in said
     assert "LORA adapter (r=4" in done.stderr  # which weights were read, said once
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     key = "dds/lambda_ratio/base_model.model.transformer.h.1.attn.c_attn.lora_B.default"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [5, 10]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/eval_loss")] == [
-        5,
-        10,
-    ]
+    assert metric_steps(uri, key) == [5, 10]
+    assert metric_steps(uri, "train/eval_loss") == [5, 10]
 
 
 @pytest.mark.slow
@@ -209,7 +175,7 @@ def test_a_peft_model_factory_and_a_base_model_factory_read_what_peft_loads(
 def test_an_adapter_of_another_rank_than_the_factorys_names_the_key_and_shapes(
     lora_run: dict[str, Path],
 ) -> None:
-    done = ddsmon(
+    done = run_ddsmon(
         "report", lora_run["run"] / "checkpoint-10", "--probe", lora_run["probe"],
         "--loss", "ce", "--model", f"{lora_run['factories']}:lora_r8", cwd=lora_run["root"],
     )  # fmt: skip
@@ -282,9 +248,8 @@ def test_a_final_adapter_saved_into_the_watched_folder_is_found_by_its_config(
 
 def test_an_adapter_whose_base_is_a_hub_id_says_what_to_pass(tmp_path: Path) -> None:
     save_adapter(tmp_path / "ckpts" / "step_5", "openai-community/gpt2")
-    inputs, targets = gpt2_probe()
-    torch.save({"inputs": inputs, "targets": targets}, tmp_path / "probe.pt")
-    done = ddsmon(
+    save_gpt2_probe(tmp_path / "probe.pt")
+    done = run_ddsmon(
         "report", tmp_path / "ckpts" / "step_5", "--probe", tmp_path / "probe.pt", "--loss", "ce",
         cwd=tmp_path,
     )  # fmt: skip
@@ -297,8 +262,7 @@ def test_an_adapter_whose_base_is_a_hub_id_says_what_to_pass(tmp_path: Path) -> 
 def test_an_adapter_read_without_peft_installed_says_to_install_it(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     save_adapter(tmp_path / "ckpts" / "step_5", str(tmp_path / "base"))
-    inputs, targets = gpt2_probe()
-    torch.save({"inputs": inputs, "targets": targets}, tmp_path / "probe.pt")
+    save_gpt2_probe(tmp_path / "probe.pt")
     no_peft = "import sys, runpy; sys.modules['peft'] = None; runpy.run_module('ddsmon.cli', run_name='__main__')"
     done = subprocess.run(
         [sys.executable, "-c", no_peft, "report", str(tmp_path / "ckpts" / "step_5"),
@@ -311,12 +275,8 @@ def test_an_adapter_read_without_peft_installed_says_to_install_it(tmp_path: Pat
     assert "pip install peft" in err and "Traceback" not in err
 
 
-LLAMA = """
-import sys, torch
-sys.path.insert(0, {scripts!r})
-torch.set_num_threads(1)
-torch.manual_seed(0)
-from models import VOCAB, token_data
+LLAMA = trainer_script("""torch.manual_seed(0)
+from models import VOCAB
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from peft import LoraConfig, get_peft_model
 
@@ -325,19 +285,6 @@ LlamaForCausalLM(LlamaConfig(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
 )).save_pretrained(base_dir)
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        self.seq = token_data(n, 7, seed)
-
-    def __len__(self):
-        return len(self.seq)
-
-    def __getitem__(self, i):
-        return {{"input_ids": self.seq[i], "labels": self.seq[i]}}
-
-
 model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(
     task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
     modules_to_save=["lm_head"]))
@@ -345,7 +292,7 @@ args = TrainingArguments(
     output_dir=out, max_steps=5, save_steps=5, per_device_train_batch_size=8, report_to=[],
     use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
 Trainer(model=model, args=args, train_dataset=Tokens(64, 0)).train()
-"""
+""")
 
 
 @pytest.mark.slow
@@ -359,20 +306,10 @@ def test_a_llama_lora_with_a_task_type_and_modules_to_save_is_read_as_peft_loads
 
     from ddsmon import compute_signatures
 
-    script = tmp_path / "train.py"
-    script.write_text(
-        LLAMA.format(scripts=str(Path(__file__).resolve().parent / "trainer_scripts"))
-    )
     base, run = tmp_path / "base", tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, str(script), str(base), str(run)],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    probe = tmp_path / "probe.pt"
-    inputs, targets = gpt2_probe()
-    torch.save({"inputs": inputs, "targets": targets}, probe)
-    done = ddsmon(
+    run_script(LLAMA, tmp_path, base, run)
+    probe = save_gpt2_probe(tmp_path / "probe.pt")
+    done = run_ddsmon(
         "report", run / "checkpoint-5", "--probe", probe, "--loss", "ce", "--json", cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -381,5 +318,6 @@ def test_a_llama_lora_with_a_task_type_and_modules_to_save_is_read_as_peft_loads
     model = PeftModel.from_pretrained(
         LlamaForCausalLM.from_pretrained(str(base)), str(run / "checkpoint-5")
     )
+    inputs, targets = gpt2_probe()
     sig = compute_signatures(model.eval(), inputs, targets, loss="ce", device="cpu")
     assert_same_readings(layers, {name: layer.to_dict() for name, layer in sig.layers.items()})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from event_helpers import layer_reading
 
 from ddsmon.errors import ConfigError, DDSError
 from ddsmon.events import (
@@ -24,17 +25,6 @@ from ddsmon.events import (
 from ddsmon.signature import LayerSignature
 
 DATA = Path(__file__).parent / "data"
-
-
-def reading(lam: float, vol: float, *, g_rank: int = 10, scale: float = 1.0) -> dict:
-    """A layer's reading: lambda_ratio ``lam``, log_volume ``vol`` (natural log), every
-    eigenvalue of G scaled by ``scale`` (lambda_max)."""
-    return LayerSignature(
-        "fc", 64, 64, 16,
-        sigma_min=0.3, sigma_max=3.0, x_rank=10, x_dead=6,
-        lambda_min=lam * scale, lambda_max=scale, g_rank=g_rank, g_dead=16 - g_rank,
-        logdet=vol + g_rank * math.log(scale), log_volume=vol,
-    ).to_dict()  # fmt: skip
 
 
 def phase_change(step: float, at: float, width: float) -> tuple[float, float]:
@@ -52,7 +42,7 @@ def run_at(every: int, steps: int, cfg: EventConfig, at: float = 6000, width: fl
         pts = {}
         for name, shift in (("a", 0.0), ("b", 150.0)):
             lam, vol = phase_change(step, at + shift, width)
-            pts[name] = reading(lam, vol)
+            pts[name] = layer_reading(lam, vol)
         events += det.update(step, pts, {"val_acc": min(1.0, max(0.0, (step - at) / 800))})
     return det, events
 
@@ -64,7 +54,7 @@ def test_default_windows_grow_with_the_run_and_counts_follow_its_cadence() -> No
     det = EventDetector()
     assert det.windows is None and det.cadence is None
     for step in (1000, 1100, 1200, 1300, 1400):
-        det.update(step, {"fc": reading(1e-2, -20.0)})
+        det.update(step, {"fc": layer_reading(1e-2, -20.0)})
     win = det.windows
     assert win is not None and det.cadence == 100 and win.age == 400
     # fractions of the age (steps since the first checkpoint); the confirmation (2% of the
@@ -72,7 +62,7 @@ def test_default_windows_grow_with_the_run_and_counts_follow_its_cadence() -> No
     assert (win.reference_window, win.reference_lag, win.transition_window) == (200, 80, 200)
     assert win.confirm == 100 and win.dying_window == 200
     assert win.min_reference == 6 and win.warm_up == 80 + 5 * 100
-    det.update(6000, {"fc": reading(1e-2, -20.0)})
+    det.update(6000, {"fc": layer_reading(1e-2, -20.0)})
     win = det.windows
     assert win is not None and det.cadence == 100  # the median gap of the first 5 stays
     assert (win.reference_window, win.reference_lag, win.dying_window) == (2500, 1000, 500)
@@ -98,7 +88,7 @@ def test_a_cadence_far_from_the_first_one_is_warned_about_once(
     det = EventDetector()
     with caplog.at_level(logging.WARNING, logger="ddsmon.events"):
         for step in (0, 10, 20, 30, 40, 50, 1000, 2000, 3000):
-            det.update(step, {"fc": reading(1e-2, -20.0)})
+            det.update(step, {"fc": layer_reading(1e-2, -20.0)})
     warned = [r for r in caplog.records if "cadence" in r.getMessage()]
     assert len(warned) == 1, caplog.text
     assert "950 steps apart" in warned[0].getMessage()
@@ -291,7 +281,7 @@ def test_state_with_meta_and_dying_survives_a_restart() -> None:
             if stop is not None and step == stop:
                 det = EventDetector.from_state(json.loads(json.dumps(det.to_state())))
             lam, vol = phase_change(step, 6000, 1500)
-            pts = {"a": reading(lam, vol), "b": reading(lam * 1.1, vol - 1.0)}
+            pts = {"a": layer_reading(lam, vol), "b": layer_reading(lam * 1.1, vol - 1.0)}
             events += det.update(step, pts, {"val_acc": min(1.0, max(0.0, (step - 5800) / 800))})
         return events
 
@@ -354,7 +344,7 @@ def test_a_transition_carries_its_validation_window() -> None:
     events = []
     for step in range(0, 12001, 100):
         lam, vol = phase_change(step, 6000, 600)
-        events += det.update(step, {"a": reading(lam, vol), "b": reading(lam, vol)})
+        events += det.update(step, {"a": layer_reading(lam, vol), "b": layer_reading(lam, vol)})
     tr = next(e for e in events if e.kind == "transition")
     assert tr.label == "unknown" and tr.trainer_before == {} and tr.trainer_after == {}
     assert "validation: unknown" in tr.message
@@ -368,7 +358,9 @@ def test_the_pure_transition_detector_takes_the_meta_too() -> None:
         meta = {"eval_loss": 5.0 if step < 6000 else 0.5}
         steps.append(step)
         metas.append(meta)
-        found += det.update(step, {"a": reading(lam, vol), "b": reading(lam, vol)}, meta)
+        found += det.update(
+            step, {"a": layer_reading(lam, vol), "b": layer_reading(lam, vol)}, meta
+        )
     tr = [e for e in found if e.kind == "transition"]
     assert len(tr) == 1 and tr[0].label == "generalising"
     upto = steps.index(tr[0].step) + 1
@@ -491,7 +483,7 @@ def early_then_late(step: int) -> dict:
     y = min(max((step - 5000) / 600, 0.0), 1.0)
     lam = 10 ** (-2.0 - 5.0 * x + 0.05 * math.sin(step / 37.0))
     vol = -20.0 - 40.0 * y + 0.05 * math.sin(step / 53.0)
-    return {"a": reading(lam, -20.0), "b": reading(1e-2, vol)}
+    return {"a": layer_reading(lam, -20.0), "b": layer_reading(1e-2, vol)}
 
 
 def run_early_then_late(every: int, stop: int | None = None) -> list[Event]:
@@ -525,7 +517,7 @@ def test_a_fall_after_the_first_decision_is_still_a_collapse() -> None:
     events: list[Event] = []
     for step in range(0, 10001, 500):
         x = min(max((step - 4000) / 1000, 0.0), 1.0)
-        events += det.update(step, {"a": reading(10 ** (-2.0 - 5.0 * x), -20.0)})
+        events += det.update(step, {"a": layer_reading(10 ** (-2.0 - 5.0 * x), -20.0)})
     assert [(e.step, e.kind) for e in events if e.kind == "collapse"] == [(4500, "collapse")]
 
 

@@ -16,6 +16,7 @@ import json
 import math
 
 import pytest
+from event_helpers import layer_reading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,17 +30,6 @@ from ddsmon.events import (
     _weighted_median,
     training_loss,
 )
-from ddsmon.signature import LayerSignature
-
-
-def reading(lam: float, vol: float) -> dict:
-    return LayerSignature(
-        "fc", 64, 64, 16,
-        sigma_min=0.3, sigma_max=3.0, x_rank=10, x_dead=6,
-        lambda_min=lam, lambda_max=1.0, g_rank=10, g_dead=6,
-        logdet=vol, log_volume=vol,
-    ).to_dict()  # fmt: skip
-
 
 # --------------------------------------------------------------------------- names
 
@@ -83,7 +73,7 @@ def memorising(step: int) -> tuple[dict, dict]:
     x = min(max((step - 25) / 30, 0.0), 1.0)
     wobble = 0.02 * math.sin(step / 7.0)
     points = {
-        name: reading(10 ** (-2.0 - 3.0 * x + wobble), -20.0 - 40.0 * x + wobble)
+        name: layer_reading(10 ** (-2.0 - 3.0 * x + wobble), -20.0 - 40.0 * x + wobble)
         for name in ("a", "b")
     }
     loss = 0.1 + 3.9 / (1.0 + math.exp((step - 40) / 6.0))
@@ -145,7 +135,7 @@ def test_a_loss_on_a_plateau_does_not_hold_the_warm_up() -> None:
         x = min(max((step - 2000) / 200, 0.0), 1.0)
         wobble = 0.02 * math.sin(step / 37.0)
         points = {
-            name: reading(10 ** (-2.0 - 3.0 * x + wobble), -20.0 - 40.0 * x + wobble)
+            name: layer_reading(10 ** (-2.0 - 3.0 * x + wobble), -20.0 - 40.0 * x + wobble)
             for name in ("a", "b")
         }
         return points, {"loss": 0.693 - 0.6 * x + 0.005 * math.sin(step), "val_acc": 0.5 + x / 2}
@@ -227,7 +217,7 @@ def drifting(rate: float):
     def make(step: int) -> tuple[dict, dict]:
         wobble = 0.01 * math.sin(step / 11.0)
         vol = -20.0 - rate * step + wobble
-        points = {name: reading(10 ** (-2.0 + wobble), vol) for name in "ab"}
+        points = {name: layer_reading(10 ** (-2.0 + wobble), vol) for name in "ab"}
         return points, {"loss": 1e-5, "val_acc": 1.0}
 
     return make
@@ -248,3 +238,52 @@ def test_a_drift_is_judged_the_same_read_fine_then_coarse() -> None:
         _, switched = feed(fine_then_coarse, make)
         assert [e for e in every_25 if e.kind in ("collapse", "transition")] == []
         assert [e for e in switched if e.kind in ("collapse", "transition")] == []
+
+
+# --------------------------------------------------------------------------- the probe's loss
+
+
+def feed_probe_loss(steps, meta_of=lambda meta: {"val_acc": meta["val_acc"]}):
+    det = EventDetector()
+    events: list[Event] = []
+    for step in steps:
+        points, meta = memorising(step)
+        events += det.update(step, points, meta_of(meta), probe_loss=meta["loss"])
+    return det, events
+
+
+def test_the_probe_loss_stands_in_where_the_checkpoints_carry_no_training_loss() -> None:
+    # a Lightning checkpoint carries no training loss by default: the daemon passes the
+    # probe's fitted loss, and the warm-up follows it as it follows the trainer's
+    det, events = feed_probe_loss(FINE)
+    assert [e for e in events if e.kind in ("collapse", "transition")] == [], events
+    assert det._cadence.warm
+
+
+def test_the_trainer_loss_wins_over_the_probe_loss() -> None:
+    # a trainer's loss already flat (1e-3) holds nothing, whatever the probe's does
+    det, events = feed_probe_loss(FINE, lambda meta: {"loss": 1e-3, "val_acc": 0.0})
+    assert any(e.kind == "transition" for e in events)
+    assert det._cadence.loss_key == "loss"
+
+
+def test_the_fitted_loss_is_the_10th_percentile_of_the_per_sample_losses() -> None:
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    from ddsmon import compute_signatures
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+    by_loop = [F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).item() for i in range(40)]
+    # numpy's default (linear) quantile: between the 4th and 5th smallest of 40
+    ranked = sorted(by_loop)
+    expected = ranked[3] + 0.9 * (ranked[4] - ranked[3])
+    assert sig.fitted_loss == pytest.approx(expected, rel=1e-10)
+    assert sig.fitted_loss == pytest.approx(float(np.quantile(by_loop, 0.1)), rel=1e-10)
+    assert compute_signatures(model, x, y, loss="ce", fisher="none").fitted_loss is None

@@ -15,13 +15,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fault_helpers import REPO, cli_args, only_run_steps, runs_of, wait_for
+from fault_helpers import (
+    REPO,
+    SqliteLock,
+    cli_args,
+    only_run_steps,
+    runs_of,
+    wait_for,
+    watching,
+)
 from mlflow.tracking import MlflowClient
-from test_adversary_lifecycle import _LOCKER
 from test_cli import write_run
 
 from ddsmon.sinks.mlflow_keys import DIRECTORY_TAG, failure_tag_key
@@ -141,38 +147,24 @@ def test_the_deletion_waits_in_the_spool_while_the_store_is_locked(
     uri = f"sqlite:///{db}"
     key = failure_tag_key("step_000020.pt")
     err_path = tmp_path / "watch.err"
-    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2")
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=err)  # fmt: skip
-    locker = None
-    try:
+    spool = ckpts / ".ddsmon" / "spool.jsonl"
+
+    def spooled() -> list[str]:
+        if not spool.exists():
+            return []
+        return [json.loads(line)["record"]["kind"] for line in spool.read_text().splitlines()]
+
+    with watching(ckpts, probe, uri, stderr_to=err_path, cwd=tmp_path) as proc:
         wait_for(lambda: only_run_steps(uri) == [10] and key in _failure_tags(uri), 120,
                  "step 10 and the failure of step 20")  # fmt: skip
-        locker = subprocess.Popen([sys.executable, "-c", _LOCKER, str(db)], text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
-        assert locker.stdin is not None and locker.stdout is not None
-        assert locker.stdout.readline().strip() == "locked"
-        os.replace(healthy / "step_000020.pt", ckpts / "step_000020.pt")
-        spool = ckpts / ".ddsmon" / "spool.jsonl"
-
-        def spooled() -> list[str]:
-            if not spool.exists():
-                return []
-            return [json.loads(line)["record"]["kind"] for line in spool.read_text().splitlines()]
-
-        wait_for(lambda: spooled() == ["delete_tags", "reading"], 180, "both spooled")
-        locker.stdin.write("\n")
-        locker.stdin.flush()
-        assert locker.wait(timeout=60) == 0
+        with SqliteLock(db) as lock:
+            os.replace(healthy / "step_000020.pt", ckpts / "step_000020.pt")
+            wait_for(lambda: spooled() == ["delete_tags", "reading"], 180, "both spooled")
+            lock.release()
         wait_for(lambda: only_run_steps(uri) == [10, 20], 120, "step 20 replayed")
         wait_for(lambda: not spool.exists() or not spooled(), 60, "the spool emptied")
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
-    finally:
-        proc.kill()
-        if locker is not None:
-            locker.kill()
     text = err_path.read_text()
     assert code == 0, text[-3000:]
     assert "Traceback" not in text and "rejected" not in text, text[-3000:]
