@@ -610,9 +610,7 @@ class Daemon:
         if replaying and step <= self._detector_step:
             self._already_recorded(ref, step, digest)
             self.state.mark_done(str(ref.path), fp, step)
-            forgotten = self._failure_forgotten(ref)
-            if forgotten:
-                self.state.update(forgotten)
+            self._read_unlogged(ref)
             self.summary.skipped += 1
             return
         load_seconds = float(loaded.meta.pop("_load_seconds", 0.0))
@@ -647,6 +645,7 @@ class Daemon:
         if replaying:
             # in MLflow already (a kill between its write and the state write): the
             # detector sees the step again, MLflow is not written twice
+            self._read_unlogged(ref)
             log.info(
                 "step %d (%s) is already in the MLflow run; its readings fed the event "
                 "history again, not logged again",
@@ -739,6 +738,23 @@ class Daemon:
         failed = dict(self.state.get("failed") or {})
         failed[str(ref.path)] = [fp[0], fp[1], self._settings_id, reason]
         self.state.set("failed", failed)
+
+    def _read_unlogged(self, ref: CheckpointRef) -> None:
+        """``ref`` was read without fault and logs no reading (an alias, a step the run
+        holds, no step): a failure told of it before is cleared, the tracking sink's
+        ``ddsmon.failure.<file>`` tag (``on_file_read``, where the sink has it) and the
+        state's entry. A tag that cannot be cleared now stays spooled, or is warned of."""
+        hook = getattr(self.tracking, "on_file_read", None)
+        if hook is not None:
+            try:
+                hook(ref.path)
+            except (StateError, RunLeaseError):
+                raise  # as on_reading: the spool cannot be written, or the run is taken
+            except Exception as exc:
+                log.warning("%s: its failure tag was not cleared: %s", shown(ref.path), exc)
+        forgotten = self._failure_forgotten(ref)
+        if forgotten:
+            self.state.update(forgotten)
 
     def _failure_forgotten(self, ref: CheckpointRef) -> dict[str, Any]:
         """The state's ``failed`` without ``ref``'s entry, as ``{"failed": ...}`` to
@@ -858,6 +874,7 @@ class Daemon:
             )
             self.summary.unstepped.append(ref.path)
         self.state.mark_done(str(ref.path), fp, None)
+        self._read_unlogged(ref)
         self.summary.skipped += 1
 
     def _fail(self, ref: CheckpointRef, reason: str, step: int | None = None) -> None:

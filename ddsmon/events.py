@@ -221,6 +221,11 @@ _MAX_BUFFER = 4096  # a hard bound on any buffer
 _MAX_KEPT = 128  # past this, a buffer is thinned evenly in time (see _thin)
 _KEEP_NEWEST = 16  # ... its newest entries always kept as they are
 _CADENCE_DRIFT = 4.0  # a gap this many times off the cadence is warned about, once
+#: The longest a falling training loss holds the warm-up, as a multiple of the age at
+#: which the age rule alone would have ended it: a loss that keeps falling by its
+#: first value's ``warm_up_loss_fall`` each lag (``a - b log t``, common in language
+#: models) would otherwise hold it for the whole run.
+_LOSS_HOLD_MAX = 4.0
 
 History = Sequence[tuple[int, Mapping[str, Any]]]
 
@@ -362,7 +367,8 @@ class EventConfig:
         the checkpoints carry one (:func:`training_loss`), fell by more than this
         fraction of its first value over the last ``reference_lag`` steps: early
         training is over when the loss's first fall is, in steps, whatever the cadence
-        (:attr:`EventWindows.loss_falling`); 0 turns the rule off.
+        (:attr:`EventWindows.loss_falling`), for at most four times the age at which
+        the age rule alone would have ended the warm-up; 0 turns the rule off.
 
     Thresholds:
 
@@ -823,6 +829,14 @@ PROBE_LOSS_KEY = "probe loss (10th percentile)"
 _TRAIN_LOSS = re.compile(rf"^(?P<name>{'|'.join(_TRAIN_LOSS_NAMES)})(?:_step|_epoch)?$")
 
 
+def _loss_name(key: str) -> str:
+    """The name a training loss's key stands for (``train/loss_epoch`` ->
+    ``train_loss``), so that a run's checkpoints carrying it under two suffixes are one
+    source."""
+    match = _TRAIN_LOSS.match(re.sub(r"[/.\- ]+", "_", key.strip().lower()))
+    return key if match is None else match.group("name")
+
+
 def training_loss(meta: Mapping[str, Any] | None) -> tuple[str, float] | None:
     """The trainer's training loss among a checkpoint's scalar meta, as ``(key, value)``:
     the first finite number under the most specific of :data:`_TRAIN_LOSS_NAMES`
@@ -989,7 +1003,8 @@ class _Cadence:
     daemon passes, :data:`PROBE_LOSS_KEY`) and its first value, for ``loss_falling``
     (:attr:`EventWindows.loss_falling`): the newest loss at least
     ``warm_up_loss_fall * |first|`` below the last one at or before ``reference_lag``
-    steps earlier. A run with neither loss, or with one for less than the lag, is not
+    steps earlier; and for at most :data:`_LOSS_HOLD_MAX` times the age at which the age
+    rule alone would have ended the warm-up (``held_since``). A run with neither loss, or with one for less than the lag, is not
     held.
     """
 
@@ -1009,6 +1024,7 @@ class _Cadence:
         self.loss_first: float | None = None
         self.losses: deque[tuple[int, float]] = deque(maxlen=_MAX_BUFFER)
         self.loss_falling = False
+        self.held_since: float | None = None  # the age the loss first held the warm-up at
 
     @property
     def settled(self) -> bool:
@@ -1033,10 +1049,26 @@ class _Cadence:
         self._note_loss(step, meta, probe_loss)
         win = self.windows()
         self.loss_falling = win is not None and self._loss_falling(step, win.reference_lag)
-        if win is not None and win.age >= win.warm_up and not self.loss_falling:
-            self.warm = True
-            self.loss_falling = False
-            self.losses.clear()
+        if win is None or win.age < win.warm_up:
+            return
+        if self.loss_falling:
+            if self.held_since is None:
+                self.held_since = win.age
+                log.info(
+                    "event detector: the training loss (%s) is still falling at step %d: "
+                    "the warm-up goes on while it falls by more than %g of its first "
+                    "value over %g steps, until step %d at the latest",
+                    self.loss_key,
+                    step,
+                    self.cfg.warm_up_loss_fall,
+                    win.reference_lag,
+                    round((self.first or 0) + _LOSS_HOLD_MAX * win.age),
+                )
+            if win.age < _LOSS_HOLD_MAX * self.held_since:
+                return
+        self.warm = True
+        self.loss_falling = False
+        self.losses.clear()
 
     def _note_loss(
         self, step: int, meta: Mapping[str, Any] | None, probe_loss: float | None
@@ -1044,7 +1076,9 @@ class _Cadence:
         """Keep this checkpoint's training loss: the trainer's (:func:`training_loss`),
         else the probe's fitted loss; the source first found is the run's for good."""
         found = training_loss(meta)
-        if found is None and probe_loss is not None and math.isfinite(probe_loss):
+        if found is not None:
+            found = (_loss_name(found[0]), found[1])
+        elif probe_loss is not None and math.isfinite(probe_loss):
             found = (PROBE_LOSS_KEY, float(probe_loss))
         if found is None or (self.loss_key is not None and found[0] != self.loss_key):
             return
@@ -1061,12 +1095,10 @@ class _Cadence:
         q = self.cfg.warm_up_loss_fall
         if q <= 0 or self.loss_first is None or not self.losses:
             return False
-        while len(self.losses) >= 2 and self.losses[1][0] <= step - lag:
-            self.losses.popleft()  # one at or before step - lag is all a later step needs
-        then_step, then = self.losses[0]
-        if then_step > step - lag:
+        before = [v for s, v in self.losses if s <= step - lag]
+        if not before:
             return False
-        return then - self.losses[-1][1] > q * abs(self.loss_first)
+        return before[-1] - self.losses[-1][1] > q * abs(self.loss_first)
 
     def _drift(self, gap: int) -> None:
         """Warn, once, of a gap far off the cadence: the pinned one (either way), or
@@ -1113,6 +1145,7 @@ class _Cadence:
             "loss_first": self.loss_first,
             "losses": [[s, v] for s, v in self.losses],
             "loss_falling": self.loss_falling,
+            "held_since": self.held_since,
         }
 
     def load(self, state: Mapping[str, Any], recent: Sequence[int] = ()) -> None:
@@ -1154,6 +1187,8 @@ class _Cadence:
         self.losses.clear()
         self.losses.extend((int(s), float(v)) for s, v in state.get("losses", []))
         self.loss_falling = bool(state.get("loss_falling", False))
+        held = state.get("held_since")
+        self.held_since = None if held is None else float(held)
         if "warm" in state:
             self.warm = bool(state["warm"])
         else:

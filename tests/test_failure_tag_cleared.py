@@ -169,3 +169,25 @@ def test_the_deletion_waits_in_the_spool_while_the_store_is_locked(
     assert code == 0, text[-3000:]
     assert "Traceback" not in text and "rejected" not in text, text[-3000:]
     assert _failure_tags(uri) == {}
+
+
+@pytest.mark.slow  # two scans, 20-40 s on 2 cores
+def test_a_copy_of_a_step_read_loses_its_failure_tag_too(tmp_path: Path, probe: Path) -> None:
+    """``last.pt`` (Lightning's ``save_last``, a script's ``latest``) caught half-written,
+    then completed: it holds step 10's weights and step, a step the run holds, so it logs
+    no reading; its failure tag went on standing beside step 10's readings."""
+    ckpts = tmp_path / "ckpts"
+    write_run(ckpts, [0, 10])
+    _truncated(ckpts / "step_000010.pt", ckpts / "last.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _scan(ckpts, probe, uri, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list(_failure_tags(uri)) == [failure_tag_key("last.pt")]
+
+    (ckpts / "last.pt").write_bytes((ckpts / "step_000010.pt").read_bytes())
+    second = _scan(ckpts, probe, uri, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 failed" in second.stderr, second.stderr[-3000:]
+    assert only_run_steps(uri) == [0, 10]
+    assert _failure_tags(uri) == {}
+    assert StateDir.for_directory(ckpts).get(FAILURE_TAGS_KEY) == []

@@ -386,6 +386,13 @@ class MlflowSink:
                 self.state.set(FAILURE_TAGS_KEY, [*failed, str(failure.path)])
             self._outbox.send(failure_record(failure))
 
+    def on_file_read(self, path: Path) -> None:
+        """``path`` was read without fault but logs nothing (an alias of a step read, a
+        step the run holds already, a file with no step): a failure told of it before
+        is cleared as a reading's is (:meth:`_clear_failure`)."""
+        with self._lock:
+            self._clear_failure(path)
+
     def _failed_paths(self) -> list[str]:
         """The paths noted by :meth:`on_failure` and not read since."""
         stored = self.state.get(FAILURE_TAGS_KEY)
