@@ -26,6 +26,7 @@ from ddsmon.param_gram import (
     EMBEDDING_GRAM,
     FUNCTIONAL,
     LINEAR_GRAM,
+    NORM_GRAM,
     TRANSPOSED_LINEAR_GRAM,
     StructuredGram,
     is_structured,
@@ -216,7 +217,8 @@ def test_lookup_walks_the_mro() -> None:
     assert lookup_param_gram(Sub) is LINEAR_GRAM is lookup_param_gram(SubSub)
     assert param_gram_strategy(SubSub(3, 4)) is LINEAR_GRAM
     assert lookup_param_gram(nn.Embedding) is EMBEDDING_GRAM
-    assert lookup_param_gram(nn.LayerNorm) is FUNCTIONAL
+    assert lookup_param_gram(nn.LayerNorm) is NORM_GRAM is lookup_param_gram(nn.RMSNorm)
+    assert lookup_param_gram(nn.GroupNorm) is FUNCTIONAL
     mine = StructuredGram(my_linear_gram)
     register_param_gram(Sub, mine)
     assert lookup_param_gram(SubSub) is mine and lookup_param_gram(nn.Linear) is LINEAR_GRAM
@@ -306,3 +308,62 @@ def test_a_failing_or_misshapen_user_strategy_names_the_layer() -> None:
 
 def _double(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double().eval()
+
+
+class _Normed(nn.Module):
+    """Embedding -> four norms over the last axis (LayerNorm with and without bias,
+    RMSNorm with and without eps) -> Linear head, on (n, T) token ids: each norm's
+    weights moved off their init so that J is generic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.ln = nn.LayerNorm(6)
+        self.ln_nobias = nn.LayerNorm(6, bias=False, eps=1e-3)
+        self.rms = nn.RMSNorm(6)
+        self.rms_eps = nn.RMSNorm(6, eps=0.1)
+        self.head = nn.Linear(6, 5)
+        with torch.no_grad():
+            for norm in (self.ln, self.ln_nobias, self.rms, self.rms_eps):
+                norm.weight.normal_()
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.normal_()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)
+        return self.head(self.rms_eps(self.rms(self.ln_nobias(self.ln(h)))))
+
+
+@pytest.mark.parametrize("method", ["auto", "per_sample"])
+def test_norms_are_read_from_structure_and_equal_the_per_sample_loop(method: str) -> None:
+    """K of LayerNorm and RMSNorm (NORM_GRAM, J formed from the recomputed xhat) equals
+    J J^T / n of the one-sample-at-a-time loop, entrywise and through the engine; before,
+    they went through torch.func, which held the whole model's per-sample graph."""
+    torch.manual_seed(3)
+    model = _Normed().double()
+    x, y = torch.randint(0, 11, (8, 4)), torch.randint(0, 5, (8, 4))
+    names = ["ln", "ln_nobias", "rms", "rms_eps"]
+    for name in names:
+        assert param_gram_strategy(getattr(model, name)) is NORM_GRAM
+    refs = per_sample_capture(model, x, y, "ce", names)
+    caps = run_probe_pass(
+        _double(model), x, y, per_sample_loss_fn("ce"), names, n=8, keep_inputs=is_structured
+    ).captures
+    for name, cap in caps.items():
+        k = param_gram_structured(cap, 8, method=method).numpy()
+        k_ref = _k_ref(refs[name])
+        assert_close_report(k, k_ref, atol=REL * np.abs(k_ref).max(), what=f"{name} K")
+    sig = compute_signatures(model, x, y, loss="ce", device="cpu")
+    for name in names:
+        got, ref = sig.layers[name], readings(refs[name])
+        assert got.param_count == ref["param_count"], name
+        assert got.param_rank == ref["param_rank"], name
+        assert_close_report(
+            got.param_spectrum, ref["param_spectrum"],
+            atol=1e-10 * ref["param_spectrum"][0], what=name,
+        )  # fmt: skip
+
+
+def test_a_norm_over_more_than_the_last_axis_goes_through_torch_func() -> None:
+    assert param_gram_strategy(nn.LayerNorm((3, 4))) is FUNCTIONAL
+    assert param_gram_strategy(nn.LayerNorm(4, elementwise_affine=False)) is None
