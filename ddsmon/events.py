@@ -782,6 +782,11 @@ _NAME = re.compile(
 )
 
 
+def _normalised(name: str) -> str:
+    """A trainer scalar's name lower-cased, with ``/ . - space`` read as ``_``."""
+    return re.sub(r"[/.\- ]+", "_", name.strip().lower())
+
+
 def _metric_kind(name: str) -> str | None:
     """``"acc"`` / ``"loss"`` for a validation metric's name, else None.
 
@@ -791,8 +796,7 @@ def _metric_kind(name: str) -> str | None:
     ``nll``, ``perplexity``...); Lightning's ``_epoch`` / ``_step`` suffixes allowed:
     ``val_acc``, ``val/accuracy``, ``eval_accuracy``, ``val_loss_epoch``.
     """
-    norm = re.sub(r"[/.\- ]+", "_", name.strip().lower())
-    match = _NAME.match(norm)
+    match = _NAME.match(_normalised(name))
     if match is None:
         return None
     metric = match.group("metric")
@@ -833,7 +837,7 @@ def _loss_name(key: str) -> str:
     """The name a training loss's key stands for (``train/loss_epoch`` ->
     ``train_loss``), so that a run's checkpoints carrying it under two suffixes are one
     source."""
-    match = _TRAIN_LOSS.match(re.sub(r"[/.\- ]+", "_", key.strip().lower()))
+    match = _TRAIN_LOSS.match(_normalised(key))
     return key if match is None else match.group("name")
 
 
@@ -848,9 +852,9 @@ def training_loss(meta: Mapping[str, Any] | None) -> tuple[str, float] | None:
             continue
         if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             continue
-        match = _TRAIN_LOSS.match(re.sub(r"[/.\- ]+", "_", key.strip().lower()))
-        if match is not None:
-            found.setdefault(match.group("name"), (key, float(value)))
+        name = _loss_name(key)
+        if name in _TRAIN_LOSS_NAMES:
+            found.setdefault(name, (key, float(value)))
     for name in _TRAIN_LOSS_NAMES:
         if name in found:
             return found[name]
