@@ -202,18 +202,22 @@ def test_the_lease_costs_one_get_run_per_checkpoint(store, sig, tmp_path):
 
 
 # ---------------------------------------------------------------------- runs created at once
-def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path):
+@pytest.mark.parametrize("order", ["created sorts first", "created sorts last"])
+def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path, order):
     """A daemon whose first search missed the other's new run creates a second run; it
-    is refused on the first run's lease, and the duplicate is deleted, by the loser when
-    it holds its lease, else by the next daemon holding both."""
+    is refused on the first run's lease, and deletes its own, empty run at once, whether
+    it had leased it (its id sorts first) or was refused before reaching it (CI: two
+    scans left two runs when it sorted last)."""
+    experiment = f"race, {order}"  # the store is shared by the module
     watched = _watched(tmp_path)
-    first = _sink(store, tmp_path / "a", "race")
+    first = _sink(store, tmp_path / "a", experiment)
     first.start(RunInfo(watched, "watch", {}))
     first.on_reading(_reading(0, sig, watched), [])
-    second = _sink(store, tmp_path / "b", "race")
+    assert first.run_id is not None
+    second = _sink(store, tmp_path / "b", experiment)
     second.state.set("directory", str(watched))
     client = second.client
-    real_search = client.search_runs
+    real_search, real_create = client.search_runs, client.create_run
     missed = {"once": False}
 
     def search_runs(*a, **k):
@@ -222,18 +226,27 @@ def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path):
             return []
         return real_search(*a, **k)
 
+    def create_run(*a, **k):  # a run whose id sorts on the side the case asks for
+        while True:
+            run = real_create(*a, **k)
+            if (run.info.run_id < first.run_id) == (order == "created sorts first"):
+                return run
+            MlflowClient(store).delete_run(run.info.run_id)
+
     client.search_runs = search_runs  # type: ignore[method-assign]
+    client.create_run = create_run  # type: ignore[method-assign]
     with pytest.raises(RunClaimed):
         second.recorded_steps()
     second.close()
+    exp = MlflowClient(store).get_experiment_by_name(experiment)
+    runs = MlflowClient(store).search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [first.run_id]  # the duplicate is gone at once
     first.close()
-    exp = MlflowClient(store).get_experiment_by_name("race")
-    third = _sink(store, tmp_path / "c", "race")
+    third = _sink(store, tmp_path / "c", experiment)
     third.start(RunInfo(watched, "scan", {}))
     third.close()
-    runs = MlflowClient(store).search_runs([exp.experiment_id])
-    assert [r.info.run_id for r in runs] == [first.run_id] == [third.run_id]
-    assert _steps(store, first.run_id or "") == [0]
+    assert third.run_id == first.run_id
+    assert _steps(store, first.run_id) == [0]
 
 
 def test_of_several_runs_of_a_directory_the_one_with_checkpoints_is_kept(store, sig, tmp_path):
