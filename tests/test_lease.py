@@ -4,6 +4,7 @@ a real local SQLite store (the fault tests with real processes: tests/test_fault
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -26,7 +27,7 @@ from ddsmon.sinks.mlflow_keys import (
     OWNED_TAG,
     directory_id,
 )
-from ddsmon.sinks.mlflow_lease import LeaseLost, RunClaimed, RunLease
+from ddsmon.sinks.mlflow_lease import LeaseLost, RunClaimed, RunGone, RunLease
 from ddsmon.sinks.mlflow_run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from ddsmon.sinks.mlflow_writer import MlflowWriter
 from ddsmon.sinks.tracking import MlflowSink
@@ -206,8 +207,8 @@ def test_the_lease_costs_one_get_run_per_checkpoint(store, sig, tmp_path):
 def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path, order):
     """A daemon whose first search missed the other's new run creates a second run; it
     is refused on the first run's lease, and deletes its own, empty run at once, whether
-    it had leased it (its id sorts first) or was refused before reaching it (CI: two
-    scans left two runs when it sorted last)."""
+    it had leased it (its id sorts first) or was refused before reaching it, when it
+    deletes it unleased (CI: two scans left two runs when it sorted last)."""
     experiment = f"race, {order}"  # the store is shared by the module
     watched = _watched(tmp_path)
     first = _sink(store, tmp_path / "a", experiment)
@@ -219,6 +220,7 @@ def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path, order):
     client = second.client
     real_search, real_create = client.search_runs, client.create_run
     missed = {"once": False}
+    created: list[str] = []
 
     def search_runs(*a, **k):
         if not missed["once"]:  # its first search came before the other's run existed
@@ -230,6 +232,7 @@ def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path, order):
         while True:
             run = real_create(*a, **k)
             if (run.info.run_id < first.run_id) == (order == "created sorts first"):
+                created.append(run.info.run_id)
                 return run
             MlflowClient(store).delete_run(run.info.run_id)
 
@@ -241,12 +244,36 @@ def test_runs_created_in_a_race_end_as_one_run(store, sig, tmp_path, order):
     exp = MlflowClient(store).get_experiment_by_name(experiment)
     runs = MlflowClient(store).search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [first.run_id]  # the duplicate is gone at once
+    if order == "created sorts last":  # retired, not leased, on its way out: a lease
+        # there would refuse a winner that reached it next (both refused, no run written)
+        params = MlflowClient(store).get_run(created[0]).data.params
+        assert json.loads(params["ddsmon.lease.1"])["retired"] is True
     first.close()
     third = _sink(store, tmp_path / "c", experiment)
     third.start(RunInfo(watched, "scan", {}))
     third.close()
     assert third.run_id == first.run_id
     assert _steps(store, first.run_id) == [0]
+
+
+def test_a_retired_run_reads_as_gone_and_a_leased_one_cannot_be_retired(store, tmp_path):
+    """retire() is the lease's compare-and-set: it lands only on a run no one leased,
+    and from then on every daemon's acquire reads that run as deleted (before it is)."""
+    client = MlflowClient(store)
+    exp = client.create_experiment("retire", str(tmp_path))
+    writer = MlflowWriter(store)
+    fresh, leased = (client.create_run(exp).info.run_id for _ in range(2))
+    assert RunLease(writer, StateDir(tmp_path / "loser"), fresh).retire()
+    assert client.get_run(fresh).info.lifecycle_stage == "active"
+    with pytest.raises(RunGone):
+        RunLease(writer, StateDir(tmp_path / "winner"), fresh).acquire()
+    holder = RunLease(writer, StateDir(tmp_path / "holder"), leased)
+    holder.acquire()
+    try:
+        assert not RunLease(writer, StateDir(tmp_path / "late"), leased).retire()
+        holder.verify()  # still the holder's
+    finally:
+        holder.stop(release=True)
 
 
 def test_of_several_runs_of_a_directory_the_one_with_checkpoints_is_kept(store, sig, tmp_path):

@@ -27,7 +27,8 @@ Taking the lease (:meth:`RunLease.acquire`), newest epoch ``k``:
       holder is dead) it is taken over (epoch ``k + 1``); changed (alive, its clock is
       behind): :class:`RunClaimed`.
     A lost compare-and-set (another daemon logged ``k + 1`` first) is read again, and
-    refused.
+    refused. An epoch 1 marked ``retired`` (:meth:`RunLease.retire`: a race's loser
+    deleting the run it created) reads as a deleted run.
 Holding it
     :meth:`RunLease.verify`, before every write: one ``get_run``; a newer epoch than ours
     raises :class:`LeaseLost`, for good: this holder writes nothing more.
@@ -276,6 +277,8 @@ class RunLease:
         for _ in range(_ROUNDS):
             run = self._get()
             holder = lease_holder(run)
+            if holder.get("retired"):
+                raise RunGone(self.run_id)  # its creator lost a race and deletes it
             epoch = int(holder.get("epoch", 0))
             if epoch and holder.get("nonce") == self.nonce:
                 self._won(epoch)  # our compare-and-set landed, its answer did not
@@ -311,6 +314,24 @@ class RunLease:
                 self._won(epoch + 1)
                 return
         raise RunClaimed(self._claimed_message(holder), run_id=self.run_id, holder=holder)
+
+    def retire(self) -> bool:
+        """Claim a never-leased run for deletion: epoch 1 logged with ``retired``, by the
+        same compare-and-set as a lease, so that every daemon's :meth:`acquire` reads the
+        run as gone (:class:`RunGone`) from then on. True when it landed: the run is this
+        daemon's to delete. False when someone leased the run first (theirs to keep or
+        delete). For a daemon that created a run in a race and was refused on a run
+        sorted before it (:meth:`ddsmon.sinks.mlflow_run.RunLocator._claim`)."""
+        if _newest(self._get().data.params):
+            return False
+        info = {**json.loads(self._info()), "retired": True}
+        try:
+            call(self.writer.client.log_param, self.run_id, _param(1), json.dumps(info))
+        except Unreachable:
+            raise
+        except Exception as exc:  # refused: someone leased it first
+            log.debug("%s: retiring: %s", self.label, scrub(str(exc)))
+        return _json(self._get().data.params.get(_param(1))).get("nonce") == self.nonce
 
     def _free(self, holder: Mapping[str, Any], ours_before: str | None) -> bool:
         """Whether the newest epoch may be taken over at once: released, or the lease

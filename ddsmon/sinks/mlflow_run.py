@@ -28,9 +28,9 @@ Exactly once per run: the lease (:mod:`ddsmon.sinks.mlflow_lease`)
     one; the later creation's search sees the earlier run, so their candidates always
     share a run and only one of them gets every lease. The winner keeps one run (the
     newest holding checkpoints, else the oldest) and deletes the other, empty ones; a
-    loser deletes the run it created, leasing it first if it was refused on a run
-    sorted before it (a run no one else can hold: anyone reaching it took the lower run
-    first). :meth:`RunLocator.verify`
+    loser deletes the run it created: when it holds its lease, or, refused on a run
+    sorted before it, when it retires it before anyone leases it (a winner reaching it
+    then reads it as deleted). :meth:`RunLocator.verify`
     (before every write) checks the lease is still ours.
 
 The experiment
@@ -257,18 +257,8 @@ class RunLocator:
                     continue
                 held.append(run)
         except RunClaimed:
-            held_ids = {run.info.run_id for run in held}
-            mine = next((r for r in candidates if r.info.run_id == created), None)
-            if mine is not None and created not in held_ids:
-                # refused on a run sorted before ours: ours is empty and leased by no one
-                # (a daemon reaching it would have taken the same lower run first); lease
-                # it, to be sure, and delete it below, or it outlives the race
-                try:
-                    self._lease(mine.info.run_id).acquire()
-                    held.append(mine)
-                except Exception as exc:  # left to the next daemon holding both
-                    self._leases.pop(mine.info.run_id, None)
-                    log.debug("could not lease run %s: %s", created, scrub(str(exc)))
+            if created is not None and created not in {run.info.run_id for run in held}:
+                self._drop_unleased(created)
             for run in held:
                 lease = self._leases.pop(run.info.run_id)
                 if run.info.run_id == created:  # ours and empty: no one else may have it
@@ -309,6 +299,21 @@ class RunLocator:
                 lease.stop(release=True)
         self.lease = self._leases[keep.info.run_id]
         return keep
+
+    def _drop_unleased(self, created: str) -> None:
+        """Delete the run this daemon created in a race, when it was refused on a run
+        sorted before it: retired first (:meth:`RunLease.retire`), so that a winner
+        reaching it next reads it as gone rather than as leased (a lease there would
+        refuse the winner, and both would give up). A run someone leased first is left
+        to the daemon holding both."""
+        lease = self._lease(created)
+        del self._leases[created]
+        try:
+            if lease.retire():
+                self.writer.delete_run(created)
+                log.info("deleted MLflow run %s, created in a race and lost", created)
+        except Exception as exc:
+            log.debug("could not delete run %s: %s", created, scrub(str(exc)))
 
     def _canonical(self, runs: list[Run]) -> Run:
         """Of several runs of one directory: the newest holding checkpoints, else the
