@@ -182,7 +182,13 @@ class LeaseLost(RunLeaseError):
 
 
 class RunGone(Exception):
-    """The run was deleted (by a daemon that lost a race and removed its own empty run)."""
+    """The run was deleted (by a daemon that lost a race and removed its own empty run),
+    or ``retired`` (:meth:`RunLease.retire`): marked for deletion, maybe not deleted."""
+
+    def __init__(self, run_id: str, *, retired: bool = False) -> None:
+        self.run_id = run_id
+        self.retired = retired
+        super().__init__(run_id)
 
 
 class RunLease:
@@ -278,7 +284,7 @@ class RunLease:
             run = self._get()
             holder = lease_holder(run)
             if holder.get("retired"):
-                raise RunGone(self.run_id)  # its creator lost a race and deletes it
+                raise RunGone(self.run_id, retired=True)  # its creator lost a race
             epoch = int(holder.get("epoch", 0))
             if epoch and holder.get("nonce") == self.nonce:
                 self._won(epoch)  # our compare-and-set landed, its answer did not

@@ -27,10 +27,13 @@ Exactly once per run: the lease (:mod:`ddsmon.sinks.mlflow_lease`)
     directory). Two daemons starting at once on a directory with no run may both create
     one; the later creation's search sees the earlier run, so their candidates always
     share a run and only one of them gets every lease. The winner keeps one run (the
-    newest holding checkpoints, else the oldest) and deletes the other, empty ones; a
-    loser deletes the run it created: when it holds its lease, or, refused on a run
-    sorted before it, when it retires it before anyone leases it (a winner reaching it
-    then reads it as deleted). :meth:`RunLocator.verify`
+    newest holding checkpoints, else the oldest) and deletes the other, empty ones. A
+    loser deletes the empty ddsmon runs it holds (a live holder of a run of the
+    directory refused it), and the run it created (kept in the state directory until
+    the claim ends, so a retry after an outage still knows it) when refused before
+    reaching it: retired first, so a winner reaching it next reads it as deleted rather
+    than refused. A retired run that outlived its deletion is deleted by whoever meets
+    it. :meth:`RunLocator.verify`
     (before every write) checks the lease is still ours.
 
 The experiment
@@ -252,25 +255,24 @@ class RunLocator:
             for run in sorted(candidates, key=lambda r: r.info.run_id):
                 try:
                     self._lease(run.info.run_id).acquire()
-                except RunGone:
+                except RunGone as gone:
                     self._leases.pop(run.info.run_id, None)
+                    if gone.retired:  # its retirer could not delete it: anyone may
+                        self._delete(run.info.run_id, "retired by a daemon that lost a race")
                     continue
                 held.append(run)
         except RunClaimed:
+            self._forget_created()
             if created is not None and created not in {run.info.run_id for run in held}:
                 self._drop_unleased(created)
-            for run in held:
+            for run in held:  # refused by a live holder of a run of this directory
                 lease = self._leases.pop(run.info.run_id)
-                if run.info.run_id == created:  # ours and empty: no one else may have it
-                    try:
-                        self.writer.delete_run(run.info.run_id)
-                        log.info("deleted MLflow run %s, created in a race and lost", created)
-                        lease.stop(release=False)
-                        continue
-                    except Exception as exc:
-                        log.debug("could not delete run %s: %s", created, scrub(str(exc)))
-                lease.stop(release=True)
+                if self._empty_own(run) and self._delete(run.info.run_id, "empty, in a lost race"):
+                    lease.stop(release=False)  # ours and empty: a winner reads it as gone
+                else:
+                    lease.stop(release=True)
             raise
+        self._forget_created()
         if not held:
             return None
         keep = self._canonical(held)
@@ -278,8 +280,7 @@ class RunLocator:
             if run is keep:
                 continue
             lease = self._leases.pop(run.info.run_id)
-            steps = self.writer.checkpoint_steps(run.info.run_id)
-            if not steps and run.data.tags.get(OWNED_TAG) == "true":
+            if self._empty_own(run):
                 self.writer.delete_run(run.info.run_id)
                 log.info(
                     "deleted MLflow run %s, an empty duplicate of run %s (a race of "
@@ -309,11 +310,47 @@ class RunLocator:
         lease = self._lease(created)
         del self._leases[created]
         try:
-            if lease.retire():
-                self.writer.delete_run(created)
-                log.info("deleted MLflow run %s, created in a race and lost", created)
+            retired = lease.retire()
         except Exception as exc:
-            log.debug("could not delete run %s: %s", created, scrub(str(exc)))
+            log.debug("could not retire run %s: %s", created, scrub(str(exc)))
+            return
+        if retired:
+            self._delete(created, "created in a race and lost")
+
+    def _empty_own(self, run: Run) -> bool:
+        """Whether ``run`` is ddsmon's own and holds no checkpoint."""
+        if run.data.tags.get(OWNED_TAG) != "true":
+            return False
+        return not self.writer.checkpoint_steps(run.info.run_id)
+
+    def _delete(self, run_id: str, why: str) -> bool:
+        """Delete ``run_id`` (logged with ``why``); False, logged, when the store refused."""
+        try:
+            self.writer.delete_run(run_id)
+        except Exception as exc:
+            log.debug("could not delete run %s: %s", run_id, scrub(str(exc)))
+            return False
+        log.info("deleted MLflow run %s, %s", run_id, why)
+        return True
+
+    # ------------------------------------------------------------------ created here
+    @property
+    def _created_key(self) -> str:
+        return f"{self.state_key}|created"
+
+    def _remember_created(self, run_id: str) -> None:
+        """The run this daemon created, kept until the claim ends: a claim interrupted by
+        a store that stopped answering, tried again, still knows which run was its own."""
+        self.state.set(self._created_key, run_id)
+
+    def _created(self, candidates: list[Run]) -> str | None:
+        stored = self.state.get(self._created_key)
+        ids = {r.info.run_id for r in candidates}
+        return stored if isinstance(stored, str) and stored in ids else None
+
+    def _forget_created(self) -> None:
+        if self.state.get(self._created_key) is not None:
+            self.state.delete(self._created_key)
 
     def _canonical(self, runs: list[Run]) -> Run:
         """Of several runs of one directory: the newest holding checkpoints, else the
@@ -393,7 +430,7 @@ class RunLocator:
                 ", ".join(r.info.run_id for r in found),
                 directory,
             )
-            return found, None
+            return found, self._created(found)
         run = call(
             client.create_run,
             exp_id,
@@ -406,6 +443,7 @@ class RunLocator:
                 "mlflow.source.type": "JOB",
             },
         )
+        self._remember_created(run.info.run_id)
         log.info(
             "created MLflow run %s in experiment %r at %s",
             run.info.run_id,
