@@ -124,16 +124,24 @@ def test_three_daemons_end_with_one_run(store, tmp_path):
     w.locator.release()
 
 
-def test_a_store_failing_mid_claim_does_not_make_the_loser_forget_its_run(store, tmp_path):
-    """D created d (a < d) and its first lease call found the store down; the sink tries
-    again, and the search now finds [a, d]: D still knows d is its own (kept in its state
-    directory), retires and deletes it when refused on a."""
-    watched, daemon = _setup(store, tmp_path, "unreachable")
+def _a_won_then_d_creates(
+    store: str, tmp_path: Path, experiment: str
+) -> tuple[Path, Callable[[str], Daemon], Daemon, Daemon]:
+    """A holds its run a; D's first search missed it and D creates d, a < d."""
+    watched, daemon = _setup(store, tmp_path, experiment)
     a, d = daemon("A"), daemon("D")
     a.creates_ids_starting("0123")
     a.locator.ensure(watched)
     d.creates_ids_starting("cdef")
     d.first_search_misses()
+    return watched, daemon, a, d
+
+
+def test_a_store_failing_mid_claim_does_not_make_the_loser_forget_its_run(store, tmp_path):
+    """D created d (a < d) and its first lease call found the store down; the sink tries
+    again, and the search now finds [a, d]: D still knows d is its own (kept in its state
+    directory), retires and deletes it when refused on a."""
+    watched, _, a, d = _a_won_then_d_creates(store, tmp_path, "unreachable")
     down = {"once": False}
 
     def get_run(real, *args, **k):
@@ -156,12 +164,7 @@ def test_a_retired_run_left_by_a_failed_delete_is_deleted_by_the_next_daemon(sto
     """D retired d but could not delete it; once the directory's other run is gone (the
     user deleted it to start afresh), the next daemon deletes d and creates a new run
     (before, it read d as gone for ever: "keep being deleted", no run)."""
-    watched, daemon = _setup(store, tmp_path, "retired")
-    a, d = daemon("A"), daemon("D")
-    a.creates_ids_starting("0123")
-    a.locator.ensure(watched)
-    d.creates_ids_starting("cdef")
-    d.first_search_misses()
+    watched, daemon, a, d = _a_won_then_d_creates(store, tmp_path, "retired")
 
     def delete_run(real, *args, **k):
         raise Unreachable("injected: 503")
