@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 
 from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
+from ddsmon.sinks.mlflow_writer import open_client
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
@@ -134,8 +134,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def runs_of(uri: str, experiment: str = "ddsmon") -> list:
-    """The active runs of ``experiment`` (none when it does not exist yet)."""
-    client = MlflowClient(uri)
+    """The active runs of ``experiment`` (none when it does not exist yet). The store is
+    opened as ddsmon opens it (:func:`~ddsmon.sinks.mlflow_writer.open_client`: a SQLite
+    store under its init lock): a poll that opened a fresh store while a daemon created
+    its schema raced MLflow's migration and failed the test (alembic: "expected to match
+    one row")."""
+    client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -144,7 +148,7 @@ def runs_of(uri: str, experiment: str = "ddsmon") -> list:
 
 def logged_steps(uri: str, run_id: str, key: str = CHECKPOINT_METRIC) -> list[int]:
     """Every row's step of ``key`` in the run, sorted, duplicates kept."""
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+    return sorted(m.step for m in open_client(uri).get_metric_history(run_id, key))
 
 
 def only_run_steps(uri: str, key: str = CHECKPOINT_METRIC) -> list[int]:
