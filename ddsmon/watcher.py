@@ -383,6 +383,21 @@ class CheckpointWatcher:
             # write's file is still open (a polling observer never sees a close)
             writing = kind != "closed" and self.poll is None and not event.is_directory
             self._touch(src, settled=kind == "closed", writing=writing)
+            if kind == "created" and event.is_directory:
+                self._touch_entries(src)
+
+    def _touch_entries(self, folder: Path) -> None:
+        """A subfolder was created: what is in it already is touched as if written. A
+        file written into it before the observer's watch on it was in place has no
+        event of its own (watchdog lists the folder when it adds the watch, a race a
+        loaded machine loses: CI saw ``run1/step_1.pt`` never handed over); a file also
+        seen by an event is one pending entry, handed over once."""
+        try:
+            entries = [Path(e.path) for e in os.scandir(folder)]
+        except OSError:
+            return
+        for entry in entries:
+            self._touch(entry, settled=False, writing=self.poll is None)
 
     def _touch(self, path: Path, *, settled: bool, writing: bool = False) -> None:
         """``path`` was written (or closed / renamed into place when ``settled``);

@@ -537,3 +537,20 @@ def test_failing_on_rejected_does_not_stop_the_watcher(tmp_path: Path, caplog) -
         wait_until(lambda: any(r.exc_info for r in caplog.records), "the logged failure")
         (tmp_path / "step_2.pt").write_bytes(torch_bytes())
         wait_until(lambda: len(got.ready) == 1, "the next checkpoint")
+
+
+def test_a_subfolder_s_files_written_before_its_watch_are_handed_over(tmp_path: Path) -> None:
+    """A folder's creation event with its file already inside and no event of the file's
+    own (written before the observer's watch on the folder was in place, a race a loaded
+    CI machine lost): the watcher looks inside the new folder itself."""
+    from watchdog.events import DirCreatedEvent
+
+    (tmp_path / "run1").mkdir()
+    inside = tmp_path / "run1" / "step_1.pt"
+    inside.write_bytes(torch_bytes())  # before the watch: no event will name it
+    got = Collector()
+    with CheckpointWatcher(tmp_path, got.on_ready, quiet=QUIET) as watcher:
+        watcher._on_event(DirCreatedEvent(str(tmp_path / "run1")))
+        wait_until(lambda: got.counts().get(inside, 0) >= 1, "the file inside the new folder")
+        settle(watcher)
+    assert got.counts() == {inside: 1}
