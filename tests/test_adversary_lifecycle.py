@@ -92,9 +92,12 @@ def test_a_new_store_gets_every_checkpoint_the_state_marks_as_read_elsewhere(
     assert "holds none of them" in proc.stderr and str(ckpts / ".ddsmon") in proc.stderr
 
 
+# A login session on a terminal: its own session and controlling terminal, and SIGHUP at
+# its default (ddsmon keeps an ignored SIGHUP ignored, as nohup asks; a test runner
+# started under nohup passed that on, and the hangup then rightly did not stop ddsmon)
 _ON_A_TERMINAL = (
-    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
+    "import fcntl, os, signal, sys, termios; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
 )
 
 
