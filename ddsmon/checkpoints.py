@@ -31,8 +31,9 @@ place and events alone cannot tell a finished file from a paused writer:
 
     torch zip     the zip end-of-central-directory record is there and the central
                   directory it points to is consistent (every member ends before it),
-                  and the archive holds torch's ``data.pkl``. Legacy (pre-1.6,
-                  non-zip) torch pickles cannot be checked and are reported as such.
+                  and the archive holds torch's ``data.pkl``.
+    torch legacy  (pre-1.6, non-zip ``torch.save``): its five pickles end and its
+                  storages end at the file's end (:func:`legacy_torch_problem`).
     safetensors   size == 8 + N + max(data_offsets end), N the little-endian u64
                   header length, and the N header bytes are a JSON object.
     hf            a weights file (:data:`HF_WEIGHTS`, else the one variant's: :func:`hf_weights`)
@@ -69,6 +70,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import stat
 import struct
@@ -89,6 +91,7 @@ __all__ = (
     "HF_WEIGHTS_NAME",
     "JSON_LIMIT",
     "KINDS",
+    "NAMED_VALUE",
     "SAFETENSORS_MAX_HEADER",
     "SIDE_FILES",
     "CheckpointRef",
@@ -109,6 +112,7 @@ __all__ = (
     "is_hf_folder_name",
     "is_pretrained_folder",
     "is_temporary",
+    "legacy_torch_problem",
     "linked_folders",
     "named_adapters",
     "open_regular",
@@ -140,6 +144,15 @@ _DIGITS = re.compile(r"\d+")
 #: Numbers in a name that are never its step: a rank (``mp_rank_00``, ``rank3``) and a
 #: shard count (``00001-of-00002``).
 _NOT_STEP = re.compile(r"(?<![a-z])(?:[a-z]{2}_)?rank[_\-]?\d+|\d+-of-\d+", re.IGNORECASE)
+#: A ``name=value`` pair of a name, as Lightning's ``ModelCheckpoint(filename=
+#: "{epoch}-{step}-{val_loss:.2f}")`` writes them (``epoch=2-step=24-val_loss=0.61.ckpt``):
+#: between the name's start or a ``-`` / ``_`` and the next ``-`` / ``_`` or its end.
+NAMED_VALUE = re.compile(
+    r"(?:(?<=^)|(?<=[-_]))([A-Za-z][A-Za-z0-9_]*)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=[-_]|$)"
+)
+#: The names of such pairs whose value may be a name's step (when no ``step`` tag is
+#: there): an epoch counts in step order; a metric's value never does.
+_ORDINAL_NAMES = frozenset({"epoch", "iter", "iteration", "global_step", "step"})
 
 HF_WEIGHTS: tuple[str, ...] = (
     "model.safetensors",
@@ -351,6 +364,7 @@ JSON_LIMIT = 64 * 2**20
 """The largest JSON side file read (``trainer_state.json``, ``config.json``, a shard index)."""
 
 _ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # a pickle's first opcode: a file of torch's legacy format
 
 
 @dataclass(frozen=True)
@@ -462,7 +476,9 @@ def step_from_name(path: Path | str) -> int | None:
 
     A ``step`` tag wins (``step_00420.pt`` -> 420, ``epoch=3-step=1200.ckpt`` -> 1200,
     ``global_step800`` -> 800; the last tag if several); otherwise the last integer
-    of the name without its suffix (``checkpoint-500`` -> 500, ``ckpt_7.pt`` -> 7).
+    of the name without its suffix (``checkpoint-500`` -> 500, ``ckpt_7.pt`` -> 7),
+    never one in a metric's ``name=value`` pair (``sample-epoch=05-val_loss=1.35.ckpt``
+    -> 5, its epoch, in step order as epochs are; ``val_loss=0.25.ckpt`` -> None).
     Lightning's collision suffix ``-v<n>`` is not a step (``last-v1.ckpt`` -> None), nor
     is a rank or a shard count (``mp_rank_00_model_states.pt`` -> None,
     ``ema_rank1_500.pt`` -> 500).
@@ -471,8 +487,17 @@ def step_from_name(path: Path | str) -> int | None:
     tagged = _step_tag(stem)
     if tagged is not None:
         return tagged
-    numbers = _DIGITS.findall(_NOT_STEP.sub("", _LIGHTNING_VERSION.sub("", stem)))
+    numbers = _DIGITS.findall(_NOT_STEP.sub("", _LIGHTNING_VERSION.sub("", _no_metrics(stem))))
     return int(numbers[-1]) if numbers else None
+
+
+def _no_metrics(stem: str) -> str:
+    """``stem`` without its metrics' ``name=value`` pairs (:data:`NAMED_VALUE`), which
+    are no step: Lightning's ``sample-{epoch:02d}-{val_loss:.2f}`` writes
+    ``sample-epoch=05-val_loss=1.35``, whose last integer is the loss's 35."""
+    return NAMED_VALUE.sub(
+        lambda m: m.group(0) if m.group(1).lower() in _ORDINAL_NAMES else "", stem
+    )
 
 
 def _stem(name: str) -> str:
@@ -567,10 +592,22 @@ def classify(
         if models and models[0] != path:
             return None
     if rel is not None:  # a file directly in a subfolder of the root takes its step
-        stepped_by = folder_step(rel.parts[0]) if len(rel.parts) == 2 else None
+        stepped_by = _step_of_folder(rel.parts[0], name) if len(rel.parts) == 2 else None
     else:  # report: the folder it lies in, as scan and watch would see it
-        stepped_by = folder_step(path.parent.name)
+        stepped_by = _step_of_folder(path.parent.name, name)
     return CheckpointRef(path, file_kind, stepped_by)
+
+
+def _step_of_folder(folder: str, name: str) -> int | None:
+    """The step a file named ``name`` takes from the ``folder`` it lies in: the
+    folder's own when its name is a step (:data:`_FOLDER_STEP`); else the folder's
+    ``step`` tag, when the file's name has no step of its own. Lightning splits a
+    filename template at a ``/`` in a metric's name: ``"{epoch}-{step}-{val/loss:.3f}"``
+    saves ``epoch=0-step=4-val/loss=1.377.ckpt``, whose step is its folder's."""
+    shaped = folder_step(folder)
+    if shaped is not None:
+        return shaped
+    return _step_tag(folder) if step_from_name(name) is None else None
 
 
 def _points_into(link: Path, root: Path) -> bool:
@@ -914,10 +951,14 @@ def zip_listing_problem(handle: BinaryIO, size: int) -> str | None:
     """None when the open torch zip ``handle`` (``size`` bytes) has a consistent central
     directory whose members end before it, none compressed (see
     :func:`compressed_member`), and a ``data.pkl``; else the reason. Reads only the
-    zip's directory records."""
+    zip's directory records. A file of torch's legacy format (it starts with a pickle)
+    is checked by :func:`legacy_torch_problem`."""
     handle.seek(0)
-    if handle.read(4) != _ZIP_MAGIC:
-        return "not a torch zip archive (legacy format?)"
+    head = handle.read(4)
+    if head[:1] == _PICKLE_PROTO:
+        return legacy_torch_problem(handle, size)
+    if head != _ZIP_MAGIC:
+        return "not a torch file (neither a zip archive nor torch's legacy format)"
     try:
         with zipfile.ZipFile(handle) as zf:
             infos = zf.infolist()
@@ -936,6 +977,110 @@ def zip_listing_problem(handle: BinaryIO, size: int) -> str | None:
         return reason
     if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
         return "zip archive without data.pkl (not a torch.save file)"
+    return None
+
+
+class _Stub:
+    """What a class or function named in a legacy file's pickles unpickles to here: a
+    stand-in that takes any arguments and state, so that the pickles are walked
+    without importing or running anything they name."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+
+class _Walker(pickle.Unpickler):
+    """An unpickler that builds stubs (:class:`_Stub`) for every global and records the
+    persistent ids (a legacy file's storages) instead of loading them."""
+
+    def __init__(self, handle: BinaryIO, storages: list[tuple[object, ...]]) -> None:
+        super().__init__(handle)
+        self.storages = storages
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Stub,), {})
+
+    def persistent_load(self, pid: object) -> None:
+        if isinstance(pid, tuple):
+            self.storages.append(pid)
+
+
+#: Bytes per element of the storage types a legacy torch file names.
+_LEGACY_ELEMENT = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+    "ByteStorage": 1, "BoolStorage": 1, "ComplexDoubleStorage": 16,
+    "ComplexFloatStorage": 8, "QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4,
+}  # fmt: skip
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+#: The most of a legacy file's start its pickles are walked in (a model's object pickle
+#: is about a hundred bytes a tensor); past it, the check is left to the load.
+_LEGACY_PICKLES_LIMIT = 64 * 2**20
+
+
+def legacy_torch_problem(handle: BinaryIO, size: int) -> str | None:
+    """None when the open ``handle`` (``size`` bytes) is a whole file of torch's legacy
+    format, ``torch.save(..., _use_new_zipfile_serialization=False)`` (torch before 1.6
+    wrote nothing else); else the reason.
+
+    The format (``torch.serialization._legacy_save``): five pickles (the magic number
+    ``0x1950a86a20f9469cfc6c``, the protocol version, the system's sizes, the object,
+    whose tensors name their storages by persistent id ``('storage', type, key,
+    location, numel, ...)``, and the list of storage keys), then each storage in that
+    order as an 8-byte element count and its bytes. Complete means every pickle ends
+    and the storages end exactly at ``size``. The pickles are walked with stubs for every
+    class they name (:class:`_Walker`: nothing is imported or run); the storages are
+    skipped, not read. A storage of a type not in :data:`_LEGACY_ELEMENT`, or pickles
+    longer than :data:`_LEGACY_PICKLES_LIMIT`, leave the file unchecked (its load decides).
+    """
+    handle.seek(0)
+    head = io.BytesIO(handle.read(_LEGACY_PICKLES_LIMIT))  # no pickle reads past it
+    storages: list[tuple[object, ...]] = []
+    try:  # one unpickler a pickle, as torch loads them (a memo is a pickle's own)
+        if _Walker(head, storages).load() != _LEGACY_MAGIC_NUMBER:
+            return "not a torch file (a pickle, not torch's legacy format)"
+        for _ in range(3):  # the protocol version, the system's sizes, the object
+            _Walker(head, storages).load()
+        keys = _Walker(head, storages).load()
+    except Exception as exc:  # a pickle cut short raises EOFError or UnpicklingError
+        if size > _LEGACY_PICKLES_LIMIT:
+            return None  # pickles this long are not walked here: its load decides
+        return f"torch legacy file cut short or damaged at {size} bytes ({type(exc).__name__})"
+    if not isinstance(keys, list):
+        return "torch legacy file without its list of storages"
+    element: dict[object, int] = {}
+    for pid in storages:
+        if len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            width = _LEGACY_ELEMENT.get(getattr(pid[1], "__name__", ""))
+            if width is None:
+                return None  # a type this check does not know: its load decides
+            element[pid[2]] = width
+    offset = head.tell()
+    for key in keys:
+        handle.seek(offset)
+        count = handle.read(8)
+        if len(count) < 8:
+            return f"torch legacy file cut short at {size} bytes (storage {key!r} missing)"
+        width = element.get(key)
+        if width is None:
+            return None  # a storage no tensor named: its load decides
+        offset += 8 + width * int.from_bytes(count, "little")
+    if offset != size:
+        return f"torch legacy file of {size} bytes, its storages end at {offset}" + (
+            " (still being written or truncated)" if offset > size else ""
+        )
     return None
 
 

@@ -134,3 +134,62 @@ def test_lightning_val_loss_is_logged_at_each_checkpoints_step(
         if not weights_only:  # the callback's own score, unrounded
             state = next(iter(saved[m.step]["callbacks"].values()))
             assert m.value == pytest.approx(float(state["current_score"]), rel=1e-6)
+
+
+EPOCH_NAMES = (
+    TRAIN.split("checkpoints = ModelCheckpoint(")[0]
+    + """
+checkpoints = ModelCheckpoint(
+    dirpath=sys.argv[1], filename="sample-{{epoch:02d}}-{{val_loss:.2f}}", monitor="val_loss",
+    save_top_k=-1)
+trainer = L.Trainer(
+    max_epochs=4, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
+    enable_model_summary=False, accelerator="cpu")
+trainer.fit(Lit(), loader(64, 0, 32), loader(64, 1, 64))
+"""
+)
+
+
+@pytest.mark.slow
+def test_lightning_names_without_a_step_are_read_in_step_order(tmp_path: Path) -> None:
+    """The template of Lightning's ModelCheckpoint docs, ``sample-{epoch:02d}-{val_loss:.2f}``:
+    no step in the names, and their last integers are the loss's digits. Before, the
+    scan read them in the order of those digits (``val_loss=1.35`` as step 35), and the
+    event detector ignored every checkpoint after the first, as not after the last."""
+    pytest.importorskip("lightning")
+    from mlflow import MlflowClient
+
+    script = tmp_path / "train.py"
+    script.write_text(EPOCH_NAMES.format(scripts=str(SCRIPTS)))
+    ckpts = tmp_path / "ckpts"
+    done = subprocess.run(
+        [sys.executable, str(script), str(ckpts)], cwd=tmp_path, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in ckpts.iterdir())
+    steps = {n: int(torch.load(ckpts / n, weights_only=True)["global_step"]) for n in names}
+    assert sorted(steps.values()) == [2, 4, 6, 8], steps
+    digits = sorted(names, key=lambda n: int(n.removesuffix(".ckpt").rsplit(".", 1)[1]))
+    assert digits != sorted(names, key=steps.__getitem__), "the losses' digits run in step order"
+    sys.path.insert(0, str(SCRIPTS))
+    from models import classifier_probe
+
+    probe = tmp_path / "probe.pt"
+    inputs, targets = classifier_probe()
+    torch.save({"inputs": inputs, "targets": targets}, probe)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts), "--model",
+         f"{SCRIPTS / 'models.py'}:classifier", "--probe", str(probe), "--loss", "ce",
+         "--tracking-uri", uri, "--no-plots", "--threads", "1"],
+        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is not after the last step" not in done.stderr, done.stderr[-3000:]
+    read = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert read == [2, 4, 6, 8], done.stdout
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(run.info.run_id, "train/val_loss")
+    assert [m.step for m in history] == [2, 4, 6, 8]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import struct
 import warnings
 from pathlib import Path
@@ -105,6 +106,12 @@ def dcp_folder(path: Path) -> Path:
         ("ema_rank1_500.pt", 500),
         ("frank_3.pt", 3),
         ("model-00001-of-00002.safetensors", None),  # nor a shard count
+        # nor a metric's value in Lightning's name=value pairs; an epoch orders as steps
+        ("sample-epoch=05-val_loss=1.35.ckpt", 5),
+        ("epoch=3-step=1200-val_loss=0.61.ckpt", 1200),
+        ("best_val_acc=0.95_12.ckpt", 12),
+        ("val_loss=0.25.ckpt", None),
+        ("epoch=2-acc=98.ckpt", 2),
     ],
 )
 def test_step_from_name(name: str, step: int | None) -> None:
@@ -231,6 +238,31 @@ def test_discover_sorts_by_step_then_name(tmp_path: Path) -> None:
     ]
 
 
+def test_discover_orders_lightning_names_by_epoch_and_step_not_by_a_metric(
+    tmp_path: Path,
+) -> None:
+    # ModelCheckpoint(filename="sample-{epoch:02d}-{val_loss:.2f}"), the loss falling:
+    # the names' last integers (the loss's digits) run backwards
+    for epoch, loss in [(0, "1.99"), (1, "1.50"), (2, "1.35"), (10, "0.20")]:
+        write(tmp_path / f"sample-epoch={epoch:02d}-val_loss={loss}.ckpt", torch_bytes())
+    # "{epoch}-{step}-{val/loss:.3f}": the "/" in the metric's name makes a folder
+    for epoch, step, loss in [(0, 4, "1.377"), (1, 8, "1.201"), (10, 44, "0.950")]:
+        write(tmp_path / f"epoch={epoch}-step={step}-val" / f"loss={loss}.ckpt", torch_bytes())
+    found = [(str(r.path.relative_to(tmp_path)), r.name_step) for r in discover(tmp_path)]
+    assert found == [
+        ("sample-epoch=00-val_loss=1.99.ckpt", 0),
+        ("sample-epoch=01-val_loss=1.50.ckpt", 1),
+        ("sample-epoch=02-val_loss=1.35.ckpt", 2),
+        ("epoch=0-step=4-val/loss=1.377.ckpt", 4),
+        ("epoch=1-step=8-val/loss=1.201.ckpt", 8),
+        ("sample-epoch=10-val_loss=0.20.ckpt", 10),
+        ("epoch=10-step=44-val/loss=0.950.ckpt", 44),
+    ]
+    # a file with a number of its own keeps it in a folder with a step tag
+    ref = classify(write(tmp_path / "run_step5" / "ckpt_100.pt", torch_bytes()), tmp_path)
+    assert ref is not None and ref.name_step == 100
+
+
 def test_discover_missing_directory_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope"):
         discover(tmp_path / "nope")
@@ -256,11 +288,38 @@ def test_torch_zip_complete_and_every_prefix_incomplete(tmp_path: Path) -> None:
     assert "end-of-central-directory" in check_complete(ref)
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_legacy_torch_file_is_complete_only_whole(tmp_path: Path, protocol: int) -> None:
+    """torch's legacy format (``_use_new_zipfile_serialization=False``): five pickles,
+    then the storages; every prefix is incomplete, the whole file complete, and a file
+    with bytes after its storages is not taken for one (``legacy_torch_problem``)."""
+    path = tmp_path / "legacy.pt"
+    state = {"a": torch.ones(3), "b": torch.arange(5), "h": torch.zeros(2, dtype=torch.half)}
+    state["view"] = state["a"][1:]  # shares a's storage
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    data = path.read_bytes()
+    ref = CheckpointRef(path, "torch")
+    assert check_complete(ref) is None
+    if protocol == 2:  # what torch.load's weights_only unpickler reads
+        assert torch.equal(torch.load(path, weights_only=True)["b"], state["b"])
+    for cut in sorted({1, 4, 15, 30, len(data) // 2, len(data) - 8, len(data) - 1}):
+        path.write_bytes(data[:cut])
+        reason = check_complete(ref)
+        assert reason is not None and "legacy" in reason, (cut, reason)
+    path.write_bytes(data + b"\0" * 8)
+    assert "storages end at" in (check_complete(ref) or "")
+    path.write_bytes(pickle.dumps({"not": "torch"}, protocol=2))
+    assert "not torch's legacy format" in (check_complete(ref) or "")
+
+
 def test_torch_non_zip_and_foreign_zip(tmp_path: Path) -> None:
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    assert check_complete(CheckpointRef(legacy, "torch")) == (
-        "not a torch zip archive (legacy format?)"
+    assert check_complete(CheckpointRef(legacy, "torch")) is None
+    noise = tmp_path / "vocab.bin"
+    noise.write_bytes(b"hello tokenizer " * 64)
+    assert check_complete(CheckpointRef(noise, "torch")) == (
+        "not a torch file (neither a zip archive nor torch's legacy format)"
     )
     import zipfile
 
@@ -540,7 +599,7 @@ def test_check_complete_never_raises_on_garbage(tmp_path: Path, data: bytes, kin
     path.write_bytes(b"PK\x03\x04" + data if data[:1] == b"\0" else data)
     reason = check_complete(CheckpointRef(path, kind))  # type: ignore[arg-type]
     assert reason is None or isinstance(reason, str)
-    assert reason is not None or kind == "safetensors"  # random bytes are never a torch zip
+    assert reason is not None or kind == "safetensors"  # random bytes are never a torch file
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -445,7 +445,7 @@ def test_settled_bad_files_are_rejected_once_with_path_and_reason(watch, tmp_pat
     files = {
         tmp_path / "step_1.pt": (b"", "empty file"),
         tmp_path / "step_2.pt": (good[: len(good) // 3], "zip"),
-        tmp_path / "step_3.pt": (os.urandom(3000), "not a torch zip archive"),
+        tmp_path / "step_3.pt": (os.urandom(3000), "not a torch file"),
         tmp_path / "step_4.safetensors": (lying_safetensors(), "expected 4"),
     }
     for path, (data, _) in files.items():

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddsmon.checkpoints import NAMED_VALUE
+
 #: Where a checkpoint's content holds its step, in the order looked for: most trainers'
 #: ``step`` / ``global_step`` (Lightning), Megatron's ``iteration``, DeepSpeed's
 #: ``global_steps`` (``mp_rank_00_model_states.pt``).
@@ -88,14 +90,6 @@ def _meta_of(obj: Any) -> dict[str, float]:
     return meta
 
 
-#: A ``name=value`` pair of a Lightning checkpoint's name (``ModelCheckpoint(filename=
-#: "{epoch}-{step}-{val_loss:.2f}")`` writes ``epoch=2-step=24-val_loss=0.61.ckpt``), between
-#: the name's start or a ``-`` / ``_`` and the next ``-`` / ``_`` or its end.
-_NAMED_VALUE = re.compile(
-    r"(?:(?<=^)|(?<=[-_]))([A-Za-z][A-Za-z0-9_]*)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=[-_]|$)"
-)
-
-
 def _lightning_meta(obj: Any, stem: str) -> dict[str, float]:
     """A Lightning checkpoint's validation scalars, which are not at its top level: the
     score each ``ModelCheckpoint`` callback monitors, from its saved state when the
@@ -108,7 +102,7 @@ def _lightning_meta(obj: Any, stem: str) -> dict[str, float]:
     not save (``last.ckpt`` after an epoch outside its top k, another callback's file).
     The step and the epoch are not meta here (the content holds them)."""
     meta: dict[str, float] = {}
-    for name, text in _NAMED_VALUE.findall(stem):
+    for name, text in NAMED_VALUE.findall(stem):
         if name not in _STEP_KEYS and name != "epoch":
             meta[name] = float(text)
     callbacks = obj.get("callbacks") if isinstance(obj, Mapping) else None
