@@ -66,6 +66,7 @@ that reason.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import io
 import json
 import logging
@@ -75,6 +76,7 @@ import re
 import stat
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -106,6 +108,7 @@ __all__ = (
     "classify",
     "compressed_member",
     "discover",
+    "excluded",
     "fingerprint",
     "folder_step",
     "hf_weights",
@@ -648,9 +651,24 @@ def checkpoint_for(path: Path | str, root: Path | str, *, depth: int = 2) -> Che
     return classify(path, root)
 
 
-def discover(directory: Path | str) -> list[CheckpointRef]:
+def excluded(path: Path | str, root: Path | str, patterns: Sequence[str]) -> bool:
+    """Whether the checkpoint at ``path`` (below ``root``) is left out by one of
+    ``patterns`` (``--exclude``): shell globs (:func:`fnmatch.fnmatchcase`, ``*`` also
+    across ``/``) matched against its path relative to ``root`` (``run1/ema_10.pt``,
+    ``/``-separated) and against its name alone (``ema_*``). A path not below ``root``
+    is matched by its name."""
+    if not patterns:
+        return False
+    path = Path(path)
+    rel = _within(path, Path(root))
+    names = [path.name] if rel is None else [rel.as_posix(), path.name]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+
+def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[CheckpointRef]:
     """The checkpoints in ``directory`` now: its entries and those of its subfolders
-    (one level), sorted by :func:`step_from_name` (unnumbered last), then by path.
+    (one level), sorted by :func:`step_from_name` (unnumbered last), then by path;
+    none that ``exclude`` leaves out (:func:`excluded`).
 
     Raises ConfigError when ``directory`` is not a directory. Entries that vanish
     while the directory is listed are skipped.
@@ -676,6 +694,8 @@ def discover(directory: Path | str) -> list[CheckpointRef]:
             found.extend(
                 sub for name in _listdir(path) if (sub := classify(path / name, directory))
             )
+    if exclude:
+        found = [ref for ref in found if not excluded(ref.path, directory, exclude)]
     return sorted(found, key=_order)
 
 

@@ -132,6 +132,9 @@ def _option(setting: Setting) -> Callable[[Callable[..., Any]], Callable[..., An
             return click.option(f"--no-{setting.name.replace('_', '-')}", setting.name,
                                 flag_value=False, default=True, help=setting.help)  # fmt: skip
         return click.option(setting.option, setting.name, is_flag=True, default=False, help=setting.help)  # fmt: skip
+    if setting.kind == "globs":
+        return click.option(setting.option, setting.name, multiple=True, default=(),
+                            metavar=setting.metavar, help=setting.help)  # fmt: skip
     if setting.kind == "kinds":
         from ddsmon.config import _event_kinds
 

@@ -143,8 +143,8 @@ class Setting:
 
     name: the key (``--name-with-dashes`` on the command line).
     kind: ``str``, ``int``, ``float``, ``bool``, ``path``, ``choice``, ``layers`` (a
-        string, or a list of module names joined by commas), ``kinds`` (event kinds) or
-        ``size`` (bytes: a whole number, or a string with a unit, :func:`parse_size`).
+        string, or a list of module names joined by commas), ``kinds`` (event kinds),
+        ``globs`` (shell globs, repeatable) or ``size`` (bytes: a whole number, or a string with a unit, :func:`parse_size`).
     default: the one default of the key.
     section: the typed sub-config it lands in: ``read``, ``tracking``, ``alerts``, ``watch``.
     flag: the command group that has it as a flag: ``read`` (watch, scan, report),
@@ -243,6 +243,9 @@ SETTINGS: dict[str, Setting] = {
                 help="Use a polling observer (NFS, bind mounts, where inotify is silent)."),
         Setting("quiet", "float", 2.0, "watch", flag="watch", minimum=0.0, metavar="SECONDS",
                 help="A file must stay unchanged this long before it is read, when no close-write event is seen."),
+        Setting("exclude", "globs", (), "watch", flag="daemon", metavar="GLOB",
+                help="Leave out the checkpoints whose path below DIR, or whose name, matches this glob "
+                     "(repeatable), e.g. 'ema_*' beside the model's own files."),
         Setting("prefetch", "bool", True, "watch", flag=None,
                 help="Load the next checkpoint while the current one is read."),
     )
@@ -306,6 +309,7 @@ class WatchSettings:
     poll: float | None = _default("poll")
     quiet: float = _default("quiet")
     prefetch: bool = _default("prefetch")
+    exclude: tuple[str, ...] = _default("exclude")
 
 
 def _default_events() -> EventConfig:
@@ -417,6 +421,11 @@ def _check(setting: Setting, value: Any, where: str, base: Path | None) -> Any:
         if size is None:
             raise bad("a size in bytes: a whole number, or with a unit (512MiB, 4GiB, 2GB)")
         return size
+    if kind == "globs":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(g, str) and g for g in items):
+            raise bad("shell globs (a string, or a list of strings)")
+        return tuple(items)
     if kind == "kinds":
         kinds = _event_kinds()
         items = [value] if isinstance(value, str) else value

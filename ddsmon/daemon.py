@@ -369,7 +369,7 @@ class Daemon:
         self._check_directory(waiting=False)
         self._start("scan")
         try:
-            found = discover(self.config.directory)
+            found = discover(self.config.directory, self.watching.exclude)
             self._say_where_they_are(found)
             for ref in found:
                 reason = check_complete(ref)
@@ -396,11 +396,12 @@ class Daemon:
             quiet=self.watching.quiet,
             on_vanished=self._vanished,
             on_rejected=self._rejected,
+            exclude=self.watching.exclude,
         )
         self._start("watch")
         try:
             watcher.start()
-            found = discover(self.config.directory)
+            found = discover(self.config.directory, self.watching.exclude)
             self._say_where_they_are(found)
             for ref in found:
                 reason = check_complete(ref)

@@ -44,7 +44,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +70,7 @@ from ddsmon.checkpoints import (
     check_complete,
     checkpoint_for,
     classify,
+    excluded,
     fingerprint,
     hf_weights,
     is_hf_folder_name,
@@ -211,6 +212,8 @@ class CheckpointWatcher:
         not complete (the reason is :func:`~ddsmon.checkpoints.check_complete`'s), once
         until it changes; from the watcher's thread. None (the default) is
         :func:`log_rejected`, a warning; pass ``lambda path, reason: None`` to silence it.
+    exclude: globs of checkpoints never handed over nor reported
+        (:func:`ddsmon.checkpoints.excluded`: ``--exclude``).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -224,7 +227,9 @@ class CheckpointWatcher:
         quiet: float = 1.0,
         on_vanished: Callable[[Path], None] | None = None,
         on_rejected: Callable[[Path, str], None] | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
+        self.exclude = tuple(exclude)
         self.poll: float | None = (
             None if poll is None else _seconds(poll, "--poll", "polling interval", zero_ok=False)
         )
@@ -321,7 +326,7 @@ class CheckpointWatcher:
         from ddsmon.checkpoints import discover
 
         try:
-            found = discover(self._root)
+            found = discover(self._root, self.exclude)
         except (OSError, ConfigError):
             return
         for ref in found:
@@ -405,6 +410,8 @@ class CheckpointWatcher:
         ref = checkpoint_for(path, self._root)
         if ref is None:
             self._gone_unseen(path)
+            return
+        if excluded(ref.path, self._root, self.exclude):
             return
         try:
             fp: tuple[int, int] | None = fingerprint(ref)

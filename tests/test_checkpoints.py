@@ -23,6 +23,7 @@ from ddsmon.checkpoints import (
     checkpoint_for,
     classify,
     discover,
+    excluded,
     fingerprint,
     is_temporary,
     open_regular,
@@ -261,6 +262,23 @@ def test_discover_orders_lightning_names_by_epoch_and_step_not_by_a_metric(
     # a file with a number of its own keeps it in a folder with a step tag
     ref = classify(write(tmp_path / "run_step5" / "ckpt_100.pt", torch_bytes()), tmp_path)
     assert ref is not None and ref.name_step == 100
+
+
+def test_excluded_matches_the_path_below_the_root_or_the_name(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    assert excluded(root / "ema_step10.pt", root, ["ema_*"])
+    assert excluded(root / "run1" / "ema_step10.pt", root, ["ema_*"])  # by its name
+    assert excluded(root / "run1" / "step_10.pt", root, ["run1/*"])  # by its path
+    assert excluded(root / "checkpoint-500", root, ["checkpoint-*"])
+    assert not excluded(root / "model_ema.pt", root, ["ema_*"])
+    assert not excluded(root / "EMA_1.pt", root, ["ema_*"])  # case counts
+    assert not excluded(root / "ema_1.pt", root, [])
+    for name in ["model_step10.pt", "ema_step10.pt", "model_step20.pt", "ema_step20.pt"]:
+        write(root / name, torch_bytes())
+    assert [r.path.name for r in discover(root, exclude=("ema_*",))] == [
+        "model_step10.pt",
+        "model_step20.pt",
+    ]
 
 
 def test_discover_missing_directory_names_it(tmp_path: Path) -> None:

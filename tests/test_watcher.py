@@ -554,3 +554,23 @@ def test_a_subfolder_s_files_written_before_its_watch_are_handed_over(tmp_path: 
         wait_until(lambda: got.counts().get(inside, 0) >= 1, "the file inside the new folder")
         settle(watcher)
     assert got.counts() == {inside: 1}
+
+
+@pytest.mark.parametrize("poll", MODES)
+def test_excluded_checkpoints_are_neither_handed_over_nor_rejected(
+    tmp_path: Path, poll: float | None
+) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got.on_ready, poll=poll, quiet=QUIET,
+                                on_rejected=got.on_rejected, exclude=("ema_*", "old/*"))  # fmt: skip
+    with watcher:
+        kept = tmp_path / "model_step10.pt"
+        (tmp_path / "ema_step10.pt").write_bytes(torch_bytes())
+        (tmp_path / "ema_step20.pt").write_bytes(b"not finished")  # would be rejected
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "step_5.pt").write_bytes(torch_bytes())
+        kept.write_bytes(torch_bytes())
+        wait_until(lambda: got.counts()[kept] >= 1, "the checkpoint not excluded")
+        settle(watcher)
+    assert got.counts() == {kept: 1}
+    assert got.rejected == []
