@@ -144,7 +144,8 @@ class Setting:
     name: the key (``--name-with-dashes`` on the command line).
     kind: ``str``, ``int``, ``float``, ``bool``, ``path``, ``choice``, ``layers`` (a
         string, or a list of module names joined by commas), ``kinds`` (event kinds),
-        ``globs`` (shell globs, repeatable) or ``size`` (bytes: a whole number, or a string with a unit, :func:`parse_size`).
+        ``globs`` (shell globs, repeatable) or ``size`` (bytes: a whole number, or a
+        string with a unit, :func:`parse_size`).
     default: the one default of the key.
     section: the typed sub-config it lands in: ``read``, ``tracking``, ``alerts``, ``watch``.
     flag: the command group that has it as a flag: ``read`` (watch, scan, report),
