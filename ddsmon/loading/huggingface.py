@@ -468,6 +468,13 @@ def _state_of(obj: Any, weights: Path, folder: Path) -> dict[str, Tensor]:
 def _hf_model_from_config(path: Path) -> nn.Module:
     """Build the model from the folder's config.json with transformers (random weights).
 
+    The class is the first of config.json's ``architectures`` (``save_pretrained`` writes
+    ``type(model).__name__`` there), looked up in transformers. One transformers does not
+    have (a user's subclass, ``MyBertClassifier``; a remote-code class) is a
+    CheckpointError naming it and saying to pass --model: no other model (the headless
+    ``AutoModel``) is built in its place, whose keys would match the checkpoint's with
+    its head dropped. Without ``architectures``, ``AutoModel.from_config``.
+
     config.json is checked first (a regular file of at most JSON_LIMIT bytes, JSON), so
     transformers never opens a FIFO or a device in its place.
     """
@@ -493,16 +500,23 @@ def _hf_model_from_config(path: Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         _no_cache(config)
         arch = (getattr(config, "architectures", None) or [None])[0]
+        if arch is None:
+            return transformers.AutoModel.from_config(config)
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls(config)
-        return transformers.AutoModel.from_config(config)
     except RefusedFile as exc:
         raise CheckpointError(path, f"config.json: {exc.reason}") from None
     except Exception as exc:
         raise CheckpointError(
             path, f"cannot build the model from config.json ({_describe(exc)}); pass --model"
         ) from None
+    raise CheckpointError(
+        path,
+        f"{config_file.name} names the architecture {arch!r}, which is not a model class of "
+        "transformers (a class of your own?): ddsmon builds no other model in its place; "
+        "pass --model MODULE:FACTORY returning it",
+    )
 
 
 def _no_cache(config: Any) -> None:
