@@ -474,6 +474,59 @@ def test_vit_folder_loads_with_transformers_renamed_keys(tmp_path: Path) -> None
     assert "keys renamed by transformers' conversion mapping" in loaded.source
 
 
+def test_vit_renamed_keys_wherever_a_state_dict_meets_a_transformers_model(
+    tmp_path: Path,
+) -> None:
+    """The renaming of the test above, wherever ViT's old keys are matched to a
+    ``PreTrainedModel``. Before, only a folder read with no --model was renamed; these
+    failed with "missing 16 keys ('vit.layers.0.attention.q_proj.weight', ...);
+    unexpected 16 keys ('vit.encoder.layer.0.attention.attention.key.bias', ...)": the
+    Trainer's final ``save_model()`` (``model.safetensors`` beside its config.json in
+    output_dir), a ``checkpoint-N/`` folder read with --model, that file with --model,
+    and a torch file of the old keys with --model. Each now equals
+    ``from_pretrained``'s weights. A module that is not a transformers model is matched
+    as before (no renaming: its mismatch is reported)."""
+    from safetensors.torch import load_file
+
+    from ddsmon.checkpoints import classify
+    from ddsmon.errors import KeysMismatch
+    from ddsmon.loading import load_checkpoint
+
+    transformers, model = _tiny_vit()
+    out = tmp_path / "out"
+    torch.manual_seed(3)
+    trained = transformers.ViTForImageClassification(model.config)
+    trained.save_pretrained(out / "checkpoint-2")
+    trained.save_pretrained(out)  # trainer.save_model(): beside checkpoint-2/
+    torch.save(load_file(out / "model.safetensors"), tmp_path / "old_keys.pt")
+    theirs = transformers.ViTForImageClassification.from_pretrained(out).state_dict()
+
+    def factory() -> nn.Module:
+        return transformers.ViTForImageClassification(model.config)
+
+    cases = [
+        (out / "model.safetensors", None),
+        (out / "checkpoint-2", factory),
+        (out / "model.safetensors", factory),
+        (tmp_path / "old_keys.pt", factory),
+    ]
+    for path, made in cases:
+        ref = classify(path, path.parent)
+        assert ref is not None, path
+        loaded = load_checkpoint(ref, made)
+        ours = loaded.model.state_dict()
+        assert ours.keys() == theirs.keys(), path
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), (path, key)
+        assert "keys renamed by transformers' conversion mapping" in loaded.source, path
+    # a plain module taking the new names is no transformers model: nothing renamed
+    plain = nn.ModuleDict({"vit": factory().vit})
+    ref = classify(tmp_path / "old_keys.pt", tmp_path)
+    assert ref is not None
+    with pytest.raises(KeysMismatch, match=r"vit\.layers\.0\.attention\.q_proj"):
+        load_checkpoint(ref, lambda: plain)
+
+
 @pytest.mark.slow
 def test_vit_folders_scan_without_a_model(tmp_path: Path) -> None:
     """The CLI on two ViT ``save_pretrained`` folders (no --model): both steps read,

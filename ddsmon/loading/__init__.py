@@ -63,7 +63,10 @@ choice is a guess (two prefixes made of other names match equally well, or the m
 matches under two keys that are not container keys: ``student``/``teacher``), the
 error says so rather than loading either. A missing
 key is excused only when it is tied to (shares its tensor with) a key that is present,
-as Hugging Face checkpoints omit tied weights.
+as Hugging Face checkpoints omit tied weights. Where the model is a transformers
+``PreTrainedModel`` (built from config.json or returned by the factory) and no
+candidate matches, each is tried again with its keys renamed by the model's
+conversion mapping, as ``from_pretrained`` renames them (transformers 5's ViT).
 
 Step, meta and trainer log
 --------------------------

@@ -21,6 +21,7 @@ from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import _open, _safetensors_header, _safetensors_read, _torch_load
 from ddsmon.loading.huggingface import (
+    _choose_renamed,
     _hf_model_from_config,
     _load_adapter_folder,
     _load_hf_folder,
@@ -29,8 +30,6 @@ from ddsmon.loading.key_matching import (
     _apply,
     _Candidate,
     _candidates,
-    _choose,
-    _load_into,
     _outside_state_dict,
 )
 from ddsmon.loading.loaded import (
@@ -168,11 +167,12 @@ def _load_torch_file(
 
     def check_keys(skeleton: object) -> None:  # before any tensor data is read
         built.append(_build(factory))
-        _choose(built[0], _candidates(skeleton), path)
+        _choose_renamed(built[0], _candidates(skeleton), path)
 
     obj = _torch_load(path, trust, before_data=check_keys)
     model = built[0] if built else _build(factory)
-    match = _load_into(model, _candidates(obj), path)
+    match = _choose_renamed(model, _candidates(obj), path)
+    _apply(model, match, match.candidate.tensors, path)
     meta = _meta_of(_outside_state_dict(match, obj)) if isinstance(obj, Mapping) else {}
     if path.suffix.lower() == ".ckpt":
         meta = {**_lightning_meta(obj, path.stem), **meta}
@@ -180,7 +180,9 @@ def _load_torch_file(
 
 
 def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) -> LoadedCheckpoint:
-    """Header first, keys and shapes matched to the model, then only its tensors read."""
+    """Header first, keys and shapes matched to the model (a transformers model's old
+    keys renamed as its ``from_pretrained`` renames them, :func:`_choose_renamed`), then
+    only its tensors read."""
     with _open(path) as handle:
         header = _safetensors_header(path, handle)
         if factory is None:
@@ -188,10 +190,9 @@ def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) 
                 f"{path}: no model factory to load these weights into; pass --model MODULE:FACTORY"
             )
         model = _build(factory)
-        match = _choose(model, [_Candidate("in the file", header.skeleton())], path)
-        wanted = sorted(set(match.mapping.values()))
-        tensors = _safetensors_read(path, handle, header, wanted)
-    _apply(model, match, tensors, path)
+        match = _choose_renamed(model, [_Candidate("in the file", header.skeleton())], path)
+        tensors = _safetensors_read(path, handle, header, sorted(match.file_keys()))
+    _apply(model, match, match.keyed(tensors), path)
     return LoadedCheckpoint(
         model,
         _step_of(header.metadata),

@@ -26,7 +26,7 @@ from ddsmon.checkpoints import (
     read_regular,
     stat_regular,
 )
-from ddsmon.errors import CheckpointError, ConfigError
+from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading.adapters import base_model_folder, load_adapter_into, require_peft
 from ddsmon.loading.dcp import _load_dcp_folder
 from ddsmon.loading.file_formats import (
@@ -36,7 +36,7 @@ from ddsmon.loading.file_formats import (
     _torch_load,
     _torch_skeleton,
 )
-from ddsmon.loading.key_matching import _apply, _Candidate, _choose
+from ddsmon.loading.key_matching import _apply, _Candidate, _choose, _Match
 from ddsmon.loading.loaded import LoadedCheckpoint, TrainerLogEntry, _build
 from ddsmon.loading.step_and_meta import _as_step, _meta_of
 from ddsmon.loading.wording import _describe, _kind_of
@@ -114,32 +114,17 @@ def _load_hf_contents(
     files = [_WeightsFile.open(f, trust, path) for f in weights_files]
     model = _build(factory) if factory is not None else _hf_model_from_config(path)
     skeleton = {k: t for f in files for k, t in f.skeleton.items()}
-    candidates = [_Candidate("in the weights files", skeleton)]
-    renamed = _renamed_keys(model, skeleton, path) if factory is None else None
-    if renamed is not None:
-        candidates.append(
-            _Candidate(
-                "in the weights files, keys renamed by transformers' conversion mapping",
-                {new: skeleton[old] for new, old in renamed.items()},
-            )
-        )
-    match = _choose(model, candidates, path)
-    back = renamed if renamed is not None and match.candidate is candidates[-1] else {}
-    wanted = {back.get(k, k) for k in match.mapping.values()}
+    match = _choose_renamed(model, [_Candidate("in the weights files", skeleton)], path)
+    wanted = match.file_keys()
     tensors: dict[str, Tensor] = {}
     for f in files:
         names = sorted(wanted & f.skeleton.keys())
         if names:
             tensors.update(f.read(names, trust, path))
-    if back:
-        tensors = {new: tensors[old] for new, old in back.items() if old in tensors}
-    _apply(model, match, tensors, path)
+    _apply(model, match, match.keyed(tensors), path)
     names = [f.path.name for f in files]
     where = f"in {names[0]}" if len(names) == 1 else f"in {len(names)} shards ({', '.join(names)})"
-    where += note
-    if back:
-        where += f", keys renamed by transformers' conversion mapping of {type(model).__name__}"
-    return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where))
+    return LoadedCheckpoint(model, step, meta, trainer_log, source=match.source(where + note))
 
 
 def _load_named_adapter(
@@ -248,8 +233,41 @@ def _load_adapter_folder(
     return load_adapter_into(model, config, tensors, path, adapter, whose)
 
 
+def _choose_renamed(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
+    """:func:`~ddsmon.loading.key_matching._choose` for any model, a transformers
+    ``PreTrainedModel`` (built from config.json or by ``--model``) included: where no
+    candidate is the model's (a KeysMismatch), each candidate whose keys the model's
+    conversion mapping renames (:func:`_renamed_keys`: ViT's old names, which
+    ``save_pretrained`` still writes) is tried again under the renamed keys, after all
+    the checkpoint's own. The match then reads the checkpoint's keys
+    (``_Match.file_keys``) and loads them under the new ones (``_Match.keyed``). A
+    checkpoint that matches under its own keys is never renamed; where none matches
+    either way, the error is the best match's of all."""
+    try:
+        return _choose(model, candidates, path)
+    except KeysMismatch:
+        renamed = [r for c in candidates if (r := _renamed_candidate(model, c, path)) is not None]
+        if not renamed:
+            raise
+        return _choose(model, [*candidates, *renamed], path)
+
+
+def _renamed_candidate(model: nn.Module, cand: _Candidate, path: Path) -> _Candidate | None:
+    """``cand`` under the keys :func:`_renamed_keys` gives, or None where none is renamed."""
+    renamed = _renamed_keys(model, cand.tensors, path)
+    if renamed is None:
+        return None
+    return _Candidate(
+        f"{cand.where}, keys renamed by transformers' conversion mapping of {type(model).__name__}",
+        {new: cand.tensors[old] for new, old in renamed.items()},
+        cand.known,
+        top=cand.top,
+        renamed_from=renamed,
+    )
+
+
 def _renamed_keys(
-    model: nn.Module, skeleton: Mapping[str, Tensor], path: Path
+    model: nn.Module, skeleton: Mapping[str, Any], path: Path
 ) -> dict[str, str] | None:
     """The checkpoint's keys as transformers >= 5 loads them into a model built from
     config.json: new key -> key in the files, or None where nothing is renamed.

@@ -27,12 +27,21 @@ class _Candidate:
     """A flat name -> tensor mapping found in the checkpoint; ``where`` says where.
 
     top: the mapping is the checkpoint's top level itself (a bare state dict), so its
-    keys are also the checkpoint's top-level keys (see :func:`_weight_keys`)."""
+    keys are also the checkpoint's top-level keys (see :func:`_weight_keys`).
+
+    renamed_from: for a candidate whose keys were renamed (transformers' conversion
+    mapping, :func:`ddsmon.loading.huggingface._choose_renamed`), each key -> the key the
+    checkpoint stores its tensor under; None for the checkpoint's own keys."""
 
     where: str
     tensors: Mapping[str, Any]
     known: bool = True
     top: bool = False
+    renamed_from: Mapping[str, str] | None = None
+
+    def file_key(self, key: str) -> str:
+        """The key the checkpoint stores the candidate's ``key`` under."""
+        return key if self.renamed_from is None else self.renamed_from.get(key, key)
 
 
 @dataclass
@@ -57,12 +66,23 @@ class _Match:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.shapes or self.rivals)
 
+    def file_keys(self) -> set[str]:
+        """The checkpoint's keys of the tensors loaded, as the checkpoint names them
+        (before any renaming: what to read from the file)."""
+        return {self.candidate.file_key(k) for k in self.mapping.values()}
+
+    def keyed(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """``tensors`` read by :meth:`file_keys`, under the keys ``mapping`` names."""
+        return {ck: tensors[self.candidate.file_key(ck)] for ck in self.mapping.values()}
+
     def source(self, where: str | None = None) -> str:
         """Which weights were loaded, in words: the candidate, the prefix stripped, and
         what was ignored beside them, e.g. ``under ['state_dict'], prefix 'model.'
         stripped (ignored: 'ema_model.' 4 keys, the model's keys again; 'criterion.'
         1 key)``. ``where`` replaces the candidate's own wording."""
         text = where if where is not None else self.candidate.where
+        if self.candidate.renamed_from is not None and where is not None:
+            text += ", keys renamed by transformers' conversion mapping"
         if self.prefix:
             text += f", prefix {self.prefix!r} stripped"
         ignored = []
@@ -234,7 +254,8 @@ def _outside_state_dict(match: _Match, top: Mapping[Any, Any]) -> dict[Any, Any]
     (so ``4.bias``, an EMA copy's ``ema_model.4.bias`` and the model's own dotless keys
     are weights), and anywhere a key naming one of the model's keys."""
     cand = match.candidate
-    loaded = set(match.mapping.values())
+    loaded = match.file_keys()
+    stored = {cand.file_key(k) for k in cand.tensors}
 
     def weight(key: Any, value: Any) -> bool:
         if not isinstance(key, str):
@@ -248,7 +269,7 @@ def _outside_state_dict(match: _Match, top: Mapping[Any, Any]) -> dict[Any, Any]
             and nk[len(match.prefix) :] in match.model_keys
         ):
             return True
-        return cand.top and key in cand.tensors and not _is_metadata(nk, value)
+        return cand.top and key in stored and not _is_metadata(nk, value)
 
     return {k: v for k, v in top.items() if not weight(k, v)}
 
@@ -350,9 +371,3 @@ def _check_dtypes(model: nn.Module, state: Mapping[str, Any], match: _Match, pat
                 f"checkpoint and {str(target.dtype).removeprefix('torch.')} in the model: "
                 "copying it would drop the imaginary part",
             )
-
-
-def _load_into(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
-    match = _choose(model, candidates, path)
-    _apply(model, match, match.candidate.tensors, path)
-    return match
