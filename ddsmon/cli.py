@@ -369,6 +369,7 @@ def report(
             None, _given(ctx, flags), config_file=config_file, search_dir=checkpoint.parent
         )
         from ddsmon.checkpoints import SIDE_FILES, classify
+        from ddsmon.loading import builds_its_model
         from ddsmon.reader import Reader
 
         ref = classify(checkpoint, named=True)
@@ -396,7 +397,11 @@ def report(
                 ".safetensors files; checkpoint-N/, save_pretrained and "
                 "torch.distributed.checkpoint folders)"
             )
-        if config.read.model is None and ref.kind != "hf" and not config.read.trust_checkpoints:
+        if (
+            config.read.model is None
+            and not builds_its_model(ref)
+            and not config.read.trust_checkpoints
+        ):
             why = "".join(f"; {i} was ignored (not allowed)" for i in config.ignored)
             raise ConfigError(
                 "no model factory: give --model MODULE:FACTORY (a checkpoint that holds the "

@@ -72,6 +72,32 @@ def test_a_final_model_saved_into_the_folder_of_checkpoints_is_read_from_its_con
     assert summary.aliases == [(out / "model.safetensors", 5)]
 
 
+def test_report_reads_the_final_model_from_the_config_beside_it(tmp_path: Path) -> None:
+    """``ddsmon report OUTPUT_DIR/model.safetensors`` with no --model. Before: "no model
+    factory: give --model MODULE:FACTORY" (exit 2), though scan builds that file's
+    model from the config.json beside it. Now report reads it as scan does: the
+    readings of ``GPT2LMHeadModel`` with those weights. A weights file with no
+    config.json beside it still needs --model."""
+    out = tmp_path / "out"
+    model = tiny_gpt2(seed=4)
+    model.save_pretrained(out / "checkpoint-5")
+    model.save_pretrained(out)
+    probe = save_gpt2_probe(tmp_path / "probe.pt")
+    done = run_ddsmon(
+        "report", out / "model.safetensors", "--probe", probe, "--loss", "ce", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    readings = json.loads(done.stdout)
+    assert readings["checkpoint"] == str(out / "model.safetensors")
+    assert "transformer.h.0.mlp.c_fc" in readings["layers"], sorted(readings["layers"])
+    (out / "config.json").unlink()
+    alone = run_ddsmon(
+        "report", out / "model.safetensors", "--probe", probe, "--loss", "ce", cwd=tmp_path
+    )
+    assert alone.returncode == 2 and "no model factory" in alone.stderr, alone.stderr
+
+
 @pytest.mark.slow
 def test_a_trainer_run_ending_in_save_model_is_scanned_without_a_failure(
     tmp_path: Path,

@@ -89,7 +89,7 @@ key naming one of the model's keys is, anywhere. ``trainer_log``: every
 need not divide ``save_steps``), numbers only, one entry per step, in step order.
 """
 
-from ddsmon.loading.checkpoint import checkpoint_step, load_checkpoint
+from ddsmon.loading.checkpoint import builds_its_model, checkpoint_step, load_checkpoint
 from ddsmon.loading.factories import resolve_callable, resolve_factory
 from ddsmon.loading.loaded import (
     CHECKPOINT_KINDS,
@@ -106,6 +106,7 @@ __all__ = (
     "CheckpointLike",
     "LoadedCheckpoint",
     "TrainerLogEntry",
+    "builds_its_model",
     "checkpoint_step",
     "load_checkpoint",
     "load_probe",

@@ -91,6 +91,20 @@ def load_checkpoint(
     return loaded
 
 
+def builds_its_model(ref: CheckpointLike) -> bool:
+    """Whether :func:`load_checkpoint` builds ``ref``'s model with no factory, as it
+    dispatches: a Hugging Face folder (from its config.json), a Hugging Face weights
+    file beside the config.json it was saved with (:func:`_beside_its_config`), a PEFT
+    adapter's weights file (its base model from the adapter_config.json beside it).
+    Anything else needs ``--model`` (or, trusted, holds the pickled model itself)."""
+    path = Path(ref.path)
+    if ref.kind == "hf":
+        return True
+    if ref.kind not in ("torch", "lightning", "safetensors"):
+        return False
+    return path.name in ADAPTER_WEIGHTS or _beside_its_config(path)
+
+
 def _beside_its_config(path: Path) -> bool:
     """Whether ``path`` is a Hugging Face weights file (``model.safetensors``,
     ``pytorch_model.bin``, a variant's) lying beside the ``config.json`` it was saved
