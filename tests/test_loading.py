@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shlex
 import sys
 import warnings
@@ -20,7 +21,7 @@ from fixtures_models import LitWrapper, TiedMLP, mlp, mlp_probe, tied_mlp
 from safetensors.torch import save_file
 from torch import nn
 
-from ddsmon.errors import CheckpointError, ConfigError
+from ddsmon.errors import CheckpointError, ConfigError, KeysMismatch
 from ddsmon.loading import (
     VANISHED,
     LoadedCheckpoint,
@@ -461,11 +462,88 @@ def test_ambiguous_matches_are_refused(tmp_path: Path) -> None:
 
 def test_no_state_dict_found(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "o.pt")
-    with pytest.raises(CheckpointError, match=r"o\.pt: no state dict found"):
+    with pytest.raises(
+        CheckpointError, match=r"o\.pt: no state dict found: the checkpoint holds no tensors"
+    ):
         load_checkpoint(Ref(tmp_path / "o.pt", "torch"), mlp)
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(CheckpointError, match=r"no state dict found"):
+    with pytest.raises(
+        CheckpointError, match=r"no state dict found: the checkpoint holds no tensors"
+    ):
         load_checkpoint(Ref(tmp_path / "list.pt", "torch"), mlp)
+
+
+def test_no_state_dict_found_says_what_was_found_instead(tmp_path: Path) -> None:
+    """Before, each of these was "no state dict found: the checkpoint holds no tensors",
+    though each holds tensors: an optimizer's state_dict(), a bare tensor, a
+    ``(state_dict, step)`` tuple, a list of state dicts under a key, a state dict under
+    an integer key. Now the error, naming the file, says what the checkpoint is or where
+    its tensors lie, and that lists and tuples are not searched."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    cases = {
+        "optim.pt": (opt.state_dict(), r"the checkpoint is an optimizer's state \(state, "
+                     r"param_groups\), not a model's state dict$"),
+        "tensor.pt": (torch.zeros(100, 8), r"the checkpoint is a bare tensor \(shape "
+                      r"\[100, 8\]\), not a state dict of named tensors$"),
+        "tuple.pt": ((model.state_dict(), 10), r"the checkpoint is a tuple of 2 items "
+                     r"\(lists and tuples are not searched\)$"),
+        "list.pt": ({"models": [model.state_dict()], "step": 10}, r"its tensors are in a list "
+                    r"of 1 item under \['models'\] \(lists and tuples are not searched\)$"),
+        "int.pt": ({0: model.state_dict()}, r"its tensors are in a dict under keys that are "
+                   r"not strings \(0\)$"),
+        "nested.pt": ({"epoch": 1, "optimizer": opt.state_dict()}, r"its tensors are in an "
+                      r"optimizer's state \(state, param_groups\) under \['optimizer'\]"),
+    }  # fmt: skip
+    for name, (obj, said) in cases.items():
+        torch.save(obj, tmp_path / name)
+        for factory in (mlp, None):  # with no --model, it is not a state dict either
+            with pytest.raises(CheckpointError) as caught:
+                load_checkpoint(Ref(tmp_path / name, "torch"), factory)
+            assert caught.value.path == tmp_path / name
+            assert re.search(r"^no state dict found\b.*" + said, caught.value.reason), (
+                name,
+                caught.value.reason,
+            )
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, width), nn.ReLU())
+        self.decoder = nn.Linear(width, 4)
+
+
+def test_state_dicts_of_a_models_parts_are_loaded_together(tmp_path: Path) -> None:
+    """``{"encoder": enc.state_dict(), "decoder": dec.state_dict(), "step": 10}`` for a
+    model whose keys are ``encoder.*`` and ``decoder.*``. Before: "no key of the model
+    in the checkpoint", though every key is there under its submodule's name. Now the
+    parts are loaded as one state dict, each key under its part's name, and the source
+    says so. Only exactly: a part that is not the model's is a mismatch naming the
+    joined parts, and a model matching the parts and another state dict as well loads
+    neither."""
+    torch.manual_seed(0)
+    src = _EncoderDecoder()
+    parts = {"encoder": src.encoder.state_dict(), "decoder": src.decoder.state_dict()}
+    torch.save({**parts, "step": 10}, tmp_path / "parts.pt")
+    loaded = load_checkpoint(Ref(tmp_path / "parts.pt", "torch"), _EncoderDecoder)
+    assert same_weights(loaded.model, src)
+    assert loaded.step == 10
+    assert loaded.source == "under ['encoder'] and ['decoder'] together, each key under its name"
+    # one part of another width: a mismatch, reported for the parts together
+    with pytest.raises(KeysMismatch, match=r"under \['encoder'\] and \['decoder'\] together"):
+        load_checkpoint(Ref(tmp_path / "parts.pt", "torch"), lambda: _EncoderDecoder(32))
+    # the parts and a whole state dict under names that are not container keys: ambiguous
+    torch.save({"parts": parts, "whole": src.state_dict()}, tmp_path / "both.pt")
+    with pytest.raises(CheckpointError, match=r"several places.*cannot tell which to load"):
+        load_checkpoint(Ref(tmp_path / "both.pt", "torch"), _EncoderDecoder)
+    # a prefix is never stripped from the joined keys: a model holding them one level
+    # down is not matched by them
+    wrapped = nn.ModuleDict({"net": _EncoderDecoder()})
+    with pytest.raises(KeysMismatch):
+        load_checkpoint(Ref(tmp_path / "parts.pt", "torch"), lambda: wrapped)
 
 
 def test_pickled_module_needs_trust(tmp_path: Path) -> None:
@@ -588,8 +666,17 @@ def test_vanished_checkpoints_say_so(tmp_path: Path) -> None:
 
 def test_missing_factory_and_unknown_kind(tmp_path: Path) -> None:
     torch.save(mlp().state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(ConfigError, match=r"sd\.pt: no model factory.*pass --model MODULE:FACTORY"):
+    # the file is named once, by whoever reports the error (the daemon: "cannot read
+    # PATH: ..."); before, the reason named it again
+    with pytest.raises(ConfigError) as caught:
         load_checkpoint(Ref(tmp_path / "sd.pt", "torch"), None)
+    assert str(caught.value) == (
+        "no model factory to load this state dict into; pass --model MODULE:FACTORY"
+    )
+    save_file({"w": torch.zeros(2)}, tmp_path / "sd.safetensors")
+    with pytest.raises(ConfigError) as caught:
+        load_checkpoint(Ref(tmp_path / "sd.safetensors", "safetensors"), None)
+    assert "sd.safetensors" not in str(caught.value) and "no model factory" in str(caught.value)
     with pytest.raises(CheckpointError, match=r"unknown checkpoint kind 'onnx'"):
         load_checkpoint(Ref(tmp_path / "sd.pt", "onnx"), mlp)
     with pytest.raises(ConfigError, match=r"raised ValueError: the factory is broken"):

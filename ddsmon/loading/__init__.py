@@ -46,7 +46,12 @@ A checkpoint's *candidates* are the tensor-valued entries of its top level and o
 every mapping (or pickled module, when trusted) below it, reached first through the
 usual container keys ``state_dict``, ``model_state_dict``, ``model``, ``module``
 (Lightning: ``{"state_dict": {"model.0.weight": ...}}``), then through any other key,
-three levels deep at most. Keys are matched to the model's after dropping
+three levels deep at most; and, where two or more keys of one mapping hold state dicts
+(``{"encoder": enc.state_dict(), "decoder": dec.state_dict()}``: a model saved by its
+parts), those together, each key under its key's name, matched with no prefix stripped
+(so only a model whose keys are exactly theirs). Lists and tuples are not searched; a
+checkpoint with no candidate is an error saying what it holds instead (an optimizer's
+state, a bare tensor, a list or tuple). Keys are matched to the model's after dropping
 ``_orig_mod.`` segments (``torch.compile``) on both sides and stripping one *prefix*
 ``P`` from the checkpoint's keys: ``P`` is chosen among the checkpoint keys' dotted
 heads (``module.``, ``model.``, ``model.module.`` ...) to maximise the number of model

@@ -30,6 +30,7 @@ from ddsmon.loading.key_matching import (
     _apply,
     _Candidate,
     _candidates,
+    _no_state_dict,
     _outside_state_dict,
 )
 from ddsmon.loading.loaded import (
@@ -170,22 +171,24 @@ def _load_torch_file(
     path: Path, factory: Callable[[], nn.Module] | None, trust: bool
 ) -> LoadedCheckpoint:
     if factory is None:
+        # the path is not in a ConfigError's words: whoever reports it names the file
         obj = _torch_load(path, trust)
         if not isinstance(obj, nn.Module):
+            if not _candidates(obj):  # no model's file (a tensor, an optimizer's state)
+                raise CheckpointError(path, _no_state_dict(obj))
             raise ConfigError(
-                f"{path}: no model factory to load this state dict into; "
-                "pass --model MODULE:FACTORY"
+                "no model factory to load this state dict into; pass --model MODULE:FACTORY"
             )
         return LoadedCheckpoint(obj, None, {}, source="the pickled model itself (trusted)")
     built: list[nn.Module] = []
 
     def check_keys(skeleton: object) -> None:  # before any tensor data is read
         built.append(_build(factory))
-        _choose_renamed(built[0], _candidates(skeleton), path)
+        _choose_renamed(built[0], _candidates(skeleton), path, skeleton)
 
     obj = _torch_load(path, trust, before_data=check_keys)
     model = built[0] if built else _build(factory)
-    match = _choose_renamed(model, _candidates(obj), path)
+    match = _choose_renamed(model, _candidates(obj), path, obj)
     _apply(model, match, match.candidate.tensors, path)
     meta = _meta_of(_outside_state_dict(match, obj)) if isinstance(obj, Mapping) else {}
     if path.suffix.lower() == ".ckpt":
@@ -201,7 +204,7 @@ def _load_safetensors_file(path: Path, factory: Callable[[], nn.Module] | None) 
         header = _safetensors_header(path, handle)
         if factory is None:
             raise ConfigError(
-                f"{path}: no model factory to load these weights into; pass --model MODULE:FACTORY"
+                "no model factory to load these weights into; pass --model MODULE:FACTORY"
             )
         model = _build(factory)
         match = _choose_renamed(model, [_Candidate("in the file", header.skeleton())], path)

@@ -233,7 +233,9 @@ def _load_adapter_folder(
     return load_adapter_into(model, config, tensors, path, adapter, whose)
 
 
-def _choose_renamed(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
+def _choose_renamed(
+    model: nn.Module, candidates: list[_Candidate], path: Path, contents: Any = None
+) -> _Match:
     """:func:`~ddsmon.loading.key_matching._choose` for any model, a transformers
     ``PreTrainedModel`` (built from config.json or by ``--model``) included: where no
     candidate is the model's (a KeysMismatch), each candidate whose keys the model's
@@ -244,7 +246,7 @@ def _choose_renamed(model: nn.Module, candidates: list[_Candidate], path: Path) 
     checkpoint that matches under its own keys is never renamed; where none matches
     either way, the error is the best match's of all."""
     try:
-        return _choose(model, candidates, path)
+        return _choose(model, candidates, path, contents)
     except KeysMismatch:
         renamed = [r for c in candidates if (r := _renamed_candidate(model, c, path)) is not None]
         if not renamed:

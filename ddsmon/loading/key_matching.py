@@ -31,13 +31,19 @@ class _Candidate:
 
     renamed_from: for a candidate whose keys were renamed (transformers' conversion
     mapping, :func:`ddsmon.loading.huggingface._choose_renamed`), each key -> the key the
-    checkpoint stores its tensor under; None for the checkpoint's own keys."""
+    checkpoint stores its tensor under; None for the checkpoint's own keys.
+
+    joined: the state dicts of a mapping's keys together, each key under its key's name
+    (``{"encoder": sd1, "decoder": sd2}`` -> ``encoder.*``, ``decoder.*``, see
+    :func:`_joined`): matched with no prefix stripped, so it matches only a model whose
+    keys are exactly theirs."""
 
     where: str
     tensors: Mapping[str, Any]
     known: bool = True
     top: bool = False
     renamed_from: Mapping[str, str] | None = None
+    joined: bool = False
 
     def file_key(self, key: str) -> str:
         """The key the checkpoint stores the candidate's ``key`` under."""
@@ -128,10 +134,92 @@ def _candidates(obj: Any) -> list[_Candidate]:
             if isinstance(k, str) and isinstance(v, Mapping | nn.Module)
         ]
         children.sort(key=lambda kv: kv[0] not in _CONTAINER_KEYS)
+        joined = _joined(where, children)
+        if joined is not None:
+            found.append(joined)
         for key, child in children:
             queue.append((f"{where}[{key!r}]", child, known and key in _CONTAINER_KEYS, depth + 1))
     found.sort(key=lambda c: not c.known)  # stable: breadth-first order within each group
     return found
+
+
+def _tensors_of(value: Mapping[Any, Any]) -> dict[str, Tensor]:
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _joined(where: str, children: list[tuple[str, Any]]) -> _Candidate | None:
+    """The state dicts under two or more keys of one mapping, joined as one candidate
+    whose keys are ``KEY.name`` (a model saved by its parts: ``{"encoder":
+    enc.state_dict(), "decoder": dec.state_dict()}`` is the state dict of a model whose
+    submodules ``encoder`` and ``decoder`` they are), or None where fewer than two keys
+    hold tensors. Not a container key's (``known``): where another candidate matches as
+    well, :func:`_choose` loads neither."""
+    parts = [(k, _tensors_of(v)) for k, v in children if isinstance(v, Mapping)]
+    parts = [(k, t) for k, t in parts if t]
+    if len(parts) < 2:
+        return None
+    tensors = {f"{k}.{name}": t for k, part in parts for name, t in part.items()}
+    named = " and ".join(f"{where}[{k!r}]" for k, _ in parts)
+    where = f"under {named} together, each key under its name"
+    return _Candidate(where, tensors, known=False, joined=True)
+
+
+def _unsearched(obj: Any, where: str = "", depth: int = 0) -> list[str]:
+    """Where ``obj`` holds tensors that no candidate is made of, in words: a bare tensor,
+    an optimizer's state (``state`` and ``param_groups``: its tensors are keyed by
+    parameter numbers), a list or tuple (not searched), a mapping keyed by other than
+    strings; looked for under string keys, :data:`_MAX_DEPTH` levels deep."""
+    at = f" under {where}" if where else ""
+    if isinstance(obj, Tensor):
+        return [f"a bare tensor{at} (shape {list(obj.shape)}), not a state dict of named tensors"]
+    if isinstance(obj, list | tuple):
+        if not _holds_tensors(obj):
+            return []
+        items = f"{len(obj)} item{'s' if len(obj) != 1 else ''}"
+        return [f"a {type(obj).__name__} of {items}{at} (lists and tuples are not searched)"]
+    if not isinstance(obj, Mapping):
+        return []
+    if "state" in obj and "param_groups" in obj:
+        if where and not _holds_tensors(obj):
+            return []
+        return [f"an optimizer's state (state, param_groups){at}, not a model's state dict"]
+    found = []
+    odd = [k for k, v in obj.items() if not isinstance(k, str) and _holds_tensors(v)]
+    if odd:
+        found.append(f"a dict{at} under keys that are not strings ({_listing(odd, '')})")
+    if depth < _MAX_DEPTH:
+        for key, value in obj.items():
+            if isinstance(key, str):
+                found += _unsearched(value, f"{where}[{key!r}]", depth + 1)
+    return found
+
+
+def _holds_tensors(obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if depth >= _MAX_DEPTH:
+        return False
+    values = (
+        obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, list | tuple) else []
+    )
+    return any(_holds_tensors(v, depth + 1) for v in values)
+
+
+def _no_state_dict(contents: Any) -> str:
+    """The error for a checkpoint in which no state dict was found: what it is, or where
+    its tensors are, instead (:func:`_unsearched`); else that it holds no tensors."""
+    looked = (
+        f"looked under {', '.join(_CONTAINER_KEYS)} and every other key, {_MAX_DEPTH} levels deep"
+    )
+    found = _unsearched(contents)
+    if not found:
+        return f"no state dict found: the checkpoint holds no tensors ({looked})"
+    whole = isinstance(contents, Tensor | list | tuple) or (
+        isinstance(contents, Mapping) and "state" in contents and "param_groups" in contents
+    )
+    if whole:
+        return f"no state dict found: the checkpoint is {found[0]}"
+    return f"no state dict found ({looked}); its tensors are in {'; '.join(found[:_LISTED])}"
 
 
 def _norm(key: str) -> str:
@@ -186,6 +274,8 @@ def _match(
             if ".".join(parts[i:]) in model_keys:
                 hits[".".join(parts[:i]) + ("." if i else "")] += 1
     ranked = sorted(hits, key=lambda p: _prefix_rank(p, hits[p])) or [""]
+    if cand.joined:
+        ranked = [""]  # its keys are the model's as they are, or it is not the model
     prefix = ranked[0]
     rank = _prefix_rank(prefix, hits[prefix])[:2]
     rivals = [p for p in ranked[1:] if rank[1] and _prefix_rank(p, hits[p])[:2] == rank]
@@ -274,19 +364,18 @@ def _outside_state_dict(match: _Match, top: Mapping[Any, Any]) -> dict[Any, Any]
     return {k: v for k, v in top.items() if not weight(k, v)}
 
 
-def _choose(model: nn.Module, candidates: list[_Candidate], path: Path) -> _Match:
+def _choose(
+    model: nn.Module, candidates: list[_Candidate], path: Path, contents: Any = None
+) -> _Match:
     """The first candidate that matches the model exactly, else a CheckpointError
     (:class:`~ddsmon.errors.KeysMismatch` where state dicts are there but none is the
-    model's)."""
+    model's). ``contents``: the checkpoint the candidates were found in, for an error
+    saying what it holds where there is none (:func:`_no_state_dict`)."""
     model_keys, model_state, tied = _model_keys(_unwrap(model))
     if not model_keys:
         return _Match(_Candidate("nothing (the model has no parameters or buffers)", {}), "", {})
     if not candidates:
-        raise CheckpointError(
-            path,
-            "no state dict found: the checkpoint holds no tensors (looked under "
-            f"{', '.join(_CONTAINER_KEYS)} and every other key, {_MAX_DEPTH} levels deep)",
-        )
+        raise CheckpointError(path, _no_state_dict(contents))
     matches = [_match(model_keys, model_state, tied, c) for c in candidates]
     good = [m for m in matches if m.ok]
     if good:
