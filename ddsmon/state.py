@@ -89,6 +89,7 @@ __all__ = (
     "StateError",
     "append_jsonl_lines",
     "read_jsonl",
+    "rewrite_jsonl_lines",
 )
 
 log = logging.getLogger(__name__)
@@ -764,6 +765,13 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     append_jsonl_lines(path, [json.dumps(r) for r in records])
+
+
+def rewrite_jsonl_lines(path: Path, lines: list[str]) -> None:
+    """Replace the JSONL file ``path`` by ``lines`` (each one JSON document), whole: a
+    reader sees the old file or the new one (:func:`_atomic_write`); :class:`StateError`
+    when it cannot be written, the old file left as it was."""
+    _atomic_write(path, "".join(line + "\n" for line in lines).encode())
 
 
 def append_jsonl_lines(path: Path, lines: list[str]) -> None:

@@ -24,9 +24,13 @@ The files are read once, on first use, and survive restarts, so the plots drawn 
 restart still show the whole run. In memory the history holds at most about
 ``2 * KEPT_ENTRIES`` checkpoints: past that the older ones are thinned to an even sample
 of about :data:`KEPT_ENTRIES` over the steps (the newest :data:`KEEP_NEWEST` always kept
-whole); the file keeps every one. A plot is a few hundred pixels wide, and a whole run
-held grew the daemon by about 2 KB per layer and checkpoint (12.5 MB for 2000
-checkpoints of 3 layers; a 100-layer model read 10000 times would hold 2 GB). They are a local copy, never the record of what MLflow
+whole). A plot is a few hundred pixels wide, and a whole run held grew the daemon by
+about 2 KB per layer and checkpoint (12.5 MB for 2000 checkpoints of 3 layers; a
+100-layer model read 10000 times would hold 2 GB). The file is kept within the same
+bound: once it holds more than ``4 * KEPT_ENTRIES`` lines it is rewritten, whole or not
+at all (:func:`ddsmon.state.rewrite_jsonl_lines`), with what the memory holds, so a
+daemon running for weeks neither fills its state directory nor reads gigabytes back at
+a restart (the whole file is read then). They are a local copy, never the record of what MLflow
 holds: which steps a run holds is asked of the run (:mod:`ddsmon.sinks.mlflow_run`).
 """
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -44,7 +49,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ddsmon.readings import SCALAR_READINGS, SPECTRA
-from ddsmon.state import StateDir, append_jsonl_lines, read_jsonl
+from ddsmon.state import (
+    StateDir,
+    StateError,
+    append_jsonl_lines,
+    read_jsonl,
+    rewrite_jsonl_lines,
+)
 
 if TYPE_CHECKING:
     from ddsmon.records import CheckpointReading
@@ -63,6 +74,8 @@ __all__ = (
     "finite",
     "thin_steps",
 )
+
+log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -210,6 +223,7 @@ class LocalHistory:
         self.state = state
         self.kept = max(int(kept), KEEP_NEWEST)
         self._entries: dict[int, HistoryEntry] | None = None
+        self._lines = 0  # lines in history.jsonl: compacted past 4 * kept (_compact)
         self._event_keys: set[tuple[Any, ...]] = set()
         self._events: list[dict[str, Any]] = []
 
@@ -223,7 +237,9 @@ class LocalHistory:
         if self._entries is not None:
             return
         self._entries = {}
+        self._lines = 0
         for rec in read_jsonl(self.state.root / HISTORY_FILE):
+            self._lines += 1
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 entry = HistoryEntry.from_json(rec)
                 self._entries[entry.step] = entry
@@ -241,12 +257,27 @@ class LocalHistory:
         self._entries[entry.step] = entry
         self._thin()
         append_jsonl_lines(self.state.path(HISTORY_FILE), [json.dumps(entry.to_json())])
+        self._lines += 1
+        if self._lines > 4 * self.kept:
+            self._compact()
         fresh = [dict(e) for e in events if event_key(e) not in self._event_keys]
         if fresh:
             append_jsonl_lines(self.state.path(EVENTS_FILE), [json.dumps(e) for e in fresh])
             for e in fresh:
                 self._event_keys.add(event_key(e))
                 self._events.append(e)
+
+    def _compact(self) -> None:
+        """Rewrite ``history.jsonl`` with the checkpoints held in memory (a thinned
+        sample of the older, the newest whole), in step order; one line each."""
+        assert self._entries is not None
+        lines = [json.dumps(self._entries[step].to_json()) for step in sorted(self._entries)]
+        try:
+            rewrite_jsonl_lines(self.state.path(HISTORY_FILE), lines)
+        except StateError as exc:  # the file stays whole, only longer: tried again later
+            log.warning("%s; the local history stays uncompacted for now", exc)
+            return
+        self._lines = len(lines)
 
     def _thin(self) -> None:
         """Past ``2 * kept`` checkpoints in memory, keep the first checkpoint of each of
