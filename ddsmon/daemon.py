@@ -601,7 +601,7 @@ class Daemon:
             self._reading_failed(ref, fp, f"{type(exc).__name__}: {exc}", step)
             return
         if step is None:
-            self._unstepped(ref, fp, digest)
+            self._unstepped(ref, fp, digest, loaded)
             return
         if not 0 <= step <= MAX_STEP:
             self._fail(ref, f"step {step} is outside MLflow's range 0..2^63-1", None)
@@ -609,7 +609,7 @@ class Daemon:
         replaying = step in self._recorded
         self._say_source(ref, loaded)
         if replaying and step <= self._detector_step:
-            self._already_recorded(ref, step, digest)
+            self._already_recorded(ref, step, digest, loaded)
             self.state.mark_done(str(ref.path), fp, step)
             self._read_unlogged(ref)
             self.summary.skipped += 1
@@ -806,19 +806,28 @@ class Daemon:
             self._source = source
             log.warning("%s: read the state dict %s", shown(ref.path), shown(source))
 
-    def _already_recorded(self, ref: CheckpointRef, step: int, digest: str) -> None:
+    def _already_recorded(
+        self, ref: CheckpointRef, step: int, digest: str, loaded: LoadedCheckpoint
+    ) -> None:
         """A step the run holds already: an alias (``last.ckpt``) when another file with
-        these weights was read at that step, said once per path; else a plain repeat."""
+        these weights was read at that step, said once per path, its trainer scalars
+        that the step lacks added to it (:meth:`_alias_scalars`); else a plain repeat."""
         known = (self.state.get("digests") or {}).get(digest)
-        if known is not None and known[1] != ref.path.name and ref.path not in self._aliased:
-            self._aliased.add(ref.path)
-            log.warning(
-                "%s holds the same weights as step %d (%s): an alias, not logged again",
-                shown(ref.path),
-                step,
-                shown(known[1]),
-            )
-            self.summary.aliases.append((ref.path, step))
+        if known is not None and known[1] != ref.path.name:
+            added = self._alias_scalars(ref, step, loaded) if int(known[0]) == step else {}
+            if ref.path not in self._aliased:
+                self._aliased.add(ref.path)
+                log.warning(
+                    "%s holds the same weights as step %d (%s): an alias, not logged again%s",
+                    shown(ref.path),
+                    step,
+                    shown(known[1]),
+                    _scalars_added(added),
+                )
+                self.summary.aliases.append((ref.path, step))
+                return
+            if added:
+                log.info("%s: %s", shown(ref.path), _scalars_added(added).lstrip("; "))
             return
         if known is None and self._read_before_at(ref, step):
             # the same file saved again with other weights: a run resumed from an earlier
@@ -853,16 +862,46 @@ class Daemon:
                     return True
         return False
 
-    def _unstepped(self, ref: CheckpointRef, fp: tuple[int, int], digest: str) -> None:
-        """A checkpoint with no step in its content or name: an alias, or unplaceable."""
+    def _alias_scalars(
+        self, ref: CheckpointRef, step: int, loaded: LoadedCheckpoint
+    ) -> dict[str, float]:
+        """An alias's trainer scalars (its ``meta``: a Lightning ``best-*.ckpt``'s
+        monitored ``val_loss``) added to ``step``, the step whose weights it holds, where
+        the step has no value of them (:meth:`MlflowSink.on_alias
+        <ddsmon.sinks.tracking.MlflowSink.on_alias>`): what a reading of the file would
+        have logged, whichever of the two files was read first. The scalars added."""
+        meta = {k: float(v) for k, v in loaded.meta.items() if not k.startswith("_")}
+        hook = getattr(self.tracking, "on_alias", None)
+        if not meta or hook is None:
+            return {}
+        try:
+            return dict(hook(step, ref.path, meta))
+        except (StateError, RunLeaseError):
+            raise  # as on_reading: the spool cannot be written, or the run is taken
+        except Exception as exc:
+            log.warning(
+                "%s: its trainer scalars were not added to step %d: %s",
+                shown(ref.path),
+                step,
+                shown(exc),
+            )
+            return {}
+
+    def _unstepped(
+        self, ref: CheckpointRef, fp: tuple[int, int], digest: str, loaded: LoadedCheckpoint
+    ) -> None:
+        """A checkpoint with no step in its content or name: an alias (its trainer
+        scalars added to the step it aliases, :meth:`_alias_scalars`), or unplaceable."""
         known = (self.state.get("digests") or {}).get(digest)
         if known is not None:
             step, name = known
+            added = self._alias_scalars(ref, int(step), loaded)
             log.warning(
-                "%s holds the same weights as step %d (%s): an alias, not logged again",
+                "%s holds the same weights as step %d (%s): an alias, not logged again%s",
                 shown(ref.path),
                 step,
                 shown(name),
+                _scalars_added(added),
             )
             self.summary.aliases.append((ref.path, int(step)))
         else:
@@ -1016,6 +1055,14 @@ def _told_once(sink: Sink) -> bool:
     from ddsmon.sinks.alerts import CommandHookSink, EventsJsonSink
 
     return isinstance(sink, (CommandHookSink, EventsJsonSink))
+
+
+def _scalars_added(added: dict[str, float]) -> str:
+    """``; its val_loss=1.389 logged at that step`` for an alias's scalars added to its
+    step, else ``""``."""
+    if not added:
+        return ""
+    return "; its " + ", ".join(f"{k}={v:.4g}" for k, v in added.items()) + " logged at that step"
 
 
 def _steps_shown(steps: Iterable[int], most: int = 8) -> str:

@@ -7,7 +7,10 @@ torn last line is cut off and never read):
 ``history.jsonl``
     One :class:`HistoryEntry` a line: ``{"step", "layers": {layer: {reading: value or
     null, ..., "finite": bool}}, "train": {key: value}}``. A later line for a step
-    replaces an earlier one (a checkpoint read again).
+    replaces an earlier one (a checkpoint read again). A line with ``"added": true``
+    holds only ``{"step", "train"}``: an alias's scalars that the step lacked
+    (:meth:`LocalHistory.add_train`), merged into that step's entry (never replacing a
+    value it has), not replacing it.
 ``events.jsonl``
     One event (:meth:`ddsmon.events.Event.to_dict`) a line, each (step, layer, kind,
     reading) once: an event already there is not appended again. The MLflow sink uploads
@@ -240,9 +243,12 @@ class LocalHistory:
         self._lines = 0
         for rec in read_jsonl(self.state.root / HISTORY_FILE):
             self._lines += 1
-            with contextlib.suppress(KeyError, TypeError, ValueError):
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
                 entry = HistoryEntry.from_json(rec)
-                self._entries[entry.step] = entry
+                if rec.get("added") is True:
+                    self._merge_train(entry.step, entry.train)
+                else:
+                    self._entries[entry.step] = entry
                 self._thin()
         self._event_keys = set()
         self._events = []
@@ -278,6 +284,38 @@ class LocalHistory:
             log.warning("%s; the local history stays uncompacted for now", exc)
             return
         self._lines = len(lines)
+
+    def add_train(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
+        """Add an alias's finite trainer scalars to ``step``'s entry, those of names it
+        has no value for (a value it has is kept: the first file read at a step wins);
+        the ones added, also appended as an ``"added"`` line (durable when this
+        returns). A step not held in memory (thinned out, or read under another state
+        directory) gets all of them: MLflow's own check keeps its values."""
+        self.load()
+        assert self._entries is not None
+        held = self._entries.get(int(step))
+        have = held.train if held is not None else {}
+        added: dict[str, float] = {}
+        for key, value in scalars.items():
+            v = finite(value)
+            if v is not None and str(key) not in have:
+                added[str(key)] = v
+        if not added:
+            return {}
+        self._merge_train(int(step), added)
+        line = {"step": int(step), "train": added, "added": True}
+        append_jsonl_lines(self.state.path(HISTORY_FILE), [json.dumps(line)])
+        self._lines += 1
+        return added
+
+    def _merge_train(self, step: int, scalars: Mapping[str, float]) -> None:
+        assert self._entries is not None
+        held = self._entries.get(step)
+        if held is None:
+            self._entries[step] = HistoryEntry(step=step, train=dict(scalars))
+            return
+        train = {**held.train, **{k: v for k, v in scalars.items() if k not in held.train}}
+        self._entries[step] = HistoryEntry(step=step, layers=held.layers, train=train)
 
     def _thin(self) -> None:
         """Past ``2 * kept`` checkpoints in memory, keep the first checkpoint of each of

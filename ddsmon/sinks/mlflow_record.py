@@ -15,6 +15,13 @@ spooled (:mod:`ddsmon.sinks.mlflow_outbox`) and sent later, identical:
     in the run only once its whole record is. The readings are at the checkpoint's step;
     the trainer's log (``train/<name>``, :func:`trainer_rows`) at the steps it was logged
     at, only the rows the run does not hold yet.
+:class:`ScalarsRecord`
+    The trainer's scalars of an alias (``best-epoch=1-val_loss=1.389.ckpt`` holding
+    the weights of ``epoch=1-step=8.ckpt``, read already) that its step lacked:
+    ``train/<name>`` rows at that step (:func:`alias_record`). At delivery a row whose
+    (key, step) the run holds already is left out
+    (:meth:`~ddsmon.sinks.mlflow_writer.MlflowWriter.write_scalars`): a scalar a step
+    has is never overwritten, and a record sent twice adds nothing the second time.
 :class:`TagsRecord`
     Tags only (a checkpoint that could not be read: ``ddsmon.failure.<file>``).
 :class:`DeleteTagsRecord`
@@ -23,7 +30,8 @@ spooled (:mod:`ddsmon.sinks.mlflow_outbox`) and sent later, identical:
     the record can be sent twice (a crash between delivery and acknowledgement).
 
 ``to_json()`` / :func:`record_from_json` are the spool's line format, one JSON object
-with a ``"kind"`` (``"start"``, ``"reading"``, ``"tags"`` or ``"delete_tags"``);
+with a ``"kind"`` (``"start"``, ``"reading"``, ``"scalars"``, ``"tags"`` or
+``"delete_tags"``);
 ``from_json(to_json())``
 gives the record back. A line that is no record raises :class:`RecordFormatError`.
 """
@@ -66,8 +74,10 @@ __all__ = (
     "ReadingRecord",
     "Record",
     "RecordFormatError",
+    "ScalarsRecord",
     "StartRecord",
     "TagsRecord",
+    "alias_record",
     "failure_cleared_record",
     "failure_record",
     "reading_record",
@@ -138,6 +148,24 @@ class ReadingRecord:
 
 
 @dataclass(frozen=True)
+class ScalarsRecord:
+    """An alias's trainer scalars at the step it aliases: ``train/<name>`` rows only."""
+
+    kind: ClassVar[str] = "scalars"
+    step: int
+    path: str
+    metrics: tuple[MetricRow, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "path": self.path,
+            "metrics": [list(m) for m in self.metrics],
+        }
+
+
+@dataclass(frozen=True)
 class TagsRecord:
     """Tags only."""
 
@@ -159,7 +187,7 @@ class DeleteTagsRecord:
         return {"kind": self.kind, "keys": list(self.keys)}
 
 
-Record = StartRecord | ReadingRecord | TagsRecord | DeleteTagsRecord
+Record = StartRecord | ReadingRecord | ScalarsRecord | TagsRecord | DeleteTagsRecord
 
 
 def record_from_json(data: Mapping[str, Any]) -> Record:
@@ -179,6 +207,15 @@ def record_from_json(data: Mapping[str, Any]) -> Record:
                 tags=_strings(data.get("tags", {})),
                 files=tuple(ArtifactFile(_text(f), _text(d)) for f, d in data.get("files", [])),
                 events=int(data.get("events") or 0),
+            )
+        if kind == ScalarsRecord.kind:
+            return ScalarsRecord(
+                step=int(data["step"]),
+                path=str(data.get("path", "")),
+                metrics=tuple(
+                    MetricRow(_text(k), float(v), int(s), int(ts))
+                    for k, v, s, ts in data["metrics"]
+                ),
             )
         if kind == TagsRecord.kind:
             return TagsRecord(tags=_strings(data["tags"]))
@@ -339,6 +376,21 @@ def reading_record(
         files=tuple(files),
         events=len(events),
     )
+
+
+def alias_record(
+    step: int, path: Path | str, scalars: Mapping[str, float], *, timestamp: int
+) -> ScalarsRecord:
+    """The record of an alias's trainer scalars that its step lacks: ``train/<name>``
+    (:func:`~ddsmon.sinks.mlflow_keys.metric_key`) = the finite value, at ``step``, one
+    row per key, in ``scalars``' order."""
+    rows: dict[str, MetricRow] = {}
+    for name, value in scalars.items():
+        v = finite(value)
+        key = metric_key("train", name)
+        if v is not None and key not in rows:
+            rows[key] = MetricRow(key, v, int(step), int(timestamp))
+    return ScalarsRecord(step=int(step), path=str(path), metrics=tuple(rows.values()))
 
 
 def failure_record(failure: CheckpointFailure) -> TagsRecord:

@@ -55,7 +55,7 @@ from ddsmon.sinks.mlflow_keys import (
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from ddsmon.sinks.mlflow_record import MetricRow, ReadingRecord, StartRecord
+    from ddsmon.sinks.mlflow_record import MetricRow, ReadingRecord, ScalarsRecord, StartRecord
 
 __all__ = (
     "NOTE_HEADER",
@@ -200,6 +200,19 @@ class MlflowWriter:
         if events_file is not None and record.events and events_file.exists():
             self.log_artifact(run_id, str(events_file))
         self.log_batch(run_id, metrics=record.metrics, tags=record.tags)
+
+    def write_scalars(self, run_id: str, record: ScalarsRecord) -> list[MetricRow]:
+        """An alias's scalars (:class:`~ddsmon.sinks.mlflow_record.ScalarsRecord`): each
+        row whose key the run holds no value of at the row's step, asked of the run now
+        (one ``get_metric_history`` per key), so a scalar a step has is never
+        overwritten; the rows logged."""
+        fresh = []
+        for row in record.metrics:
+            held = call(self.client.get_metric_history, run_id, row.key)
+            if all(int(m.step) != row.step for m in held):
+                fresh.append(row)
+        self.log_batch(run_id, metrics=fresh)
+        return fresh
 
     def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
         """Delete each of ``keys`` from the run. A key it does not hold (never set, or

@@ -33,7 +33,9 @@ What a run holds (also written into the run's note, ``mlflow.note.content``)
       for the others (plus ``dds_detail/finite/<layer>`` = 0/1), ``ddsmon/checkpoint`` = 1
       (the marker of a checkpoint fully logged, sent last; ``dds/checkpoint`` in runs of
       earlier versions),
-      ``train/<key>`` for the trainer's scalars from the checkpoint, and
+      ``train/<key>`` for the trainer's scalars from the checkpoint (and those of an
+      alias of the step, a ``best-*.ckpt`` holding its weights, that the step lacks:
+      :meth:`MlflowSink.on_alias`), and
       ``ddsmon/load_seconds`` / ``ddsmon/read_seconds``. Sent with ``log_batch`` in
       chunks within MLflow's batch limits: a constant number of calls per checkpoint
       (plus one per 1000 rows of the trainer's log new to the run).
@@ -122,7 +124,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +145,9 @@ from ddsmon.sinks.mlflow_record import (
     MetricRow,
     ReadingRecord,
     Record,
+    ScalarsRecord,
     StartRecord,
+    alias_record,
     failure_cleared_record,
     failure_record,
     reading_record,
@@ -376,6 +380,26 @@ class MlflowSink:
             self._note_trainer_rows(record)
             self._refresh_plots()
 
+    def on_alias(self, step: int, path: Path, scalars: Mapping[str, float]) -> dict[str, float]:
+        """``path`` holds the weights of ``step``, read already (an alias: Lightning's
+        ``best-*.ckpt`` beside the periodic ``epoch=1-step=8.ckpt``): its trainer
+        scalars that the step has no value of (``val_loss``, which only the best file's
+        callback state and name hold) are added to the step, in the local history
+        (:meth:`LocalHistory.add_train`) and as ``train/<name>`` at ``step``
+        (:class:`~ddsmon.sinks.mlflow_record.ScalarsRecord`, sent or spooled; the run's
+        own values at that step are kept). Whichever of the two files is read first,
+        the step ends up with the scalars of both, the first one's where both have one.
+        Returns the scalars added."""
+        with self._lock:
+            added = self._history.add_train(int(step), scalars)
+            if not added:
+                return {}
+            record = alias_record(step, path, added, timestamp=int(time.time() * 1000))
+            self._trainer_log_marks()
+            self._outbox.send(record)
+            self._note_trainer_rows(record)
+            return added
+
     def on_failure(self, failure: CheckpointFailure) -> None:
         """A tag ``ddsmon.failure.<file>`` = reason, so failed checkpoints show in the UI;
         the path is noted first (:data:`FAILURE_TAGS_KEY`), so that a crash never leaves
@@ -575,7 +599,7 @@ class MlflowSink:
                 out[key] = step
         return out
 
-    def _note_trainer_rows(self, record: ReadingRecord) -> None:
+    def _note_trainer_rows(self, record: ReadingRecord | ScalarsRecord) -> None:
         """``record`` was sent or spooled: its ``train/*`` rows are the run's now."""
         assert self._trainer_marks is not None
         before = dict(self._trainer_marks)
@@ -609,6 +633,10 @@ class MlflowSink:
             events_file = self._history.events_path if self.artifacts else None
             self._writer.write_reading(run_id, record, events_file=events_file)
             self._run.add_step(record.step)
+        elif isinstance(record, ScalarsRecord):
+            run_id = self._run.ensure()
+            self._run.verify()
+            self._writer.write_scalars(run_id, record)
         elif isinstance(record, DeleteTagsRecord):
             run_id = self._run.ensure()
             self._run.verify()
