@@ -143,6 +143,8 @@ class Daemon:
         self._faults = RepeatedFault()
         self._source = ""
         self._aliased: set[Path] = set()
+        #: checkpoints with no step matching none read yet (:meth:`_unstepped`)
+        self._held: dict[Path, _Held] = {}
         self._read_paths: set[Path] = set()
         #: folders below the directory holding checkpoint files (:meth:`_note_run_folder`)
         self._run_folders: list[str] = []
@@ -450,7 +452,9 @@ class Daemon:
         A stop never waits for a load: not for the one ahead while the current checkpoint
         is read (the loader is a daemon thread, left to finish or be dropped at exit), nor
         for the one the loop waits on. A checkpoint loaded and not read is not marked
-        done, so the next run reads it."""
+        done, so the next run reads it. A checkpoint with no step that matches no step
+        read is held and judged after each later reading, said to have no step once the
+        queue runs dry (under ``watch``) or at the end (:meth:`_say_held`)."""
         loader = _Loader()
         try:
             current = self._next(block)
@@ -467,9 +471,12 @@ class Daemon:
                 finally:
                     self._settle()
                 if upcoming is None:
+                    if block and self._held and not self._queue:  # watch: said, kept
+                        self._say_held(final=False)
                     upcoming = self._next(block)
                     future = self._submit(loader, upcoming)
                 current = upcoming
+            self._say_held(final=True)
         finally:
             loader.close()
 
@@ -676,6 +683,7 @@ class Daemon:
             self._call(sink, "on_reading", reading, events)
         self._recorded.add(step)
         self._remember(digest, step, ref)
+        self._judge_held(digest, step, ref)
         self._read_paths.add(ref.path)
         self.state.mark_done(str(ref.path), fp, step)
         self._detector_step = max(self._detector_step, step)
@@ -814,7 +822,8 @@ class Daemon:
         that the step lacks added to it (:meth:`_alias_scalars`); else a plain repeat."""
         known = (self.state.get("digests") or {}).get(digest)
         if known is not None and known[1] != ref.path.name:
-            added = self._alias_scalars(ref, step, loaded) if int(known[0]) == step else {}
+            meta = {k: float(v) for k, v in loaded.meta.items() if not k.startswith("_")}
+            added = self._alias_scalars(ref, step, meta) if int(known[0]) == step else {}
             if ref.path not in self._aliased:
                 self._aliased.add(ref.path)
                 log.warning(
@@ -863,14 +872,13 @@ class Daemon:
         return False
 
     def _alias_scalars(
-        self, ref: CheckpointRef, step: int, loaded: LoadedCheckpoint
+        self, ref: CheckpointRef, step: int, meta: dict[str, float]
     ) -> dict[str, float]:
         """An alias's trainer scalars (its ``meta``: a Lightning ``best-*.ckpt``'s
         monitored ``val_loss``) added to ``step``, the step whose weights it holds, where
         the step has no value of them (:meth:`MlflowSink.on_alias
         <ddsmon.sinks.tracking.MlflowSink.on_alias>`): what a reading of the file would
         have logged, whichever of the two files was read first. The scalars added."""
-        meta = {k: float(v) for k, v in loaded.meta.items() if not k.startswith("_")}
         hook = getattr(self.tracking, "on_alias", None)
         if not meta or hook is None:
             return {}
@@ -890,32 +898,84 @@ class Daemon:
     def _unstepped(
         self, ref: CheckpointRef, fp: tuple[int, int], digest: str, loaded: LoadedCheckpoint
     ) -> None:
-        """A checkpoint with no step in its content or name: an alias (its trainer
-        scalars added to the step it aliases, :meth:`_alias_scalars`), or unplaceable."""
+        """A checkpoint with no step in its content or name: an alias of the step read
+        with these weights (its trainer scalars added to that step,
+        :meth:`_alias_scalars`), else held (:class:`_Held`) and judged again after each
+        later reading (:meth:`_judge_held`): a Trainer's final ``save_model()`` file is
+        ready before the ``checkpoint-N/`` folders (they wait for ``trainer_state.json``
+        to settle), so under ``watch`` it comes first, and it is an alias once the step
+        with its weights is read, as in a ``scan``. A file still unmatched when the queue
+        runs dry is said to have no step (:meth:`_say_held`)."""
         known = (self.state.get("digests") or {}).get(digest)
+        meta = {k: float(v) for k, v in loaded.meta.items() if not k.startswith("_")}
         if known is not None:
-            step, name = known
-            added = self._alias_scalars(ref, int(step), loaded)
-            log.warning(
-                "%s holds the same weights as step %d (%s): an alias, not logged again%s",
-                shown(ref.path),
-                step,
-                shown(name),
-                _scalars_added(added),
-            )
-            self.summary.aliases.append((ref.path, int(step)))
-        else:
-            log.warning(
-                "%s has no training step (none in its content or its name) and holds the "
-                "weights of no checkpoint read: not logged, since readings are logged "
-                "against steps (save the step in it, e.g. torch.save({'state_dict': ..., "
-                "'step': N}), or name it step_N)",
-                shown(ref.path),
-            )
-            self.summary.unstepped.append(ref.path)
+            self._aliased_unstepped(ref, fp, int(known[0]), str(known[1]), meta)
+            self.summary.skipped += 1
+            return
+        self._held[ref.path] = _Held(ref, fp, digest, meta)
+        log.info(
+            "%s has no training step and holds the weights of no checkpoint read so far: "
+            "held, and compared again with each checkpoint read next",
+            shown(ref.path),
+        )
+
+    def _aliased_unstepped(
+        self, ref: CheckpointRef, fp: tuple[int, int], step: int, name: str, meta: dict[str, float]
+    ) -> None:
+        """An unstepped checkpoint holding the weights of ``step`` (file ``name``)."""
+        added = self._alias_scalars(ref, step, meta)
+        log.warning(
+            "%s holds the same weights as step %d (%s): an alias, not logged again%s",
+            shown(ref.path),
+            step,
+            shown(name),
+            _scalars_added(added),
+        )
+        self.summary.aliases.append((ref.path, step))
         self.state.mark_done(str(ref.path), fp, None)
         self._read_unlogged(ref)
-        self.summary.skipped += 1
+
+    def _judge_held(self, digest: str, step: int, ref: CheckpointRef) -> None:
+        """After a reading of ``step`` (``ref``, weights ``digest``): a held unstepped
+        checkpoint with these weights is an alias of it now."""
+        for path, held in list(self._held.items()):
+            if held.digest != digest or path == ref.path:
+                continue
+            del self._held[path]
+            if held.said:  # said to have no step when the queue ran dry: not any more
+                self.summary.unstepped.remove(path)
+            else:
+                self.summary.skipped += 1
+            self._aliased_unstepped(held.ref, held.fp, step, ref.path.name, held.meta)
+
+    def _say_held(self, *, final: bool) -> None:
+        """The queue ran dry: each held checkpoint not said yet is said to have no step
+        (at the default level, counted in the summary). Under ``watch`` (not ``final``)
+        it stays held and becomes an alias if a checkpoint read later holds its
+        weights. ``final`` (the end of a scan or watch): the held ones are marked done,
+        so the next run does not say it again, unless a stop left checkpoints queued
+        (then the next run judges them again)."""
+        for path, held in list(self._held.items()):
+            if not held.said:
+                held.said = True
+                later = "" if final else " so far (an alias if a checkpoint read later holds them)"
+                log.warning(
+                    "%s has no training step (none in its content or its name) and holds "
+                    "the weights of no checkpoint read%s: not logged, since readings are "
+                    "logged against steps (save the step in it, e.g. torch.save("
+                    "{'state_dict': ..., 'step': N}), or name it step_N)",
+                    shown(path),
+                    later,
+                )
+                self.summary.unstepped.append(path)
+                self.summary.skipped += 1
+            if final:
+                del self._held[path]
+                with self._cond:
+                    drained = not self._queue
+                if drained:
+                    self.state.mark_done(str(path), held.fp, None)
+                    self._read_unlogged(held.ref)
 
     def _fail(self, ref: CheckpointRef, reason: str, step: int | None = None) -> None:
         self._fail_path(ref.path, reason, step)
@@ -1000,6 +1060,19 @@ class _Loader:
         """Stop after the job in flight (not waited for); jobs not started are cancelled."""
         self._closed.set()
         self._jobs.put(None)
+
+
+@dataclass
+class _Held:
+    """A checkpoint with no step whose weights match no step read yet
+    (:meth:`Daemon._unstepped`): judged again after each reading; ``said``: said to
+    have no step once the queue ran dry."""
+
+    ref: CheckpointRef
+    fp: tuple[int, int]
+    digest: str
+    meta: dict[str, float]
+    said: bool = False
 
 
 class _SettingFault(CheckpointError):
