@@ -159,19 +159,36 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 _SAID_COPYING = False
 
 
+def _decoder_side(name: str) -> bool:
+    """Whether a probe input of this name holds the targets a model scores position by
+    position: a seq2seq model's ``labels`` / ``decoder_input_ids`` (any ``decoder_*`` or
+    label-like input, Hugging Face's names). Targets equal to them are right for
+    ``"ce"``: T5's logits at position t predict ``labels[t]``."""
+    lowered = name.lower()
+    return lowered.startswith("decoder") or "label" in lowered or "target" in lowered
+
+
 def warn_if_copying(loss: LossSpec, inputs: object, targets: object) -> None:
-    """Warn, once, when ``loss`` is ``"ce"`` and the targets (n, T) are one of the probe's
-    input tensors: every position is then scored against its own token (a copying
-    loss), where a causal language model's is the next token's (``"lm"``)."""
+    """Warn, once, when ``loss`` is ``"ce"`` and the targets (n, T) are the probe's input
+    ids: every position is then scored against its own token (a copying loss), where a
+    causal language model's is the next token's (``"lm"``).
+
+    Only the encoder-side / causal inputs are compared: a dict's values but those of
+    decoder-side or label inputs (:func:`_decoder_side`: ``labels``,
+    ``decoder_input_ids``, which a seq2seq model scores position by position, so that
+    ``"ce"`` is right for them), or the first of positional inputs (the model's input
+    ids)."""
     global _SAID_COPYING
     if _SAID_COPYING or loss != "ce" or not isinstance(targets, Tensor) or targets.ndim != 2:
         return
     if targets.is_floating_point():
         return
     if isinstance(inputs, dict):
-        parts = list(inputs.values())
+        parts = [v for k, v in inputs.items() if not _decoder_side(str(k))]
+    elif isinstance(inputs, (list, tuple)):
+        parts = list(inputs[:1])
     else:
-        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        parts = [inputs]
     for part in parts:
         if (
             isinstance(part, Tensor)

@@ -149,3 +149,38 @@ def test_targets_that_score_no_position_are_a_probe_error(loss: str, blank: tupl
     assert sig.layers  # activation readings need no scored position
     targets[0, -1] = ids[0, -1]  # one scored position: read
     compute_signatures(model, ids, targets, loss=loss, device="cpu")
+
+
+def test_ce_with_a_seq2seq_models_labels_as_targets_is_not_said(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A T5 probe ``{"input_ids", "labels"}`` with targets = its labels (what the README
+    asks of encoder-decoder models): T5's logits at position t predict ``labels[t]``, so
+    ``"ce"`` is right. Before, the targets were compared with every input, ``labels``
+    included, and ddsmon advised ``--loss lm`` (which would shift them wrongly). Targets
+    equal to the encoder's ``input_ids`` are still said."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=16, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 16, (6, 5), generator=generator)
+    labels = torch.randint(2, 16, (6, 4), generator=generator)
+    layers = [r"lm_head"]
+    monkeypatch.setattr(losses, "_SAID_COPYING", False)
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        for probe in (
+            {"input_ids": ids, "labels": labels},
+            {"input_ids": ids, "decoder_input_ids": labels},
+        ):
+            sig = compute_signatures(model, probe, labels, loss="ce", layers=layers,
+                                     device="cpu", fisher="activation")  # fmt: skip
+            assert sig.layers, "the decoder's head was read"
+    assert "own token" not in caplog.text, caplog.text
+    same = torch.randint(2, 16, (6, 5), generator=generator)
+    with caplog.at_level("WARNING", logger="ddsmon"):
+        compute_signatures(model, {"input_ids": same, "labels": same}, same, loss="ce",
+                           layers=layers, device="cpu", fisher="activation")  # fmt: skip
+    assert "own token" in caplog.text and "--loss lm" in caplog.text, caplog.text
