@@ -21,6 +21,11 @@ shape that differs is a CheckpointError naming it. The layers are named as the
 model's names, and the adapter's own modules told apart by name (LoRA's
 ``...c_attn.base_layer``, ``...c_attn.lora_A.default``, ``...c_attn.lora_B.default``).
 
+peft's prompt learning (prompt tuning, p-tuning, prefix tuning: ``prompt_embeddings``)
+is refused in one line naming the file (:func:`_refuse_prompt_learning`): it trains
+virtual tokens fed to the model, not weights of the model's layers, so no layer of the
+model changes and the adapter has no layer of its own to read.
+
 peft is imported only when an adapter is met; without it, the error says to install it.
 """
 
@@ -102,9 +107,11 @@ def load_adapter_into(
                 f"a {peft_config.peft_type.value} adapter {adapter!r}",
             )
         into = f"loaded into adapter {adapter!r} of {whose}, a PeftModel"
+        _refuse_prompt_learning(peft_config, path, weights)
     else:
         adapter = "default"
         peft_config = _peft_config(peft, config, path)
+        _refuse_prompt_learning(peft_config, path, weights)
         into = f"put onto {type(model).__name__}, {whose}"
         model = _wrap(peft, model, peft_config, path)
     try:
@@ -116,6 +123,24 @@ def load_adapter_into(
     rank = getattr(peft_config, "r", None)
     shape = (f"r={rank}, " if isinstance(rank, int) else "") + f"{len(tensors)} tensors"
     return model, f"in {weights}: a {kind} adapter ({shape}) {into}"
+
+
+def _refuse_prompt_learning(peft_config: Any, path: Path, weights: str) -> None:
+    """A CheckpointError for an adapter of peft's prompt learning (``is_prompt_learning``:
+    prompt tuning, p-tuning, prefix tuning), which ddsmon does not read."""
+    if getattr(peft_config, "is_prompt_learning", False):
+        kind = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+        raise CheckpointError(
+            path,
+            f"{weights}: a {kind} adapter (peft's prompt learning: prompt tuning, p-tuning, "
+            "prefix tuning) is not supported: it trains virtual tokens fed to the model, "
+            "not weights of its layers, so it has no layer of its own to read",
+        )
+
+
+def _keys(n: int) -> str:
+    """``1 key``, ``2 keys``."""
+    return f"{n} key" if n == 1 else f"{n} keys"
 
 
 def _mismatch(exc: BaseException) -> str:
@@ -164,7 +189,7 @@ def _check_keys(peft: Any, model: Any, adapter: str, result: Any, path: Path, we
     if unexpected:
         raise CheckpointError(
             path,
-            f"{weights}: {len(unexpected)} keys the model has no place for "
+            f"{weights}: {_keys(len(unexpected))} the model has no place for "
             f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})",
         )
     peft_type = model.peft_config[adapter].peft_type
