@@ -231,7 +231,12 @@ class Daemon:
                 log.warning("could not read recorded steps from MLflow: %s", exc)
             else:
                 self._read_set_of_another_run()
-        info = RunInfo(directory=self.config.directory, mode=mode, params=self.params())
+        info = RunInfo(
+            directory=self.config.directory,
+            mode=mode,
+            params=self.params(),
+            automatic=frozenset(self.reader.automatic_params()),
+        )
         for sink in self.sinks:
             if sink is self.tracking:
                 try:
@@ -808,11 +813,12 @@ class Daemon:
 
     def _say_source(self, ref: CheckpointRef, loaded: LoadedCheckpoint) -> None:
         """Which weights were read (a prefix stripped, an EMA copy ignored): said once per
-        run at the default level, and again only when it changes."""
+        run at INFO (``-v``: it is how a normal read went, not a problem; a load that
+        fails says why at the default level), and again only when it changes."""
         source = loaded.source
         if source and source != self._source:
             self._source = source
-            log.warning("%s: read the state dict %s", shown(ref.path), shown(source))
+            log.info("%s: read the state dict %s", shown(ref.path), shown(source))
 
     def _already_recorded(
         self, ref: CheckpointRef, step: int, digest: str, loaded: LoadedCheckpoint

@@ -138,6 +138,13 @@ class Reader:
                 factor_budget=s.factor_budget,
             )
 
+    def automatic_params(self) -> set[str]:
+        """The keys of :meth:`params` whose values this process chose itself, not a
+        user's setting: ``torch_threads`` without ``--threads`` (each process picks the
+        count from the cores free when it starts). A run read again with another count
+        is no conflict to warn of (:class:`~ddsmon.sinks.RunInfo` ``automatic``)."""
+        return {"torch_threads"} if self.threads.threads is None else set()
+
     def params(self) -> dict[str, str]:
         """The settings of the reading, as MLflow params."""
         s = self.settings

@@ -115,14 +115,14 @@ def test_variant_folders_are_scanned_without_a_model_at_their_steps(tmp_path: Pa
     torch.save({"inputs": inputs, "targets": targets}, probe)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
-        [sys.executable, "-m", "ddsmon.cli", "scan", str(out), "--probe", str(probe),
+        [sys.executable, "-m", "ddsmon.cli", "-v", "scan", str(out), "--probe", str(probe),
          "--loss", "ce", "--tracking-uri", uri, "--no-plots", "--threads", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "3 read" in proc.stderr and "0 failed" in proc.stderr, proc.stderr
-    assert "weights variant 'ema'" in proc.stderr, proc.stderr
+    assert "weights variant 'ema'" in proc.stderr, proc.stderr  # the source: INFO (-v)
     assert "not read beside it: model.ema.safetensors" in proc.stderr, proc.stderr
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ddsmon").experiment_id])

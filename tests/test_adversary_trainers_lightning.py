@@ -116,13 +116,13 @@ def test_lightning_val_loss_is_logged_at_each_checkpoints_step(
     torch.save({"inputs": inputs, "targets": targets}, probe)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = subprocess.run(
-        [sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts), "--model",
+        [sys.executable, "-m", "ddsmon.cli", "-v", "scan", str(ckpts), "--model",
          f"{SCRIPTS / 'models.py'}:classifier", "--probe", str(probe), "--loss", "ce",
          "--tracking-uri", uri, "--no-plots", "--threads", "1"],
         cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "prefix 'net.' stripped" in done.stderr
+    assert "prefix 'net.' stripped" in done.stderr  # which weights were read: INFO (-v)
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     history = client.get_metric_history(run.info.run_id, "train/val_loss")

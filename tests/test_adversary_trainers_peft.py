@@ -147,7 +147,7 @@ def test_lora_trainer_run_is_scanned_into_mlflow_at_its_steps(
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = run_ddsmon(
-        "scan", lora_run["run"], "--probe", lora_run["probe"], "--loss", "ce",
+        "-v", "scan", lora_run["run"], "--probe", lora_run["probe"], "--loss", "ce",
         "--tracking-uri", uri, "--no-plots", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -155,7 +155,7 @@ def test_lora_trainer_run_is_scanned_into_mlflow_at_its_steps(
     # the final save_model's adapter in run/ itself: the weights of step 10 again
     assert "run/adapter_model.safetensors holds the same weights as step 10" in said
     assert "2 read, 1 skipped, 0 failed, 0 events, 1 aliases" in said
-    assert "LORA adapter (r=4" in done.stderr  # which weights were read, said once
+    assert "LORA adapter (r=4" in done.stderr  # which weights were read, once, at INFO (-v)
     key = "dds/lambda_ratio/base_model.model.transformer.h.1.attn.c_attn.lora_B.default"
     assert metric_steps(uri, key) == [5, 10]
     assert metric_steps(uri, "train/eval_loss") == [5, 10]

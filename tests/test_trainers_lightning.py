@@ -47,7 +47,7 @@ def test_lightning_trainer_watched_live_reads_the_model_not_its_ema_copy(tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     watcher = Watcher([out, "--model", f"{SCRIPTS / 'models.py'}:classifier", "--probe", probe,
                        "--loss", "ce", "--tracking-uri", uri, "--no-plots", "--quiet", "0.5",
-                       "--threads", "1"], cwd=tmp_path)  # fmt: skip
+                       "--threads", "1"], cwd=tmp_path, options=("-v",))  # fmt: skip
     trainer = None
     try:
         watcher.wait_for("waiting for", timeout=120)  # OUT does not exist yet
@@ -102,7 +102,7 @@ def test_lightning_trainer_watched_live_reads_the_model_not_its_ema_copy(tmp_pat
     assert not math.isclose(of_model, of_ema, rel_tol=1e-3), (of_model, of_ema)
     assert math.isclose(logged, of_model, rel_tol=1e-6), (logged, of_model, of_ema)
 
-    # Which weights were read, said once at the default level.
+    # Which weights were read, said once, at INFO (-v): a normal read is no warning.
     # NEEDS the daemon to log LoadedCheckpoint.source once per run (item 3).
     source = load_checkpoint(classify(out / f"step={MAX_STEPS}.ckpt"), classifier).source
     assert source == (

@@ -25,11 +25,15 @@ class RunInfo:
     mode: ``"watch"``, ``"scan"`` or ``"report"``.
     params: the run's settings as strings (probe size, layers, recipe, device, version),
         what the MLflow sink logs as params.
+    automatic: the keys of ``params`` chosen by this process itself, not set by the
+        user (``torch_threads`` without ``--threads``): a run that holds another value
+        keeps it, with no warning of a changed setting.
     """
 
     directory: Path
     mode: str
     params: dict[str, str] = field(default_factory=dict)
+    automatic: frozenset[str] = frozenset()
 
 
 class Sink(Protocol):

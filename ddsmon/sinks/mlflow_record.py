@@ -113,14 +113,22 @@ class ArtifactFile(NamedTuple):
 
 @dataclass(frozen=True)
 class StartRecord:
-    """The run's start: the watched directory (absolute) and the params, as strings."""
+    """The run's start: the watched directory (absolute) and the params, as strings;
+    ``automatic``: the params the daemon chose itself (a run holding another value of
+    one keeps it, unwarned: :meth:`~ddsmon.sinks.mlflow_writer.MlflowWriter.write_start`)."""
 
     kind: ClassVar[str] = "start"
     directory: str
     params: Mapping[str, str] = field(default_factory=dict)
+    automatic: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "directory": self.directory, "params": dict(self.params)}
+        return {
+            "kind": self.kind,
+            "directory": self.directory,
+            "params": dict(self.params),
+            "automatic": list(self.automatic),
+        }
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,11 @@ def record_from_json(data: Mapping[str, Any]) -> Record:
     kind = data.get("kind")
     try:
         if kind == StartRecord.kind:
-            return StartRecord(directory=_text(data["directory"]), params=_strings(data["params"]))
+            return StartRecord(
+                directory=_text(data["directory"]),
+                params=_strings(data["params"]),
+                automatic=tuple(_text(k) for k in data.get("automatic", [])),
+            )
         if kind == ReadingRecord.kind:
             return ReadingRecord(
                 step=int(data["step"]),
@@ -242,9 +254,16 @@ def _strings(value: Any) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- building records
-def start_record(directory: Path, params: Mapping[Any, Any]) -> StartRecord:
-    """The start record of a run over ``directory`` with the daemon's ``params``."""
-    return StartRecord(directory=str(directory), params={str(k): str(v) for k, v in params.items()})
+def start_record(
+    directory: Path, params: Mapping[Any, Any], *, automatic: Iterable[str] = ()
+) -> StartRecord:
+    """The start record of a run over ``directory`` with the daemon's ``params``, those
+    named in ``automatic`` chosen by the daemon itself."""
+    return StartRecord(
+        directory=str(directory),
+        params={str(k): str(v) for k, v in params.items()},
+        automatic=tuple(sorted(str(k) for k in automatic)),
+    )
 
 
 def trainer_rows(

@@ -150,7 +150,10 @@ class MlflowWriter:
 
     # ------------------------------------------------------------------ records
     def write_start(self, run_id: str, record: StartRecord, *, owned: bool) -> None:
-        """Params not yet in the run, the identifying tags and the note."""
+        """Params not yet in the run, the identifying tags and the note. A param the run
+        holds with another value keeps it (params cannot change), warned of once, unless
+        the daemon chose it itself (``record.automatic``: ``torch_threads`` picked per
+        process), which is no conflicting setting."""
         directory = Path(record.directory)
         run = call(self.client.get_run, run_id)
         existing = run.data.params
@@ -159,7 +162,8 @@ class MlflowWriter:
             k = param_key(key)
             v = truncate(value, LIMITS["param_value"])
             if k in existing:
-                if existing[k] != v and k not in self._warned_params:
+                automatic = key in record.automatic
+                if existing[k] != v and not automatic and k not in self._warned_params:
                     self._warned_params.add(k)
                     log.warning(
                         "MLflow param %r of run %s is %r, now %r; params cannot change, "

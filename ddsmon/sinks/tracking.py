@@ -26,7 +26,8 @@ composes; it holds no logic of its own beyond putting these parts together:
 What a run holds (also written into the run's note, ``mlflow.note.content``)
     * params: the daemon's settings (:class:`~ddsmon.sinks.RunInfo` ``params``), values
       cut to MLflow's length limit; params are immutable, so on a restart equal ones are
-      skipped and a changed one is reported (warning), not logged.
+      skipped and a changed one is reported (warning), not logged; one that ddsmon chose
+      itself (``torch_threads`` without ``--threads``) is kept without a warning.
     * metrics at each checkpoint's ``step`` (named by :mod:`ddsmon.sinks.mlflow_keys`):
       every finite number among :data:`~ddsmon.readings.SCALAR_READINGS`, as
       ``dds/<reading>/<layer>`` for a headline reading and ``dds_detail/<reading>/<layer>``
@@ -345,7 +346,9 @@ class MlflowSink:
                 except Unreachable as exc:
                     self._outbox.mark_down(exc)
                 self._check_spool(held)
-            self._outbox.send(start_record(directory, info.params), force=True)
+            self._outbox.send(
+                start_record(directory, info.params, automatic=info.automatic), force=True
+            )
             self._trainer_log_marks()  # the spool replayed: the run and what is left
         self._closed = False
         self._retrier.start()

@@ -60,9 +60,10 @@ def wait_until(
 class Watcher:
     """``ddsmon watch ARGS`` in a subprocess started in ``cwd``."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, options: tuple[str, ...] = ()) -> None:
+        """``options``: ddsmon's own, before ``watch`` (``-v``)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddsmon.cli", "watch", *map(str, args)],
+            [sys.executable, "-m", "ddsmon.cli", *options, "watch", *map(str, args)],
             cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self._lines: list[str] = []
