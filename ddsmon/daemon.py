@@ -411,11 +411,10 @@ class Daemon:
             found = discover(self.config.directory, self.watching.exclude)
             self._say_where_they_are(found)
             for ref in found:
-                reason = check_complete(ref)
-                if reason is None:
+                if check_complete(ref) is None:
                     self.enqueue(ref)
-                else:
-                    self._rejected(ref.path, reason)
+                else:  # perhaps still being written: the watcher waits, then judges it
+                    watcher.track(ref.path)
             self._drain(block=True)
         finally:
             watcher.stop()

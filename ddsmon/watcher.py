@@ -50,9 +50,11 @@ from pathlib import Path
 from types import TracebackType
 
 from watchdog.events import (
+    DirAttribEvent,
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -88,9 +90,11 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileMovedEvent,
     FileClosedEvent,
     FileDeletedEvent,
+    FileAttribEvent,  # a chmod that makes an unreadable checkpoint readable
     DirCreatedEvent,
     DirMovedEvent,
     DirDeletedEvent,
+    DirAttribEvent,  # a folder readable again
 ]
 _FOLDER_KINDS = ("hf", "dcp")
 
@@ -121,6 +125,10 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
+
+
+def _within_path(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def _has_weights(folder: Path) -> bool:
@@ -236,6 +244,9 @@ class CheckpointWatcher:
         self.quiet = _seconds(quiet, "--quiet", "quiet period", zero_ok=True)
         self.directory = Path(directory)
         self._root = Path(os.path.abspath(self.directory))
+        self._real_root = self._root  # where the observer's watch is (see _below_root)
+        #: folders that could not be read, listed again at each root check (_relist)
+        self._unlisted: set[Path] = set()
         self._on_ready = on_ready
         self._on_vanished = on_vanished
         self._named_gone: set[Path] = set()
@@ -290,7 +301,13 @@ class CheckpointWatcher:
         observer: BaseObserver = (
             PollingObserver(timeout=self.poll) if self.poll is not None else Observer()
         )
-        observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
+        # on the directory itself: watchdog's inotify does not follow a link (a watched
+        # directory that is a symbolic link, or was replaced by one, gave no event at
+        # all); its events are mapped back below the path as given (_below_root)
+        self._real_root = Path(os.path.realpath(self._root))
+        observer.schedule(
+            _Handler(self), str(self._real_root), recursive=True, event_filter=_EVENTS
+        )
         observer.start()
         return observer
 
@@ -350,6 +367,17 @@ class CheckpointWatcher:
         with self._lock:
             self._pending.clear()
 
+    def track(self, path: Path) -> None:
+        """A checkpoint the caller found incomplete in its own listing (the daemon's at
+        start): pending, as if written and not yet closed, so a file still being written
+        when the watch began is waited for (:func:`open_write_grace` under native events,
+        a quiet period under polling) and rejected only if it then stays incomplete."""
+        try:
+            self._touch(Path(path), settled=False, writing=self.poll is None)
+        except OSError as exc:
+            self._unreadable(Path(path).parent, exc)
+        self._wake.set()
+
     @property
     def running(self) -> bool:
         return self._state == "running"
@@ -373,13 +401,22 @@ class CheckpointWatcher:
 
     # ------------------------------------------------------------------ events
     def _on_event(self, event: FileSystemEvent) -> None:
+        """One observer event. A path that cannot be looked at (a folder made
+        unreadable: ``Path.is_symlink`` raises on EACCES) marks its folder to be listed
+        again once it can be (:meth:`_unreadable`), instead of dropping the event."""
+        src = self._below_root(event.src_path)
+        try:
+            self._on_event_at(event, src)
+        except OSError as exc:
+            self._unreadable(src.parent if src is not None else self._root, exc)
+
+    def _on_event_at(self, event: FileSystemEvent, src: Path | None) -> None:
         kind = event.event_type
-        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
         if kind == "moved":
             if src is not None:
                 self._gone(src)
             if event.dest_path:
-                self._touch(Path(os.fsdecode(event.dest_path)), settled=True)
+                self._touch(self._below_root(event.dest_path) or self._root, settled=True)
         elif kind == "deleted":
             if src is not None:
                 self._gone(src)
@@ -390,6 +427,70 @@ class CheckpointWatcher:
             self._touch(src, settled=kind == "closed", writing=writing)
             if kind == "created" and event.is_directory:
                 self._touch_entries(src)
+        elif kind == "attrib" and src is not None:
+            # a chmod, chown or touch: no write, so a writer's open file stays open; a
+            # checkpoint rejected as unreadable is looked at again
+            if event.is_directory:
+                if src in self._unlisted:
+                    self._relist()
+            else:
+                self._touch(src, settled=False, writing=None)
+
+    def _below_root(self, raw: bytes | str | None) -> Path | None:
+        """An event's path as a path below the directory as given: the observer watches
+        the directory a symbolic link leads to (:meth:`_observe`), and reports paths
+        below it."""
+        if not raw:
+            return None
+        path = Path(os.fsdecode(raw))
+        real = self._real_root
+        if real != self._root and _within_path(path, real) and not _within_path(path, self._root):
+            return self._root / path.relative_to(real)
+        return path
+
+    def _unreadable(self, folder: Path, exc: OSError) -> None:
+        """``folder`` (below the root, or the root) could not be looked into: said once
+        until it can be again; it is listed again at each root check, and when that
+        works what is in it becomes pending (:meth:`_relist`)."""
+        folder = folder if _within_path(folder, self._root) else self._root
+        with self._lock:
+            new = folder not in self._unlisted
+            self._unlisted.add(folder)
+        if new:
+            log.warning(
+                "%s cannot be read (%s): its checkpoints are read once it can be again",
+                shown(self._out(folder)),
+                exc.strerror or exc,
+            )
+
+    def _relist(self) -> None:
+        """List again the folders that could not be read; each that can be now is said
+        so, and its checkpoints become pending (handed over once, as any other)."""
+        with self._lock:
+            folders = sorted(self._unlisted)
+        for folder in folders:
+            try:
+                os.listdir(folder)
+            except FileNotFoundError:  # gone: nothing to read there
+                with self._lock:
+                    self._unlisted.discard(folder)
+                continue
+            except OSError:
+                continue
+            with self._lock:
+                self._unlisted.discard(folder)
+            log.warning("%s can be read again; looking at what is in it", shown(self._out(folder)))
+            from ddsmon.checkpoints import discover
+
+            try:
+                found = discover(self._root, self.exclude)
+            except (OSError, ConfigError):
+                continue
+            for ref in found:
+                try:
+                    self._touch(ref.path, settled=False, writing=None)
+                except OSError as exc:
+                    self._unreadable(ref.path.parent, exc)
 
     def _touch_entries(self, folder: Path) -> None:
         """A subfolder was created: what is in it already is touched as if written. A
@@ -404,9 +505,10 @@ class CheckpointWatcher:
         for entry in entries:
             self._touch(entry, settled=False, writing=self.poll is None)
 
-    def _touch(self, path: Path, *, settled: bool, writing: bool = False) -> None:
+    def _touch(self, path: Path, *, settled: bool, writing: bool | None = False) -> None:
         """``path`` was written (or closed / renamed into place when ``settled``);
-        ``writing``: by a writer that has not closed it yet."""
+        ``writing``: by a writer that has not closed it yet; None: as it was (an
+        attribute change, a file seen again: no write, and no close)."""
         ref = checkpoint_for(path, self._root)
         if ref is None:
             self._gone_unseen(path)
@@ -428,7 +530,8 @@ class CheckpointWatcher:
             entry.changed_at = now
             entry.gen += 1
             entry.closed_fp = fp if fast else None
-            entry.writing = writing and ref.path == path and ref.kind not in _FOLDER_KINDS
+            if writing is not None:
+                entry.writing = writing and ref.path == path and ref.kind not in _FOLDER_KINDS
             entry.due = now if fast else now + self.quiet
         self._wake.set()
 
@@ -485,6 +588,8 @@ class CheckpointWatcher:
                 next_root_check = now + _ROOT_CHECK
                 try:
                     self._check_root()
+                    if self._unlisted:
+                        self._relist()
                 except Exception:
                     log.exception("ddsmon watcher: checking %s failed", shown(self.directory))
             with self._lock:
@@ -494,6 +599,10 @@ class CheckpointWatcher:
                     return
                 try:
                     self._check(key)
+                except OSError as exc:  # its folder unreadable: listed again later
+                    with self._lock:
+                        self._pending.pop(key, None)
+                    self._unreadable(key.parent, exc)
                 except Exception:
                     log.exception("ddsmon watcher: checking %s failed", shown(key))
                     with self._lock:

@@ -574,3 +574,21 @@ def test_excluded_checkpoints_are_neither_handed_over_nor_rejected(
         settle(watcher)
     assert got.counts() == {kept: 1}
     assert got.rejected == []
+
+
+@pytest.mark.parametrize("poll", MODES)
+def test_a_directory_given_as_a_symbolic_link_is_watched(tmp_path: Path, poll) -> None:
+    """``ckpts -> /scratch/run1``: watchdog's inotify does not follow a link, so under
+    native events nothing written there was ever seen; the watch is on the link's target,
+    the paths handed over are below the link as given."""
+    real = tmp_path / "scratch" / "run1"
+    real.mkdir(parents=True)
+    link = tmp_path / "ckpts"
+    link.symlink_to(real)
+    got = Collector()
+    with CheckpointWatcher(link, got.on_ready, poll=poll, quiet=QUIET) as watcher:
+        path = link / "step_1.pt"
+        path.write_bytes(torch_bytes())
+        wait_until(lambda: got.counts()[path] >= 1, "the checkpoint written through the link")
+        settle(watcher)
+    assert got.counts() == {path: 1}
