@@ -134,6 +134,9 @@ class Daemon:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._stop = threading.Event()
+        self._hurry = threading.Event()
+        #: True once the main loop abandoned the checkpoint in hand after :meth:`hurry`
+        self.abandoning = False
         self._recorded: set[int] = set()
         #: steps read again into a run that did not hold them (the state's read-set was
         #: kept for another run): the hooks and the events file had them already
@@ -204,6 +207,20 @@ class Daemon:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def hurry(self) -> None:
+        """Ask the loop to stop now (a second signal): it abandons the checkpoint in hand
+        at its next look (at least every half second while it waits for a load, a
+        reading or the queue), raising KeyboardInterrupt there; that checkpoint is read
+        by the next run. Safe from any thread; takes no lock the main thread holds long."""
+        self._hurry.set()
+        self.stop()
+
+    def _abandon_if_hurried(self) -> None:
+        """Called by the main loop where it waits: KeyboardInterrupt after :meth:`hurry`."""
+        if self._hurry.is_set():
+            self.abandoning = True
+            raise KeyboardInterrupt
 
     @property
     def stopping(self) -> bool:
@@ -335,6 +352,7 @@ class Daemon:
                 if self._rejections:
                     break
                 self._cond.wait(timeout=0.5)
+                self._abandon_if_hurried()
             if self._queue:
                 self._in_hand += 1
                 return heapq.heappop(self._queue)[2]
@@ -493,6 +511,7 @@ class Daemon:
             try:
                 return future.result(timeout=0.1)
             except FutureTimeout:
+                self._abandon_if_hurried()
                 if self._stop.is_set():
                     future.cancel()
                     return _STOPPED
@@ -726,6 +745,7 @@ class Daemon:
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.05)
+            self._abandon_if_hurried()
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -1164,9 +1184,115 @@ def has_hf_folders(directory: Path) -> bool:
         return False
 
 
+#: Seconds a second signal gives the main loop to notice it and abandon the checkpoint
+#: (it looks at least every half second while it waits for a load, a reading or the
+#: queue) before the process exits at once: a main thread busy elsewhere (an MLflow
+#: request that hangs) still stops.
+_HURRY_GRACE = 3.0
+
+#: The exit status of an interrupted run, as the CLI's (128 + SIGINT).
+_EXIT_INTERRUPTED = 130
+
+
+class _Signals:
+    """The daemon's signals, handled on a thread of their own (``ddsmon-signals``).
+
+    The handler Python runs on the main thread does nothing but note a hangup: the
+    signal number reaches this thread through :func:`signal.set_wakeup_fd` (a byte written
+    by the C-level handler: no lock taken, nothing raised, even while the main thread is
+    blocked in C code). A handler that took a lock (``Daemon.stop``'s condition) or
+    raised (KeyboardInterrupt for the second signal) could deadlock the daemon: handlers
+    run nested, and a second signal microseconds after the first (GNU ``timeout`` signals
+    its child and its process group) raised inside the first one's lock acquire, leaving
+    the lock held by a thread that then waited on it for good.
+
+    The first SIGINT/SIGTERM/SIGHUP calls ``daemon.stop()`` (the current checkpoint is
+    finished, then sinks flush); a second one calls ``daemon.hurry()``: the main loop
+    abandons the checkpoint at its next look (KeyboardInterrupt, raised there), or, when
+    it has not within :data:`_HURRY_GRACE` seconds (a third signal: at once), the process
+    exits with status 130 from this thread."""
+
+    def __init__(self, daemon: Any, signals: Iterable[int], on_terminal: list[int]) -> None:
+        self.daemon = daemon
+        self.signals = set(signals)
+        self.on_terminal = on_terminal
+        self.count = 0
+        self.hangup = False
+        self.hurried = False
+        self.finished = threading.Event()
+        self._read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self._thread = threading.Thread(target=self._run, name="ddsmon-signals", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the wakeup fd is put back: the signals already noted are handled, then
+        the thread ends."""
+        self.finished.set()
+        os.close(self.write_fd)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            os.close(self._read_fd)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self._one(signum)
+
+    def _one(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.hangup = True
+            _detach_from_terminal(self.on_terminal)
+            if self.count:
+                # a hangup comes twice (the kernel signals the terminal's foreground job,
+                # then the shell, hung up too, each of its jobs): not someone asking again
+                return
+        self.count += 1
+        if self.count == 1:
+            log.warning("signal %d: finishing the current checkpoint, then stopping", signum)
+            self.daemon.stop()
+            return
+        self.hurried = True
+        hurry = getattr(self.daemon, "hurry", None)
+        if hurry is not None:
+            hurry()
+        else:
+            self.daemon.stop()
+        if self.count == 2:
+            threading.Thread(target=self._exit_unless_abandoned, args=(_HURRY_GRACE,),
+                             name="ddsmon-hurry", daemon=True).start()  # fmt: skip
+        else:  # asked a third time: now
+            self._exit_unless_abandoned(0.0, said=True)
+
+    def _exit_unless_abandoned(self, grace: float, said: bool = False) -> None:
+        if self.finished.wait(grace):
+            return
+        if not said and getattr(self.daemon, "abandoning", False):
+            return  # the main loop abandoned the checkpoint and is on its way out
+        try:
+            log.warning("the daemon did not stop in %.0f s of a second signal: exiting now", grace)
+            os.write(
+                2,
+                b"ddsmon: interrupted; what was recorded before is kept "
+                b"(a checkpoint being read is read again next time)\n",
+            )
+        finally:
+            os._exit(_EXIT_INTERRUPTED)
+
+
 def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     """Run ``daemon.scan()`` or ``daemon.watch()``; the first SIGINT/SIGTERM asks it to stop
-    after the current checkpoint, a second one abandons that checkpoint.
+    after the current checkpoint, a second one abandons that checkpoint (KeyboardInterrupt,
+    raised by the main loop, never by a signal handler: :class:`_Signals`).
 
     SIGHUP (the terminal went away: an ssh session dropped, a window closed) stops it in
     the same order, unless the parent set it to be ignored (``nohup``); a SIGHUP after the
@@ -1175,33 +1301,33 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     on a terminal then point at ``/dev/null``: the terminal is gone, and what is still
     said on the way out would fail on it. Before, a hangup killed the daemon where it
     stood, the checkpoint being read lost and the MLflow run left running."""
-    interrupts = {"count": 0}
     on_terminal = [fd for fd in (1, 2) if _isatty(fd)]
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP:
-            interrupts["hangup"] = 1
-            _detach_from_terminal(on_terminal)
-            if interrupts["count"]:
-                # a hangup comes twice (the kernel signals the terminal's foreground job,
-                # then the shell, hung up too, each of its jobs): not someone asking again
-                return
-        interrupts["count"] += 1
-        if interrupts["count"] > 1:
-            raise KeyboardInterrupt
-        log.warning("signal %d: finishing the current checkpoint, then stopping", signum)
-        daemon.stop()
-
     signals = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
         signals.append(signal.SIGHUP)
+    handling = _Signals(daemon, signals, on_terminal)
+    hung_up: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # nothing else here (no lock, no raise): the work is done on the signals' thread
+        if signum == signal.SIGHUP:
+            hung_up.append(signum)
+
     previous = {s: signal.signal(s, on_signal) for s in signals}
+    wakeup_before = signal.set_wakeup_fd(handling.write_fd, warn_on_full_buffer=False)
+    handling.start()
     try:
-        return daemon.scan() if mode == "scan" else daemon.watch()
+        summary = daemon.scan() if mode == "scan" else daemon.watch()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if interrupts.get("hangup"):
+        if hung_up:
             # the terminal is gone: a late second hangup (the shell's) must not end the
             # exit under way (the summary, the status) with -SIGHUP
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for s, handler in previous.items():
+            if not (hung_up and s == signal.SIGHUP):
+                signal.signal(s, handler)
+        signal.set_wakeup_fd(wakeup_before)
+        handling.close()
+    if handling.hurried:  # a second signal after the loop's last look: still abandoned
+        raise KeyboardInterrupt
+    return summary

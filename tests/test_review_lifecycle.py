@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ class _Daemon:
     def watch(self) -> Any:
         for sig in self.signals:
             os.kill(os.getpid(), sig)
+        deadline = time.monotonic() + 10  # signals are handled on a thread of their own
+        while not self.stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
         return ("finished", self.stopped)
 
     scan = watch
