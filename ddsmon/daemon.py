@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import signal
+import sysconfig
 import threading
 import time
 import weakref
@@ -584,6 +585,12 @@ class Daemon:
             return _SettingFault(ref.path, str(exc))
         except SystemExit as exc:  # user code called sys.exit: a failure, not our exit
             return _SettingFault(ref.path, f"the model factory called sys.exit({exc.code!r})")
+        except KeyboardInterrupt as exc:  # on the loader's thread: user code raised it
+            return _SettingFault(
+                ref.path,
+                f"KeyboardInterrupt raised while loading (--model {self.config.read.model})"
+                f"{_raised_at(exc)}; not a signal: a failure of this checkpoint",
+            )
         except Exception as exc:  # a factory or format we did not foresee: still a report
             return CheckpointError(ref.path, f"{type(exc).__name__}: {exc}")
         loaded.meta["_load_seconds"] = time.perf_counter() - started
@@ -731,6 +738,8 @@ class Daemon:
                 return self.reader.read(model)
             except SystemExit as exc:
                 raise RuntimeError(f"sys.exit({exc.code!r}) called during the reading") from None
+            except KeyboardInterrupt as exc:
+                raise self._user_interrupt(exc) from None
         box: dict[str, Any] = {}
 
         def work() -> None:
@@ -738,6 +747,8 @@ class Daemon:
                 box["value"] = self.reader.read(model)
             except SystemExit as exc:  # the user's model or loss called sys.exit
                 box["error"] = RuntimeError(f"sys.exit({exc.code!r}) called during the reading")
+            except KeyboardInterrupt as exc:  # raised by user code: signals never reach here
+                box["error"] = self._user_interrupt(exc)
             except BaseException as exc:
                 box["error"] = exc
 
@@ -749,6 +760,17 @@ class Daemon:
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+    def _user_interrupt(self, exc: KeyboardInterrupt) -> RuntimeError:
+        """A KeyboardInterrupt raised during a reading, on a thread that no signal reaches
+        (ddsmon's own stop requests are handled on its signals' thread, and a second
+        one is raised by the main loop, :meth:`hurry`): the user's code raised it (the
+        loss, the model, the probe's code), and it is that checkpoint's failure, naming
+        the loss and where it was raised, as any other exception of theirs is."""
+        return RuntimeError(
+            f"KeyboardInterrupt raised during the reading (--loss {self.config.read.loss})"
+            f"{_raised_at(exc)}; not a signal: a failure of this checkpoint"
+        )
 
     def _reading_failed(
         self, ref: CheckpointRef, fp: tuple[int, int], reason: str, step: int | None
@@ -1161,6 +1183,39 @@ def _scalars_added(added: dict[str, float]) -> str:
     if not added:
         return ""
     return "; its " + ", ".join(f"{k}={v:.4g}" for k, v in added.items()) + " logged at that step"
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`` at FILE:LINE in FUNCTION``: the innermost frame of ``exc``'s traceback outside
+    ddsmon, torch and the standard library (the user's code), else ``""``."""
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if _is_user_code(code.co_filename):
+            found = f" at {shown(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
+        tb = tb.tb_next
+    return found
+
+
+_OWN_CODE = (
+    str(Path(__file__).resolve().parent),
+    sysconfig.get_paths()["stdlib"],
+    sysconfig.get_paths()["purelib"],
+    sysconfig.get_paths()["platlib"],
+)
+
+
+def _is_user_code(filename: str) -> bool:
+    """Whether ``filename`` is the user's code: not ddsmon's, the standard library's or
+    an installed package's (torch), nor frozen or built-in."""
+    if filename.startswith("<"):
+        return False
+    try:
+        resolved = str(Path(filename).resolve())
+    except OSError:
+        resolved = filename
+    return not any(resolved.startswith(p) for p in _OWN_CODE) and "site-packages" not in resolved
 
 
 def _steps_shown(steps: Iterable[int], most: int = 8) -> str:
