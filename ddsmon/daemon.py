@@ -1355,7 +1355,11 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
     the kernel, then the shell), it never abandons the checkpoint. Standard streams
     on a terminal then point at ``/dev/null``: the terminal is gone, and what is still
     said on the way out would fail on it. Before, a hangup killed the daemon where it
-    stood, the checkpoint being read lost and the MLflow run left running."""
+    stood, the checkpoint being read lost and the MLflow run left running.
+
+    A state lock held by someone else is waited for, said after a second
+    (:func:`ddsmon.state._take_flock`); once the daemon is asked to stop, that wait
+    ends with a StateError (exit 4), the checkpoint in hand read again next time."""
     on_terminal = [fd for fd in (1, 2) if _isatty(fd)]
     signals = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
@@ -1368,6 +1372,10 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
         if signum == signal.SIGHUP:
             hung_up.append(signum)
 
+    from ddsmon import state as state_module
+
+    waiting_before = state_module.stop_waiting
+    state_module.stop_waiting = lambda: bool(getattr(daemon, "stopping", False))
     previous = {s: signal.signal(s, on_signal) for s in signals}
     wakeup_before = signal.set_wakeup_fd(handling.write_fd, warn_on_full_buffer=False)
     handling.start()
@@ -1383,6 +1391,7 @@ def run_until_signalled(daemon: Daemon, mode: str) -> Summary:
                 signal.signal(s, handler)
         signal.set_wakeup_fd(wakeup_before)
         handling.close()
+        state_module.stop_waiting = waiting_before
     if handling.hurried:  # a second signal after the loop's last look: still abandoned
         raise KeyboardInterrupt
     return summary

@@ -480,7 +480,7 @@ class StateDir:
     def _flocked(self, name: str) -> Iterator[None]:
         fd = _open_regular(self.path(name), os.O_RDWR | os.O_CREAT, "opening")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _take_flock(fd, self.path(name))
             yield
         finally:
             os.close(fd)  # closing drops the flock
@@ -579,6 +579,78 @@ class StateDir:
 
 
 # ---------------------------------------------------------------------- errors
+#: Seconds a state lock is waited for before it is said to be held (once per wait).
+LOCK_SAID_AFTER = 1.0
+
+#: Asked every 50 ms once a state lock was said to be held: True ends the wait with a
+#: :class:`StateError` (set by :func:`ddsmon.daemon.run_until_signalled` to "the daemon
+#: was asked to stop", so that a signal stops a daemon that waits on a lock held by
+#: someone else, a backup tool or a hung NFS lock, instead of waiting as long as it is).
+stop_waiting: Callable[[], bool] | None = None
+
+
+def _take_flock(fd: int, path: Path) -> None:
+    """``flock(fd, LOCK_EX)``, polled: a lock held for over :data:`LOCK_SAID_AFTER` s
+    is said once (naming the file and, from ``/proc/locks``, its holder) and waited for;
+    while :data:`stop_waiting` says so, the wait ends with :class:`StateError`."""
+    started = time.monotonic()
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            if said:
+                log.warning("%s is free again after %.0f s; going on", path,
+                            time.monotonic() - started)  # fmt: skip
+            return
+        waited = time.monotonic() - started
+        if waited >= LOCK_SAID_AFTER:
+            if not said:
+                said = True
+                log.warning(
+                    "%s is locked by %s: ddsmon waits for it (its state cannot be written "
+                    "meanwhile; a signal stops the wait)",
+                    path,
+                    _flock_holder(fd),
+                )
+            give_up = stop_waiting
+            if give_up is not None and give_up():
+                raise StateError(
+                    path,
+                    f"{path} is still locked by another holder after {waited:.0f} s; stopped "
+                    "waiting for it, as a stop was asked (a checkpoint not marked read is "
+                    "read again next time)",
+                )
+        time.sleep(0.05)
+
+
+def _flock_holder(fd: int) -> str:
+    """``pid 123 (flock)`` holding the flock on ``fd``'s file, from ``/proc/locks``
+    (Linux), else ``another process``."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) < 6 or fields[1] != "FLOCK":
+                    continue
+                _major, minor, inode = fields[5].split(":")
+                if int(inode) == st.st_ino and int(minor, 16) == os.minor(st.st_dev):
+                    pid = int(fields[4])
+                    if pid == os.getpid():
+                        return "this process (another of its writers)"
+                    try:
+                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    except OSError:
+                        comm = "?"
+                    return f"pid {pid} ({comm})"
+    except (OSError, ValueError):
+        pass
+    return "another process"
+
+
 def _strerror(exc: OSError) -> str:
     text = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
     return text[:1].lower() + text[1:]
