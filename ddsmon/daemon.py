@@ -159,6 +159,11 @@ class Daemon:
         self.summary = Summary()
         #: True once the claim, the restart state and the sinks' start succeeded
         self.reading_started = False
+        #: why the MLflow sink gave up replaying its spool (the run gone or another
+        #: daemon's), from its retry thread: the loop stops and raises it (exit 2)
+        self._gave_up: ConfigError | None = None
+        if tracking is not None and hasattr(tracking, "on_give_up"):
+            tracking.on_give_up = self._tracking_gave_up
 
     @classmethod
     def from_config(cls, config: Config, *, console: Any | None = None) -> Daemon:
@@ -404,6 +409,7 @@ class Daemon:
                     continue
                 self.enqueue(ref)
             self._drain(block=False)
+            self._raise_if_gave_up()
         finally:
             self._finish()
         return self.summary
@@ -435,10 +441,23 @@ class Daemon:
                 else:  # perhaps still being written: the watcher waits, then judges it
                     watcher.track(ref.path)
             self._drain(block=True)
+            self._raise_if_gave_up()
         finally:
             watcher.stop()
             self._finish()
         return self.summary
+
+    def _tracking_gave_up(self, exc: ConfigError) -> None:
+        """The MLflow sink cannot write its run any more (its retry thread found it gone,
+        or another daemon's): stop now, rather than idle until the next checkpoint meets
+        the same error; :meth:`watch` then raises it (exit 2, the spool kept; started
+        again, ddsmon logs into a new run, :meth:`_read_set_of_another_run`)."""
+        self._gave_up = exc
+        self.stop()
+
+    def _raise_if_gave_up(self) -> None:
+        if self._gave_up is not None:
+            raise self._gave_up
 
     def _say_where_they_are(self, found: list[CheckpointRef]) -> None:
         """Nothing found at start: say so where a look below finds why
@@ -533,40 +552,69 @@ class Daemon:
             return False
 
     def _read_set_of_another_run(self) -> None:
-        """The read-set kept for another run: every step it marks as read is missing
-        from the run (and the spool), so those readings went to another store, experiment
-        or run (``--tracking-uri`` or ``--experiment`` changed, ``--run-id`` given, the
-        store deleted to start over). Then every checkpoint is read again, into this run,
-        with a fresh event history; before, they were all skipped as read, and the run
-        stayed empty. The checkpoints whose reading failed are read again too (their
-        failures were told to the other run only; a fault of the file fails again and
-        is recorded here, one the user has fixed since is read). A run that holds some
-        of them is this run's own history (a step the store rejected is missing from it
-        for good), and is left as it is."""
+        """Which steps count as recorded comes from the run this daemon now logs into
+        (and the spool, replayed into it): every step the read-set marks as read that
+        neither holds is taken out of the read-set, so its checkpoint is read again into
+        this run. Before, a run holding any of them was taken for this run's own history
+        and left as it was: a server restarted on a wiped store while readings were
+        spooled got only the spooled steps, the earlier ones lost without a word.
+
+        * None of the steps held (``--tracking-uri`` or ``--experiment`` changed,
+          ``--run-id`` given, the store deleted to start over, nothing spooled): every
+          checkpoint is read again with a fresh event history, and the checkpoints whose
+          reading failed are read again too (their failures were told to the other run
+          only; a fault of the file fails again and is recorded here, one the user has
+          fixed since is read).
+        * Some held (a run or its store gone while readings were spooled, a store
+          restored from an older backup): the missing steps are read again, the event
+          history kept (it has seen them: their readings are logged, no event is judged
+          again for them, :meth:`_process`).
+
+        Either way the hooks and ``--events-json`` are not told those steps again, and a
+        missing step whose checkpoint file is gone (rotated away) is said once, by step,
+        as lost for this run, and dropped from the read-set."""
         held = getattr(self.tracking, "run_steps", None)
         if held is None:  # not known (the server unreachable): keep the read-set
             return
         done = self.state.done_steps()
-        if not done or done & self._recorded:
+        missing = done - self._recorded
+        if not missing:
             return
         run_id = getattr(self.tracking, "run_id", None)
-        failed = self.state.get("failed") or {}
+        every = missing == done
+        failed = (self.state.get("failed") or {}) if every else {}
+        paths = self.state.done_paths(missing)
+        gone = {step for path, step in paths.items() if not Path(path).exists()}
+        gone -= {step for path, step in paths.items() if Path(path).exists()}
         log.warning(
             "the state %s marks %d checkpoint(s) as read (steps %s), but MLflow run %s "
-            "holds none of them: they were recorded elsewhere (another tracking URI, "
-            "experiment or run, or a store since deleted); reading them again into this run%s",
+            "holds %s: they were recorded elsewhere (another tracking URI, experiment or "
+            "run, or a run or store since deleted); reading them again into this run%s",
             shown(self.state.root),
-            len(done),
-            _steps_shown(done),
+            len(missing),
+            _steps_shown(missing),
             run_id,
+            "none of them" if every else "only the others (or has them spooled)",
             f", and the {len(failed)} that failed, so that it records their failures too"
             if failed
             else "",
         )
-        self.state.forget(done)
+        if gone:
+            log.warning(
+                "step%s %s: the checkpoint file%s gone, so MLflow run %s will not hold "
+                "%s (lost for this run)",
+                "" if len(gone) == 1 else "s",
+                _steps_shown(gone),
+                " is" if len(gone) == 1 else "s are",
+                run_id,
+                "it" if len(gone) == 1 else "them",
+            )
+        self.state.forget(missing)
+        self._told_before |= missing
+        if not every:
+            return
         if failed:  # their failures (ddsmon.failure.<file> tags) are the other run's too
             self.state.set("failed", {})
-        self._told_before = set(done)
         self.detector = EventDetector(self.config.events)
         self._detector_step = -1
         self.state.update({"detector": self.detector.to_state(), "detector_step": -1})
@@ -663,13 +711,17 @@ class Daemon:
         del loaded.model
         self._faults.success()
         meta = {k: float(v) for k, v in loaded.meta.items()}
-        events = self.detector.update(
-            step,
-            {name: s.to_dict() for name, s in sig.layers.items()},
-            meta=meta,
-            probe_loss=sig.fitted_loss,
-        )
-        sig = sig.with_derived(self.detector.last_derived)  # dying_directions, per layer
+        events: list[Event] = []
+        if step in self._told_before and step <= self._detector_step:
+            pass  # read again for a run that lacked it: the event history has seen it
+        else:
+            events = self.detector.update(
+                step,
+                {name: s.to_dict() for name, s in sig.layers.items()},
+                meta=meta,
+                probe_loss=sig.fitted_loss,
+            )
+            sig = sig.with_derived(self.detector.last_derived)  # dying_directions, per layer
         reading = CheckpointReading(
             step=step,
             path=ref.path,

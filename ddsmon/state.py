@@ -395,6 +395,14 @@ class StateDir:
             self._refresh_done()
             return {step for _, step in self._done.values() if step is not None}
 
+    def done_paths(self, steps: Iterable[int]) -> dict[str, int]:
+        """The checkpoints recorded as read at ``steps`` (latest version of each path):
+        path -> step."""
+        wanted = {int(s) for s in steps}
+        with self._mutex:
+            self._refresh_done()
+            return {p: step for p, (_, step) in self._done.items() if step in wanted}
+
     def forget(self, steps: Iterable[int]) -> list[str]:
         """Take the checkpoints recorded as read at ``steps`` out of the read-set (every
         line of a path whose latest record is at one of them), so that they are read

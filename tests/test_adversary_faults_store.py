@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from fault_helpers import REPO, cli_args, only_run_steps, wait_for, write_checkpoints
+from fault_helpers import REPO, cli_args, only_run_steps, wait_for, watching, write_checkpoints
 
 _SIGN_IN = b"<html><head><title>Sign in - Example SSO</title></head><body>...</body></html>"
 
@@ -395,4 +395,49 @@ def test_a_server_restarted_on_an_empty_store_is_said_and_the_next_start_recover
         assert only_run_steps(server.uri) == [1, 2]
     finally:
         proc.kill()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_wiped_while_readings_are_spooled_gets_every_step_at_the_next_start(
+    tmp_path: Path, probe: Path
+) -> None:
+    """The server goes down while ``watch`` logs to it (step 3 spooled) and comes back on
+    an empty store. Before, the idle daemon said the run was gone and kept running until
+    the next checkpoint; started again, it replayed the spool into a new run and took
+    that run for its own history: steps 1 and 2 never reached it, and nothing said so.
+    Now the daemon stops by itself (exit 2), and the next start reads into the new run
+    every step it lacks: each step exactly once."""
+    from mlflow_server import MlflowServer
+
+    def land(step: int) -> None:  # only this step's file, the others left untouched
+        made = tmp_path / f"made-{step}"
+        write_checkpoints(made, list(range(1, step + 1)))
+        os.replace(made / f"step_{step:06d}.pt", ckpts / f"step_{step:06d}.pt")
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    server.start()
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    log = tmp_path / "watch.log"
+    try:
+        with watching(ckpts, probe, server.uri, stderr_to=log, cwd=tmp_path) as proc:
+            wait_for(lambda: only_run_steps(server.uri) == [1, 2], 120, "steps 1, 2 recorded")
+            server.stop()
+            land(3)
+            wait_for(lambda: "spooled" in log.read_text(), 120, "step 3 spooled")
+            server.db.unlink()
+            server.start()
+            rc = proc.wait(timeout=120)  # no checkpoint comes: the daemon stops by itself
+        err = log.read_text()
+        assert rc == 2, err[-3000:]
+        said = [line for line in err.splitlines() if line.startswith("error:")]
+        assert said and f"is not in the store at {server.uri} any more" in said[0], err[-3000:]
+        land(4)
+        again = _scan(tmp_path, ckpts, probe, server.uri)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert only_run_steps(server.uri) == [1, 2, 3, 4], again.stderr[-3000:]
+        assert "reading them again into this run" in again.stderr, again.stderr[-3000:]
+    finally:
         server.stop()

@@ -339,7 +339,9 @@ class Retrier:
     found waiting (or :meth:`poke`), each failed one doubles the pause up to ``cap``; a
     success starts over. Idle, the thread sleeps until poked (and looks again every
     ``cap`` seconds). A :class:`~ddsmon.errors.ConfigError` from ``attempt`` (the run is
-    another daemon's) ends the thread; any other error counts as a failed attempt.
+    another daemon's, or gone: deleted, or not in a store restarted empty) ends the
+    thread, said once and handed to ``on_give_up`` (the daemon stops then, rather than
+    idling until the next checkpoint); any other error counts as a failed attempt.
     :meth:`stop` ends it and waits for it (an attempt under way finishes first).
     """
 
@@ -351,7 +353,9 @@ class Retrier:
         first: float = 1.0,
         cap: float = 30.0,
         name: str = "ddsmon-mlflow-retry",
+        on_give_up: Callable[[ConfigError], None] | None = None,
     ) -> None:
+        self.on_give_up = on_give_up
         self.first = max(0.01, min(float(first), float(cap)))
         self.cap = max(self.first, float(cap))
         self._attempt = attempt
@@ -405,6 +409,8 @@ class Retrier:
                 ok = self._attempt()
             except ConfigError as exc:
                 log.error("spooled records are not replayed any more: %s", exc)
+                if self.on_give_up is not None:
+                    self.on_give_up(exc)
                 return
             except Exception as exc:
                 log.warning("replaying the spool failed: %s", scrub(str(exc)))

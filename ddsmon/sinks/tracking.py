@@ -125,10 +125,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ddsmon.errors import ConfigError
 from ddsmon.sinks.history import HistoryEntry, LocalHistory, event_dict
 from ddsmon.sinks.mlflow_http import (
     Misconfigured,
@@ -243,8 +244,17 @@ class MlflowSink:
         self._history = LocalHistory(state)
         self._plots = PlotScheduler(self._history, enabled=plots, interval=plot_interval)
         self._retrier = Retrier(
-            self._retry, lambda: self._outbox.count() > 0, first=retry_first, cap=retry_max
+            self._retry,
+            lambda: self._outbox.count() > 0,
+            first=retry_first,
+            cap=retry_max,
+            on_give_up=self._gave_up,
         )
+        #: called (from the retry thread) when the spool cannot be replayed any more: the
+        #: run is another daemon's now, or gone (deleted, a server restarted on an empty
+        #: store); the daemon sets it to stop (exit 2) instead of idling until the next
+        #: checkpoint meets the same error
+        self.on_give_up: Callable[[ConfigError], None] | None = None
         self._outbox = Outbox(
             state,
             open_run=self._open_run,
@@ -648,6 +658,10 @@ class MlflowSink:
             run_id = self._run.ensure()
             self._run.verify()
             self._writer.log_batch(run_id, tags=record.tags)
+
+    def _gave_up(self, exc: ConfigError) -> None:
+        if self.on_give_up is not None:
+            self.on_give_up(exc)
 
     def _retry(self) -> bool:
         """For the retry timer: replay the spool now; True when it is empty."""
