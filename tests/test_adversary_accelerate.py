@@ -75,7 +75,9 @@ def test_the_second_model_of_a_save_is_no_checkpoint_of_its_own(
     ]
 
     uri = f"sqlite:///{tmp_path / 'first.db'}"
-    rc, err = finish(spawn(cli_args("scan", ckpts, probe, uri)))
+    args = cli_args("scan", ckpts, probe, uri)
+    args.insert(3, "-v")  # which weights were read is said at INFO
+    rc, err = finish(spawn(args))
     assert rc == 0, err
     assert "3 read" in err and "0 failed" in err and "already has" not in err, err
     assert "model_1.safetensors, Accelerate's other models" in err, err
@@ -85,6 +87,7 @@ def test_the_second_model_of_a_save_is_no_checkpoint_of_its_own(
     uri = f"sqlite:///{tmp_path / 'second.db'}"
     args = cli_args("scan", ckpts, probe, uri, "--state-dir", str(tmp_path / "state2"))
     args[args.index("--model") + 1] = f"{models}:second"
+    args.insert(3, "-v")
     rc, err = finish(spawn(args))
     assert rc == 0, err
     assert "3 read" in err and "0 failed" in err, err
