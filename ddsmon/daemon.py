@@ -26,6 +26,7 @@ import sysconfig
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -136,6 +137,8 @@ class Daemon:
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._hurry = threading.Event()
+        #: seconds the last readings took (the median says when one is slow: _slow_after)
+        self._read_seconds: deque[float] = deque(maxlen=32)
         #: True once the main loop abandoned the checkpoint in hand after :meth:`hurry`
         self.abandoning = False
         self._recorded: set[int] = set()
@@ -701,7 +704,7 @@ class Daemon:
             return
         load_seconds = float(loaded.meta.pop("_load_seconds", 0.0))
         try:
-            sig = self._read(loaded.model)
+            sig = self._read(loaded.model, ref.path)
         except DDSError as exc:
             self._reading_failed(ref, fp, str(exc), step)
             return
@@ -781,10 +784,15 @@ class Daemon:
         if sig.layers and not any(s.finite for s in sig.layers.values()):
             self.summary.nonfinite.append(step)
 
-    def _read(self, model: Any) -> Any:
+    def _read(self, model: Any, path: Path | None = None) -> Any:
         """The reading, in a worker thread when called from the main thread, so that
         signals are handled at once even during a long eigensolve (two SIGINTs 0.2 s
-        apart stay two: the second abandons the checkpoint)."""
+        apart stay two: the second abandons the checkpoint).
+
+        A reading that runs past :meth:`_slow_after` seconds (the user's model or loss
+        hanging: a lock, a network call, an endless loop) is said once, naming the
+        checkpoint and the code it runs; a stop asked meanwhile is said once too (the
+        first signal waits for the checkpoint in hand), with how to stop at once."""
         if threading.current_thread() is not threading.main_thread():
             try:
                 return self.reader.read(model)
@@ -805,13 +813,49 @@ class Daemon:
                 box["error"] = exc
 
         worker = threading.Thread(target=work, name="ddsmon-read", daemon=True)
+        started = time.monotonic()
+        slow_after = self._slow_after()
+        said_slow = said_stop = False
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.05)
             self._abandon_if_hurried()
+            elapsed = time.monotonic() - started
+            if not said_slow and elapsed > slow_after:
+                said_slow = True
+                log.warning(
+                    "the reading of %s has run %.0f s (usually %s): its probe pass runs the "
+                    "model and --loss %s, user code that may hang; still waiting (a second "
+                    "signal stops at once)",
+                    shown(path),
+                    elapsed,
+                    self._usual_reading(),
+                    shown(self.config.read.loss),
+                )
+            if not said_stop and self._stop.is_set() and elapsed > _STOP_SAID_AFTER:
+                said_stop = True
+                log.warning(
+                    "waiting for the reading of %s to finish (running %.0f s); signal again "
+                    "to stop now (it is read again next time)",
+                    shown(path),
+                    elapsed,
+                )
         if "error" in box:
             raise box["error"]
+        self._read_seconds.append(time.monotonic() - started)
         return box["value"]
+
+    def _slow_after(self) -> float:
+        """Seconds after which a reading is said to be slow: ten times the median of the
+        last readings, at least :data:`SLOW_READING` (a first reading of a large model on
+        a busy machine takes minutes)."""
+        done = sorted(self._read_seconds)
+        usual = done[len(done) // 2] if done else 0.0
+        return max(SLOW_READING, 10.0 * usual)
+
+    def _usual_reading(self) -> str:
+        done = sorted(self._read_seconds)
+        return f"{done[len(done) // 2]:.1f} s" if done else "no reading done yet"
 
     def _user_interrupt(self, exc: KeyboardInterrupt) -> RuntimeError:
         """A KeyboardInterrupt raised during a reading, on a thread that no signal reaches
@@ -1290,6 +1334,11 @@ def has_hf_folders(directory: Path) -> bool:
     except OSError:
         return False
 
+
+#: The least seconds after which a reading is said to be slow (:meth:`Daemon._read`).
+SLOW_READING = 300.0
+#: A stop asked during a reading that has run this long is said (the first signal waits).
+_STOP_SAID_AFTER = 5.0
 
 #: Seconds a second signal gives the main loop to notice it and abandon the checkpoint
 #: (it looks at least every half second while it waits for a load, a reading or the
