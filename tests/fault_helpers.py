@@ -4,6 +4,7 @@ checkpoints of the fixture MLP, the CLI as a subprocess, the run read back."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from ddsmon.sinks.mlflow_keys import CHECKPOINT_METRIC
@@ -18,6 +20,18 @@ from ddsmon.sinks.mlflow_writer import open_client
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'fixtures_models.py'}:mlp"
+
+
+def as_unprivileged() -> list[str]:
+    """The command prefix that runs a process without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH when this one is root (setpriv), so that file modes apply to it;
+    [] when not root. Skips the test as root without setpriv."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file modes do not apply")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
 
 
 def write_checkpoints(directory: Path, steps: list[int], *, seed: int = 0) -> None:

@@ -5,27 +5,17 @@ without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (setpriv), so file modes apply to
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fault_helpers import FACTORY, REPO, only_run_steps, write_checkpoints
-
-
-def _as_unprivileged() -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: file modes do not apply")
-    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+from fault_helpers import FACTORY, REPO, as_unprivileged, only_run_steps, write_checkpoints
 
 
 def _scan(ckpts: Path, probe: Path, uri: str, state: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*_as_unprivileged(), sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts),
+        [*as_unprivileged(), sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts),
          "--model", FACTORY, "--probe", str(probe), "--tracking-uri", uri, "--no-plots",
          "--state-dir", str(state)],
         cwd=REPO, capture_output=True, text=True, timeout=240,

@@ -69,6 +69,25 @@ trainer.fit(Lit(), loader(256, 0, 32), loader(64, 1, 64))
 """
 
 
+def _scan(tmp_path: Path, ckpts: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``ddsmon -v scan ckpts`` with the classifier and its probe, into a fresh SQLite
+    store: the finished process and the store's URI."""
+    sys.path.insert(0, str(SCRIPTS))
+    from models import classifier_probe
+
+    probe = tmp_path / "probe.pt"
+    inputs, targets = classifier_probe()
+    torch.save({"inputs": inputs, "targets": targets}, probe)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "ddsmon.cli", "-v", "scan", str(ckpts), "--model",
+         f"{SCRIPTS / 'models.py'}:classifier", "--probe", str(probe), "--loss", "ce",
+         "--tracking-uri", uri, "--no-plots", "--threads", "1"],
+        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    return done, uri
+
+
 def test_the_validation_scalars_of_a_lightning_checkpoints_name() -> None:
     assert _lightning_meta({}, "epoch=2-step=24-val_loss=0.61") == {"val_loss": 0.61}
     assert _lightning_meta({}, "epoch=2-step=24-val_loss=0.61-v1") == {"val_loss": 0.61}
@@ -108,19 +127,7 @@ def test_lightning_val_loss_is_logged_at_each_checkpoints_step(
         for n in names
     }
     assert all(("callbacks" in c) is not weights_only for c in saved.values())
-    sys.path.insert(0, str(SCRIPTS))
-    from models import classifier_probe
-
-    probe = tmp_path / "probe.pt"
-    inputs, targets = classifier_probe()
-    torch.save({"inputs": inputs, "targets": targets}, probe)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run(
-        [sys.executable, "-m", "ddsmon.cli", "-v", "scan", str(ckpts), "--model",
-         f"{SCRIPTS / 'models.py'}:classifier", "--probe", str(probe), "--loss", "ce",
-         "--tracking-uri", uri, "--no-plots", "--threads", "1"],
-        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    done, uri = _scan(tmp_path, ckpts)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prefix 'net.' stripped" in done.stderr  # which weights were read: INFO (-v)
     client = MlflowClient(uri)
@@ -172,19 +179,7 @@ def test_lightning_names_without_a_step_are_read_in_step_order(tmp_path: Path) -
     assert sorted(steps.values()) == [2, 4, 6, 8], steps
     digits = sorted(names, key=lambda n: int(n.removesuffix(".ckpt").rsplit(".", 1)[1]))
     assert digits != sorted(names, key=steps.__getitem__), "the losses' digits run in step order"
-    sys.path.insert(0, str(SCRIPTS))
-    from models import classifier_probe
-
-    probe = tmp_path / "probe.pt"
-    inputs, targets = classifier_probe()
-    torch.save({"inputs": inputs, "targets": targets}, probe)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run(
-        [sys.executable, "-m", "ddsmon.cli", "scan", str(ckpts), "--model",
-         f"{SCRIPTS / 'models.py'}:classifier", "--probe", str(probe), "--loss", "ce",
-         "--tracking-uri", uri, "--no-plots", "--threads", "1"],
-        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    done, uri = _scan(tmp_path, ckpts)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "is not after the last step" not in done.stderr, done.stderr[-3000:]
     read = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("step ")]

@@ -20,7 +20,6 @@ file modes apply to it."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,23 +27,22 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_helpers import REPO, cli_args, finish, only_run_steps, wait_for, write_checkpoints
-
-
-def _unprivileged() -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: file modes do not apply")
-    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+from fault_helpers import (
+    REPO,
+    as_unprivileged,
+    cli_args,
+    finish,
+    only_run_steps,
+    wait_for,
+    write_checkpoints,
+)
 
 
 def _watch(ckpts: Path, probe: Path, uri: str, state: Path, *, privileged: bool = True,
            quiet: str = "0.2") -> subprocess.Popen:  # fmt: skip
     args = cli_args("watch", ckpts, probe, uri, "--quiet", quiet, "--state-dir", str(state))
     return subprocess.Popen(
-        [*([] if privileged else _unprivileged()), *args], cwd=REPO,
+        [*([] if privileged else as_unprivileged()), *args], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
