@@ -497,10 +497,16 @@ def step_from_name(path: Path | str) -> int | None:
 def _no_metrics(stem: str) -> str:
     """``stem`` without its metrics' ``name=value`` pairs (:data:`NAMED_VALUE`), which
     are no step: Lightning's ``sample-{epoch:02d}-{val_loss:.2f}`` writes
-    ``sample-epoch=05-val_loss=1.35``, whose last integer is the loss's 35."""
-    return NAMED_VALUE.sub(
-        lambda m: m.group(0) if m.group(1).lower() in _ORDINAL_NAMES else "", stem
-    )
+    ``sample-epoch=05-val_loss=1.35``, whose last integer is the loss's 35. A pair is
+    judged by the last ``_`` part of its name, and only that part goes with its value:
+    ``model_epoch=3`` is an epoch (3), ``ckpt_500_loss=0.25`` keeps ``ckpt_500_``."""
+
+    def strip(match: re.Match[str]) -> str:
+        name = match.group(1)
+        last = name.rsplit("_", 1)[-1]
+        return match.group(0) if last.lower() in _ORDINAL_NAMES else name[: -len(last)]
+
+    return NAMED_VALUE.sub(strip, stem)
 
 
 def _stem(name: str) -> str:
@@ -1021,12 +1027,17 @@ class _Stub:
         pass
 
 
-class _Walker(pickle.Unpickler):
+class _Walker(pickle._Unpickler):
     """An unpickler that builds stubs (:class:`_Stub`) for every global and records the
-    persistent ids (a legacy file's storages) instead of loading them."""
+    persistent ids (a legacy file's storages) instead of loading them.
+
+    Python's own (pure) unpickler, whose memo is a dict: the C one grows its memo to
+    twice any index a PUT names, so a 10-byte file asked for gigabytes. Its memory is
+    bounded by the bytes walked (:data:`_LEGACY_PICKLES_LIMIT`)."""
 
     def __init__(self, handle: BinaryIO, storages: list[tuple[object, ...]]) -> None:
         super().__init__(handle)
+        self.memo: dict[int, object] = {}
         self.storages = storages
 
     def find_class(self, module: str, name: str) -> type:
@@ -1046,8 +1057,9 @@ _LEGACY_ELEMENT = {
 }  # fmt: skip
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 #: The most of a legacy file's start its pickles are walked in (a model's object pickle
-#: is about a hundred bytes a tensor); past it, the check is left to the load.
-_LEGACY_PICKLES_LIMIT = 64 * 2**20
+#: is about a hundred bytes a tensor: 8 MiB is some 80000 tensors); past it, the check is
+#: left to the load.
+_LEGACY_PICKLES_LIMIT = 8 * 2**20
 
 
 def legacy_torch_problem(handle: BinaryIO, size: int) -> str | None:
@@ -1078,11 +1090,13 @@ def legacy_torch_problem(handle: BinaryIO, size: int) -> str | None:
         if size > _LEGACY_PICKLES_LIMIT:
             return None  # pickles this long are not walked here: its load decides
         return f"torch legacy file cut short or damaged at {size} bytes ({type(exc).__name__})"
-    if not isinstance(keys, list):
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         return "torch legacy file without its list of storages"
-    element: dict[object, int] = {}
+    element: dict[str, int] = {}
     for pid in storages:
         if len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            if not isinstance(pid[2], str):
+                return "torch legacy file whose storages are not named by strings (damaged)"
             width = _LEGACY_ELEMENT.get(getattr(pid[1], "__name__", ""))
             if width is None:
                 return None  # a type this check does not know: its load decides

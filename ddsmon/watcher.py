@@ -247,6 +247,7 @@ class CheckpointWatcher:
         self._real_root = self._root  # where the observer's watch is (see _below_root)
         #: folders that could not be read, listed again at each root check (_relist)
         self._unlisted: set[Path] = set()
+        self._said_unreadable: set[Path] = set()  # said once until wholly read again
         self._on_ready = on_ready
         self._on_vanished = on_vanished
         self._named_gone: set[Path] = set()
@@ -454,8 +455,9 @@ class CheckpointWatcher:
         works what is in it becomes pending (:meth:`_relist`)."""
         folder = folder if _within_path(folder, self._root) else self._root
         with self._lock:
-            new = folder not in self._unlisted
+            new = folder not in self._said_unreadable
             self._unlisted.add(folder)
+            self._said_unreadable.add(folder)
         if new:
             log.warning(
                 "%s cannot be read (%s): its checkpoints are read once it can be again",
@@ -479,7 +481,6 @@ class CheckpointWatcher:
                 continue
             with self._lock:
                 self._unlisted.discard(folder)
-            log.warning("%s can be read again; looking at what is in it", shown(self._out(folder)))
             from ddsmon.checkpoints import discover
 
             try:
@@ -491,6 +492,14 @@ class CheckpointWatcher:
                     self._touch(ref.path, settled=False, writing=None)
                 except OSError as exc:
                     self._unreadable(ref.path.parent, exc)
+            with self._lock:  # listed, but its entries not all looked at: still unread
+                whole = folder not in self._unlisted
+                if whole:
+                    self._said_unreadable.discard(folder)
+            if whole:
+                log.warning(
+                    "%s can be read again; looking at what is in it", shown(self._out(folder))
+                )
 
     def _touch_entries(self, folder: Path) -> None:
         """A subfolder was created: what is in it already is touched as if written. A

@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -113,6 +115,12 @@ def dcp_folder(path: Path) -> Path:
         ("best_val_acc=0.95_12.ckpt", 12),
         ("val_loss=0.25.ckpt", None),
         ("epoch=2-acc=98.ckpt", 2),
+        # a pair is judged by the last "_" part of its name; only that part goes
+        ("model_epoch=3.ckpt", 3),
+        ("ckpt_iter=1200.pt", 1200),
+        ("run1_epoch=05-val_loss=1.35.ckpt", 5),
+        ("ckpt_500_loss=0.25.pt", 500),
+        ("epoch=3-top1=0.92.ckpt", 3),
     ],
 )
 def test_step_from_name(name: str, step: int | None) -> None:
@@ -328,6 +336,32 @@ def test_a_legacy_torch_file_is_complete_only_whole(tmp_path: Path, protocol: in
     assert "storages end at" in (check_complete(ref) or "")
     path.write_bytes(pickle.dumps({"not": "torch"}, protocol=2))
     assert "not torch's legacy format" in (check_complete(ref) or "")
+
+
+def test_walking_a_hostile_legacy_pickle_is_bounded_and_never_raises(tmp_path: Path) -> None:
+    """A 10-byte pickle whose PUT names index 2**24: the C unpickler's memo grows to
+    twice the index (256 MiB here, 64 GiB at 2**32); walked with a dict memo it costs
+    nothing. A key list holding a list (unhashable) is a reason, not a TypeError."""
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(b"\x80\x02K\x01r" + struct.pack("<I", 2**24) + b".")
+    script = (
+        "import resource, sys; from pathlib import Path; "
+        "from ddsmon.checkpoints import CheckpointRef, check_complete; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "print(check_complete(CheckpointRef(Path(sys.argv[1]), 'torch'))); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason, grew_kib = done.stdout.splitlines()
+    assert reason.startswith("not a torch file"), reason
+    assert int(grew_kib) < 64 * 1024, grew_kib
+    magic = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+    head = magic + b"".join(pickle.dumps(o, protocol=2) for o in (1001, {}, {}))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(head + pickle.dumps([[1]], protocol=2) + b"\0" * 8)
+    assert "without its list of storages" in (check_complete(CheckpointRef(damaged, "torch")) or "")
 
 
 def test_torch_non_zip_and_foreign_zip(tmp_path: Path) -> None:
