@@ -1114,8 +1114,8 @@ class Daemon:
                 self.summary.skipped += 1
             if final:
                 del self._held[path]
-                with self._cond:
-                    drained = not self._queue
+                with self._cond:  # none queued, none taken off the queue and left unread
+                    drained = not self._queue and self._in_hand == 0
                 if drained:
                     self.state.mark_done(str(path), held.fp, None)
                     self._read_unlogged(held.ref)
