@@ -235,6 +235,9 @@ class Score:
     transitions: list[Event] = field(default_factory=list)
     dying: list[Event] = field(default_factory=list)
     collapses: list[Event] = field(default_factory=list)
+    #: the first step read past the warm-up (:attr:`EventWindows.in_warm_up`): before it
+    #: the detector decides nothing, so a departure already under way there is no event
+    decides_from: int | None = None
 
     def onsets(self) -> list[int]:
         """Each transition's onset: the step of its earliest collapse (its message lists
@@ -260,7 +263,10 @@ def detect(rows: Sequence[Reading], cfg: EventConfig, every: int | None) -> Scor
     for step, meta, layers in rows:
         if every is not None and step % every:
             continue
-        for ev in det.update(step, layers, meta):
+        events = det.update(step, layers, meta)
+        if score.decides_from is None and det.windows is not None and not det.windows.in_warm_up:
+            score.decides_from = step
+        for ev in events:
             if ev.kind == "transition":
                 score.transitions.append(ev)
             elif ev.kind == "dying":
@@ -387,8 +393,9 @@ def summary(rows: Sequence[Row]) -> list[str]:
         "| on goal (in the 10-95% window, none before) | median lead (steps) "
         "| false transitions (all runs) | generalising transitions in runs that do not grok "
         "| cadence pairs: transitions within one cadence | completed within one cadence "
-        "| onsets within one cadence |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| onsets within one cadence | where both decide: reported / completed within one "
+        "cadence |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in DETECTORS:
         grok = [r for r in rows if r.generalises]
@@ -415,10 +422,12 @@ def summary(rows: Sequence[Row]) -> list[str]:
         ok = sum(1 for p in pairs if p.within(name, 1))
         onset = sum(1 for p in pairs if p.onsets_within(name))
         done = sum(1 for p in pairs if p.completed_within(name))
+        both = [sum(1 for p in pairs if p.shared_within(name, i)) for i in (0, 1)]
         lines.append(
             f"| {name} | {caught} / {len(grok)} | {goal} / {len(grok)} | "
             f"{'—' if not leads else f'{median(leads):+.0f}'} | {false} | {wrong} "
-            f"| {ok} / {len(pairs)} | {done} / {len(pairs)} | {onset} / {len(pairs)} |"
+            f"| {ok} / {len(pairs)} | {done} / {len(pairs)} | {onset} / {len(pairs)} "
+            f"| {both[0]} / {len(pairs)}, {both[1]} / {len(pairs)} |"
         )
     return lines
 
@@ -459,6 +468,37 @@ class Pair:
         b = self.coarse.scores[name].completed()
         return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
 
+    def both_decide_from(self, name: str) -> int | None:
+        """The first step past both cadences' warm-ups (None: one never leaves it)."""
+        f, c = self.fine.scores[name].decides_from, self.coarse.scores[name].decides_from
+        return None if f is None or c is None else max(f, c)
+
+    def shared(self, name: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Each cadence's transitions as (reported, completed) steps, those whose onset
+        is at or after :meth:`both_decide_from`: where both readings decide. A
+        transition begun in the coarse reading's warm-up (``min_reference``
+        checkpoints, longer in steps at the coarse cadence) is one it cannot report."""
+        start = self.both_decide_from(name)
+
+        def kept(score: Score) -> list[tuple[int, int]]:
+            if start is None:
+                return []
+            return [
+                (tr.step, done)
+                for tr, done, onset in zip(score.transitions, score.completed(), score.onsets())
+                if onset >= start
+            ]
+
+        return kept(self.fine.scores[name]), kept(self.coarse.scores[name])
+
+    def shared_within(self, name: str, which: int) -> bool:
+        """Where both decide: the same number of transitions, each within one coarse
+        cadence by reported (``which`` 0) or completed (1) step."""
+        a, b = self.shared(name)
+        return len(a) == len(b) and all(
+            abs(x[which] - y[which]) <= self.coarse.every for x, y in zip(a, b)
+        )
+
 
 def cadence_pairs(rows: Sequence[Row]) -> list[Pair]:
     """Every run read at two cadences (its finest and coarsest reading)."""
@@ -473,6 +513,10 @@ def cadence_pairs(rows: Sequence[Row]) -> list[Pair]:
     return out
 
 
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def pair_table(rows: Sequence[Row]) -> list[str]:
     pairs = cadence_pairs(rows)
     if not pairs:
@@ -481,8 +525,9 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
     lines = [
         f"| run | seed | signature | every {fine}: transitions (completed; onset) "
         f"| every {coarse}: transitions (completed; onset) "
-        f"| same within one cadence ({coarse} steps) | completed within one cadence |",
-        "|---|---|---|---|---|---|---|",
+        f"| same within one cadence ({coarse} steps) | completed within one cadence "
+        "| where both decide (from step): reported / completed within one cadence |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         for name in DETECTORS:
@@ -499,7 +544,9 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
             )  # fmt: skip
             lines.append(
                 f"| {p.kind} | {p.seed} | {name} | {show(a, ca, oa)} | {show(b, cb, ob)} "
-                f"| {verdict} | {'yes' if p.completed_within(name) else 'no'} |"
+                f"| {verdict} | {'yes' if p.completed_within(name) else 'no'} "
+                f"| ({p.both_decide_from(name) or '—'}) {yes(p.shared_within(name, 0))} / "
+                f"{yes(p.shared_within(name, 1))} |"
             )
     return lines
 

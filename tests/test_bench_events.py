@@ -102,6 +102,62 @@ def test_cadence_pairs_compare_where_transitions_completed_too() -> None:
     assert bare.completed() == [8500]
 
 
+def test_cadence_pairs_where_both_decide_leave_out_the_coarse_warm_up() -> None:
+    """The fine reading leaves its warm-up at 1000, the coarse one at 3500: a fine
+    transition begun at 1900 (before the coarse one could decide anything) is not
+    compared; the one begun at 3600 is, against the coarse one begun at 3500. Before
+    either is past its warm-up nothing is comparable, and a pair whose shared
+    transitions differ in number is not the same."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events as B
+
+    from ddsmon.events import Event
+
+    def tr(step: int, onset: int, completed: int) -> Event:
+        msg = f"transition: a x -1 @ {onset}, b y -1 @ {completed}"
+        return Event(step, "a,b", "transition", "x", None, None, 2.0, msg, completed_step=completed)
+
+    cross = {t: None for t in B.THRESHOLDS}
+    fine_score = B.Score(
+        transitions=[tr(2400, 1900, 2300), tr(3700, 3600, 3600)], decides_from=1000
+    )
+    coarse_score = B.Score(transitions=[tr(4000, 3500, 3500)], decides_from=3500)
+    fine = B.Row("slow", 8, 100, 101, True, cross, {"DDS": fine_score}, paired=True)
+    coarse = B.Row("slow", 8, 500, 21, True, cross, {"DDS": coarse_score}, paired=True)
+    (pair,) = B.cadence_pairs([fine, coarse])
+    assert not pair.completed_within("DDS")  # two transitions against one
+    assert pair.both_decide_from("DDS") == 3500
+    assert pair.shared("DDS") == ([(3700, 3600)], [(4000, 3500)])
+    assert pair.shared_within("DDS", 0) and pair.shared_within("DDS", 1)
+    late = B.Score(transitions=[tr(4600, 3500, 4100)], decides_from=3500)
+    coarse = B.Row("slow", 8, 500, 21, True, cross, {"DDS": late}, paired=True)
+    (pair,) = B.cadence_pairs([fine, coarse])
+    assert not pair.shared_within("DDS", 0) and pair.shared_within("DDS", 1)  # 900 vs 500
+    blind = B.Row("slow", 8, 500, 21, True, cross, {"DDS": B.Score()}, paired=True)
+    (pair,) = B.cadence_pairs([fine, blind])
+    assert pair.both_decide_from("DDS") is None and pair.shared("DDS") == ([], [])
+    extra = B.Score(transitions=[tr(4000, 3500, 3500), tr(6000, 5800, 5900)], decides_from=3500)
+    coarse = B.Row("slow", 8, 500, 21, True, cross, {"DDS": extra}, paired=True)
+    (pair,) = B.cadence_pairs([fine, coarse])
+    assert not pair.shared_within("DDS", 1)
+
+
+def test_detect_records_where_the_warm_up_ended() -> None:
+    """``detect`` notes the first step past the warm-up: none in the first checkpoints
+    (``min_reference`` of them at least), and later at the coarser reading."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events as B
+
+    from ddsmon.events import EventConfig
+
+    layer = {"lambda_ratio": 1e-3, "sigma_ratio": 1e-2, "log_volume": -10.0}
+    rows = [(s, {}, {"fc": dict(layer)}) for s in range(0, 5001, 100)]
+    fine = B.detect(rows, EventConfig(), None).decides_from
+    coarse = B.detect(rows, EventConfig(), 500).decides_from
+    assert fine is not None and coarse is not None
+    assert fine >= 6 * 100 and coarse >= 6 * 500 and coarse > fine
+
+
 def test_window_moves_tabulates_what_moved_against_its_threshold() -> None:
     """A quiet sigma_ratio that falls 0.1 decades across the window: listed, with its
     plateau, its fall at each crossing, that fall in plateau sigmas and the threshold DDS
