@@ -493,7 +493,10 @@ class Pair:
 
     def shared_within(self, name: str, which: int) -> bool:
         """Where both decide: the same number of transitions, each within one coarse
-        cadence by reported (``which`` 0) or completed (1) step."""
+        cadence by reported (``which`` 0) or completed (1) step; a pair where one
+        reading never leaves its warm-up is not the same."""
+        if self.both_decide_from(name) is None:
+            return False
         a, b = self.shared(name)
         return len(a) == len(b) and all(
             abs(x[which] - y[which]) <= self.coarse.every for x, y in zip(a, b)

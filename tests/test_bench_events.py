@@ -136,6 +136,7 @@ def test_cadence_pairs_where_both_decide_leave_out_the_coarse_warm_up() -> None:
     blind = B.Row("slow", 8, 500, 21, True, cross, {"DDS": B.Score()}, paired=True)
     (pair,) = B.cadence_pairs([fine, blind])
     assert pair.both_decide_from("DDS") is None and pair.shared("DDS") == ([], [])
+    assert not pair.shared_within("DDS", 1)  # nothing compared is no agreement
     extra = B.Score(transitions=[tr(4000, 3500, 3500), tr(6000, 5800, 5900)], decides_from=3500)
     coarse = B.Row("slow", 8, 500, 21, True, cross, {"DDS": extra}, paired=True)
     (pair,) = B.cadence_pairs([fine, coarse])
