@@ -432,6 +432,11 @@ def summary(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def _agree(a: Sequence[int], b: Sequence[int], span: float) -> bool:
+    """The same number of steps, each within ``span`` of its counterpart."""
+    return len(a) == len(b) and all(abs(x - y) <= span for x, y in zip(a, b))
+
+
 @dataclass(frozen=True)
 class Pair:
     """One run read at two cadences: each reading's transitions and their onsets."""
@@ -454,11 +459,11 @@ class Pair:
         """Same number of transitions, each within ``cadences`` coarse cadences."""
         a, _, b, _ = self.steps(name)
         span = cadences * self.coarse.every
-        return len(a) == len(b) and all(abs(x - y) <= span for x, y in zip(a, b))
+        return _agree(a, b, span)
 
     def onsets_within(self, name: str) -> bool:
         _, a, _, b = self.steps(name)
-        return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
+        return _agree(a, b, self.coarse.every)
 
     def completed_within(self, name: str) -> bool:
         """Same number of transitions, each completed (``Event.completed_step``) within
@@ -466,7 +471,7 @@ class Pair:
         one checkpoint and so longer at the coarse cadence."""
         a = self.fine.scores[name].completed()
         b = self.coarse.scores[name].completed()
-        return len(a) == len(b) and all(abs(x - y) <= self.coarse.every for x, y in zip(a, b))
+        return _agree(a, b, self.coarse.every)
 
     def both_decide_from(self, name: str) -> int | None:
         """The first step past both cadences' warm-ups (None: one never leaves it)."""
@@ -498,9 +503,7 @@ class Pair:
         if self.both_decide_from(name) is None:
             return False
         a, b = self.shared(name)
-        return len(a) == len(b) and all(
-            abs(x[which] - y[which]) <= self.coarse.every for x, y in zip(a, b)
-        )
+        return _agree([x[which] for x in a], [y[which] for y in b], self.coarse.every)
 
 
 def cadence_pairs(rows: Sequence[Row]) -> list[Pair]:
@@ -547,7 +550,7 @@ def pair_table(rows: Sequence[Row]) -> list[str]:
             )  # fmt: skip
             lines.append(
                 f"| {p.kind} | {p.seed} | {name} | {show(a, ca, oa)} | {show(b, cb, ob)} "
-                f"| {verdict} | {'yes' if p.completed_within(name) else 'no'} "
+                f"| {verdict} | {yes(p.completed_within(name))} "
                 f"| ({p.both_decide_from(name) or '—'}) {yes(p.shared_within(name, 0))} / "
                 f"{yes(p.shared_within(name, 1))} |"
             )
