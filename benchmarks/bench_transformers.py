@@ -233,15 +233,22 @@ def _render(rows: list[Measured], args: argparse.Namespace, command: str) -> str
         f"in a fresh process, one after another; seconds = median of up to {args.repeats} "
         f"timed readings after one warm-up (the warm-up alone when it took over "
         f"{args.single_above:g} s; readings in brackets); budget {args.budget:g} s each",
-        "- peak RSS: `ru_maxrss` of the configuration's process (model build, float64 copy, "
-        "probe, reading); base: its RSS before the reading (the model as built, the probe); "
+        (
+            "- peak CUDA memory: `torch.cuda.max_memory_allocated` of the configuration's "
+            "process (float64 copy, probe, reading; the model is built on the host); "
+            if args.device.startswith("cuda")
+            else "- peak RSS: `ru_maxrss` of the configuration's process (model build, "
+            "float64 copy, probe, reading); "
+        )
+        + "base: its RSS before the reading (the model as built, the probe); "
         "available: MemAvailable before it started; micro-batches: passes x micro-batches "
         "of up to k samples (ddsmon's log; the floor's own batch for floor rows); CPU s: "
         "process CPU seconds of the reading (all threads; less sensitive to other work on "
         "the cores than wall seconds); load: 1-minute load average before -> after",
         "",
-        "| model | params | probe | configuration | built as | s / checkpoint | CPU s | peak RSS "
-        "| base | available | micro-batches | load | note |",
+        "| model | params | probe | configuration | built as | s / checkpoint | CPU s | "
+        + ("peak CUDA memory" if args.device.startswith("cuda") else "peak RSS")
+        + " | base | available | micro-batches | load | note |",
         "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for m in rows:

@@ -91,7 +91,8 @@ def forward_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device = DEVICE_AUTO) -> torch.device:
-    """``"auto"`` is CUDA when torch sees it, else CPU; asking for absent CUDA is an error."""
+    """``"auto"`` is CUDA when torch sees it, else CPU; asking for absent CUDA, or for a
+    ``cuda:K`` beyond the devices torch sees, is a ProbeError naming it."""
     if isinstance(device, str) and device == DEVICE_AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -102,6 +103,11 @@ def resolve_device(device: str | torch.device = DEVICE_AUTO) -> torch.device:
         raise ProbeError(
             f"device {device!r} asked for, but torch sees no CUDA device "
             f"(torch {torch.__version__}, cuda build: {torch.version.cuda})"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ProbeError(
+            f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return dev
 
