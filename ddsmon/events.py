@@ -49,8 +49,8 @@ message; some carry more, see :meth:`Event.to_dict`):
 
     The reference ``ref`` is the median over time (below) of the values in the ``reference_window`` steps
     that end ``reference_lag`` steps before the newest checkpoint (where that window holds
-    fewer than ``min_reference`` values, the ``min_reference`` newest values before the
-    lag; where it holds many, an even sample of about 128 of them). The lag matters: a phase change spread over a few checkpoints is compared with
+    fewer values than a decision needs, the ``min_reference`` newest values before the
+    lag, below; where it holds many, an even sample of about 128 of them). The lag matters: a phase change spread over a few checkpoints is compared with
     where the reading stood before it began, not with its own first steps. The
     threshold ``thr`` is, for ratios and values, ``min(ratio_decades, max(ratio_min_decades,
     ratio_mad_k * 1.4826 * MAD))`` of the reference window: ``ratio_decades`` (default
@@ -78,6 +78,17 @@ message; some carry more, see :meth:`Event.to_dict`):
     The reference is a median over time: each value weighs the span of training it
     stands for (half the gaps to its neighbours), so a run read every 5 steps and then
     every 50 has the reference a run read regularly has.
+
+    After a reading's first decision, the window's own values are its reference as soon
+    as they number ``min(min_reference, max(4, what the window holds at the cadence))``
+    (:meth:`_LevelScanner.least_reference`): a coarse run's window of half the age holds
+    fewer than ``min_reference`` checkpoints for a long time (at every 500 steps, until
+    step 6000), and the ``min_reference`` newest values reached back into early training,
+    which moved both the median and the MAD. On ``bench_events.py``'s slow run every 500
+    steps (seed 6, unembed log_volume at step 5500) that fallback took in step 1500, the
+    median moved by 0.6 decades and the threshold rose from 4 to 11 decades, so the
+    collapse the run read every 100 steps saw at 5400 waited for 6000; the cadence pairs
+    within one cadence went from 0/3 to 2/3 on the report seeds (BENCHMARKS.md section 6).
 
     Nothing is decided before ``min_reference`` values are in the reference (fewer when
     a reference window given in steps or checkpoints cannot hold that many at the run's
@@ -218,6 +229,11 @@ LABELS: tuple[str, ...] = ("generalising", "not generalising", "unknown")
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal sample times this estimates its sigma
 _STATE_VERSION = 2
 _MAX_BUFFER = 4096  # a hard bound on any buffer
+#: The fewest of the reference window's own values that make a reference once a reading
+#: has decided (:meth:`_LevelScanner.least_reference`): a median and MAD of 4; 3 and 4
+#: gave the same scorecard on bench_events.py's tuning seeds 0-2, 5 split one more
+#: cadence pair there.
+_LEAST_WINDOW_REFERENCE = 4
 _MAX_KEPT = 128  # past this, a buffer is thinned evenly in time (see _thin)
 _KEEP_NEWEST = 16  # ... its newest entries always kept as they are
 _CADENCE_DRIFT = 4.0  # a gap this many times off the cadence is warned about, once
@@ -393,7 +409,9 @@ class EventConfig:
         difference.
     min_reference: values needed in the reference before anything is decided (a warm-up
         of ``min_reference + reference_lag`` checkpoints); at most what the reference
-        window holds at the run's cadence.
+        window holds at the run's cadence. After a reading's first decision, a window
+        holding fewer is read on its own values once they number at least
+        ``min(min_reference, max(4, what it holds))`` (the module docstring).
     rank_readings: count readings (unit ``"count"``) watched for rank changes.
     rank_hysteresis: consecutive checkpoints a rank must hold to be stable.
     rank_min_change: least difference between stable ranks that is reported.
@@ -588,6 +606,12 @@ class EventWindows:
     @property
     def warm_up(self) -> float:
         return self.reference_lag + (self.min_reference - 1) * self.cadence
+
+    @property
+    def reference_holds(self) -> int:
+        """Checkpoints the reference window holds at the cadence:
+        ``floor(reference_window / cadence)``."""
+        return math.floor(self.reference_window / self.cadence + 1e-9)
 
     @property
     def in_warm_up(self) -> bool:
@@ -1222,10 +1246,20 @@ class _LevelScanner:
         self.decided = False  # a decision was made: the warm-up is over for this reading
         self.silent = False  # the state left normal before the first decision: no news
 
+    def least_reference(self, win: EventWindows) -> int:
+        """Values a decision needs in the reference: ``min_reference`` up to the reading's
+        first decision (the warm-up's guard against early training); after it,
+        ``min(min_reference, max(_LEAST_WINDOW_REFERENCE, win.reference_holds))``, so a
+        window that holds fewer checkpoints at a coarse cadence is read on its own
+        values rather than on older ones (module docstring)."""
+        if not self.decided:
+            return win.min_reference
+        return min(win.min_reference, max(_LEAST_WINDOW_REFERENCE, win.reference_holds))
+
     def _reference(self, step: int, win: EventWindows) -> tuple[list[float], list[float]]:
         """The values in the reference window ``[step - lag - window, step - lag)`` (where
-        it holds fewer than ``min_reference``, the newest ``min_reference`` before the
-        lag) and each value's weight, the span of training it stands for
+        it holds fewer than :meth:`least_reference`, the newest ``min_reference`` before
+        the lag) and each value's weight, the span of training it stands for
         (:func:`_time_weights` over the buffer, this step included), so that the
         reference is a median over time, not over checkpoints: read every 5 steps and then
         every 50, a window straddling the switch was otherwise the level of its dense
@@ -1237,7 +1271,7 @@ class _LevelScanner:
         weights = _time_weights(steps)
         before_lag = [(s, v, w) for (s, v), w in zip(self.buffer, weights) if s < end]
         kept = [(v, w) for s, v, w in before_lag if s >= start]
-        if len(kept) < win.min_reference:
+        if len(kept) < self.least_reference(win):
             kept = [(v, w) for _, v, w in before_lag[-win.min_reference :]]
         return [v for v, _ in kept], [w for _, w in kept]
 
@@ -1277,7 +1311,7 @@ class _LevelScanner:
         event = None
         if win is not None and (self.decided or not win.in_warm_up):
             values, weights = self._reference(step, win)
-            if values and len(values) >= win.min_reference:
+            if values and len(values) >= self.least_reference(win):
                 prior = self.buffer[-1][1] if self.buffer and not self.decided else None
                 event = self._decide(step, value, float(raw), values, weights, dying, prior)
                 self.decided = True

@@ -521,6 +521,45 @@ def test_a_fall_after_the_first_decision_is_still_a_collapse() -> None:
     assert [(e.step, e.kind) for e in events if e.kind == "collapse"] == [(4500, "collapse")]
 
 
+#: log_volume of bench_events.py's slow run (seed 6, layer unembed) read every 500 steps
+#: from step 0, in decades: early training, a rise to a plateau, then the fall of grokking.
+SLOW_RUN_DECADES = [
+    -18.64, -25.91, -27.67, -27.94, -26.2, -25.34, -24.23, -24.12, -23.97, -24.52, -26.89,
+    -30.41, -34.32, -42.46, -58.07, -95.67, -143.59, -191.72, -225.68, -242.79, -240.7,
+]  # fmt: skip
+
+
+def coarse_collapses(decades: list[float]) -> list[int]:
+    det = EventDetector(EventConfig())
+    found = []
+    for i, level in enumerate(decades):
+        events = det.update(500 * i, {"fc": layer_reading(1e-2, level * math.log(10))})
+        found += [e.step for e in events if e.kind == "collapse" and e.reading == "log_volume"]
+    return found
+
+
+def test_a_coarse_reference_is_its_window_once_decided_not_early_training() -> None:
+    # At step 5500 the reference window (half the age, behind a fifth) is steps
+    # 1650-4400: five checkpoints at this cadence, 2000-4000, plateau and rise, median
+    # -24.2, MAD 0.26 decades, so the 4-decade floor is the threshold and the fall to
+    # -30.4 is a collapse, where the run read every 100 steps saw it (5400). Reaching back
+    # to the sixth value (1500, early training) moved the median to -24.8 and the
+    # threshold to 11 decades, and the collapse waited for 6000.
+    assert coarse_collapses(SLOW_RUN_DECADES)[:1] == [5500]
+
+
+def test_before_its_first_decision_a_coarse_reading_still_needs_min_reference() -> None:
+    # the twin: the warm-up's guard is kept: nothing is decided before 3500 (age 3500 =
+    # lag 700 + 5 cadences, with 6 values before the lag), however the first values move
+    det = EventDetector(EventConfig())
+    for i, level in enumerate(SLOW_RUN_DECADES[:8]):
+        det.update(500 * i, {"fc": layer_reading(1e-2, level * math.log(10))})
+        if i:  # the cadence is known from the second checkpoint
+            assert det.windows is not None and det.windows.in_warm_up == (i < 7), 500 * i
+    assert det.windows is not None
+    assert det.windows.reference_holds == 3  # 1750 steps at 500: fewer than min_reference
+
+
 @pytest.mark.parametrize("stop", [3500, 4000, 5500, 6000])
 def test_the_warm_up_state_survives_a_restart(stop: int) -> None:
     assert run_early_then_late(500, stop) == run_early_then_late(500)
