@@ -683,13 +683,19 @@ def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[Checkpo
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory (checkpoint directory to watch)")
     try:
-        os.listdir(directory)
+        names = os.listdir(directory)
     except PermissionError:
         raise ConfigError(
             f"{directory}: permission denied listing the checkpoint directory"
         ) from None
     except OSError:  # gone (nothing to read), or an I/O error (EIO, ESTALE on a network
         pass  # filesystem): _listdir says that once, and the next look tries again
+    else:
+        if _unsearchable(directory, names) is not None:
+            raise ConfigError(
+                f"{directory}: permission denied reading the checkpoint directory's entries "
+                "(it can be listed but not searched: no execute permission)"
+            )
     found: list[CheckpointRef] = []
     for entry in _listdir(directory):
         path = directory / entry
@@ -781,23 +787,50 @@ def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
 _UNLISTABLE: set[str] = set()
 
 
+def _unsearchable(directory: Path, names: Sequence[str]) -> OSError | None:
+    """The error of looking up an entry of ``directory`` when it can be listed but not
+    searched (read without execute permission, ``r--``: every entry's ``lstat`` fails
+    with EACCES, so nothing in it can be read); None when it can be searched (an entry
+    gone meanwhile says nothing)."""
+    if not names:
+        return None
+    try:
+        os.lstat(directory / names[0])
+    except PermissionError as exc:
+        return exc
+    except OSError:
+        return None
+    return None
+
+
+def _say_unreadable(directory: Path, message: str, exc: OSError) -> None:
+    """Log ``message`` (``%s`` the folder, then the reason) once per folder, until it is
+    listed again (:func:`_listdir`)."""
+    if str(directory) not in _UNLISTABLE:
+        _UNLISTABLE.add(str(directory))
+        log.warning(message, shown(directory), shown(exc.strerror or exc))
+
+
 def _listdir(directory: Path) -> list[str]:
-    """The sorted names in ``directory``; [] when it is gone, or cannot be listed (said
-    once per folder until it is listed again: its checkpoints cannot be read, and a
-    shared cluster's folder of another user's, or a network filesystem's I/O error, is
-    no reason to stop)."""
+    """The sorted names in ``directory``; [] when it is gone, or cannot be listed or
+    searched (said once per folder until it is listed again: its checkpoints cannot be
+    read, and a shared cluster's folder of another user's, or a network filesystem's
+    I/O error, is no reason to stop)."""
     try:
         names = sorted(os.listdir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
-        if str(directory) not in _UNLISTABLE:
-            _UNLISTABLE.add(str(directory))
-            log.warning(
-                "cannot list %s (%s): checkpoints in it are not read",
-                shown(directory),
-                shown(exc.strerror or exc),
-            )
+        _say_unreadable(directory, "cannot list %s (%s): checkpoints in it are not read", exc)
+        return []
+    refused = _unsearchable(directory, names)
+    if refused is not None:
+        _say_unreadable(
+            directory,
+            "cannot read the entries of %s (%s: it can be listed but not searched, no "
+            "execute permission): checkpoints in it are not read",
+            refused,
+        )
         return []
     _UNLISTABLE.discard(str(directory))  # listed again: a later failure is said again
     return names

@@ -581,6 +581,19 @@ def _untrusted(
 # ------------------------------------------------------------------------ resolving
 
 
+def _is_config_file(path: Path) -> bool:
+    """Whether a settings file lies at ``path``; a folder that can be listed but not
+    searched (no execute permission: every lookup in it fails) is a ConfigError naming
+    it, as :func:`ddsmon.checkpoints.discover` says of a checkpoint directory."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        raise ConfigError(
+            f"{path.parent}: permission denied looking for {path.name} in it (it can be "
+            "listed but not searched: no execute permission)"
+        ) from None
+
+
 def resolve_config(
     directory: Path | None,
     flags: Mapping[str, Any],
@@ -597,7 +610,7 @@ def resolve_config(
     values: dict[str, Any] = {}
     ignored: tuple[str, ...] = ()
     found = (search_dir or directory or Path("/nonexistent")) / CONFIG_FILENAME
-    if (search_dir or directory) is not None and found.is_file():
+    if (search_dir or directory) is not None and _is_config_file(found):
         dir_values, ignored = _untrusted(found, *_parse_config_file(found))
         values.update(dir_values)
     if config_file is not None:

@@ -66,3 +66,84 @@ def test_a_folder_that_cannot_be_listed_is_said_again_after_it_recovered(
         loop.symlink_to(loop)
         assert _listdir(loop) == []
         assert sum("cannot list" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_subfolder_listed_but_not_searchable_is_named_and_the_rest_is_read(
+    tmp_path: Path, probe: Path
+) -> None:
+    """``r--`` (0o444): listing works, every entry's lstat fails with EACCES. The scan
+    ended on that PermissionError with a traceback; now the folder is named once and the
+    checkpoints beside it are read."""
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1, 2])
+    write_checkpoints(ckpts / "theirs", [3])
+    (ckpts / "theirs").chmod(0o444)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        out = _scan(ckpts, probe, uri, tmp_path / "state")
+    finally:
+        (ckpts / "theirs").chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    said = f"cannot read the entries of {ckpts / 'theirs'}"
+    assert out.stderr.count(said) == 1, out.stderr
+    assert "not searched" in out.stderr, out.stderr
+    assert only_run_steps(uri) == [1, 2]
+
+
+def test_a_checkpoint_directory_listed_but_not_searchable_is_a_clear_error(
+    tmp_path: Path, probe: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    ckpts.chmod(0o444)
+    try:
+        out = _scan(ckpts, probe, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "state")
+    finally:
+        ckpts.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert f"{ckpts}: permission denied looking for ddsmon.toml in it" in out.stderr
+    assert "not searched" in out.stderr, out.stderr
+
+
+def test_watch_beside_a_subfolder_that_cannot_be_searched_reads_the_rest_live(
+    tmp_path: Path, probe: Path
+) -> None:
+    import signal
+    import time
+
+    from fault_helpers import cli_args
+
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    write_checkpoints(ckpts / "theirs", [3])
+    (ckpts / "theirs").chmod(0o444)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2", "--state-dir",
+                    str(tmp_path / "state"))  # fmt: skip
+    err_path, out_path = tmp_path / "watch.err", tmp_path / "watch.out"
+    with open(err_path, "w") as err, open(out_path, "w") as out:
+        proc = subprocess.Popen([*as_unprivileged(), *args], cwd=REPO, stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+
+    def wait_for_step(step: int) -> None:  # the plain view's line per checkpoint read
+        deadline = time.monotonic() + 120
+        while f"step {step} " not in out_path.read_text():
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, f"step {step} not read:\n{err_path.read_text()}"
+            time.sleep(0.2)
+
+    try:
+        wait_for_step(1)
+        write_checkpoints(ckpts, [2])
+        wait_for_step(2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        (ckpts / "theirs").chmod(0o755)
+    text = err_path.read_text()
+    assert "Traceback" not in text, text
+    assert f"cannot read the entries of {ckpts / 'theirs'}" in text, text
+    assert only_run_steps(uri) == [1, 2], text
