@@ -15,6 +15,7 @@ from the same weights, so the true differences are rounding.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -60,6 +61,8 @@ def test_cuda_readings_equal_the_per_sample_loop(case: str, fisher: str) -> None
     model, x, y, loss = CASES[case]()
     sig = compute_signatures(model, x, y, loss=loss, device="cuda", fisher=fisher)
     assert sig.device.startswith("cuda")
+    on_cpu = compute_signatures(model, x, y, loss=loss, device="cpu", fisher=fisher)
+    assert list(sig.layers) == list(on_cpu.layers)  # the same default selection
     refs = per_sample_capture(model, x, y, loss, list(sig.layers))
     for layer, got in sig.layers.items():
         ref = readings(refs[layer])
@@ -103,23 +106,22 @@ def test_cuda_forward_only_reading_equals_the_cpu_one() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_model_already_on_the_gpu_is_left_as_it_was(dtype: torch.dtype) -> None:
-    """A float64 model on the GPU is read in place, a float32 one on a float64 copy: either
-    way its weights, dtype, device, train flag and requires_grad come back unchanged, and
-    the reading equals the one of the same weights on the CPU."""
+    """A model on the GPU (float64, or float32 read on a float64 copy): its weights,
+    dtype, device, train flag and requires_grad come back unchanged, checked right after
+    the GPU reading, and the reading equals the one of the same weights on the CPU."""
     model, x, y, loss = CASES["mlp"]()
+    on_cpu = copy.deepcopy(model).to(dtype)
     model = model.to("cuda", dtype).train()
     model.fc1.weight.requires_grad_(False)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     gpu = compute_signatures(model, x, y, loss=loss, device="cuda")
-    cpu = compute_signatures(model.cpu(), x, y, loss=loss, device="cpu")
-    model.cuda()
     assert model.training
     assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
     for k, v in model.state_dict().items():
-        assert v.device.type == "cuda" and v.dtype == before[k].dtype, k
+        assert v.device.type == "cuda" and v.dtype == dtype, k
         assert torch.equal(v, before[k]), k
-    _assert_same_readings(gpu, cpu)
+    _assert_same_readings(gpu, compute_signatures(on_cpu, x, y, loss=loss, device="cpu"))
 
 
 def test_auto_picks_the_gpu_and_an_absent_index_is_named() -> None:

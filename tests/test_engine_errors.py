@@ -118,6 +118,19 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error() -> None:
         compute_signatures(model, x, y, device="cuda")
 
 
+def test_a_cuda_index_beyond_the_devices_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda:1`` on a one-GPU machine: a ProbeError naming it and the devices there are
+    (torch sees one GPU here by patching; the check runs before anything touches it)."""
+    from ddsmon.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ProbeError, match=r"'cuda:1'.*sees 1 CUDA device\(s\): cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+
+
 class SideBranch(nn.Module):
     """fc1 -> fc2 is the model; `bad` reads fc1's output into inf but feeds nothing."""
 
