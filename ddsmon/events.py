@@ -80,11 +80,11 @@ message; some carry more, see :meth:`Event.to_dict`):
     every 50 has the reference a run read regularly has.
 
     After a reading's first decision, the window's own values are its reference as soon
-    as they number ``min(min_reference, max(4, what the window holds at the cadence))``
-    (:meth:`_LevelScanner.least_reference`): a coarse run's window of half the age holds
-    fewer than ``min_reference`` checkpoints for a long time (at every 500 steps, until
-    step 6000), and the ``min_reference`` newest values reached back into early training,
-    which moved both the median and the MAD. On ``bench_events.py``'s slow run every 500
+    as they number ``min(min_reference, 4)`` (:meth:`_LevelScanner.least_reference`): a
+    coarse run's window of half the age holds fewer than ``min_reference`` checkpoints
+    for a long time (at every 500 steps, until step 6000), and the ``min_reference``
+    newest values reached back into early training, which moved both the median and the
+    MAD. On ``bench_events.py``'s slow run every 500
     steps (seed 6, unembed log_volume at step 5500) that fallback took in step 1500, the
     median moved by 0.6 decades and the threshold rose from 4 to 11 decades, so the
     collapse the run read every 100 steps saw at 5400 waited for 6000; the cadence pairs
@@ -229,10 +229,10 @@ LABELS: tuple[str, ...] = ("generalising", "not generalising", "unknown")
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal sample times this estimates its sigma
 _STATE_VERSION = 2
 _MAX_BUFFER = 4096  # a hard bound on any buffer
-#: The fewest of the reference window's own values that make a reference once a reading
-#: has decided (:meth:`_LevelScanner.least_reference`): a median and MAD of 4; 3 and 4
-#: gave the same scorecard on bench_events.py's tuning seeds 0-2, 5 split one more
-#: cadence pair there.
+#: How many of the reference window's own values make a reference once a reading has
+#: decided, where ``min_reference`` is more (:meth:`_LevelScanner.least_reference`): a
+#: median and MAD of 4. On bench_events.py's tuning seeds 0-2, 3 and 4 gave the same
+#: scorecard and 5 split one more cadence pair.
 _LEAST_WINDOW_REFERENCE = 4
 _MAX_KEPT = 128  # past this, a buffer is thinned evenly in time (see _thin)
 _KEEP_NEWEST = 16  # ... its newest entries always kept as they are
@@ -411,7 +411,7 @@ class EventConfig:
         of ``min_reference + reference_lag`` checkpoints); at most what the reference
         window holds at the run's cadence. After a reading's first decision, a window
         holding fewer is read on its own values once they number at least
-        ``min(min_reference, max(4, what it holds))`` (the module docstring).
+        ``min(min_reference, 4)`` (the module docstring).
     rank_readings: count readings (unit ``"count"``) watched for rank changes.
     rank_hysteresis: consecutive checkpoints a rank must hold to be stable.
     rank_min_change: least difference between stable ranks that is reported.
@@ -606,12 +606,6 @@ class EventWindows:
     @property
     def warm_up(self) -> float:
         return self.reference_lag + (self.min_reference - 1) * self.cadence
-
-    @property
-    def reference_holds(self) -> int:
-        """Checkpoints the reference window holds at the cadence:
-        ``floor(reference_window / cadence)``."""
-        return math.floor(self.reference_window / self.cadence + 1e-9)
 
     @property
     def in_warm_up(self) -> bool:
@@ -1249,12 +1243,15 @@ class _LevelScanner:
     def least_reference(self, win: EventWindows) -> int:
         """Values a decision needs in the reference: ``min_reference`` up to the reading's
         first decision (the warm-up's guard against early training); after it,
-        ``min(min_reference, max(_LEAST_WINDOW_REFERENCE, win.reference_holds))``, so a
-        window that holds fewer checkpoints at a coarse cadence is read on its own
-        values rather than on older ones (module docstring)."""
+        ``min(min_reference, _LEAST_WINDOW_REFERENCE)``, so a window that holds fewer
+        checkpoints (a coarse cadence, rotated-away or jittered checkpoints) is read on
+        its own values rather than on older ones (module docstring). A count of the
+        window's own values, not one derived from the cadence: with jittered steps the
+        median gap overstates what a window holds, and a rule of ``max(4, window /
+        cadence)`` values fell back to early training again (a review's replay)."""
         if not self.decided:
             return win.min_reference
-        return min(win.min_reference, max(_LEAST_WINDOW_REFERENCE, win.reference_holds))
+        return min(win.min_reference, _LEAST_WINDOW_REFERENCE)
 
     def _reference(self, step: int, win: EventWindows) -> tuple[list[float], list[float]]:
         """The values in the reference window ``[step - lag - window, step - lag)`` (where

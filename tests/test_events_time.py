@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ddsmon.events import (
     Event,
     EventConfig,
     EventDetector,
+    _LevelScanner,
     detect_transitions,
     transition_label,
     validation_scalars,
@@ -529,11 +531,13 @@ SLOW_RUN_DECADES = [
 ]  # fmt: skip
 
 
-def coarse_collapses(decades: list[float]) -> list[int]:
+def coarse_collapses(decades: list[float], steps: list[int] | None = None) -> list[int]:
+    """The steps of ``fc``'s log_volume collapses, read at ``steps`` (every 500)."""
     det = EventDetector(EventConfig())
     found = []
     for i, level in enumerate(decades):
-        events = det.update(500 * i, {"fc": layer_reading(1e-2, level * math.log(10))})
+        step = 500 * i if steps is None else steps[i]
+        events = det.update(step, {"fc": layer_reading(1e-2, level * math.log(10))})
         found += [e.step for e in events if e.kind == "collapse" and e.reading == "log_volume"]
     return found
 
@@ -548,16 +552,27 @@ def test_a_coarse_reference_is_its_window_once_decided_not_early_training() -> N
     assert coarse_collapses(SLOW_RUN_DECADES)[:1] == [5500]
 
 
-def test_before_its_first_decision_a_coarse_reading_still_needs_min_reference() -> None:
-    # the twin: the warm-up's guard is kept: nothing is decided before 3500 (age 3500 =
-    # lag 700 + 5 cadences, with 6 values before the lag), however the first values move
-    det = EventDetector(EventConfig())
-    for i, level in enumerate(SLOW_RUN_DECADES[:8]):
-        det.update(500 * i, {"fc": layer_reading(1e-2, level * math.log(10))})
-        if i:  # the cadence is known from the second checkpoint
-            assert det.windows is not None and det.windows.in_warm_up == (i < 7), 500 * i
-    assert det.windows is not None
-    assert det.windows.reference_holds == 3  # 1750 steps at 500: fewer than min_reference
+def test_a_jittered_coarse_reference_is_its_window_too() -> None:
+    # each step moved by up to 100 (a fixed draw): the median gap then overstates what the
+    # window holds, and a rule counting checkpoints from the cadence (max(4, window /
+    # cadence) values) reached back into early training again: the collapse came at 6020
+    rng = random.Random(3)
+    moved = [rng.randint(-100, 100) for _ in SLOW_RUN_DECADES]
+    steps = [0] + [500 * i + moved[i] for i in range(1, len(SLOW_RUN_DECADES))]
+    found = coarse_collapses(SLOW_RUN_DECADES, steps)
+    assert found[:1] == [5403], found
+
+
+def test_only_after_its_first_decision_is_a_reading_read_on_fewer_values() -> None:
+    # the warm-up's guard: the first decision still needs min_reference values
+    scanner = _LevelScanner("fc", "log_volume", EventConfig())
+    win = EventConfig().windows(cadence=500.0, age=5500.0, warm=True)
+    assert win.min_reference == 6
+    assert scanner.least_reference(win) == 6
+    scanner.decided = True
+    assert scanner.least_reference(win) == 4
+    few = EventConfig(min_reference=3).windows(cadence=500.0, age=5500.0, warm=True)
+    assert scanner.least_reference(few) == 3  # never more than min_reference
 
 
 @pytest.mark.parametrize("stop", [3500, 4000, 5500, 6000])
