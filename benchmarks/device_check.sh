@@ -3,7 +3,8 @@
 # section 5): the CUDA tests, then the CUDA scaling tables, most important first, each
 # step under its own time limit so that a slow one cannot starve the rest. A step stopped
 # at its limit writes no block (the scripts write their tables at the end); its rows so
-# far are in its log. The default limits add up to 540 s, inside one 600 s device call;
+# far are in its log; the script then exits 1. The default limits add up to 540 s (and
+# up to 10 s more a step killed past its limit), inside one 600 s device call;
 # on an H200 the depth sweep needed more than its 70 s (L = 16 was cut), the rest fit.
 #
 #   bash benchmarks/device_check.sh OUTDIR
@@ -14,8 +15,11 @@
 # without installing it (PYTHONPATH), with the machine's own python3 and torch: it needs
 # torch with CUDA, pytest and (for the GPT-2 rows) transformers; mlflow is not needed.
 set -u
-out=$(realpath -m "${1:?usage: bash benchmarks/device_check.sh OUTDIR}")
-logs=$(mktemp -d)  # the logs travel back as one archive, $out/logs.tgz
+out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
+out=$(realpath -m -- "$out") || exit 1
+logs=$(mktemp -d) || exit 1  # the logs travel back as one archive, $out/logs.tgz
+trap 'rm -rf "$logs"' EXIT
+failed=0
 mkdir -p "$out" && : > "$out/steps.txt" || exit 1
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -28,6 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, log it, say how 
     local t0=$SECONDS
     timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
     local rc=$?
+    [ "$rc" -eq 0 ] || failed=1
     echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/steps.txt"
     tail -n 5 "$logs/$name.log"
     tar czf "$out/logs.tgz" -C "$logs" .
@@ -40,7 +45,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, log it, say how 
 } > "$logs/machine.txt" 2>&1
 cat "$logs/machine.txt"
 if [ "$dev" != cpu ] && ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "device_check: torch sees no CUDA device here (the CUDA tests would all skip)" >&2
+    echo "device_check: torch sees no CUDA device here (the CUDA tests would all skip)" \
+        | tee -a "$out/steps.txt" >&2
+    tar czf "$out/logs.tgz" -C "$logs" .
     exit 1
 fi
 
@@ -59,3 +66,4 @@ step transformers "${TRANSFORMERS_LIMIT:-70}" "$py" benchmarks/bench_transformer
     --device "$dev" --models gpt2-medium,pythia-1b --configs activation,none --repeats 2 \
     --single-above 20 --budget 55 --write "$out/transformers.md"
 cat "$out/steps.txt"
+exit "$failed"  # 1 when a step failed or was stopped at its limit

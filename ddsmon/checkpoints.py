@@ -580,13 +580,13 @@ def classify(
             return None
         if any(_folder_kind(f) is not None for f in folders):
             return None
-        if path.is_symlink() and _points_into(path, root):
+        if os.path.islink(path) and _points_into(path, root):
             return None
     elif _folder_kind(path.parent) is not None and path.parent != path:
         return None
     if is_temporary(name):
         return None
-    if path.is_dir():
+    if os.path.isdir(path):  # False where a link's target cannot be looked up (an r-- folder)
         kind = _folder_kind(path)
         return CheckpointRef(path, kind) if kind is not None else None
     file_kind = _SUFFIX_KIND.get(path.suffix.lower())
@@ -680,7 +680,13 @@ def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[Checkpo
     while the directory is listed are skipped.
     """
     directory = Path(directory)
-    if not directory.is_dir():
+    try:
+        is_folder = directory.is_dir()
+    except PermissionError:
+        raise ConfigError(
+            f"{directory}: permission denied looking it up (a folder above it cannot be searched)"
+        ) from None
+    if not is_folder:
         raise ConfigError(f"{directory}: not a directory (checkpoint directory to watch)")
     try:
         names = os.listdir(directory)
@@ -691,7 +697,7 @@ def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[Checkpo
     except OSError:  # gone (nothing to read), or an I/O error (EIO, ESTALE on a network
         pass  # filesystem): _listdir says that once, and the next look tries again
     else:
-        if _unsearchable(directory, names) is not None:
+        if unsearchable(directory, names) is not None:
             raise ConfigError(
                 f"{directory}: permission denied reading the checkpoint directory's entries "
                 "(it can be listed but not searched: no execute permission)"
@@ -702,7 +708,7 @@ def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[Checkpo
         ref = classify(path, directory)
         if ref is not None:
             found.append(ref)
-        elif not is_temporary(entry) and path.is_dir() and not path.is_symlink():
+        elif not is_temporary(entry) and os.path.isdir(path) and not os.path.islink(path):
             found.extend(
                 sub for name in _listdir(path) if (sub := classify(path / name, directory))
             )
@@ -720,7 +726,7 @@ def linked_folders(directory: Path | str) -> list[tuple[Path, Path]]:
     found = []
     for entry in _listdir(directory):
         path = directory / entry
-        if is_temporary(entry) or not path.is_symlink() or not path.is_dir():
+        if is_temporary(entry) or not os.path.islink(path) or not os.path.isdir(path):
             continue
         if classify(path, directory) is not None:
             continue  # a linked checkpoint folder: read
@@ -754,12 +760,12 @@ def where_checkpoints_are(directory: Path | str, limit: int = 3) -> str | None:
     zero3 = False
     for entry in _listdir(directory):
         sub = directory / entry
-        if is_temporary(entry) or not sub.is_dir() or sub.is_symlink():
+        if is_temporary(entry) or not os.path.isdir(sub) or os.path.islink(sub):
             continue
         for name in _listdir(sub):
             zero3 = zero3 or bool(_ZERO3_PARTITION.match(name))
             inner = sub / name
-            if not is_temporary(name) and inner.is_dir() and not inner.is_symlink():
+            if not is_temporary(name) and os.path.isdir(inner) and not os.path.islink(inner):
                 zero3 = zero3 or any(_ZERO3_PARTITION.match(n) for n in _listdir(inner))
                 if len(deeper) < limit and sub not in deeper and discover(inner):
                     deeper.append(sub)
@@ -787,7 +793,7 @@ def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
 _UNLISTABLE: set[str] = set()
 
 
-def _unsearchable(directory: Path, names: Sequence[str]) -> OSError | None:
+def unsearchable(directory: Path, names: Sequence[str]) -> OSError | None:
     """The error of looking up an entry of ``directory`` when it can be listed but not
     searched (read without execute permission, ``r--``: every entry's ``lstat`` fails
     with EACCES, so nothing in it can be read); None when it can be searched (an entry
@@ -823,7 +829,7 @@ def _listdir(directory: Path) -> list[str]:
     except OSError as exc:
         _say_unreadable(directory, "cannot list %s (%s): checkpoints in it are not read", exc)
         return []
-    refused = _unsearchable(directory, names)
+    refused = unsearchable(directory, names)
     if refused is not None:
         _say_unreadable(
             directory,
@@ -1230,7 +1236,15 @@ def _check_json(path: Path) -> tuple[object, str | None]:
 
 
 def _check_folder(path: Path) -> str | None:
-    if path.is_dir():
+    if os.path.isdir(path):
+        try:
+            names = os.listdir(path)
+        except PermissionError:
+            return "permission denied listing the folder"
+        except OSError:
+            return None  # gone meanwhile, or an I/O error: the checks after this say it
+        if unsearchable(path, names) is not None:
+            return "permission denied: the folder can be listed but not searched (no execute permission)"
         return None
     return "vanished (no such folder)" if not os.path.lexists(path) else "not a folder"
 

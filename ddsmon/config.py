@@ -582,15 +582,15 @@ def _untrusted(
 
 
 def _is_config_file(path: Path) -> bool:
-    """Whether a settings file lies at ``path``; a folder that can be listed but not
-    searched (no execute permission: every lookup in it fails) is a ConfigError naming
-    it, as :func:`ddsmon.checkpoints.discover` says of a checkpoint directory."""
+    """Whether a settings file lies at ``path``; a folder that cannot be searched (no
+    execute permission: every lookup in it fails) is a ConfigError naming it, as
+    :func:`ddsmon.checkpoints.discover` says of a checkpoint directory."""
     try:
         return path.is_file()
     except PermissionError:
         raise ConfigError(
-            f"{path.parent}: permission denied looking for {path.name} in it (it can be "
-            "listed but not searched: no execute permission)"
+            f"{path.parent}: permission denied looking for {path.name} in it (the folder "
+            "cannot be searched: no execute permission)"
         ) from None
 
 

@@ -76,6 +76,7 @@ from ddsmon.checkpoints import (
     fingerprint,
     hf_weights,
     is_hf_folder_name,
+    unsearchable,
 )
 from ddsmon.errors import ConfigError
 from ddsmon.shown import shown
@@ -287,6 +288,7 @@ class CheckpointWatcher:
                 ) from exc
             self._observer = observer
             self._root_id = _identity(self._root)
+            self._note_unread_subfolders()
             self._timer = threading.Thread(target=self._run, name="ddsmon-watcher", daemon=True)
             self._timer.start()
             self._state = "running"
@@ -296,6 +298,34 @@ class CheckpointWatcher:
             f"polling every {self.poll:g} s" if self.poll is not None else "native events",
             self.quiet,
         )
+
+    def _note_unread_subfolders(self) -> None:
+        """The root's subfolders that cannot be listed or searched as the watch begins
+        (another user's, a mode set wrong): each is listed again at the root checks and
+        read once it can be (:meth:`_relist`), as a folder found unreadable later is.
+        Without this a folder unreadable when the watch began was never read, whatever
+        its mode became. Not said here: :func:`ddsmon.checkpoints.discover` says it."""
+        try:
+            entries = list(os.scandir(self._root))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.is_symlink() or not entry.is_dir():
+                    continue
+            except OSError:
+                continue
+            folder = Path(entry.path)
+            try:
+                refused = unsearchable(folder, os.listdir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                refused = exc
+            if refused is not None:
+                with self._lock:
+                    self._unlisted.add(folder)
+                    self._said_unreadable.add(folder)
 
     def _observe(self) -> BaseObserver:
         """A started observer of the directory (OSError when the platform refuses it)."""
@@ -472,13 +502,15 @@ class CheckpointWatcher:
             folders = sorted(self._unlisted)
         for folder in folders:
             try:
-                os.listdir(folder)
+                names = os.listdir(folder)
             except FileNotFoundError:  # gone: nothing to read there
                 with self._lock:
                     self._unlisted.discard(folder)
                 continue
             except OSError:
                 continue
+            if unsearchable(folder, names) is not None:
+                continue  # listed but not searched (r--): its entries still cannot be read
             with self._lock:
                 self._unlisted.discard(folder)
             from ddsmon.checkpoints import discover

@@ -104,12 +104,19 @@ def test_a_checkpoint_directory_listed_but_not_searchable_is_a_clear_error(
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert f"{ckpts}: permission denied looking for ddsmon.toml in it" in out.stderr
-    assert "not searched" in out.stderr, out.stderr
+    assert "cannot be searched" in out.stderr, out.stderr
 
 
-def test_watch_beside_a_subfolder_that_cannot_be_searched_reads_the_rest_live(
-    tmp_path: Path, probe: Path
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [(0o444, "cannot read the entries of"), (0, "cannot list")],
+    ids=["r--", "---"],
+)
+def test_watch_reads_beside_an_unreadable_subfolder_and_reads_it_once_it_can(
+    tmp_path: Path, probe: Path, mode: int, said: str
 ) -> None:
+    """Unreadable when the watch begins: named, the rest read live; made readable, what
+    it holds is read (before, a folder unreadable at the start was never read again)."""
     import signal
     import time
 
@@ -118,7 +125,7 @@ def test_watch_beside_a_subfolder_that_cannot_be_searched_reads_the_rest_live(
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1])
     write_checkpoints(ckpts / "theirs", [3])
-    (ckpts / "theirs").chmod(0o444)
+    (ckpts / "theirs").chmod(mode)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2", "--state-dir",
                     str(tmp_path / "state"))  # fmt: skip
@@ -138,6 +145,8 @@ def test_watch_beside_a_subfolder_that_cannot_be_searched_reads_the_rest_live(
         wait_for_step(1)
         write_checkpoints(ckpts, [2])
         wait_for_step(2)
+        (ckpts / "theirs").chmod(0o755)  # searchable again: what it holds is read
+        wait_for_step(3)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
@@ -145,5 +154,69 @@ def test_watch_beside_a_subfolder_that_cannot_be_searched_reads_the_rest_live(
         (ckpts / "theirs").chmod(0o755)
     text = err_path.read_text()
     assert "Traceback" not in text, text
-    assert f"cannot read the entries of {ckpts / 'theirs'}" in text, text
-    assert only_run_steps(uri) == [1, 2], text
+    assert f"{said} {ckpts / 'theirs'}" in text, text
+    assert only_run_steps(uri) == [1, 2, 3], text
+
+
+def _unprivileged_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*as_unprivileged(), sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+def test_discover_names_a_watched_directory_that_cannot_be_searched(tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    write_checkpoints(ckpts, [1])
+    ckpts.chmod(0o444)
+    code = (
+        "import sys; from ddsmon.checkpoints import discover; from ddsmon.errors import "
+        "ConfigError\ntry:\n    discover(sys.argv[1])\nexcept ConfigError as e:\n    print(e)"
+    )
+    try:
+        out = _unprivileged_python(code, str(ckpts))
+    finally:
+        ckpts.chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    assert f"{ckpts}: permission denied reading the checkpoint directory's entries" in out.stdout
+
+
+def test_links_into_a_folder_that_cannot_be_searched_are_no_traceback(
+    tmp_path: Path, probe: Path
+) -> None:
+    """A link to a checkpoint file and one to a folder, both inside an r-- folder out of
+    the tree: Python's is_dir raised PermissionError through discover (review). The file
+    is a checkpoint that cannot be read (that checkpoint's failure), the folder nothing."""
+    ckpts, locked = tmp_path / "ckpts", tmp_path / "locked"
+    write_checkpoints(ckpts, [1])
+    write_checkpoints(locked / "sub", [3])
+    write_checkpoints(locked, [2])
+    (ckpts / "step_000002.pt").symlink_to(locked / "step_000002.pt")
+    (ckpts / "elsewhere").symlink_to(locked / "sub")
+    locked.chmod(0o444)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        out = _scan(ckpts, probe, uri, tmp_path / "state")
+    finally:
+        locked.chmod(0o755)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "1 read" in out.stderr and "1 failed" in out.stderr, out.stderr
+    assert only_run_steps(uri) == [1]
+
+
+def test_a_checkpoint_folder_that_cannot_be_searched_says_so(tmp_path: Path) -> None:
+    """An r-- Hugging Face folder: its reason is the permission, not a missing file."""
+    folder = tmp_path / "ckpts" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    folder.chmod(0o444)
+    code = (
+        "import sys; from pathlib import Path; from ddsmon.checkpoints import CheckpointRef, "
+        "check_complete; print(check_complete(CheckpointRef(Path(sys.argv[1]), 'hf')))"
+    )
+    try:
+        out = _unprivileged_python(code, str(folder))
+    finally:
+        folder.chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    assert "permission denied: the folder can be listed but not searched" in out.stdout, out
