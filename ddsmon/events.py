@@ -231,8 +231,9 @@ _STATE_VERSION = 2
 _MAX_BUFFER = 4096  # a hard bound on any buffer
 #: How many of the reference window's own values make a reference once a reading has
 #: decided, where ``min_reference`` is more (:meth:`_LevelScanner.least_reference`): a
-#: median and MAD of 4. On bench_events.py's tuning seeds 0-2, 3 and 4 gave the same
-#: scorecard and 5 split one more cadence pair.
+#: median and MAD of 4. On bench_events.py's tuning seeds 0-2, 2, 3 and 4 gave the same
+#: scorecard (4: the most values of those), 5 split one more cadence pair by completed
+#: step, and 6 (``min_reference``) is the rule before.
 _LEAST_WINDOW_REFERENCE = 4
 _MAX_KEPT = 128  # past this, a buffer is thinned evenly in time (see _thin)
 _KEEP_NEWEST = 16  # ... its newest entries always kept as they are

@@ -573,6 +573,11 @@ def test_only_after_its_first_decision_is_a_reading_read_on_fewer_values() -> No
     assert scanner.least_reference(win) == 4
     few = EventConfig(min_reference=3).windows(cadence=500.0, age=5500.0, warm=True)
     assert scanner.least_reference(few) == 3  # never more than min_reference
+    det = EventDetector(EventConfig())  # and the warm-up itself is unchanged: until 3500
+    for i, level in enumerate(SLOW_RUN_DECADES[:8]):
+        det.update(500 * i, {"fc": layer_reading(1e-2, level * math.log(10))})
+        if i:  # the cadence is known from the second checkpoint
+            assert det.windows is not None and det.windows.in_warm_up == (i < 7), 500 * i
 
 
 @pytest.mark.parametrize("stop", [3500, 4000, 5500, 6000])
