@@ -580,7 +580,10 @@ def classify(
             return None
         if any(_folder_kind(f) is not None for f in folders):
             return None
-        if os.path.islink(path) and _points_into(path, root):
+        # Path.is_symlink (lstat) raises where ``path``'s own folder cannot be searched:
+        # the watcher takes that PermissionError as "this folder cannot be read" and
+        # lists it again until it can (a root made unreadable for a while)
+        if path.is_symlink() and _points_into(path, root):
             return None
     elif _folder_kind(path.parent) is not None and path.parent != path:
         return None
