@@ -100,6 +100,7 @@ __all__ = (
     "HfWeights",
     "Kind",
     "RefusedFile",
+    "UnsearchableFolder",
     "accelerate_models",
     "adapter_weights",
     "awaits_trainer_state",
@@ -117,6 +118,7 @@ __all__ = (
     "is_temporary",
     "legacy_torch_problem",
     "linked_folders",
+    "list_folder",
     "named_adapters",
     "open_regular",
     "read_regular",
@@ -692,21 +694,18 @@ def discover(directory: Path | str, exclude: Sequence[str] = ()) -> list[Checkpo
     if not is_folder:
         raise ConfigError(f"{directory}: not a directory (checkpoint directory to watch)")
     try:
-        names = os.listdir(directory)
+        names = _listdir(directory, refuse=True)
+    except UnsearchableFolder:
+        raise ConfigError(
+            f"{directory}: permission denied reading the checkpoint directory's entries "
+            "(it can be listed but not searched: no execute permission)"
+        ) from None
     except PermissionError:
         raise ConfigError(
             f"{directory}: permission denied listing the checkpoint directory"
         ) from None
-    except OSError:  # gone (nothing to read), or an I/O error (EIO, ESTALE on a network
-        pass  # filesystem): _listdir says that once, and the next look tries again
-    else:
-        if unsearchable(directory, names) is not None:
-            raise ConfigError(
-                f"{directory}: permission denied reading the checkpoint directory's entries "
-                "(it can be listed but not searched: no execute permission)"
-            )
     found: list[CheckpointRef] = []
-    for entry in _listdir(directory):
+    for entry in names:
         path = directory / entry
         ref = classify(path, directory)
         if ref is not None:
@@ -796,20 +795,28 @@ def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
 _UNLISTABLE: set[str] = set()
 
 
-def unsearchable(directory: Path, names: Sequence[str]) -> OSError | None:
-    """The error of looking up an entry of ``directory`` when it can be listed but not
-    searched (read without execute permission, ``r--``: every entry's ``lstat`` fails
-    with EACCES, so nothing in it can be read); None when it can be searched (an entry
-    gone meanwhile says nothing)."""
-    if not names:
-        return None
-    try:
-        os.lstat(directory / names[0])
-    except PermissionError as exc:
-        return exc
-    except OSError:
-        return None
-    return None
+class UnsearchableFolder(PermissionError):
+    """A folder that can be listed but not searched (read without execute permission,
+    ``r--``): every entry's ``lstat`` fails with EACCES, so nothing in it can be read."""
+
+
+def list_folder(folder: Path) -> list[str]:
+    """The sorted names in ``folder``, each of which can be looked up.
+
+    Raises what :func:`os.listdir` raises (FileNotFoundError when it is gone,
+    PermissionError when it cannot be listed, another OSError for an I/O error), and
+    :class:`UnsearchableFolder` when it can be listed but not searched (its first
+    entry's ``lstat`` is refused; an entry gone meanwhile says nothing).
+    """
+    names = sorted(os.listdir(folder))
+    if names:
+        try:
+            os.lstat(folder / names[0])
+        except PermissionError as exc:
+            raise UnsearchableFolder(exc.errno, exc.strerror, str(folder)) from exc
+        except OSError:
+            pass
+    return names
 
 
 def _say_unreadable(directory: Path, message: str, exc: OSError) -> None:
@@ -820,26 +827,30 @@ def _say_unreadable(directory: Path, message: str, exc: OSError) -> None:
         log.warning(message, shown(directory), shown(exc.strerror or exc))
 
 
-def _listdir(directory: Path) -> list[str]:
-    """The sorted names in ``directory``; [] when it is gone, or cannot be listed or
-    searched (said once per folder until it is listed again: its checkpoints cannot be
-    read, and a shared cluster's folder of another user's, or a network filesystem's
-    I/O error, is no reason to stop)."""
+def _listdir(directory: Path, refuse: bool = False) -> list[str]:
+    """The sorted names in ``directory`` (:func:`list_folder`); [] when it is gone, or
+    cannot be listed or searched (said once per folder until it is listed again: its
+    checkpoints cannot be read, and a shared cluster's folder of another user's, or a
+    network filesystem's I/O error, is no reason to stop). ``refuse``: a permission
+    refused (PermissionError, :class:`UnsearchableFolder`) is raised instead."""
     try:
-        names = sorted(os.listdir(directory))
+        names = list_folder(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    except OSError as exc:
-        _say_unreadable(directory, "cannot list %s (%s): checkpoints in it are not read", exc)
-        return []
-    refused = unsearchable(directory, names)
-    if refused is not None:
+    except UnsearchableFolder as exc:
+        if refuse:
+            raise
         _say_unreadable(
             directory,
             "cannot read the entries of %s (%s: it can be listed but not searched, no "
             "execute permission): checkpoints in it are not read",
-            refused,
+            exc,
         )
+        return []
+    except OSError as exc:
+        if refuse and isinstance(exc, PermissionError):
+            raise
+        _say_unreadable(directory, "cannot list %s (%s): checkpoints in it are not read", exc)
         return []
     _UNLISTABLE.discard(str(directory))  # listed again: a later failure is said again
     return names
@@ -1241,13 +1252,13 @@ def _check_json(path: Path) -> tuple[object, str | None]:
 def _check_folder(path: Path) -> str | None:
     if os.path.isdir(path):
         try:
-            names = os.listdir(path)
+            list_folder(path)
+        except UnsearchableFolder:
+            return "permission denied: the folder can be listed but not searched (no execute permission)"
         except PermissionError:
             return "permission denied listing the folder"
         except OSError:
             return None  # gone meanwhile, or an I/O error: the checks after this say it
-        if unsearchable(path, names) is not None:
-            return "permission denied: the folder can be listed but not searched (no execute permission)"
         return None
     return "vanished (no such folder)" if not os.path.lexists(path) else "not a folder"
 

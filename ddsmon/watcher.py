@@ -76,7 +76,7 @@ from ddsmon.checkpoints import (
     fingerprint,
     hf_weights,
     is_hf_folder_name,
-    unsearchable,
+    list_folder,
 )
 from ddsmon.errors import ConfigError
 from ddsmon.shown import shown
@@ -317,15 +317,11 @@ class CheckpointWatcher:
                 continue
             folder = Path(entry.path)
             try:
-                refused = unsearchable(folder, os.listdir(folder))
+                list_folder(folder)
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                refused = exc
-            if refused is not None:
-                with self._lock:
-                    self._unlisted.add(folder)
-                    self._said_unreadable.add(folder)
+                self._unreadable(folder, exc, say=False)
 
     def _observe(self) -> BaseObserver:
         """A started observer of the directory (OSError when the platform refuses it)."""
@@ -479,16 +475,17 @@ class CheckpointWatcher:
             return self._root / path.relative_to(real)
         return path
 
-    def _unreadable(self, folder: Path, exc: OSError) -> None:
+    def _unreadable(self, folder: Path, exc: OSError, say: bool = True) -> None:
         """``folder`` (below the root, or the root) could not be looked into: said once
-        until it can be again; it is listed again at each root check, and when that
-        works what is in it becomes pending (:meth:`_relist`)."""
+        until it can be again (``say`` False: taken as said already); it is listed again
+        at each root check, and when that works what is in it becomes pending
+        (:meth:`_relist`)."""
         folder = folder if _within_path(folder, self._root) else self._root
         with self._lock:
             new = folder not in self._said_unreadable
             self._unlisted.add(folder)
             self._said_unreadable.add(folder)
-        if new:
+        if new and say:
             log.warning(
                 "%s cannot be read (%s): its checkpoints are read once it can be again",
                 shown(self._out(folder)),
@@ -502,15 +499,13 @@ class CheckpointWatcher:
             folders = sorted(self._unlisted)
         for folder in folders:
             try:
-                names = os.listdir(folder)
+                list_folder(folder)
             except FileNotFoundError:  # gone: nothing to read there
                 with self._lock:
                     self._unlisted.discard(folder)
                 continue
-            except OSError:
+            except OSError:  # still unlisted, or listed but not searched (r--)
                 continue
-            if unsearchable(folder, names) is not None:
-                continue  # listed but not searched (r--): its entries still cannot be read
             with self._lock:
                 self._unlisted.discard(folder)
             from ddsmon.checkpoints import discover

@@ -7,10 +7,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from fault_helpers import FACTORY, REPO, as_unprivileged, only_run_steps, write_checkpoints
+
+
+@contextmanager
+def chmodded(mode: int, *paths: Path) -> Iterator[None]:
+    """Each of ``paths`` at ``mode`` in the block, then back to the mode it had (the
+    test's clean-up, and pytest's of tmp_path, must search and remove them)."""
+    before = [path.stat().st_mode & 0o7777 for path in paths]
+    for path in paths:
+        path.chmod(mode)
+    try:
+        yield
+    finally:
+        for path, old in zip(paths, before, strict=True):
+            path.chmod(old)
 
 
 def _scan(ckpts: Path, probe: Path, uri: str, state: Path) -> subprocess.CompletedProcess:
@@ -29,14 +45,9 @@ def test_an_unreadable_subfolder_and_file_are_named_and_the_rest_is_read(
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1, 2])
     write_checkpoints(ckpts / "theirs", [3])
-    (ckpts / "theirs").chmod(0)
-    (ckpts / "step_000002.pt").chmod(0)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
+    with chmodded(0, ckpts / "theirs", ckpts / "step_000002.pt"):
         out = _scan(ckpts, probe, uri, tmp_path / "state")
-    finally:
-        (ckpts / "theirs").chmod(0o755)
-        (ckpts / "step_000002.pt").chmod(0o644)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert f"cannot list {ckpts / 'theirs'}" in out.stderr, out.stderr
@@ -77,12 +88,9 @@ def test_a_subfolder_listed_but_not_searchable_is_named_and_the_rest_is_read(
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1, 2])
     write_checkpoints(ckpts / "theirs", [3])
-    (ckpts / "theirs").chmod(0o444)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
+    with chmodded(0o444, ckpts / "theirs"):
         out = _scan(ckpts, probe, uri, tmp_path / "state")
-    finally:
-        (ckpts / "theirs").chmod(0o755)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     said = f"cannot read the entries of {ckpts / 'theirs'}"
@@ -96,11 +104,8 @@ def test_a_checkpoint_directory_listed_but_not_searchable_is_a_clear_error(
 ) -> None:
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1])
-    ckpts.chmod(0o444)
-    try:
+    with chmodded(0o444, ckpts):
         out = _scan(ckpts, probe, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "state")
-    finally:
-        ckpts.chmod(0o755)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert f"{ckpts}: permission denied looking for ddsmon.toml in it" in out.stderr
@@ -168,15 +173,12 @@ def _unprivileged_python(code: str, *args: str) -> subprocess.CompletedProcess:
 def test_discover_names_a_watched_directory_that_cannot_be_searched(tmp_path: Path) -> None:
     ckpts = tmp_path / "ckpts"
     write_checkpoints(ckpts, [1])
-    ckpts.chmod(0o444)
     code = (
         "import sys; from ddsmon.checkpoints import discover; from ddsmon.errors import "
         "ConfigError\ntry:\n    discover(sys.argv[1])\nexcept ConfigError as e:\n    print(e)"
     )
-    try:
+    with chmodded(0o444, ckpts):
         out = _unprivileged_python(code, str(ckpts))
-    finally:
-        ckpts.chmod(0o755)
     assert out.returncode == 0, out.stderr
     assert f"{ckpts}: permission denied reading the checkpoint directory's entries" in out.stdout
 
@@ -193,12 +195,9 @@ def test_links_into_a_folder_that_cannot_be_searched_are_no_traceback(
     write_checkpoints(locked, [2])
     (ckpts / "step_000002.pt").symlink_to(locked / "step_000002.pt")
     (ckpts / "elsewhere").symlink_to(locked / "sub")
-    locked.chmod(0o444)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
+    with chmodded(0o444, locked):
         out = _scan(ckpts, probe, uri, tmp_path / "state")
-    finally:
-        locked.chmod(0o755)
     assert "Traceback" not in out.stderr, out.stderr
     assert "1 read" in out.stderr and "1 failed" in out.stderr, out.stderr
     assert only_run_steps(uri) == [1]
@@ -209,14 +208,11 @@ def test_a_checkpoint_folder_that_cannot_be_searched_says_so(tmp_path: Path) -> 
     folder = tmp_path / "ckpts" / "checkpoint-5"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    folder.chmod(0o444)
     code = (
         "import sys; from pathlib import Path; from ddsmon.checkpoints import CheckpointRef, "
         "check_complete; print(check_complete(CheckpointRef(Path(sys.argv[1]), 'hf')))"
     )
-    try:
+    with chmodded(0o444, folder):
         out = _unprivileged_python(code, str(folder))
-    finally:
-        folder.chmod(0o755)
     assert out.returncode == 0, out.stderr
     assert "permission denied: the folder can be listed but not searched" in out.stdout, out
