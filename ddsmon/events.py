@@ -128,7 +128,16 @@ message; some carry more, see :meth:`Event.to_dict`):
     since); a layer finite again (one bad checkpoint) has its collapses held or revived
     as before. A collapse counts toward one transition only, and collapses in the
     ``transition_window`` steps after a transition belong to it (one alert per phase
-    change). ``layer`` and ``reading`` list the layers and
+    change). After a ``"generalising"`` transition, each collapse that belongs to it
+    extends that stretch to ``transition_window`` steps past itself: a generalisation
+    reaches the layers one after another (``bench_events.py``'s slow run: hidden, then
+    act and unembed, then embed, over 3000-5000 steps), and a stretch measured from the
+    report alone cut it where the cadence put the report, so the run read every 100
+    steps reported a second "generalising" transition for the last layer that the run
+    read every 500 steps did not (seeds 9-14: 4 of 6 cadence pairs). After any other
+    label the stretch is not extended, so a generalisation that follows a collapse
+    without one is its own transition (the one-layer transformer's, seeds 6 and 12).
+    ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
     with its depth and step and each layer's dying directions, ``before``/``after`` are
     None, and ``magnitude`` is the number of collapsed pairs. ``step`` is where the
@@ -371,7 +380,8 @@ class EventConfig:
         so a collapse spread over a few checkpoints is measured from where it began
         (default: a fifth of the age).
     transition_window / transition_window_steps: the span within which the collapses of
-        one transition fall (default: half the age).
+        one transition fall, and after it the span whose collapses belong to it (after a
+        generalising one, past each of them; default: half the age).
     confirm / confirm_steps: how long a collapse must hold, unrevived, to count toward a
         transition (default: 2% of the age, at least one checkpoint).
     dying_window / dying_window_steps: how long ``dying_directions`` must hold at or
@@ -1729,12 +1739,16 @@ class _TransitionScanner:
     layer is non-finite: a broken collapse counts toward none, and is held or revived as
     any other once its layer reads finite again, so only a layer that stays non-finite
     (a run diverging) takes its collapses out of a transition); collapses before
-    ``quiet_until`` (a step) belong to the transition just reported.
+    ``quiet_until`` (a step) belong to the transition just reported. ``last_label``:
+    that transition's label; when it is ``"generalising"``, each collapse that belongs
+    to it moves ``quiet_until`` to its own step plus the ``transition_window``, so a
+    generalisation that reaches the layers one after another stays one transition.
     """
 
     def __init__(self, cfg: EventConfig) -> None:
         self.cfg = cfg
         self.quiet_until: float | None = None
+        self.last_label: str | None = None
         self.ledger: list[dict[str, Any]] = []
 
     def push(
@@ -1780,6 +1794,10 @@ class _TransitionScanner:
         if win is None:
             return []
         span = win.transition_window
+        if self.quiet_until is not None and self.last_label == "generalising":
+            for ev in events:  # it belongs to the generalisation and extends it
+                if ev.kind == "collapse" and ev.step < self.quiet_until:
+                    self.quiet_until = max(self.quiet_until, ev.step + span)
         self.ledger = [e for e in self.ledger if e["step"] > step - span]
         ready = [
             e
@@ -1811,6 +1829,7 @@ class _TransitionScanner:
         said = [s for s in said if s]
         before, after = trainer.window(step, span) if trainer is not None else ({}, {})
         label = transition_label(before, after, self.cfg)
+        self.last_label = label
         completed = sorted(e["step"] for e in picked)[self.cfg.min_collapses - 1]
         msg = (
             f"transition: {len(picked)} collapses within {span:.0f} steps, complete at step "
@@ -1841,11 +1860,17 @@ class _TransitionScanner:
         ]
 
     def to_state(self) -> dict[str, Any]:
-        return {"quiet_until": self.quiet_until, "ledger": [dict(e) for e in self.ledger]}
+        return {
+            "quiet_until": self.quiet_until,
+            "last_label": self.last_label,
+            "ledger": [dict(e) for e in self.ledger],
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         q = state["quiet_until"]
         self.quiet_until = None if q is None else float(q)
+        label = state.get("last_label")  # absent in a state saved before it was kept
+        self.last_label = label if label in LABELS else None
         self.ledger = [dict(e) for e in state["ledger"]]
         for e in self.ledger:
             e["step"] = int(e["step"])

@@ -618,3 +618,57 @@ def test_a_transition_says_where_it_completed() -> None:
     # trails that by the confirmation, longer at the coarse cadence
     assert 0 <= done[500][0] - done[100][0] <= 500, done
     assert done[500][1] - done[100][1] > done[500][0] - done[100][0], done
+
+
+# ------------------------------------------------- a generalisation across the layers
+
+
+#: Layers that fall one after another (step each starts falling): "a" first, "b" inside
+#: the stretch that belongs to a's transition, "c" past that stretch's end as it was
+#: measured from the report alone, but within the window of b's collapses.
+STAGES = {"a": 6000.0, "b": 8500.0, "c": 11000.0}
+
+
+def run_in_stages(
+    every: int, val_rise: float, stop: int | None = None, steps: int = 14000
+) -> list[Event]:
+    """The transitions of a run whose layers fall at :data:`STAGES`, its validation
+    accuracy rising over 800 steps from ``val_rise``; saved and restored at ``stop``."""
+    det = EventDetector(EventConfig())
+    found = []
+    for step in range(0, steps + 1, every):
+        pts = {}
+        for name, at in STAGES.items():
+            lam, vol = phase_change(step, at, 600)
+            pts[name] = layer_reading(lam, vol)
+        meta = {"val_acc": min(1.0, max(0.0, (step - val_rise) / 800))}
+        found += [e for e in det.update(step, pts, meta) if e.kind == "transition"]
+        if step == stop:
+            det = EventDetector.from_state(json.loads(json.dumps(det.to_state())))
+    return found
+
+
+@pytest.mark.parametrize("every", [100, 500])
+def test_a_generalisation_that_reaches_the_layers_in_turn_is_one_transition(every: int) -> None:
+    (tr,) = run_in_stages(every, val_rise=6000)
+    assert tr.label == "generalising" and tr.layer == "a", tr.message
+    assert 6000 <= tr.completed_step <= 6000 + 600 + every
+
+
+@pytest.mark.parametrize("every", [100, 500])
+def test_a_generalisation_after_a_collapse_without_one_is_its_own_transition(
+    every: int,
+) -> None:
+    """The stretch after a "not generalising" transition is not extended by its own
+    collapses: the later one, with validation rising, is reported as it comes."""
+    first, second = run_in_stages(every, val_rise=11000)
+    assert first.label == "not generalising" and first.layer == "a", first.message
+    assert second.label == "generalising" and second.layer == "c", second.message
+    assert 11000 <= second.completed_step <= 11000 + 600 + every
+
+
+def test_the_stretch_of_a_generalisation_survives_a_restart() -> None:
+    whole = run_in_stages(100, val_rise=6000)
+    assert [e.to_dict() for e in run_in_stages(100, 6000, stop=9000)] == [
+        e.to_dict() for e in whole
+    ]
