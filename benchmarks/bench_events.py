@@ -18,7 +18,7 @@ each checkpoint's scalars as ``meta`` (so transitions carry their label):
 ``slow@100`` / ``slow@500``
     One slower grokking run (lr 1e-3, 10000 steps) read at checkpoints every 100 and
     every 500 steps: the same run at two cadences must give the same transitions,
-    within one cadence.
+    within one cadence (``--slow-every 100,200`` reads it at another pair).
 ``parity``
     Barak-style sparse parity (40 bits, k = 3, online SGD of a width-256 MLP, 8000
     steps, a checkpoint every 50): a plateau at chance for thousands of steps, then a
@@ -126,7 +126,13 @@ class RunSpec:
     seeds: int | None = None
 
 
-def specs(quick: bool) -> list[RunSpec]:
+#: The slow run's checkpoints are written every SLOW_EVERY steps, and read at two
+#: cadences (multiples of it): by default every 100 and every 500 (``--slow-every``).
+SLOW_EVERY = 100
+SLOW_READ_EVERY = (100, 500)
+
+
+def specs(quick: bool, slow_every: tuple[int, ...] = SLOW_READ_EVERY) -> list[RunSpec]:
     if quick:
         return [
             RunSpec("grok", 1e-2, 1.0, 700, 25, True, read_every=(25, 50)),
@@ -137,7 +143,7 @@ def specs(quick: bool) -> list[RunSpec]:
         RunSpec("grok", 1e-2, 1.0, 1000, 25, True),
         RunSpec("control", 1e-2, 0.0, 3000, 25, False),
         RunSpec("steady", 1e-4, 1.0, 1000, 25, False, init_from="grok"),
-        RunSpec("slow", 1e-3, 1.0, 10000, 100, True, read_every=(100, 500)),
+        RunSpec("slow", 1e-3, 1.0, 10000, SLOW_EVERY, True, read_every=slow_every),
         RunSpec("parity", 0.0, 0.0, 8000, 50, True, task="parity"),
         RunSpec("transformer", 0.0, 0.0, TRANSFORMER_STEPS, 100, True, task="transformer",
                 seeds=TRANSFORMER_SEEDS),
@@ -658,6 +664,7 @@ def run_all(
     kinds: Sequence[str] = RUN_KINDS,
     regimes: list[str] | None = None,
     moves: list[str] | None = None,
+    slow_every: tuple[int, ...] = SLOW_READ_EVERY,
 ) -> tuple[list[Row], dict[str, float]]:
     """Train, read and detect every run of ``kinds`` on ``seeds``; the tables of the
     control runs' near-zero-loss regime (:func:`regime`) are appended to ``regimes``,
@@ -667,7 +674,7 @@ def run_all(
     seconds = {"train": 0.0, "read": 0.0, "detect": 0.0}
     configs = {name: make(extra) for name, make in DETECTORS.items()}
     for i, seed in enumerate(seeds):
-        for spec in specs(quick):
+        for spec in specs(quick, slow_every):
             if spec.kind not in kinds or (spec.seeds is not None and i >= spec.seeds):
                 continue
             run, t_train = train_run(spec, seed, work)
@@ -898,6 +905,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"run kinds to run, comma-separated (default: all of {','.join(RUN_KINDS)})",
     )
     ap.add_argument(
+        "--slow-every",
+        type=lambda t: tuple(int(k) for k in t.split(",")),
+        default=SLOW_READ_EVERY,
+        help="the two cadences the slow run is read at, comma-separated multiples of its "
+        f"checkpoints' {SLOW_EVERY} steps (default: "
+        f"{','.join(map(str, SLOW_READ_EVERY))})",
+    )
+    ap.add_argument(
         "--cadences",
         action="store_true",
         help="only the table of irregular checkpoint schedules (log-spaced start, a "
@@ -907,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [k for k in args.runs if k not in RUN_KINDS]
     if unknown:
         ap.error(f"--runs: unknown run kind(s) {unknown}; known: {', '.join(RUN_KINDS)}")
+    if len(args.slow_every) != 2 or any(e <= 0 or e % SLOW_EVERY for e in args.slow_every):
+        ap.error(f"--slow-every: two multiples of {SLOW_EVERY}, got {args.slow_every}")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # Adam's tiny late updates crawl as subnormal floats
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -944,9 +961,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         regimes: list[str] = []
         moves: list[str] = []
-        tuned, t_tune = run_all(args.tune_seeds, args.quick, work, extra, say, args.runs)
+        slow = tuple(sorted(args.slow_every))
+        tuned, t_tune = run_all(
+            args.tune_seeds, args.quick, work, extra, say, args.runs, slow_every=slow
+        )
         report, t_report = run_all(
-            args.seeds, args.quick, work, extra, say, args.runs, regimes, moves
+            args.seeds, args.quick, work, extra, say, args.runs, regimes, moves, slow
         )
     total = time.perf_counter() - started
     command = command_line(sys.argv[1:] if argv is None else argv)

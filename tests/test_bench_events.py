@@ -217,3 +217,19 @@ def test_command_line_can_be_pasted() -> None:
         """--events '{"ratio_mad_k": 0}'"""
     )
     assert shlex.split(line)[2:] == argv
+
+
+def test_the_slow_run_is_read_at_the_cadences_asked_for() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_events as B
+
+    (slow,) = [s for s in B.specs(False, (100, 200)) if s.kind == "slow"]
+    assert slow.read_every == (100, 200) and slow.every == B.SLOW_EVERY
+    (default,) = [s for s in B.specs(False) if s.kind == "slow"]
+    assert default.read_every == (100, 500)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--slow-every", "100,250"],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--slow-every: two multiples of 100" in proc.stderr
