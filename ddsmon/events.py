@@ -129,14 +129,18 @@ message; some carry more, see :meth:`Event.to_dict`):
     as before. A collapse counts toward one transition only, and collapses in the
     ``transition_window`` steps after a transition belong to it (one alert per phase
     change). After a ``"generalising"`` transition, each collapse that belongs to it
-    extends that stretch to ``transition_window`` steps past itself: a generalisation
+    and held for ``confirm`` (unrevived; once per layer and reading) extends that
+    stretch to ``transition_window`` steps past itself: a generalisation
     reaches the layers one after another (``bench_events.py``'s slow run: hidden, then
     act and unembed, then embed, over 3000-5000 steps), and a stretch measured from the
     report alone cut it where the cadence put the report, so the run read every 100
     steps reported a second "generalising" transition for the last layer that the run
     read every 500 steps did not (seeds 9-14: 4 of 6 cadence pairs). After any other
     label the stretch is not extended, so a generalisation that follows a collapse
-    without one is its own transition (the one-layer transformer's, seeds 6 and 12).
+    without one, past its stretch, is its own transition (the one-layer transformer's,
+    seeds 6 and 12). The stretch is bounded: each (layer, reading) pair extends it once,
+    so a reading that dips and recovers, or one that keeps collapsing, cannot hold it
+    open; it ends at most a ``transition_window`` past the last pair's collapse.
     ``layer`` and ``reading`` list the layers and
     readings involved (comma-separated, in order of collapse), the message each pair
     with its depth and step and each layer's dying directions, ``before``/``after`` are
@@ -1741,14 +1745,17 @@ class _TransitionScanner:
     (a run diverging) takes its collapses out of a transition); collapses before
     ``quiet_until`` (a step) belong to the transition just reported. ``last_label``:
     that transition's label; when it is ``"generalising"``, each collapse that belongs
-    to it moves ``quiet_until`` to its own step plus the ``transition_window``, so a
-    generalisation that reaches the layers one after another stays one transition.
+    to it, once held, moves ``quiet_until`` to its own step plus the
+    ``transition_window``, so a generalisation that reaches the layers one after
+    another stays one transition. ``stretch_pairs``: the (layer, reading) pairs of the
+    stretch so far, each of which extends it once (:meth:`_extend`).
     """
 
     def __init__(self, cfg: EventConfig) -> None:
         self.cfg = cfg
         self.quiet_until: float | None = None
         self.last_label: str | None = None
+        self.stretch_pairs: set[tuple[str, str]] = set()
         self.ledger: list[dict[str, Any]] = []
 
     def push(
@@ -1795,9 +1802,7 @@ class _TransitionScanner:
             return []
         span = win.transition_window
         if self.quiet_until is not None and self.last_label == "generalising":
-            for ev in events:  # it belongs to the generalisation and extends it
-                if ev.kind == "collapse" and ev.step < self.quiet_until:
-                    self.quiet_until = max(self.quiet_until, ev.step + span)
+            self._extend(step, span, win.confirm)
         self.ledger = [e for e in self.ledger if e["step"] > step - span]
         ready = [
             e
@@ -1813,6 +1818,7 @@ class _TransitionScanner:
         for e in self.ledger:
             e["claimed"] = True
         self.quiet_until = step + span
+        self.stretch_pairs = {(e["layer"], e["reading"]) for e in self.ledger}
         picked = list(chosen.values())
         layers = list(dict.fromkeys(e["layer"] for e in picked))
         readings = ",".join(dict.fromkeys(e["reading"] for e in picked))
@@ -1859,18 +1865,41 @@ class _TransitionScanner:
             )
         ]
 
+    def _extend(self, step: int, span: float, confirm: float) -> None:
+        """The stretch of a generalising transition, extended by each collapse that
+        belongs to it once it has held for ``confirm`` steps (unrevived, its layer
+        finite): to ``span`` steps past that collapse. One extension per (layer,
+        reading) pair a stretch, so a reading that dips and recovers, or collapses again
+        and again, does not hold the stretch open."""
+        if self.quiet_until is None:
+            return
+        for e in self.ledger:
+            pair = (e["layer"], e["reading"])
+            if (
+                e["claimed"]
+                and not (e["revived"] or e.get("broken"))
+                and e["step"] <= step - confirm
+                and pair not in self.stretch_pairs
+            ):
+                self.stretch_pairs.add(pair)
+                self.quiet_until = max(self.quiet_until, e["step"] + span)
+
     def to_state(self) -> dict[str, Any]:
         return {
             "quiet_until": self.quiet_until,
             "last_label": self.last_label,
+            "stretch_pairs": sorted([layer, reading] for layer, reading in self.stretch_pairs),
             "ledger": [dict(e) for e in self.ledger],
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
         q = state["quiet_until"]
         self.quiet_until = None if q is None else float(q)
-        label = state.get("last_label")  # absent in a state saved before it was kept
+        # absent in a state saved before they were kept: the stretch then ends where it
+        # was saved to end, not extended (a generalisation across a restart may split)
+        label = state.get("last_label")
         self.last_label = label if label in LABELS else None
+        self.stretch_pairs = {(str(a), str(b)) for a, b in state.get("stretch_pairs", [])}
         self.ledger = [dict(e) for e in state["ledger"]]
         for e in self.ledger:
             e["step"] = int(e["step"])
@@ -2022,8 +2051,9 @@ def detect_transitions(
     followed by a revival of the same (layer, reading), its layer is not non-finite
     since (``finite``: whether each layer read at each checkpoint is finite, aligned with
     ``steps``, as the detector knows; without it a layer turned non-finite is taken to
-    stay so), has held at least ``confirm`` steps, and did not already count toward an
-    earlier transition.
+    stay so), has held at least ``confirm`` steps, and neither counted toward an earlier
+    transition nor fell in the stretch after one that belongs to it (the module
+    docstring, ``transition``).
     """
     if not steps:
         return []

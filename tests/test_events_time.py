@@ -667,8 +667,42 @@ def test_a_generalisation_after_a_collapse_without_one_is_its_own_transition(
     assert 11000 <= second.completed_step <= 11000 + 600 + every
 
 
-def test_the_stretch_of_a_generalisation_survives_a_restart() -> None:
+@pytest.mark.parametrize("stop", [8000, 9000])
+def test_the_stretch_of_a_generalisation_survives_a_restart(stop: int) -> None:
+    """Saved before b's collapse (8000: the label must survive, or b does not extend
+    the stretch and c is a second transition) and after it (9000)."""
     whole = run_in_stages(100, val_rise=6000)
-    assert [e.to_dict() for e in run_in_stages(100, 6000, stop=9000)] == [
+    assert [e.to_dict() for e in run_in_stages(100, 6000, stop=stop)] == [
         e.to_dict() for e in whole
     ]
+
+
+def test_the_pairs_that_extended_a_stretch_are_saved() -> None:
+    det = EventDetector(EventConfig())
+    for step in range(0, 9001, 100):
+        pts = {name: layer_reading(*phase_change(step, at, 600)) for name, at in STAGES.items()}
+        det.update(step, pts, {"val_acc": min(1.0, max(0.0, (step - 6000) / 800))})
+    saved = json.loads(json.dumps(det.to_state()))["transitions"]
+    assert saved["last_label"] == "generalising"
+    assert ["b", "lambda_ratio"] in saved["stretch_pairs"], saved["stretch_pairs"]
+    again = EventDetector.from_state(json.loads(json.dumps(det.to_state())))
+    assert again.to_state()["transitions"] == det.to_state()["transitions"]
+
+
+def test_a_reading_that_dips_and_recovers_does_not_hold_the_stretch_open() -> None:
+    """After a generalisation at "a", layer "f" dips for one checkpoint again and again
+    inside each stretch: revived, never held, it extends nothing, and "c" falling much
+    later is a transition of its own."""
+    flaps = (8000, 11000, 15000, 20000)
+    det = EventDetector(EventConfig())
+    found = []
+    for step in range(0, 30001, 100):
+        lam, vol = phase_change(step, 6000, 600)
+        pts = {"a": layer_reading(lam, vol)}
+        dip = 4.0 if step in flaps else 0.0
+        pts["f"] = layer_reading(10 ** (-2.0 - dip), -20.0 - 10 * dip)
+        lam, vol = phase_change(step, 26000, 600)
+        pts["c"] = layer_reading(lam, vol)
+        meta = {"val_acc": min(1.0, max(0.0, (step - 6000) / 800))}
+        found += [e for e in det.update(step, pts, meta) if e.kind == "transition"]
+    assert [e.layer for e in found] == ["a", "c"], [e.message for e in found]
