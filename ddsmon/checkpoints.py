@@ -792,7 +792,8 @@ def _order(ref: CheckpointRef) -> tuple[bool, int, str]:
     return (step is None, step or 0, str(ref.path))
 
 
-_UNLISTABLE: set[str] = set()
+#: Each folder that could not be read, with the message last said of it.
+_UNLISTABLE: dict[str, str] = {}
 
 
 class UnsearchableFolder(PermissionError):
@@ -820,10 +821,11 @@ def list_folder(folder: Path) -> list[str]:
 
 
 def _say_unreadable(directory: Path, message: str, exc: OSError) -> None:
-    """Log ``message`` (``%s`` the folder, then the reason) once per folder, until it is
-    listed again (:func:`_listdir`)."""
-    if str(directory) not in _UNLISTABLE:
-        _UNLISTABLE.add(str(directory))
+    """Log ``message`` (``%s`` the folder, then the reason) once per folder and message,
+    until the folder is listed again (:func:`_listdir`): a folder that could not be
+    listed and then could but not be searched (``---`` then ``r--``) is said both times."""
+    if _UNLISTABLE.get(str(directory)) != message:
+        _UNLISTABLE[str(directory)] = message
         log.warning(message, shown(directory), shown(exc.strerror or exc))
 
 
@@ -852,7 +854,7 @@ def _listdir(directory: Path, refuse: bool = False) -> list[str]:
             raise
         _say_unreadable(directory, "cannot list %s (%s): checkpoints in it are not read", exc)
         return []
-    _UNLISTABLE.discard(str(directory))  # listed again: a later failure is said again
+    _UNLISTABLE.pop(str(directory), None)  # listed again: a later failure is said again
     return names
 
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,14 @@ def chmodded(mode: int, *paths: Path) -> Iterator[None]:
     """Each of ``paths`` at ``mode`` in the block, then back to the mode it had (the
     test's clean-up, and pytest's of tmp_path, must search and remove them)."""
     before = [path.stat().st_mode & 0o7777 for path in paths]
-    for path in paths:
-        path.chmod(mode)
     try:
+        for path in paths:
+            path.chmod(mode)
         yield
     finally:
         for path, old in zip(paths, before, strict=True):
-            path.chmod(old)
+            with suppress(FileNotFoundError):  # moved away by the test: its own to restore
+                path.chmod(old)
 
 
 def _scan(ckpts: Path, probe: Path, uri: str, state: Path) -> subprocess.CompletedProcess:
@@ -216,3 +217,72 @@ def test_a_checkpoint_folder_that_cannot_be_searched_says_so(tmp_path: Path) -> 
         out = _unprivileged_python(code, str(folder))
     assert out.returncode == 0, out.stderr
     assert "permission denied: the folder can be listed but not searched" in out.stdout, out
+
+
+def test_a_folder_moved_in_unreadable_is_read_once_it_can_be(tmp_path: Path, probe: Path) -> None:
+    """Another user's run folder moved into the watched directory while it cannot be
+    searched (r--): read once its mode lets it be, and nothing before (the polling
+    observer passed too, when tried)."""
+    import signal
+    import time
+
+    from fault_helpers import cli_args
+
+    ckpts, outside = tmp_path / "ckpts", tmp_path / "outside"
+    write_checkpoints(ckpts, [1])
+    write_checkpoints(outside / "theirs", [3])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_args("watch", ckpts, probe, uri, "--quiet", "0.2", "--state-dir",
+                    str(tmp_path / "state"))  # fmt: skip
+    err_path, out_path = tmp_path / "watch.err", tmp_path / "watch.out"
+    with open(err_path, "w") as err, open(out_path, "w") as out:
+        proc = subprocess.Popen([*as_unprivileged(), *args], cwd=REPO, stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+
+    def wait_for(text: str, path: Path) -> None:
+        deadline = time.monotonic() + 120
+        while text not in path.read_text():
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, f"{text!r} not seen:\n{err_path.read_text()}"
+            time.sleep(0.2)
+
+    try:
+        with chmodded(0o444, outside / "theirs"):
+            wait_for("step 1 ", out_path)
+            (outside / "theirs").rename(ckpts / "theirs")
+            write_checkpoints(ckpts, [2])
+            wait_for("step 2 ", out_path)
+            time.sleep(1.0)  # the folder's events are in
+            assert "step 3 " not in out_path.read_text()
+            (ckpts / "theirs").chmod(0o755)  # searchable: what it holds is read
+            wait_for("step 3 ", out_path)
+            (ckpts / "theirs").rename(outside / "theirs")  # for chmodded to restore
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = err_path.read_text()
+    assert "Traceback" not in text, text
+    assert only_run_steps(uri) == [1, 2, 3], text
+
+
+def test_a_folder_unlistable_then_unsearchable_is_said_both_times(tmp_path: Path) -> None:
+    """``---`` then ``r--``: each refusal said once (before, only the first was: the
+    folder was keyed as said until listed again, whatever the reason)."""
+    folder = tmp_path / "theirs"
+    write_checkpoints(folder, [1])
+    code = (
+        "import logging, os, sys; from pathlib import Path\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stdout)\n"
+        "from ddsmon.checkpoints import _listdir\n"
+        "d = Path(sys.argv[1])\n"
+        "for mode in (0, 0, 0o444, 0o444):\n"
+        "    os.chmod(d, mode); assert _listdir(d) == []\n"
+        "os.chmod(d, 0o755); print(_listdir(d))"
+    )
+    with chmodded(0o755, folder):
+        out = _unprivileged_python(code, str(folder))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(f"cannot list {folder}") == 1, out.stdout
+    assert out.stdout.count(f"cannot read the entries of {folder}") == 1, out.stdout
+    assert out.stdout.rstrip().endswith("['step_000001.pt']"), out.stdout
