@@ -139,6 +139,8 @@ class Daemon:
         self._hurry = threading.Event()
         #: seconds the last readings took (the median says when one is slow: _slow_after)
         self._read_seconds: deque[float] = deque(maxlen=32)
+        #: seconds the last loads took (the same for a load: _slow_load_after)
+        self._load_seconds: deque[float] = deque(maxlen=32)
         #: True once the main loop abandoned the checkpoint in hand after :meth:`hurry`
         self.abandoning = False
         self._recorded: set[int] = set()
@@ -506,7 +508,7 @@ class Daemon:
             future = self._submit(loader, current)
             while current is not None and not self._stop.is_set():
                 upcoming = self._next(False) if self.watching.prefetch else None
-                loaded = self._result(future)
+                loaded = self._result(future, current)
                 if loaded is _STOPPED:
                     break
                 future = self._submit(loader, upcoming)
@@ -525,19 +527,40 @@ class Daemon:
         finally:
             loader.close()
 
-    def _result(self, future: Future | None) -> Any:
-        """The load's result, waited for until it comes or the daemon is asked to stop
-        (then :data:`_STOPPED`)."""
+    def _result(self, future: Future | None, ref: CheckpointRef | None = None) -> Any:
+        """The load of ``ref``'s result, waited for until it comes or the daemon is asked
+        to stop (then :data:`_STOPPED`). A wait past :meth:`_slow_load_after` seconds (the
+        user's model factory hanging, or a filesystem that does not answer) is said once,
+        naming the checkpoint and the factory."""
         if future is None:
             return None
+        started = time.monotonic()
+        said_slow = False
         while True:
             try:
-                return future.result(timeout=0.1)
+                result = future.result(timeout=0.1)
             except FutureTimeout:
                 self._abandon_if_hurried()
                 if self._stop.is_set():
                     future.cancel()
                     return _STOPPED
+                waited = time.monotonic() - started
+                if not said_slow and ref is not None and waited > self._slow_load_after():
+                    said_slow = True
+                    log.warning(
+                        "still loading %s after %.0f s of waiting for it (a load usually "
+                        "takes %s): it reads the file and runs --model %s, user code that "
+                        "may hang, from a filesystem that may stall; a signal stops now (it "
+                        "is read next time)",
+                        shown(ref.path),
+                        waited,
+                        _usual(self._load_seconds),
+                        shown(self.config.read.model),
+                    )
+                continue
+            if isinstance(result, LoadedCheckpoint):
+                self._load_seconds.append(float(result.meta.get("_load_seconds", 0.0)))
+            return result
 
     def _submit(self, loader: _Loader, ref: CheckpointRef | None) -> Future | None:
         if ref is None:
@@ -849,13 +872,15 @@ class Daemon:
         """Seconds after which a reading is said to be slow: ten times the median of the
         last readings, at least :data:`SLOW_READING` (a first reading of a large model on
         a busy machine takes minutes)."""
-        done = sorted(self._read_seconds)
-        usual = done[len(done) // 2] if done else 0.0
-        return max(SLOW_READING, 10.0 * usual)
+        return max(SLOW_READING, 10.0 * _median_or_zero(self._read_seconds))
+
+    def _slow_load_after(self) -> float:
+        """The same for a load: ten times the median of the last loads, at least
+        :data:`SLOW_READING`."""
+        return max(SLOW_READING, 10.0 * _median_or_zero(self._load_seconds))
 
     def _usual_reading(self) -> str:
-        done = sorted(self._read_seconds)
-        return f"{done[len(done) // 2]:.1f} s" if done else "no reading done yet"
+        return _usual(self._read_seconds, "no reading done yet")
 
     def _user_interrupt(self, exc: KeyboardInterrupt) -> RuntimeError:
         """A KeyboardInterrupt raised during a reading, on a thread that no signal reaches
@@ -1335,8 +1360,22 @@ def has_hf_folders(directory: Path) -> bool:
         return False
 
 
-#: The least seconds after which a reading is said to be slow (:meth:`Daemon._read`).
+#: The least seconds after which a reading, or a load, is said to be slow
+#: (:meth:`Daemon._read`, :meth:`Daemon._result`).
 SLOW_READING = 300.0
+
+
+def _median_or_zero(seconds: Iterable[float]) -> float:
+    done = sorted(seconds)
+    return done[len(done) // 2] if done else 0.0
+
+
+def _usual(seconds: Iterable[float], none: str = "none done yet") -> str:
+    """The median of ``seconds`` for a log line, or ``none``."""
+    done = list(seconds)
+    return f"{_median_or_zero(done):.1f} s" if done else none
+
+
 #: A stop asked during a reading that has run this long is said (the first signal waits).
 _STOP_SAID_AFTER = 5.0
 
